@@ -1,0 +1,25 @@
+"""Hardware backends. Everything device-specific lives under this package."""
+
+from slime.backends.base import (
+    DETECTION_ORDER,
+    Backend,
+    BackendUnavailable,
+    ProbeResult,
+    SystemView,
+    backend_names,
+    get_backend_class,
+    probe_all,
+    select_backend,
+)
+
+__all__ = [
+    "DETECTION_ORDER",
+    "Backend",
+    "BackendUnavailable",
+    "ProbeResult",
+    "SystemView",
+    "backend_names",
+    "get_backend_class",
+    "probe_all",
+    "select_backend",
+]

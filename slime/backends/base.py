@@ -1,0 +1,239 @@
+"""The hardware layer: what every backend answers, the registry, and detection.
+
+This is one of only two places (with the per-hardware subpackages) allowed to name device stacks.
+Probing never imports torch, jax or sglang: it reads installed-distribution metadata and device nodes,
+so `slime env` is instant and works when a stack is absent or broken.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+# auto-detection order: the most specific accelerator wins; cpu is always last and always available.
+DETECTION_ORDER: tuple[str, ...] = ("cuda", "rocm", "tpu", "cpu")
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised with a one-line, user-facing message naming what to install."""
+
+
+@dataclass(frozen=True)
+class SystemView:
+    """What a probe may look at. Tests swap the callables to simulate stacks being present or absent."""
+
+    has_module: Callable[[str], bool]
+    dist_version: Callable[[str], str | None]
+    path_exists: Callable[[str], bool]
+    list_dir: Callable[[str], list[str]]
+    environ: dict[str, str]
+
+    @staticmethod
+    def real() -> "SystemView":
+        return SystemView(
+            has_module=_has_module,
+            dist_version=_dist_version,
+            path_exists=os.path.exists,
+            list_dir=_list_dir,
+            environ=dict(os.environ),
+        )
+
+
+def _has_module(name: str) -> bool:
+    """Whether `name` is importable, without importing it or (for dotted names) its parent package."""
+    top, _, rest = name.partition(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    locations = list(spec.submodule_search_locations or [])
+    for part in rest.split(".") if rest else []:
+        found = []
+        for loc in locations:
+            candidate = os.path.join(loc, part)
+            if os.path.isdir(candidate):
+                found.append(candidate)
+            elif os.path.isfile(candidate + ".py") or any(
+                f.startswith(part + ".") and f.endswith((".so", ".pyd")) for f in _list_dir(loc)
+            ):
+                return True
+        if not found:
+            return False
+        locations = found
+    return True
+
+
+def _dist_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _list_dir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A Python module the backend needs, with the distribution that provides it."""
+
+    module: str
+    dist: str
+    note: str = ""  # how to get it when it is not a plain PyPI package
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    name: str
+    available: bool
+    reason: str  # why not available ("" when available)
+    missing: tuple[str, ...] = ()  # distributions to install
+    devices: int = 0
+    details: dict[str, str] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """One hardware target. Subclasses are registered with @register_backend."""
+
+    name: ClassVar[str]
+    extra: ClassVar[str]  # pip extra: `pip install slime[<extra>]`
+    torch_device_type: ClassVar[str]  # the torch device type string
+    dist_backend: ClassVar[str]  # torch.distributed backend name
+    visible_devices_env: ClassVar[str | None]
+    rollout_engine: ClassVar[str]  # "embedded" | "sglang" | "sglang_jax"
+    moe_dispatcher: ClassVar[str]  # megatron-core moe_token_dispatcher_type
+    kernel_impl: ClassVar[str]  # default kernel implementation family: "torch" | "triton" | "jax"
+    docker_image: ClassVar[str]
+    requirements: ClassVar[tuple[Requirement, ...]]
+    optional: ClassVar[tuple[Requirement, ...]] = ()  # reported, but not needed to be available
+
+    def __init__(self, system: SystemView | None = None):
+        self.system = system or SystemView.real()
+
+    # ---- detection -------------------------------------------------------------------------------
+    def missing(self) -> list[str]:
+        """Distributions (pip names) that must be installed for this backend; empty when complete."""
+        return [r.dist for r in self.requirements if not self.system.has_module(r.module)]
+
+    def missing_optional(self) -> list[Requirement]:
+        return [r for r in self.optional if not self.system.has_module(r.module)]
+
+    @abstractmethod
+    def detect_devices(self) -> tuple[int, str]:
+        """(device count, reason when zero). Must not import heavy stacks."""
+
+    def probe(self) -> ProbeResult:
+        missing = tuple(self.missing())
+        devices, why_no_devices = self.detect_devices()
+        if devices == 0:
+            return ProbeResult(self.name, False, why_no_devices, missing, 0)
+        if missing:
+            reason = f"missing {', '.join(missing)}: pip install 'slime[{self.extra}]'"
+            return ProbeResult(self.name, False, reason, missing, devices)
+        return ProbeResult(self.name, True, "", (), devices)
+
+    def is_available(self) -> bool:
+        return self.probe().available
+
+    def install_hint(self) -> str:
+        return f"pip install 'slime[{self.extra}]'"
+
+    # ---- runtime (these may import the stack; call only after selection) --------------------------
+    def torch_device(self, local_rank: int = 0) -> str:
+        return self.torch_device_type if self.torch_device_type == "cpu" else f"{self.torch_device_type}:{local_rank}"
+
+    def setup_process(self, local_rank: int = 0) -> None:
+        """Called once per worker process after selection, before any model is built."""
+
+    def prepare_megatron(self) -> None:
+        """Make megatron-core usable on this hardware (only the CPU backend needs anything here)."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (no-op on CPU)."""
+
+    def empty_cache(self) -> None:
+        """Return cached device memory to the allocator/driver (colocate offload)."""
+
+    def memory_allocated(self) -> int:
+        return 0
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "extra": self.extra,
+            "torch_device": self.torch_device_type,
+            "dist_backend": self.dist_backend,
+            "visible_devices_env": self.visible_devices_env,
+            "rollout_engine": self.rollout_engine,
+            "moe_dispatcher": self.moe_dispatcher,
+            "kernel_impl": self.kernel_impl,
+            "docker_image": self.docker_image,
+        }
+
+
+_REGISTRY: dict[str, type[Backend]] = {}
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    if cls.name in _REGISTRY:
+        raise ValueError(f"backend {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin_backends() -> None:
+    # Importing the subpackages registers them; none of them imports a device stack at module level.
+    from slime.backends import cpu, cuda, rocm, tpu  # noqa: F401
+
+
+def backend_names() -> tuple[str, ...]:
+    _load_builtin_backends()
+    return tuple(n for n in DETECTION_ORDER if n in _REGISTRY) + tuple(
+        sorted(n for n in _REGISTRY if n not in DETECTION_ORDER)
+    )
+
+
+def get_backend_class(name: str) -> type[Backend]:
+    _load_builtin_backends()
+    if name not in _REGISTRY:
+        raise BackendUnavailable(f"unknown hardware {name!r}; choose one of: auto, {', '.join(backend_names())}")
+    return _REGISTRY[name]
+
+
+def probe_all(system: SystemView | None = None) -> list[ProbeResult]:
+    system = system or SystemView.real()
+    return [get_backend_class(n)(system).probe() for n in backend_names()]
+
+
+def select_backend(hardware: str = "auto", system: SystemView | None = None) -> Backend:
+    """Resolve `--hardware`: auto = first available in DETECTION_ORDER; an explicit choice must be available."""
+    system = system or SystemView.real()
+    if hardware == "auto":
+        for name in backend_names():
+            backend = get_backend_class(name)(system)
+            if backend.is_available():
+                return backend
+        raise BackendUnavailable("no usable hardware backend found; run `slime env` for the reasons")
+    backend = get_backend_class(hardware)(system)
+    result = backend.probe()
+    if not result.available:
+        raise BackendUnavailable(f"--hardware {hardware} is not usable: {result.reason}")
+    return backend
+
+
+def torch_build(system: SystemView) -> str:
+    """The local-version tag of the installed torch ('cpu', 'cu128', 'rocm6.3', '' when untagged or absent)."""
+    version = system.dist_version("torch")
+    if version is None or "+" not in version:
+        return ""
+    return version.split("+", 1)[1]

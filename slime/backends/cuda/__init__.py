@@ -1,0 +1,67 @@
+"""NVIDIA backend: CUDA torch, NCCL, SGLang rollout, Triton kernels, DeepEP MoE dispatch when present."""
+
+from __future__ import annotations
+
+from slime.backends.base import Backend, Requirement, register_backend, torch_build
+
+
+@register_backend
+class CudaBackend(Backend):
+    name = "cuda"
+    extra = "cuda"
+    torch_device_type = "cuda"
+    dist_backend = "nccl"
+    visible_devices_env = "CUDA_VISIBLE_DEVICES"
+    rollout_engine = "sglang"
+    moe_dispatcher = "flex"  # megatron-core's flex dispatcher over DeepEP; falls back to alltoall without it
+    kernel_impl = "triton"
+    docker_image = "slime:cuda"
+    requirements = (
+        Requirement("torch", "torch"),
+        Requirement("megatron.core", "megatron-core"),
+        Requirement("sglang", "sglang"),
+        Requirement("triton", "triton"),
+        Requirement("ray", "ray"),
+    )
+    optional = (
+        Requirement("deep_ep", "deep_ep", note="DeepEP is not on PyPI: it ships in the slime CUDA image"),
+        Requirement("sglang_router", "sglang-router"),
+    )
+
+    def detect_devices(self) -> tuple[int, str]:
+        gpus = self.system.list_dir("/proc/driver/nvidia/gpus")
+        if not gpus:
+            gpus = [d for d in self.system.list_dir("/dev") if d.startswith("nvidia") and d[6:].isdigit()]
+        if not gpus:
+            return 0, "no NVIDIA GPU found (no /proc/driver/nvidia/gpus, no /dev/nvidiaN)"
+        visible = self.system.environ.get(self.visible_devices_env or "")
+        count = len(gpus) if visible is None else len([v for v in visible.split(",") if v.strip()])
+        if count == 0:
+            return 0, f"{self.visible_devices_env} hides every GPU"
+        build = torch_build(self.system)
+        if build == "cpu" or build.startswith("rocm"):
+            return 0, f"installed torch is the {build} build; install a CUDA build of torch"
+        return count, ""
+
+    def moe_dispatcher_for_run(self) -> str:
+        return "flex" if self.system.has_module("deep_ep") else "alltoall"
+
+    def setup_process(self, local_rank: int = 0) -> None:
+        import torch
+
+        torch.cuda.set_device(local_rank)
+
+    def synchronize(self) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+
+    def empty_cache(self) -> None:
+        import torch
+
+        torch.cuda.empty_cache()
+
+    def memory_allocated(self) -> int:
+        import torch
+
+        return int(torch.cuda.memory_allocated())

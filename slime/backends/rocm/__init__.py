@@ -1,0 +1,60 @@
+"""AMD backend: ROCm torch (exposed through torch's cuda device API), RCCL, SGLang ROCm build, Triton."""
+
+from __future__ import annotations
+
+from slime.backends.base import Backend, Requirement, register_backend, torch_build
+
+
+@register_backend
+class RocmBackend(Backend):
+    name = "rocm"
+    extra = "rocm"
+    torch_device_type = "cuda"  # HIP devices appear as torch "cuda" devices
+    dist_backend = "nccl"  # torch names RCCL "nccl" on ROCm builds
+    visible_devices_env = "HIP_VISIBLE_DEVICES"
+    rollout_engine = "sglang"
+    moe_dispatcher = "alltoall"
+    kernel_impl = "triton"
+    docker_image = "slime:rocm"
+    requirements = (
+        Requirement("torch", "torch", note="ROCm torch comes from the ROCm wheel index or the slime ROCm image"),
+        Requirement("megatron.core", "megatron-core"),
+        Requirement("sglang", "sglang", note="SGLang's ROCm build ships in the slime ROCm image, not on PyPI"),
+        Requirement("triton", "triton"),
+        Requirement("ray", "ray"),
+    )
+
+    def detect_devices(self) -> tuple[int, str]:
+        if not self.system.path_exists("/dev/kfd"):
+            return 0, "no AMD GPU found (no /dev/kfd)"
+        render_nodes = [d for d in self.system.list_dir("/dev/dri") if d.startswith("renderD")]
+        if not render_nodes:
+            return 0, "no AMD GPU render node under /dev/dri"
+        visible = self.system.environ.get("HIP_VISIBLE_DEVICES", self.system.environ.get("ROCR_VISIBLE_DEVICES"))
+        count = len(render_nodes) if visible is None else len([v for v in visible.split(",") if v.strip()])
+        if count == 0:
+            return 0, "HIP_VISIBLE_DEVICES hides every GPU"
+        build = torch_build(self.system)
+        if self.system.dist_version("torch") is not None and not build.startswith("rocm"):
+            return 0, f"installed torch is not a ROCm build ({build or 'default'}); use the ROCm wheel index"
+        return count, ""
+
+    def setup_process(self, local_rank: int = 0) -> None:
+        import torch
+
+        torch.cuda.set_device(local_rank)
+
+    def synchronize(self) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+
+    def empty_cache(self) -> None:
+        import torch
+
+        torch.cuda.empty_cache()
+
+    def memory_allocated(self) -> int:
+        import torch
+
+        return int(torch.cuda.memory_allocated())

@@ -1,0 +1,32 @@
+"""TPU backend: JAX/XLA, sglang-jax rollout, JAX kernels."""
+
+from __future__ import annotations
+
+from slime.backends.base import Backend, Requirement, register_backend
+
+
+@register_backend
+class TpuBackend(Backend):
+    name = "tpu"
+    extra = "tpu"
+    torch_device_type = "xla"
+    dist_backend = "xla"
+    visible_devices_env = "TPU_VISIBLE_CHIPS"
+    rollout_engine = "sglang_jax"
+    moe_dispatcher = "alltoall"
+    kernel_impl = "jax"
+    docker_image = "slime:tpu"
+    requirements = (
+        Requirement("jax", "jax"),
+        Requirement("libtpu", "libtpu"),
+        Requirement("flax", "flax"),
+        Requirement("sgl_jax", "sglang-jax", note="sglang-jax needs Python >= 3.12"),
+    )
+
+    def detect_devices(self) -> tuple[int, str]:
+        chips = [d for d in self.system.list_dir("/dev") if d.startswith("accel") and d[5:].isdigit()]
+        if not chips and self.system.environ.get("TPU_ACCELERATOR_TYPE"):
+            chips = [d for d in self.system.list_dir("/dev/vfio") if d.isdigit()]
+        if not chips:
+            return 0, "no TPU found (no /dev/accelN, no TPU VM vfio devices)"
+        return len(chips), ""

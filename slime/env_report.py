@@ -1,0 +1,126 @@
+"""`slime env`: what hardware is here, which backend would run, what is installed, which extras are met."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import sys
+
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+
+from slime import __version__
+from slime.backends import BackendUnavailable, SystemView, backend_names, get_backend_class, select_backend
+
+# Distributions whose versions matter when reading a bug report.
+REPORTED_PACKAGES = (
+    "torch",
+    "megatron-core",
+    "transformers",
+    "sglang",
+    "sglang-router",
+    "sglang-jax",
+    "jax",
+    "ray",
+    "triton",
+    "deep_ep",
+)
+
+
+def extras_status(system: SystemView) -> dict[str, dict[str, object]]:
+    """For each extra of the installed slime: satisfied or the requirements that are missing / too old."""
+    try:
+        requires = importlib.metadata.requires("slime") or []
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    status: dict[str, dict[str, object]] = {}
+    base_env = default_environment()
+    for line in requires:
+        req = Requirement(line)
+        if req.marker is None or "extra" not in str(req.marker):
+            continue
+        for extra in ("cpu", *backend_names(), "test", "release"):
+            env = dict(base_env, extra=extra)
+            if not req.marker.evaluate(env):
+                continue
+            entry = status.setdefault(extra, {"satisfied": True, "problems": []})
+            installed = system.dist_version(req.name)
+            if installed is None:
+                entry["problems"].append(f"{req.name} not installed")
+            elif req.specifier and not req.specifier.contains(installed, prereleases=True):
+                entry["problems"].append(f"{req.name} {installed} does not satisfy {req.specifier}")
+            entry["satisfied"] = not entry["problems"]
+    return dict(sorted(status.items()))
+
+
+def collect_report(hardware: str = "auto", system: SystemView | None = None) -> dict[str, object]:
+    system = system or SystemView.real()
+    backends = []
+    for name in backend_names():
+        backend = get_backend_class(name)(system)
+        probe = backend.probe()
+        backends.append(
+            {
+                "name": name,
+                "available": probe.available,
+                "reason": probe.reason,
+                "devices": probe.devices,
+                "missing": list(probe.missing),
+                "optional_missing": [
+                    {"package": r.dist, "note": r.note} for r in backend.missing_optional()
+                ],
+                **backend.describe(),
+            }
+        )
+    try:
+        selected = select_backend(hardware, system).name
+        selection_error = ""
+    except BackendUnavailable as exc:
+        selected, selection_error = None, str(exc)
+    return {
+        "slime": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "requested": hardware,
+        "selected": selected,
+        "selection_error": selection_error,
+        "backends": backends,
+        "packages": {name: system.dist_version(name) for name in REPORTED_PACKAGES},
+        "extras": extras_status(system),
+    }
+
+
+def format_report(report: dict[str, object]) -> str:
+    lines = [f"slime {report['slime']}  python {report['python']}  {report['platform']}"]
+    if report["selected"]:
+        lines.append(f"hardware: {report['selected']} (requested {report['requested']})")
+    else:
+        lines.append(f"hardware: none usable: {report['selection_error']}")
+    lines.append("backends:")
+    for b in report["backends"]:
+        state = f"available ({b['devices']} devices)" if b["available"] else f"unavailable: {b['reason']}"
+        lines.append(f"  {b['name']:<5} {state}")
+        if b["available"]:
+            lines.append(
+                f"        engine={b['rollout_engine']} kernels={b['kernel_impl']} dist={b['dist_backend']} "
+                f"moe={b['moe_dispatcher']}"
+            )
+        for opt in b["optional_missing"]:
+            if b["available"]:
+                lines.append(f"        optional {opt['package']} absent{': ' + opt['note'] if opt['note'] else ''}")
+    lines.append("packages:")
+    for name, version in report["packages"].items():
+        lines.append(f"  {name:<14} {version or '-'}")
+    if report["extras"]:
+        lines.append("extras:")
+        for extra, entry in report["extras"].items():
+            state = "satisfied" if entry["satisfied"] else "; ".join(entry["problems"])
+            lines.append(f"  {extra:<8} {state}")
+    return "\n".join(lines)
+
+
+def main(hardware: str, as_json: bool) -> int:
+    report = collect_report(hardware)
+    print(json.dumps(report, indent=2) if as_json else format_report(report))
+    return 0 if report["selected"] else 1

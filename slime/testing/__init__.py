@@ -1,0 +1,1 @@
+"""Test registration, suite collection, partitioning and the suite runner's internals."""
