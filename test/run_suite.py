@@ -103,8 +103,10 @@ def coverage_map(registrations: list[Registration]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    root = args.root.resolve()
+    base = REPO if root.is_relative_to(REPO) else root.parent  # paths are shown relative to this
     try:
-        registrations = collect(args.root)
+        registrations = collect(root, base)
     except RegistrationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(mine)}] begin {reg.path} (est {weights[reg.path]:.0f}s)", flush=True)
         result = run_file(
             reg,
-            args.root.parent,
+            base,
             args.timeout_per_file,
             env,
             max_attempts=args.max_attempts if args.enable_retry else 1,
