@@ -1,0 +1,111 @@
+"""Docker images: one Dockerfile per hardware target, their tags, and the smoke check each image must pass."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass
+
+from release.version import TAG_PATTERN
+
+DEFAULT_REPOSITORY = "ghcr.io/slime-rl/slime"
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    hardware: str  # the slime backend the image is for; also `slime env --hardware <hardware>`
+    dockerfile: str  # relative to the repository root
+    build_args: tuple[tuple[str, str], ...]  # version pins, overridable with --build-arg
+    run_flags: tuple[str, ...]  # `docker run` flags that expose the device to the container
+    runner: tuple[str, ...]  # workflow runs-on labels of a machine with that hardware and a Docker engine
+
+
+IMAGES: dict[str, ImageSpec] = {
+    "cpu": ImageSpec("cpu", "docker/cpu.Dockerfile", (("PYTHON_VERSION", "3.11"),), (), ("ubuntu-24.04",)),
+    "cuda": ImageSpec(
+        "cuda",
+        "docker/cuda.Dockerfile",
+        (("SGLANG_IMAGE_TAG", "v0.5.5-cu129"), ("MEGATRON_CORE_VERSION", "0.16.1"), ("DEEPEP_REF", "v1.2.1")),
+        ("--gpus", "all", "--ipc", "host"),
+        ("self-hosted", "linux", "x64", "nvidia-1"),
+    ),
+    "rocm": ImageSpec(
+        "rocm",
+        "docker/rocm.Dockerfile",
+        (("SGLANG_IMAGE_TAG", "v0.5.5-rocm700-mi30x"), ("MEGATRON_CORE_VERSION", "0.16.1")),
+        ("--device", "/dev/kfd", "--device", "/dev/dri", "--group-add", "video", "--ipc", "host"),
+        ("self-hosted", "linux", "x64", "amd-1"),
+    ),
+    "tpu": ImageSpec(
+        "tpu",
+        "docker/tpu.Dockerfile",
+        (("PYTHON_VERSION", "3.12"), ("JAX_VERSION", "0.7.2"), ("SGLANG_JAX_VERSION", "0.0.2")),
+        ("--privileged", "--net", "host"),
+        ("self-hosted", "linux", "x64", "tpu-1"),
+    ),
+}
+
+
+def image_tags(repository: str, hardware: str, version: str, channel: str, date: datetime.date | None = None) -> list[str]:
+    """All tags one image is pushed under.
+
+    release: <repo>:<version>-<hw> and <repo>:latest-<hw>
+    nightly: <repo>:nightly-<hw> and <repo>:nightly-<hw>-YYYYMMDD (plus <repo>:<version>-<hw>, the exact dev version)
+    """
+    if hardware not in IMAGES:
+        raise ValueError(f"unknown hardware {hardware!r}; images exist for {', '.join(IMAGES)}")
+    if not repository or repository != repository.lower() or ":" in repository.rsplit("/", 1)[-1]:
+        raise ValueError(f"image repository {repository!r} must be lower-case and carry no tag")
+    if "+" in version:
+        raise ValueError(f"version {version} has a local label; images are pushed only for release or nightly builds")
+    if channel == "release":
+        if not TAG_PATTERN.match(version) or version.startswith("v"):
+            raise ValueError(f"release images need an X.Y.Z version, got {version!r}")
+        return [f"{repository}:{version}-{hardware}", f"{repository}:latest-{hardware}"]
+    if channel == "nightly":
+        if date is None:
+            raise ValueError("nightly image tags need the build date")
+        if not version.endswith(f".dev{date:%Y%m%d}"):
+            raise ValueError(f"nightly version {version} does not carry the build date {date:%Y%m%d}")
+        return [
+            f"{repository}:nightly-{hardware}",
+            f"{repository}:nightly-{hardware}-{date:%Y%m%d}",
+            f"{repository}:{version}-{hardware}",
+        ]
+    raise ValueError(f"unknown channel {channel!r}; images are tagged for release or nightly")
+
+
+def smoke_command(hardware: str) -> list[str]:
+    """What each image runs as its smoke test: the environment report for the image's own backend."""
+    return ["slime", "env", "--json", "--hardware", hardware]
+
+
+def check_smoke_output(hardware: str, output: str, version: str | None = None) -> list[str]:
+    """Problems in the JSON printed by `smoke_command(hardware)` inside an image; empty when it passes."""
+    try:
+        report = json.loads(output)
+    except json.JSONDecodeError as exc:
+        return [f"smoke output is not JSON ({exc.msg} at line {exc.lineno}): {output[:200]!r}"]
+    problems = []
+    if report.get("selected") != hardware:
+        problems.append(f"backend {hardware} not usable in the image: {report.get('selection_error') or report.get('selected')}")
+    backend = next((b for b in report.get("backends", []) if b.get("name") == hardware), None)
+    if backend is None or not backend.get("available"):
+        problems.append(f"backend {hardware} reported unavailable: {backend and backend.get('reason')}")
+    if version is not None and report.get("slime") != version:
+        problems.append(f"image carries slime {report.get('slime')}, expected {version}")
+    return problems
+
+
+def build_command(hardware: str, wheel_name: str, tags: list[str]) -> list[str]:
+    """`docker build` for one image, run from the repository root with the wheel in dist/."""
+    spec = IMAGES[hardware]
+    command = ["docker", "build", "--file", spec.dockerfile, "--build-arg", f"SLIME_WHEEL={wheel_name}"]
+    for tag in tags:
+        command += ["--tag", tag]
+    return [*command, "."]
+
+
+def smoke_run_command(hardware: str, image: str) -> list[str]:
+    """`docker run` of the smoke command with the device exposed to the container."""
+    return ["docker", "run", "--rm", *IMAGES[hardware].run_flags, image, *smoke_command(hardware)]
