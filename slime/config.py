@@ -1,0 +1,370 @@
+"""Typed run configuration, built from command-line flags, validated once, then frozen.
+
+Every flag is declared exactly once, as a dataclass field with its help text; the argparse parser is
+generated from the sections. Flag names follow the reference slime (`--rollout-batch-size`,
+`--n-samples-per-prompt`, ...). Megatron-core settings pass through as `--<field-name>` of
+megatron-core's own TransformerConfig / OptimizerConfig dataclasses (validated against them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user mistake in flags; the message names the flag(s) and the numbers."""
+
+
+def opt(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None, nargs: str | None = None):
+    meta = {"help": help}
+    if flag:
+        meta["flag"] = flag
+    if choices:
+        meta["choices"] = choices
+    if nargs:
+        meta["nargs"] = nargs
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    actor_num_nodes: int = opt(1, "nodes for the actor (trainer)")
+    actor_num_gpus_per_node: int = opt(1, "trainer processes per node (devices; CPU: processes)")
+    critic_num_gpus_per_node: int = opt(1, "critic processes per node (PPO)")
+    rollout_num_gpus: int = opt(1, "devices for rollout engines in total")
+    rollout_num_gpus_per_engine: int = opt(1, "devices per rollout engine (its tensor parallel size)")
+    colocate: bool = opt(False, "trainer and rollout share devices; each offloads while the other runs")
+    hardware: str = opt("auto", "auto|cpu|cuda|rocm|tpu (auto: first available in that fixed order)")
+    ray_address: str | None = opt(None, "connect to an existing Ray cluster instead of starting one")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    prompt_data: str | None = opt(None, "prompt dataset (.jsonl or .parquet)")
+    input_key: str = opt("prompt", "field holding the prompt (text or chat messages)")
+    label_key: str | None = opt("label", "field holding the label passed to the reward")
+    metadata_key: str | None = opt(None, "field holding per-sample metadata (a dict)")
+    apply_chat_template: bool = opt(False, "render prompts with the tokenizer's own chat template")
+    rollout_max_prompt_len: int | None = opt(None, "drop prompts longer than this many tokens (counted, reported)")
+    rollout_shuffle: bool = opt(False, "shuffle prompts each epoch (seeded by --rollout-seed and the epoch)")
+    rollout_seed: int = opt(42, "seed for data shuffling and sampling")
+    skip_bad_rows: bool = opt(False, "count and skip malformed rows instead of failing on the first one")
+    eval_prompt_data: list[str] = opt([], "NAME PATH [NAME PATH ...]: evaluation sets", nargs="+")
+    eval_interval: int | None = opt(None, "evaluate every N rollouts (and before the first and after the last)")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    rollout_batch_size: int = opt(8, "prompts per rollout step")
+    n_samples_per_prompt: int = opt(8, "responses per prompt (the group size for GRPO)")
+    rollout_max_response_len: int = opt(64, "max new tokens per response")
+    rollout_temperature: float = opt(1.0, "sampling temperature")
+    rollout_top_p: float = opt(1.0, "nucleus sampling")
+    rollout_top_k: int = opt(-1, "top-k sampling (-1: off)")
+    rollout_stop: list[str] = opt([], "stop strings", nargs="+")
+    rollout_stop_token_ids: list[int] = opt([], "stop token ids (beside EOS)", nargs="+")
+    rollout_concurrency: int = opt(64, "max requests in flight per engine")
+    custom_generate_function_path: str | None = opt(None, "module.function: async generate(args, sample, sampling) -> Sample")
+    rm_type: str | None = opt(None, "built-in reward: math | dapo | deepscaler | f1 | gpqa | remote_rm | arithmetic")
+    custom_rm_path: str | None = opt(None, "module.function: async reward(args, sample) -> float (or group variant)")
+    group_rm: bool = opt(False, "the custom reward takes a whole group: reward(args, samples) -> list[float]")
+    rm_url: str | None = opt(None, "remote reward model URL (rm_type=remote_rm)")
+    reward_key: str | None = opt(None, "key of the reward dict to train on, when rewards are dicts")
+    dynamic_sampling_filter_path: str | None = opt(None, "module.function(args, group) -> bool: keep the group?")
+    over_sampling_batch_size: int | None = opt(None, "prompts to draw per generation wave when filtering (>= rollout batch)")
+    partial_rollout: bool = opt(False, "abort stragglers once the batch is full and return them to the buffer")
+    n_samples_per_eval_prompt: int = opt(1, "responses per evaluation prompt")
+    eval_temperature: float = opt(0.0, "evaluation temperature (0 = greedy)")
+    eval_max_response_len: int | None = opt(None, "max new tokens for evaluation (default: rollout's)")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    advantage_estimator: str = opt(
+        "grpo", "advantage estimator", choices=("grpo", "gspo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+    )
+    disable_grpo_std_normalization: bool = opt(False, "Dr.GRPO: subtract the group mean, do not divide by the std")
+    eps_clip: float = opt(0.2, "PPO clip (lower, and upper unless --eps-clip-high)")
+    eps_clip_high: float | None = opt(None, "upper clip (clip-higher); default = --eps-clip")
+    eps_clip_c: float | None = opt(None, "dual-clip constant c > 1 for negative advantages")
+    use_kl_loss: bool = opt(False, "add KL(policy || reference) to the loss")
+    kl_loss_coef: float = opt(0.0, "weight of the KL loss")
+    kl_loss_type: str = opt("low_var_kl", "KL estimator", choices=("k1", "k2", "k3", "low_var_kl"))
+    kl_coef: float = opt(0.0, "KL as reward shaping (per-token penalty) instead of a loss term")
+    entropy_coef: float = opt(0.0, "entropy bonus weight")
+    gamma: float = opt(1.0, "discount (PPO/GAE, REINFORCE++)")
+    lambd: float = opt(1.0, "GAE lambda")
+    value_clip: float = opt(0.2, "PPO value-loss clip")
+    normalize_advantages: bool = opt(False, "whiten advantages over the batch")
+    use_tis: bool = opt(False, "truncated importance sampling against the rollout log-probs")
+    tis_clip: float = opt(2.0, "upper bound of the TIS weight")
+    calculate_per_token_loss: bool = opt(False, "average the loss over all tokens (default: per-sample mean, then mean)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_rollout: int = opt(10, "rollout steps to run")
+    global_batch_size: int = opt(64, "samples per optimizer step")
+    micro_batch_size: int = opt(1, "samples per micro-batch (ignored with --use-dynamic-batch-size)")
+    use_dynamic_batch_size: bool = opt(False, "pack micro-batches by --max-tokens-per-gpu")
+    max_tokens_per_gpu: int | None = opt(None, "token budget per micro-batch")
+    tensor_model_parallel_size: int = opt(1, "tensor parallel size of the trainer")
+    lr: float = opt(1e-6, "peak learning rate")
+    min_lr: float = opt(0.0, "final learning rate")
+    lr_warmup_iters: int = opt(0, "warmup steps")
+    lr_decay_style: str = opt("constant", "decay schedule", choices=("constant", "linear", "cosine"))
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_beta1: float = opt(0.9, "Adam beta1")
+    adam_beta2: float = opt(0.999, "Adam beta2")
+    clip_grad: float = opt(1.0, "gradient-norm clip")
+    seed: int = opt(1234, "trainer seed")
+    async_rollout: bool = opt(False, "generate step k+1 while training on step k (off-policy by one step)", flag="--async")
+    sft_warmup_steps: int = opt(0, "supervised steps on --sft-data before RL")
+    sft_data: str | None = opt(None, "jsonl with prompt/response pairs for the SFT warm-up")
+    sft_lr: float | None = opt(None, "SFT learning rate (default --lr)")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    hf_checkpoint: str | None = opt(None, "HuggingFace checkpoint folder (config, safetensors, tokenizer)")
+    load: str | None = opt(None, "resume from this checkpoint folder (the latest step in it)")
+    save: str | None = opt(None, "write checkpoints here")
+    save_interval: int | None = opt(None, "save every N rollouts (and at the end)")
+    keep_last_n: int | None = opt(None, "keep only the newest N checkpoints")
+    save_hf: str | None = opt(None, "at the end, write an HF folder (transformers-loadable) here")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    output_dir: str = opt("runs/latest", "run folder: config.json, metrics.jsonl, tensorboard, plots")
+    use_tensorboard: bool = opt(False, "write TensorBoard events")
+    use_wandb: bool = opt(False, "log to wandb (must be installed)")
+    wandb_project: str | None = opt(None, "wandb project")
+    progress: bool = opt(True, "console progress bar", flag="--progress")
+    ci_test: bool = opt(False, "check invariants (step-0 log-prob agreement, KL ~ 0, sane ranges) and fail on violation")
+
+
+SECTIONS: dict[str, type] = {
+    "cluster": ClusterConfig,
+    "data": DataConfig,
+    "rollout": RolloutConfig,
+    "algorithm": AlgorithmConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    cluster: ClusterConfig
+    data: DataConfig
+    rollout: RolloutConfig
+    algorithm: AlgorithmConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    megatron: dict[str, Any] = field(default_factory=dict)  # pass-through TransformerConfig/OptimizerConfig fields
+    sglang: dict[str, str] = field(default_factory=dict)  # --sglang-* pass-through to SGLang's server args
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def write(self, folder: str | Path) -> Path:
+        path = Path(folder) / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+        return path
+
+    @property
+    def train_steps_per_rollout(self) -> int:
+        return self.rollout.rollout_batch_size * self.rollout.n_samples_per_prompt // self.train.global_batch_size
+
+    @property
+    def data_parallel_size(self) -> int:
+        world = self.cluster.actor_num_nodes * self.cluster.actor_num_gpus_per_node
+        return world // self.train.tensor_model_parallel_size
+
+
+# ---- parser generation ------------------------------------------------------------------------------------
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """(element type, is_list) of a field annotation such as `int | None` or `list[str]`."""
+    hint = annotation
+    if isinstance(hint, (types.UnionType,)) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0]
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def _add_section(parser: argparse.ArgumentParser, name: str, cls: type) -> None:
+    group = parser.add_argument_group(name)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        base, is_list = _base_type(hints[f.name])
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": argparse.SUPPRESS}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = base
+            kwargs["metavar"] = base.__name__.upper()
+            if is_list:
+                kwargs["nargs"] = f.metadata.get("nargs", "+")
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        group.add_argument(_flag(f), **kwargs)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="slime train", description="RL training with Megatron-core and a rollout engine")
+    for name, cls in SECTIONS.items():
+        _add_section(parser, name, cls)
+    return parser
+
+
+def _megatron_fields() -> dict[str, type]:
+    """Fields of megatron-core's config dataclasses that may be passed through as flags."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.transformer import TransformerConfig
+
+    known: dict[str, type] = {}
+    for cls in (TransformerConfig, OptimizerConfig):
+        for f in fields(cls):
+            if f.type in (int, float, bool, str, "int", "float", "bool", "str"):
+                known[f.name] = {"int": int, "float": float, "bool": bool, "str": str}.get(f.type, f.type)
+    return known
+
+
+def _parse_passthrough(rest: list[str], known_flags: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    megatron: dict[str, Any] = {}
+    sglang: dict[str, str] = {}
+    megatron_known: dict[str, type] | None = None
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}")
+        name, _, inline = token[2:].partition("=")
+        value: str | None = inline or None
+        if value is None and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            value = rest[i + 1]
+            i += 1
+        i += 1
+        if name.startswith("sglang-"):
+            sglang[name[len("sglang-") :].replace("-", "_")] = "true" if value is None else value
+            continue
+        if megatron_known is None:
+            megatron_known = _megatron_fields()
+        key = name.replace("-", "_")
+        if key not in megatron_known:
+            close = difflib.get_close_matches(token.split("=")[0], known_flags + ["--" + k.replace("_", "-") for k in megatron_known], n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown flag {token.split('=')[0]}{hint}")
+        kind = megatron_known[key]
+        if kind is bool:
+            megatron[key] = value is None or value.lower() in ("1", "true", "yes")
+        else:
+            try:
+                megatron[key] = kind(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"--{name} expects {kind.__name__}, got {value!r}") from None
+    return megatron, sglang
+
+
+def parse_config(argv: list[str]) -> Config:
+    parser = build_parser()
+    namespace, rest = parser.parse_known_args(argv)
+    values = vars(namespace)
+    sections = {name: cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values}) for name, cls in SECTIONS.items()}
+    known_flags = [a.option_strings[0] for a in parser._actions if a.option_strings]
+    megatron, sglang = _parse_passthrough(rest, known_flags)
+    config = Config(**sections, megatron=megatron, sglang=sglang)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks, each failing with the formula and the numbers."""
+    r, t, c, d = config.rollout, config.train, config.cluster, config.data
+    problems: list[str] = []
+    samples = r.rollout_batch_size * r.n_samples_per_prompt
+    if min(r.rollout_batch_size, r.n_samples_per_prompt, t.global_batch_size, t.num_rollout) < 1:
+        problems.append("--rollout-batch-size, --n-samples-per-prompt, --global-batch-size and --num-rollout must be >= 1")
+    elif samples % t.global_batch_size:
+        problems.append(
+            f"--rollout-batch-size * --n-samples-per-prompt = {r.rollout_batch_size} * {r.n_samples_per_prompt} = {samples} "
+            f"must be divisible by --global-batch-size {t.global_batch_size}"
+        )
+    world = c.actor_num_nodes * c.actor_num_gpus_per_node
+    if world % t.tensor_model_parallel_size:
+        problems.append(
+            f"trainer processes --actor-num-nodes * --actor-num-gpus-per-node = {world} must be divisible by "
+            f"--tensor-model-parallel-size {t.tensor_model_parallel_size}"
+        )
+    else:
+        dp = world // t.tensor_model_parallel_size
+        if t.global_batch_size % dp:
+            problems.append(f"--global-batch-size {t.global_batch_size} must be divisible by data-parallel size {dp}")
+        elif not t.use_dynamic_batch_size and (t.global_batch_size // dp) % t.micro_batch_size:
+            problems.append(
+                f"--global-batch-size / dp = {t.global_batch_size} / {dp} = {t.global_batch_size // dp} must be divisible by "
+                f"--micro-batch-size {t.micro_batch_size}"
+            )
+    if t.use_dynamic_batch_size and not t.max_tokens_per_gpu:
+        problems.append("--use-dynamic-batch-size needs --max-tokens-per-gpu")
+    if c.rollout_num_gpus % c.rollout_num_gpus_per_engine:
+        problems.append(
+            f"--rollout-num-gpus {c.rollout_num_gpus} must be divisible by --rollout-num-gpus-per-engine {c.rollout_num_gpus_per_engine}"
+        )
+    if r.over_sampling_batch_size is not None and r.over_sampling_batch_size < r.rollout_batch_size:
+        problems.append(f"--over-sampling-batch-size {r.over_sampling_batch_size} must be >= --rollout-batch-size {r.rollout_batch_size}")
+    if len(d.eval_prompt_data) % 2:
+        problems.append("--eval-prompt-data takes NAME PATH pairs")
+    if config.algorithm.advantage_estimator in ("grpo", "gspo") and r.n_samples_per_prompt < 2:
+        problems.append(f"--advantage-estimator {config.algorithm.advantage_estimator} needs --n-samples-per-prompt >= 2 (groups)")
+    if config.algorithm.eps_clip_c is not None and config.algorithm.eps_clip_c <= 1:
+        problems.append(f"--eps-clip-c must be > 1, got {config.algorithm.eps_clip_c}")
+    if config.algorithm.use_kl_loss and config.algorithm.kl_loss_coef <= 0:
+        problems.append("--use-kl-loss needs --kl-loss-coef > 0")
+    if r.rm_type is None and r.custom_rm_path is None:
+        problems.append("no reward: give --rm-type or --custom-rm-path")
+    if r.rm_type == "remote_rm" and not r.rm_url:
+        problems.append("--rm-type remote_rm needs --rm-url")
+    if not config.checkpoint.hf_checkpoint:
+        problems.append("--hf-checkpoint is required")
+    if not d.prompt_data:
+        problems.append("--prompt-data is required")
+    if t.sft_warmup_steps and not t.sft_data:
+        problems.append("--sft-warmup-steps needs --sft-data")
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else "; ".join(problems))
+
+
+def eval_sets(config: Config) -> list[tuple[str, str]]:
+    items = config.data.eval_prompt_data
+    return [(items[i], items[i + 1]) for i in range(0, len(items), 2)]
+
