@@ -1,0 +1,174 @@
+"""The rollout-engine contract: what the RL loop asks of every engine (embedded, SGLang, sglang-jax).
+
+Log-probabilities (`GenerateResult.output_log_probs`, SGLang's `meta_info.output_token_logprobs`):
+    log p(token) under softmax(logits / temperature) over the FULL vocabulary, i.e. after temperature
+    scaling and BEFORE top-k / top-p / min-p truncation. Greedy requests (temperature 0) use
+    temperature 1, so their log-probs are log_softmax(logits). This is SGLang's default convention
+    (its sampler returns log(softmax(logits / T)) and samples from the truncated copy), and it is what the
+    trainer computes (log_softmax(logits / T)), so rollout and trainer log-probs agree at step 0.
+
+Weight updates from tensors are bucketed:
+    engine.update_weights_from_tensors(bucket_1, version=7, finish=False)
+    engine.update_weights_from_tensors(bucket_2, version=7, finish=False)
+    engine.update_weights_from_tensors(bucket_3, version=7, finish=True)   # publishes version 7
+Each bucket is validated when it arrives (unknown name, wrong shape -> WeightUpdateError naming the
+tensor and both shapes); a rejected bucket discards the whole pending update. `finish=True` ends the
+update and sets `weight_version`; engines that can (the embedded one) apply all buckets at once at that
+point, so a rejected update never leaves a half-updated model. The HTTP engines map `finish` to
+SGLang's `flush_cache` flag, and SGLang applies each bucket as it arrives.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+import torch
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort", "error")
+
+
+class EngineError(RuntimeError):
+    """A one-line, user-facing failure of an engine call (bad request, server gone, ...)."""
+
+
+class WeightUpdateError(EngineError):
+    """A weight update was rejected; the engine keeps the weights it had and keeps serving."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """SGLang's sampling parameters (the subset RL needs), with SGLang's defaults and meanings.
+
+    temperature 0 = greedy. top_k -1 (or 0) = no top-k. max_new_tokens counts generated tokens.
+    stop_token_ids and the model's EOS end a sequence (unless ignore_eos); the stop token is part of the
+    output. `stop` strings end a sequence once the decoded output contains one (needs a tokenizer).
+    seed makes this request's sampling reproducible, independent of what else is in the batch.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    max_new_tokens: int = 128
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # Lists are accepted for convenience and frozen into tuples so the dataclass stays hashable.
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the value when a parameter is out of range."""
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"sampling_params.temperature must be a number >= 0, got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"sampling_params.top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise ValueError(f"sampling_params.top_k must be an integer >= -1 (-1 = off), got {self.top_k!r}")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"sampling_params.min_p must be in [0, 1], got {self.min_p!r}")
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 0:
+            raise ValueError(f"sampling_params.max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"sampling_params.stop_token_ids must be token ids >= 0, got {list(self.stop_token_ids)}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"sampling_params.stop must be non-empty strings, got {list(self.stop)}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"sampling_params.seed must be an integer, got {self.seed!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    rid: str
+    input_ids: tuple[int, ...] | list[int]
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
+    return_logprob: bool = True
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What came back for one request.
+
+    finish_reason: "stop" (EOS, a stop token or a stop string), "length" (max_new_tokens or the context
+    length), "abort" (abort() or shutdown; output so far is kept), "error" (the request itself was invalid,
+    `error` says why; other requests are unaffected).
+    weight_version: the engine's weight version when the request finished.
+    """
+
+    rid: str
+    output_ids: list[int]
+    output_log_probs: list[float] | None
+    finish_reason: FinishReason
+    error: str | None = None
+    weight_version: int = 0
+    prompt_tokens: int = 0
+    text: str | None = None
+
+
+class RolloutEngine(ABC):
+    """The interface the RL loop drives. All methods are synchronous and thread-safe."""
+
+    @abstractmethod
+    def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        """Run all requests (batched together) and return one result per request, in order."""
+
+    @abstractmethod
+    def update_weights_from_tensors(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, finish: bool = True
+    ) -> None:
+        """One bucket of HF-named tensors; see the module docstring for the bucket protocol."""
+
+    @abstractmethod
+    def update_weights_from_disk(self, path: str, version: int) -> None:
+        """Load an HF checkpoint folder (same architecture) in place and set the weight version."""
+
+    @abstractmethod
+    def pause(self) -> None:
+        """Stop scheduling: running requests keep their state and continue after resume()."""
+
+    @abstractmethod
+    def resume(self) -> None:
+        """Undo pause()."""
+
+    @abstractmethod
+    def abort(self, rid: str | None = None) -> None:
+        """Finish one request (or all, rid=None) now with finish_reason "abort", keeping its output so far."""
+
+    @abstractmethod
+    def health(self) -> bool:
+        """True when the engine can serve a request now."""
+
+    @abstractmethod
+    def release_memory(self) -> None:
+        """Colocate: give back the memory the engine holds for serving (KV cache); generation must be idle."""
+
+    @abstractmethod
+    def resume_memory(self) -> None:
+        """Undo release_memory()."""
+
+    @property
+    @abstractmethod
+    def weight_version(self) -> int:
+        """Version of the weights now serving (0 = the checkpoint it started from)."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Abort what is running and free the engine's resources. Idempotent."""
+
+    def __enter__(self) -> "RolloutEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

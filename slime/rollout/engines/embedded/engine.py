@@ -1,0 +1,455 @@
+"""The embedded engine: an in-process, continuously batching generator over a static KV cache.
+
+One worker thread owns the model. Callers (generate(), the HTTP server's handlers) submit requests to a
+waiting queue and get a callback when each finishes. Each worker iteration admits waiting requests into
+free cache slots (lowest slot first, so the active rows stay packed at the front), prefills them in one
+padded batch, then decodes one token for every active slot. A finished sequence frees its slot at once,
+so the next waiting request joins the running batch on the following iteration (continuous batching).
+
+Locks: `_model_lock` is held for a prefill or decode step and for weight copies, so weights only change
+between steps; `_cond` guards the queues and slot table. Order: _model_lock before _cond.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from slime.rollout.engines.base import (
+    EngineError,
+    GenerateRequest,
+    GenerateResult,
+    RolloutEngine,
+    SamplingParams,
+    WeightUpdateError,
+)
+from slime.rollout.engines.embedded.model import DecoderSpec, ServingModel
+from slime.rollout.engines.embedded.sampling import BatchSampling, find_stop_string, sample_tokens
+from slime.rollout.engines.embedded.weights import (
+    copy_into_model,
+    load_checkpoint_into,
+    missing_names,
+    read_checkpoint_tensors,
+    validate_named_tensors,
+)
+
+logger = logging.getLogger(__name__)
+
+# Upper bound on prompt tokens (padded) in one prefill batch; bounds activation memory for long prompts.
+PREFILL_TOKEN_BUDGET = 16384
+
+ResultCallback = Callable[[GenerateResult], None]
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: GenerateRequest
+    prompt: list[int]
+    params: SamplingParams
+    callback: ResultCallback
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+    slot: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+
+    @property
+    def next_position(self) -> int:
+        """Position of the last sampled token, which the next decode step feeds."""
+        return len(self.prompt) + len(self.output_ids) - 1
+
+    @property
+    def uses_filter(self) -> bool:
+        p = self.params
+        return (p.top_k > 1) or p.top_p < 1.0 or p.min_p > 0.0
+
+
+def _load_tokenizer(path: str):
+    """The checkpoint's tokenizer when it ships one (needed for text prompts and stop strings), else None."""
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class EmbeddedEngine(RolloutEngine):
+    """Serve an HF checkpoint (Qwen2, Qwen3, Llama) in this process on any torch device."""
+
+    def __init__(
+        self,
+        hf_checkpoint_dir: str,
+        device: str = "cpu",
+        max_batch_size: int = 32,
+        max_seq_len: int = 2048,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ):
+        if max_batch_size < 1 or max_seq_len < 2:
+            raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size} and {max_seq_len}")
+        self.model_path = hf_checkpoint_dir
+        self.spec = DecoderSpec.from_checkpoint(hf_checkpoint_dir)
+        self.model = ServingModel(self.spec, max_batch_size, max_seq_len, device, dtype)
+        load_checkpoint_into(self.model, hf_checkpoint_dir)
+        self.tokenizer = _load_tokenizer(hf_checkpoint_dir)
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        # Sampling draws happen on the host (one number per row), whatever the model's device.
+        self._generator = torch.Generator().manual_seed(seed)
+        self._weight_version = 0
+        self._pending_update: dict[str, torch.Tensor] = {}
+        self._update_lock = threading.Lock()
+        self._model_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._waiting: deque[_Sequence] = deque()
+        self._slots: list[_Sequence | None] = [None] * max_batch_size
+        self._free_slots = list(range(max_batch_size))
+        self._paused = False
+        self._stopping = False
+        self._rid_counter = itertools.count()
+        self._worker = threading.Thread(target=self._run, name="embedded-engine", daemon=True)
+        self._worker.start()
+
+    # ---- submission ----------------------------------------------------------------------------------
+    def submit(self, request: GenerateRequest, callback: ResultCallback) -> None:
+        """Queue one request; `callback(result)` runs on the worker thread (or here, for invalid requests)."""
+        prompt = [int(t) for t in request.input_ids]
+        problem = self._request_problem(request, prompt)
+        if problem is not None:
+            callback(self._result(request, [], [], "error", error=problem, prompt_tokens=len(prompt)))
+            return
+        params = request.sampling_params
+        if params.max_new_tokens == 0:
+            callback(self._result(request, [], [], "length", prompt_tokens=len(prompt)))
+            return
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(self.spec.eos_token_ids)
+        generator = None
+        if params.seed is not None and not params.is_greedy:
+            generator = torch.Generator().manual_seed(params.seed)
+        seq = _Sequence(request, prompt, params, callback, frozenset(stop_ids), generator)
+        with self._cond:
+            if self._stopping:
+                raise EngineError("the engine was shut down")
+            self._waiting.append(seq)
+            self._cond.notify_all()
+
+    def _request_problem(self, request: GenerateRequest, prompt: list[int]) -> str | None:
+        try:
+            request.sampling_params.validate()
+        except ValueError as e:
+            return str(e)
+        if not prompt:
+            return "input_ids is empty"
+        if len(prompt) >= self.max_seq_len:
+            return (
+                f"the prompt ({len(prompt)} tokens) is longer than the engine's context "
+                f"(max_seq_len {self.max_seq_len}, which must leave room for at least one new token)"
+            )
+        bad = [t for t in prompt if t < 0 or t >= self.spec.vocab_size]
+        if bad:
+            return f"input_ids contains token id {bad[0]} outside the vocabulary [0, {self.spec.vocab_size})"
+        if request.sampling_params.stop and self.tokenizer is None:
+            return f"sampling_params.stop needs a tokenizer, and {self.model_path} has none (use stop_token_ids)"
+        return None
+
+    def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        results: list[GenerateResult | None] = [None] * len(requests)
+        remaining = [len(requests)]
+        done = threading.Event()
+        lock = threading.Lock()
+        if not requests:
+            return []
+
+        def on_result(index: int, result: GenerateResult) -> None:
+            results[index] = result
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    done.set()
+
+        for i, request in enumerate(requests):
+            self.submit(request, lambda result, i=i: on_result(i, result))
+        done.wait()
+        return [r for r in results if r is not None]
+
+    def new_rid(self) -> str:
+        return f"embedded-{next(self._rid_counter)}"
+
+    # ---- worker --------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._has_work_locked():
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                with self._model_lock:
+                    finished = self._step()
+            except Exception as error:  # a bug or device failure: fail what is running, keep the thread alive
+                logger.exception("embedded engine step failed")
+                finished = self._fail_all(f"engine step failed: {type(error).__name__}: {error}")
+            for seq, result in finished:
+                seq.callback(result)
+
+    def _has_work_locked(self) -> bool:
+        if self._paused or not self.model.kv_cache_allocated:
+            return False
+        return bool(self._waiting) or any(s is not None for s in self._slots)
+
+    def _step(self) -> list[tuple[_Sequence, GenerateResult]]:
+        finished: list[tuple[_Sequence, GenerateResult]] = []
+        with self._cond:
+            if not self._has_work_locked():
+                return finished
+            admitted = []
+            while self._waiting and self._free_slots:
+                seq = self._waiting.popleft()
+                seq.slot = heapq.heappop(self._free_slots)
+                self._slots[seq.slot] = seq
+                admitted.append(seq)
+        if admitted:
+            finished += self._prefill(admitted)
+        running = [s for s in self._slots if s is not None and s not in admitted]
+        if running:
+            finished += self._decode(running)
+        return finished
+
+    def _sampling_rows(self, rows: list[_Sequence | None]) -> BatchSampling:
+        """Per-row parameters; None rows (free slots inside the decoded range) are greedy dummies."""
+        params = [s.params if s is not None else None for s in rows]
+        temperature = [p.temperature if p is not None else 0.0 for p in params]
+        top_k = [p.top_k if p is not None else 0 for p in params]
+        top_p = [p.top_p if p is not None else 1.0 for p in params]
+        min_p = [p.min_p if p is not None else 0.0 for p in params]
+        greedy = [p is None or p.is_greedy for p in params]
+        device = self.model.device
+        return BatchSampling(
+            temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
+            top_k=torch.tensor(top_k, dtype=torch.long, device=device),
+            top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
+            min_p=torch.tensor(min_p, dtype=torch.float32, device=device),
+            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            all_greedy=all(greedy),
+            any_filter=any(s is not None and s.uses_filter for s in rows),
+        )
+
+    def _uniforms(self, rows: list[_Sequence | None], params: BatchSampling) -> torch.Tensor | None:
+        """One U[0,1) per row: from the request's own generator when it has a seed, else the engine's."""
+        if params.all_greedy:
+            return None
+        draws = torch.rand(len(rows), generator=self._generator, dtype=torch.float64).tolist()
+        for i, seq in enumerate(rows):
+            if seq is not None and seq.generator is not None:
+                draws[i] = torch.rand(1, generator=seq.generator, dtype=torch.float64).item()
+        return torch.tensor(draws, dtype=torch.float32, device=self.model.device)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Sequence | None]) -> tuple[list[int], list[float]]:
+        params = self._sampling_rows(rows)
+        tokens, log_probs = sample_tokens(logits, params, self._uniforms(rows, params))
+        return tokens.tolist(), log_probs.tolist()
+
+    def _prefill(self, admitted: list[_Sequence]) -> list[tuple[_Sequence, GenerateResult]]:
+        finished = []
+        admitted = sorted(admitted, key=lambda s: len(s.prompt))
+        group: list[_Sequence] = []
+        for seq in admitted + [None]:  # None flushes the last group
+            longest = max((len(s.prompt) for s in group), default=0)
+            if seq is not None and (not group or max(longest, len(seq.prompt)) * (len(group) + 1) <= PREFILL_TOKEN_BUDGET):
+                group.append(seq)
+                continue
+            device = self.model.device
+            width = max(len(s.prompt) for s in group)
+            tokens = torch.zeros(len(group), width, dtype=torch.long)
+            for i, s in enumerate(group):
+                tokens[i, : len(s.prompt)] = torch.tensor(s.prompt, dtype=torch.long)
+            lengths = torch.tensor([len(s.prompt) for s in group], device=device)
+            slots = torch.tensor([s.slot for s in group], device=device)
+            logits = self.model.prefill(tokens.to(device), lengths, slots)
+            ids, log_probs = self._sample(logits, group)
+            finished += self._append(group, ids, log_probs)
+            group = [seq] if seq is not None else []
+        return finished
+
+    def _decode(self, running: list[_Sequence]) -> list[tuple[_Sequence, GenerateResult]]:
+        num_rows = max(s.slot for s in running) + 1
+        rows: list[_Sequence | None] = [None] * num_rows
+        for s in running:
+            rows[s.slot] = s
+        tokens = [s.output_ids[-1] if s is not None else 0 for s in rows]
+        positions = [s.next_position if s is not None else 0 for s in rows]
+        device = self.model.device
+        logits = self.model.decode(
+            torch.tensor(tokens, device=device), torch.tensor(positions, device=device), num_rows, max(positions) + 1
+        )
+        ids, log_probs = self._sample(logits, rows)
+        return self._append(running, [ids[s.slot] for s in running], [log_probs[s.slot] for s in running])
+
+    def _append(self, seqs: list[_Sequence], ids: list[int], log_probs: list[float]) -> list[tuple[_Sequence, GenerateResult]]:
+        finished = []
+        for seq, token, log_prob in zip(seqs, ids, log_probs):
+            seq.output_ids.append(token)
+            seq.log_probs.append(log_prob)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                finished.append((seq, self._release(seq, reason)))
+        return finished
+
+    def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
+        if token in seq.stop_ids:
+            return "stop"
+        if seq.params.stop:
+            assert self.tokenizer is not None  # checked at submission
+            text = self.tokenizer.decode(seq.output_ids)
+            if find_stop_string(text, seq.params.stop) is not None:
+                return "stop"
+        if len(seq.output_ids) >= seq.params.max_new_tokens:
+            return "length"
+        if len(seq.prompt) + len(seq.output_ids) >= self.max_seq_len:
+            return "length"
+        return None
+
+    def _release(self, seq: _Sequence, reason: str, error: str | None = None) -> GenerateResult:
+        """Free the sequence's slot and build its result. Caller holds _model_lock (slot reuse is safe)."""
+        with self._cond:
+            if seq.slot >= 0 and self._slots[seq.slot] is seq:
+                self._slots[seq.slot] = None
+                heapq.heappush(self._free_slots, seq.slot)
+            seq.slot = -1
+        return self._result(seq.request, seq.output_ids, seq.log_probs, reason, error=error, prompt_tokens=len(seq.prompt))
+
+    def _result(self, request, output_ids, log_probs, reason, error=None, prompt_tokens=0) -> GenerateResult:
+        return GenerateResult(
+            rid=request.rid,
+            output_ids=list(output_ids),
+            output_log_probs=list(log_probs) if request.return_logprob else None,
+            finish_reason=reason,
+            error=error,
+            weight_version=self._weight_version,
+            prompt_tokens=prompt_tokens,
+        )
+
+    def _fail_all(self, message: str) -> list[tuple[_Sequence, GenerateResult]]:
+        with self._model_lock:
+            active = [s for s in self._slots if s is not None]
+            return [(s, self._release(s, "error", error=message)) for s in active]
+
+    # ---- control -------------------------------------------------------------------------------------
+    def pause(self) -> None:
+        with self._cond:
+            self._paused = True
+        # Return only once the current step is over, so the caller sees a quiescent engine.
+        with self._model_lock:
+            pass
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def abort(self, rid: str | None = None) -> None:
+        finished = []
+        with self._model_lock:
+            with self._cond:
+                waiting = [s for s in self._waiting if rid is None or s.request.rid == rid]
+                for s in waiting:
+                    self._waiting.remove(s)
+                active = [s for s in self._slots if s is not None and (rid is None or s.request.rid == rid)]
+            for s in waiting + active:
+                finished.append((s, self._release(s, "abort", error="aborted")))
+        for seq, result in finished:
+            seq.callback(result)
+
+    def health(self) -> bool:
+        return self._worker.is_alive() and not self._stopping
+
+    def num_running(self) -> int:
+        with self._cond:
+            return sum(s is not None for s in self._slots)
+
+    def num_waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def release_memory(self) -> None:
+        with self._model_lock:
+            running = self.num_running()
+            if running:
+                raise EngineError(f"release_memory needs an idle engine, but {running} request(s) are running; abort them first")
+            self.model.free_kv_cache()
+
+    def resume_memory(self) -> None:
+        with self._model_lock:
+            if not self.model.kv_cache_allocated:
+                self.model.allocate_kv_cache()
+        with self._cond:
+            self._cond.notify_all()
+
+    def flush_cache(self) -> None:
+        """No prefix cache to flush: each request prefills its own slot."""
+
+    @property
+    def weight_version(self) -> int:
+        return self._weight_version
+
+    # ---- weights -------------------------------------------------------------------------------------
+    def update_weights_from_tensors(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, finish: bool = True
+    ) -> None:
+        with self._update_lock:
+            try:
+                checked = validate_named_tensors(self.model, list(named_tensors))
+            except WeightUpdateError:
+                self._pending_update.clear()  # the whole multi-bucket update is void
+                raise
+            for name, tensor in checked:
+                # Staged copies: the caller may reuse its buffers, and nothing is applied before `finish`.
+                self._pending_update[name] = tensor.detach().to(self.model.device, self.model.dtype, copy=True)
+            if finish:
+                staged, self._pending_update = list(self._pending_update.items()), {}
+                with self._model_lock:
+                    copy_into_model(self.model, staged)
+                    self._weight_version = int(version)
+
+    def update_weights_from_disk(self, path: str, version: int) -> None:
+        with self._update_lock:
+            self._pending_update.clear()
+            try:
+                spec = DecoderSpec.from_checkpoint(path)
+            except ValueError as e:
+                raise WeightUpdateError(str(e)) from None
+            if spec != self.spec:
+                raise WeightUpdateError(f"{path}: its config.json describes a different model than the one being served ({self.model_path})")
+            tensors = read_checkpoint_tensors(path)
+            checked = validate_named_tensors(self.model, tensors.items())
+            missing = missing_names(self.model, (n for n, _ in checked))
+            if missing:
+                raise WeightUpdateError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+            with self._model_lock:
+                copy_into_model(self.model, checked)
+                self._weight_version = int(version)
+
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        """HF name -> the live tensor (a view into the fused buffers). Read-only by convention."""
+        return dict(self.model.hf_views)
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        with self._cond:
+            if self._stopping:
+                return
+        self.abort(None)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._worker.join(timeout=30)
