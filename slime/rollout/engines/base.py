@@ -115,6 +115,7 @@ class GenerateResult:
     weight_version: int = 0
     prompt_tokens: int = 0
     text: str | None = None
+    matched_stop: int | str | None = None  # the stop token id or stop string that ended a "stop" finish
 
 
 class RolloutEngine(ABC):

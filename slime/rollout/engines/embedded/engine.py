@@ -58,6 +58,7 @@ class _Sequence:
     stop_ids: frozenset[int]
     generator: torch.Generator | None
     slot: int = -1
+    matched_stop: int | str | None = None
     output_ids: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
 
@@ -287,11 +288,10 @@ class EmbeddedEngine(RolloutEngine):
         for s in running:
             rows[s.slot] = s
         tokens = [s.output_ids[-1] if s is not None else 0 for s in rows]
-        positions = [s.next_position if s is not None else 0 for s in rows]
+        positions = [s.next_position if s is not None else self.model.scratch_position for s in rows]
+        attend_len = max(s.next_position for s in running) + 1
         device = self.model.device
-        logits = self.model.decode(
-            torch.tensor(tokens, device=device), torch.tensor(positions, device=device), num_rows, max(positions) + 1
-        )
+        logits = self.model.decode(torch.tensor(tokens, device=device), torch.tensor(positions, device=device), num_rows, attend_len)
         ids, log_probs = self._sample(logits, rows)
         return self._append(running, [ids[s.slot] for s in running], [log_probs[s.slot] for s in running])
 
@@ -307,11 +307,14 @@ class EmbeddedEngine(RolloutEngine):
 
     def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
         if token in seq.stop_ids:
+            seq.matched_stop = token
             return "stop"
         if seq.params.stop:
             assert self.tokenizer is not None  # checked at submission
             text = self.tokenizer.decode(seq.output_ids)
-            if find_stop_string(text, seq.params.stop) is not None:
+            matched = find_stop_string(text, seq.params.stop)
+            if matched is not None:
+                seq.matched_stop = matched
                 return "stop"
         if len(seq.output_ids) >= seq.params.max_new_tokens:
             return "length"
@@ -326,9 +329,11 @@ class EmbeddedEngine(RolloutEngine):
                 self._slots[seq.slot] = None
                 heapq.heappush(self._free_slots, seq.slot)
             seq.slot = -1
-        return self._result(seq.request, seq.output_ids, seq.log_probs, reason, error=error, prompt_tokens=len(seq.prompt))
+        return self._result(
+            seq.request, seq.output_ids, seq.log_probs, reason, error=error, prompt_tokens=len(seq.prompt), matched=seq.matched_stop
+        )
 
-    def _result(self, request, output_ids, log_probs, reason, error=None, prompt_tokens=0) -> GenerateResult:
+    def _result(self, request, output_ids, log_probs, reason, error=None, prompt_tokens=0, matched=None) -> GenerateResult:
         return GenerateResult(
             rid=request.rid,
             output_ids=list(output_ids),
@@ -337,6 +342,8 @@ class EmbeddedEngine(RolloutEngine):
             error=error,
             weight_version=self._weight_version,
             prompt_tokens=prompt_tokens,
+            text=self.tokenizer.decode(output_ids, skip_special_tokens=True) if self.tokenizer is not None else None,
+            matched_stop=matched,
         )
 
     def _fail_all(self, message: str) -> list[tuple[_Sequence, GenerateResult]]:

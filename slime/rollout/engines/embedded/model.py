@@ -184,6 +184,10 @@ class ServingModel:
         self.rope_cos = emb.cos().to(self.device, self.dtype)
         self.rope_sin = emb.sin().to(self.device, self.dtype)
 
+    @property
+    def scratch_position(self) -> int:
+        return self.max_seq_len - 1
+
     def allocate_kv_cache(self) -> None:
         shape = (self.max_slots, self.spec.num_kv_heads, self.max_seq_len, self.spec.head_dim)
         self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
@@ -304,7 +308,10 @@ class ServingModel:
         """One token for slots 0..num_rows-1: tokens [n] at positions [n]. Returns logits [n, V].
 
         Rows address slots directly (row i = slot i), so the cache is read through a slice, never gathered.
-        attend_len = max(positions) + 1 bounds the attention span; a per-row mask hides each row's future.
+        attend_len = (max position of the real rows) + 1 bounds the attention span; a per-row mask hides
+        each row's future. Rows that are not running (free slots, slots prefilled this very iteration)
+        must be given position `scratch_position`: the last cache position, which no sequence ever
+        writes or reads (a sequence ends when it reaches max_seq_len tokens), so they disturb nothing.
         """
         # With packed weights, a batch padded to max_slots rows is cheaper than an unpacked smaller one
         # down to ~2/3 occupancy; the padding rows are free slots (they write only their own cache row).
@@ -312,7 +319,7 @@ class ServingModel:
         if self._packed and num_rows * 3 >= self.max_slots * 2:
             pad = self.max_slots - num_rows
             tokens = F.pad(tokens, (0, pad))
-            positions = F.pad(positions, (0, pad))
+            positions = F.pad(positions, (0, pad), value=self.scratch_position)
             num_rows, linear = self.max_slots, self._packed_linear
         n = num_rows
         rows = torch.arange(n, device=self.device)

@@ -1,0 +1,333 @@
+"""SGLang-compatible HTTP server for the embedded engine (the subset RL uses; JSON in protocol.py).
+
+    python -m slime.rollout.engines.embedded.server --model PATH [--port N]
+    -> prints "slime embedded engine ready at http://127.0.0.1:PORT" once it accepts requests.
+
+aiohttp, because it is already installed (Ray depends on it) and asyncio-native: each in-flight
+/generate is a coroutine awaiting a future that the engine's worker thread completes, so hundreds of
+concurrent requests cost no threads, and they all land in the engine's queue at once, which is what lets
+continuous batching fill the batch. Blocking engine calls (weight copies, pause) run in the default
+executor so the event loop keeps answering /health. Binds 127.0.0.1 unless told otherwise.
+
+Endpoints: /generate, /health, /health_generate, /get_model_info, /get_weight_version, /flush_cache,
+/update_weights_from_tensor, /update_weights_from_disk, /pause_generation, /continue_generation,
+/abort_request, /release_memory_occupation, /resume_memory_occupation. Distributed weight updates
+(/init_weights_update_group, /update_weights_from_distributed) answer 400: the embedded engine takes
+tensors over HTTP or a folder instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from slime.rollout.engines.base import EngineError, GenerateResult
+from slime.rollout.engines.embedded.engine import EmbeddedEngine
+from slime.rollout.engines.protocol import (
+    ProtocolError,
+    deserialize_named_tensors,
+    generate_response_json,
+    parse_generate_request,
+)
+
+logger = logging.getLogger(__name__)
+READY_PREFIX = "slime embedded engine ready at "
+
+
+def _bad_request(message: str) -> web.Response:
+    return web.json_response({"error": {"message": message}, "success": False, "message": message}, status=400)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("the request body must be a JSON object")
+    return body
+
+
+def _parse_version(body: dict[str, Any], current: int) -> int:
+    version = body.get("weight_version")
+    if version is None:
+        return current
+    try:
+        return int(version)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"weight_version must be an integer (or its string), got {version!r}") from None
+
+
+def _require_bool(body: dict[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+class EmbeddedServer:
+    def __init__(self, engine: EmbeddedEngine):
+        self.engine = engine
+        self.app = web.Application(client_max_size=1 << 31, middlewares=[self._errors])
+        post, get = self.app.router.add_post, self.app.router.add_get
+        post("/generate", self.generate)
+        for path in ("/health", "/health_generate"):
+            get(path, self.health)
+            post(path, self.health)
+        get("/get_model_info", self.model_info)
+        get("/get_weight_version", self.weight_version)
+        for path in ("/flush_cache",):
+            get(path, self.flush_cache)
+            post(path, self.flush_cache)
+        post("/update_weights_from_tensor", self.update_from_tensor)
+        post("/update_weights_from_disk", self.update_from_disk)
+        post("/init_weights_update_group", self.not_supported)
+        post("/update_weights_from_distributed", self.not_supported)
+        post("/pause_generation", self.pause)
+        post("/continue_generation", self.resume)
+        post("/abort_request", self.abort)
+        post("/release_memory_occupation", self.release_memory)
+        post("/resume_memory_occupation", self.resume_memory)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        try:
+            return await handler(request)
+        except (ProtocolError, EngineError) as e:
+            return _bad_request(str(e))
+
+    async def _run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def generate(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        encode = (lambda text: self.engine.tokenizer.encode(text)) if self.engine.tokenizer is not None else None
+        requests, batch = parse_generate_request(body, encode, self.engine.new_rid)
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[GenerateResult]] = []
+
+        def deliver(future: asyncio.Future, result: GenerateResult) -> None:
+            if not future.done():
+                future.set_result(result)
+
+        for req in requests:
+            future = loop.create_future()
+            futures.append(future)
+            self.engine.submit(req, lambda result, f=future: loop.call_soon_threadsafe(deliver, f, result))
+        try:
+            results = await asyncio.gather(*futures)
+        except asyncio.CancelledError:  # the client went away: stop spending compute on its requests
+            for req in requests:
+                await self._run_blocking(self.engine.abort, req.rid)
+            raise
+        if not batch and results[0].finish_reason == "error":
+            return _bad_request(results[0].error or "invalid request")
+        outputs = [generate_response_json(r) for r in results]
+        return web.json_response(outputs if batch else outputs[0])
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.engine.health() else 503)
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "model_path": self.engine.model_path,
+                "tokenizer_path": self.engine.model_path if self.engine.tokenizer is not None else None,
+                "is_generation": True,
+                "preferred_sampling_params": None,
+                "weight_version": str(self.engine.weight_version),
+                "max_total_num_tokens": self.engine.max_batch_size * self.engine.max_seq_len,
+                "context_length": self.engine.max_seq_len,
+                "max_running_requests": self.engine.max_batch_size,
+                "model_type": self.engine.spec.model_type,
+            }
+        )
+
+    async def weight_version(self, request: web.Request) -> web.Response:
+        return web.json_response({"weight_version": str(self.engine.weight_version)})
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        self.engine.flush_cache()
+        return web.Response(text="Cache flushed.\n")
+
+    async def update_from_tensor(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        serialized = body.get("serialized_named_tensors")
+        if not isinstance(serialized, list) or not serialized:
+            raise ProtocolError("serialized_named_tensors must be a non-empty list (one entry per tensor-parallel rank)")
+        if body.get("load_format") not in (None, "direct"):
+            raise ProtocolError(f"load_format {body.get('load_format')!r} is not supported by this engine (use null)")
+        finish = _require_bool(body, "flush_cache", True)
+        if _require_bool(body, "abort_all_requests", False):
+            await self._run_blocking(self.engine.abort, None)
+        version = _parse_version(body, self.engine.weight_version)
+        named = deserialize_named_tensors(serialized[0])  # one rank: the embedded engine is not sharded
+        await self._run_blocking(lambda: self.engine.update_weights_from_tensors(named, version, finish=finish))
+        return web.json_response({"success": True, "message": "Succeeded to update model weights."})
+
+    async def update_from_disk(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        path = body.get("model_path")
+        if not isinstance(path, str) or not path:
+            raise ProtocolError("model_path must be a folder path")
+        if body.get("load_format") not in (None, "auto", "safetensors"):
+            raise ProtocolError(f"load_format {body.get('load_format')!r} is not supported by this engine")
+        if _require_bool(body, "abort_all_requests", False):
+            await self._run_blocking(self.engine.abort, None)
+        version = _parse_version(body, self.engine.weight_version)
+        await self._run_blocking(self.engine.update_weights_from_disk, path, version)
+        return web.json_response({"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0})
+
+    async def not_supported(self, request: web.Request) -> web.Response:
+        return _bad_request(
+            f"{request.path} is not supported by the embedded engine; use /update_weights_from_tensor or /update_weights_from_disk"
+        )
+
+    async def pause(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        mode = body.get("mode", "abort")
+        if mode not in ("abort", "retract", "in_place"):
+            raise ProtocolError(f"mode must be one of abort, retract, in_place; got {mode!r}")
+        await self._run_blocking(self.engine.pause)
+        if mode == "abort":
+            await self._run_blocking(self.engine.abort, None)
+        return web.json_response({"success": True})
+
+    async def resume(self, request: web.Request) -> web.Response:
+        self.engine.resume()
+        return web.json_response({"success": True})
+
+    async def abort(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        abort_all = _require_bool(body, "abort_all", False)
+        rid = body.get("rid", "")
+        if not isinstance(rid, str):
+            raise ProtocolError(f"rid must be a string, got {rid!r}")
+        if abort_all:
+            await self._run_blocking(self.engine.abort, None)
+        elif rid:
+            await self._run_blocking(self.engine.abort, rid)
+        return web.Response(status=200)
+
+    async def release_memory(self, request: web.Request) -> web.Response:
+        await _json_body(request)
+        await self._run_blocking(self.engine.release_memory)
+        return web.json_response({"success": True})
+
+    async def resume_memory(self, request: web.Request) -> web.Response:
+        await _json_body(request)
+        await self._run_blocking(self.engine.resume_memory)
+        return web.json_response({"success": True})
+
+
+@dataclass
+class ServerHandle:
+    url: str
+    port: int
+    _loop: asyncio.AbstractEventLoop
+    _thread: threading.Thread
+    _runner: web.AppRunner
+
+    def stop(self) -> None:
+        """Stop serving (the engine stays up; shut it down separately)."""
+        if not self._thread.is_alive():
+            return
+        future = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+        future.result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def serve_http(engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 0) -> ServerHandle:
+    """Serve `engine` on a background thread; port 0 picks a free port. Returns once it accepts requests."""
+    sock = _bind(host, port)
+    bound_port = sock.getsockname()[1]
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(EmbeddedServer(engine).app, access_log=None)
+    started = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.SockSite(runner, sock).start())
+        except BaseException as e:  # reported to the caller below
+            failure.append(e)
+            started.set()
+            return
+        started.set()
+        loop.run_forever()
+        loop.close()
+
+    thread = threading.Thread(target=run, name=f"embedded-http-{bound_port}", daemon=True)
+    thread.start()
+    started.wait()
+    if failure:
+        raise failure[0]
+    return ServerHandle(f"http://{host}:{bound_port}", bound_port, loop, thread, runner)
+
+
+def _dtype(name: str):
+    import torch
+
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in choices:
+        raise argparse.ArgumentTypeError(f"--dtype must be one of {', '.join(choices)}")
+    return choices[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve an HF checkpoint with the embedded engine over SGLang's HTTP API.")
+    parser.add_argument("--model", "--model-path", dest="model", required=True, help="HF checkpoint folder")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 = pick a free port")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--dtype", type=_dtype, default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    try:
+        engine = EmbeddedEngine(args.model, args.device, args.max_batch_size, args.max_seq_len, args.dtype, args.seed)
+    except (ValueError, EngineError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    handle = serve_http(engine, args.host, args.port)
+    print(f"{READY_PREFIX}{handle.url}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        handle.stop()
+        engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
