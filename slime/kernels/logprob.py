@@ -61,9 +61,30 @@ class VocabPasses:
 # ---- the torch passes (reference) ----------------------------------------------------------------------------
 
 
-def _scaled_fp32(raw_chunk: torch.Tensor, inv_temp: float) -> torch.Tensor:
-    # copy=True: for fp32 input .to() would return a view and the in-place ops below would edit the caller's logits
-    return raw_chunk.to(torch.float32, copy=True).mul_(inv_temp).clamp_(min=FP32_LOWEST)
+class _Scratch:
+    """Two reusable fp32 [N, chunk] buffers: fresh allocations per chunk cost page faults and allocator traffic."""
+
+    def __init__(self, rows: int, chunk_size: int, width: int, device: torch.device):
+        size = rows * min(chunk_size, max(width, 1))
+        self.rows = rows
+        self.first = torch.empty(size, dtype=torch.float32, device=device)
+        self.second = torch.empty(size, dtype=torch.float32, device=device)
+
+    def views(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        count = self.rows * width
+        return self.first[:count].view(self.rows, width), self.second[:count].view(self.rows, width)
+
+
+def _scaled_fp32(raw_chunk: torch.Tensor, inv_temp: float, out: torch.Tensor) -> torch.Tensor:
+    """out = max(raw * inv_temp, lowest) in fp32; never a view of the caller's logits (they are edited in place)."""
+    if raw_chunk.dtype == torch.float32:
+        torch.mul(raw_chunk, inv_temp, out=out)
+    else:
+        # torch.mul(bf16, scalar, out=fp32) would multiply in bf16 and round: upcast first
+        out.copy_(raw_chunk)
+        if inv_temp != 1.0:
+            out.mul_(inv_temp)
+    return out.clamp_(min=FP32_LOWEST)
 
 
 class _OnlineStats:
@@ -76,8 +97,9 @@ class _OnlineStats:
         self.w = torch.zeros(rows, dtype=torch.float32, device=device)
         self.token_z = torch.zeros(rows, dtype=torch.float32, device=device)
 
-    def add(self, z: torch.Tensor, start: int, local_tokens: torch.Tensor) -> None:
-        """Fold in z = scaled fp32 logits of columns [start, start + C); z is consumed (edited in place)."""
+    def add(self, z: torch.Tensor, e: torch.Tensor, start: int, local_tokens: torch.Tensor) -> None:
+        """Fold in z = scaled fp32 logits of columns [start, start + C); z is consumed and e (same shape) is
+        scratch."""
         width = z.shape[1]
         index = local_tokens - start
         in_chunk = (index >= 0) & (index < width)
@@ -89,7 +111,7 @@ class _OnlineStats:
         # moving the reference point from m to m_new shifts every (z - m) by (m - m_new)
         shift = self.s * (self.m - m_new)
         shifted = z.sub_(m_new.unsqueeze(1))
-        e = shifted.exp()
+        torch.exp(shifted, out=e)
         self.w = (self.w + shift) * rescale + torch.einsum("nc,nc->n", e, shifted)
         self.s = self.s * rescale + e.sum(dim=1)
         self.m = m_new
@@ -100,6 +122,7 @@ class _OnlineStats:
 
 def _chunk_grad(
     z: torch.Tensor,
+    p: torch.Tensor,
     start: int,
     local_tokens: torch.Tensor,
     lse: torch.Tensor,
@@ -108,10 +131,10 @@ def _chunk_grad(
     grad_entropy: torch.Tensor,
     inv_temp: float,
 ) -> torch.Tensor:
-    """d(loss)/d(raw logits) for one chunk, fp32; z (scaled fp32 logits) is consumed."""
+    """d(loss)/d(raw logits) for one chunk, fp32, written over z (scaled fp32 logits); p is scratch."""
     width = z.shape[1]
     log_p = z.sub_(lse.unsqueeze(1))
-    p = log_p.exp()
+    torch.exp(log_p, out=p)
     # -(p (log p + H) g_ent + p g_lp), then the one-hot term g_lp at the token column, all times 1/T.
     # p multiplies first: for masked entries log p is ~ -3.4e38 and only p = 0 keeps the product finite.
     out = log_p.add_(entropy.unsqueeze(1)).mul_(p).mul_(grad_entropy.unsqueeze(1))
@@ -124,9 +147,13 @@ def _chunk_grad(
 
 
 def torch_stats(logits: torch.Tensor, local_tokens: torch.Tensor, inv_temp: float, chunk_size: int):
-    stats = _OnlineStats(logits.shape[0], logits.device)
-    for start in range(0, logits.shape[1], chunk_size):
-        stats.add(_scaled_fp32(logits[:, start : start + chunk_size], inv_temp), start, local_tokens)
+    rows, vocab = logits.shape
+    stats = _OnlineStats(rows, logits.device)
+    scratch = _Scratch(rows, chunk_size, vocab, logits.device)
+    for start in range(0, vocab, chunk_size):
+        raw = logits[:, start : start + chunk_size]
+        z, e = scratch.views(raw.shape[1])
+        stats.add(_scaled_fp32(raw, inv_temp, z), e, start, local_tokens)
     return stats.result()
 
 
@@ -140,11 +167,15 @@ def torch_grad(
     inv_temp: float,
     chunk_size: int,
 ) -> torch.Tensor:
+    rows, vocab = logits.shape
     grad = torch.empty_like(logits)
-    for start in range(0, logits.shape[1], chunk_size):
-        z = _scaled_fp32(logits[:, start : start + chunk_size], inv_temp)
+    scratch = _Scratch(rows, chunk_size, vocab, logits.device)
+    for start in range(0, vocab, chunk_size):
+        raw = logits[:, start : start + chunk_size]
+        z, p = scratch.views(raw.shape[1])
+        _scaled_fp32(raw, inv_temp, z)
         grad[:, start : start + chunk_size] = _chunk_grad(
-            z, start, local_tokens, lse, entropy, grad_log_probs, grad_entropy, inv_temp
+            z, p, start, local_tokens, lse, entropy, grad_log_probs, grad_entropy, inv_temp
         )
     return grad
 
@@ -200,9 +231,11 @@ class _LinearLogprobEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, tokens, inv_temp: float, chunk_size: int, group, vocab_start: int):
         local_tokens = tokens.long() - vocab_start
         stats = _OnlineStats(hidden.shape[0], hidden.device)
+        scratch = _Scratch(hidden.shape[0], chunk_size, weight.shape[0], hidden.device)
         for start in range(0, weight.shape[0], chunk_size):
             raw = hidden @ weight[start : start + chunk_size].t()
-            stats.add(_scaled_fp32(raw, inv_temp), start, local_tokens)
+            z, e = scratch.views(raw.shape[1])
+            stats.add(_scaled_fp32(raw, inv_temp, z), e, start, local_tokens)
         log_probs, entropy, lse = combine_stats(*stats.result(), group)
         ctx.save_for_backward(hidden, weight, local_tokens, lse, entropy)
         ctx.inv_temp, ctx.chunk_size, ctx.group = inv_temp, chunk_size, group
@@ -216,11 +249,13 @@ class _LinearLogprobEntropy(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
         grad_weight = torch.empty_like(weight) if need_weight else None
+        scratch = _Scratch(hidden.shape[0], ctx.chunk_size, weight.shape[0], hidden.device)
         for start in range(0, weight.shape[0], ctx.chunk_size):
             weight_chunk = weight[start : start + ctx.chunk_size]
-            z = _scaled_fp32(hidden @ weight_chunk.t(), ctx.inv_temp)
+            z, p = scratch.views(weight_chunk.shape[0])
+            _scaled_fp32(hidden @ weight_chunk.t(), ctx.inv_temp, z)
             d_logits = _chunk_grad(
-                z, start, local_tokens, lse, entropy, grad_log_probs, grad_entropy, ctx.inv_temp
+                z, p, start, local_tokens, lse, entropy, grad_log_probs, grad_entropy, ctx.inv_temp
             ).to(hidden.dtype)
             if need_hidden:
                 grad_hidden += d_logits @ weight_chunk

@@ -77,10 +77,13 @@ def test_gradient_matches_float64_autograd():
     torch.testing.assert_close(got[2], want[2].float(), atol=1e-6, rtol=1e-5)
 
 
-def test_bf16_logits_compute_in_fp32_and_return_bf16_grads():
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_bf16_logits_compute_in_fp32_and_return_bf16_grads(temperature):
     logits, tokens, grads = random_case(dtype=torch.bfloat16, seed=1)
-    log_probs, entropy, grad = forward_backward(logprobs_and_entropy, logits, tokens, grads, chunk_size=50)
-    want = forward_backward(naive_logprobs_and_entropy, logits.float(), tokens, grads)
+    log_probs, entropy, grad = forward_backward(
+        logprobs_and_entropy, logits, tokens, grads, chunk_size=50, temperature=temperature
+    )
+    want = forward_backward(naive_logprobs_and_entropy, logits.float(), tokens, grads, temperature=temperature)
     assert log_probs.dtype == torch.float32 and grad.dtype == torch.bfloat16
     torch.testing.assert_close(log_probs, want[0], **FP32)
     torch.testing.assert_close(entropy, want[1], **FP32)
