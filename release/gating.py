@@ -27,7 +27,7 @@ BAD_CONCLUSIONS = ("failure", "cancelled", "timed_out", "startup_failure")
 
 
 @dataclass(frozen=True)
-class TestJob:
+class SuiteJob:
     """One workflow job: a stage's suite on one hardware target, fanned out over `shards` matrix entries."""
 
     stage: str  # "A", "B", "C" or "nightly"
@@ -64,7 +64,7 @@ def shard_count(est_times: Sequence[float], hw: str) -> int:
     return shards
 
 
-def plan_jobs(registrations: Iterable[Registration], nightly: bool) -> list[TestJob]:
+def plan_jobs(registrations: Iterable[Registration], nightly: bool) -> list[SuiteJob]:
     """The test jobs a workflow has: one per suite (stages A-C for pr-test, nightly suites for nightly)."""
     by_suite: dict[tuple[str, str], list[Registration]] = {}
     for reg in registrations:
@@ -76,7 +76,7 @@ def plan_jobs(registrations: Iterable[Registration], nightly: bool) -> list[Test
         weights = {r.path: r.est_time for r in regs}
         shards = shard_count(list(weights.values()), hw)
         lpt_partition(weights, shards)  # the runner partitions the same way with --auto-partition-size
-        jobs.append(TestJob(suite_stage(suite), hw, suite, suite_target(suite), shards, len(regs), sum(weights.values())))
+        jobs.append(SuiteJob(suite_stage(suite), hw, suite, suite_target(suite), shards, len(regs), sum(weights.values())))
     order = {"A": 0, "B": 1, "C": 2, "nightly": 3}
     return sorted(jobs, key=lambda j: (order[j.stage], HARDWARE.index(j.hw), j.target))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from release.gating import ACCELERATORS, CI_LABEL, HARDWARE, TestJob, plan_jobs
+from release.gating import ACCELERATORS, CI_LABEL, HARDWARE, SuiteJob, plan_jobs
 from release.images import DEFAULT_REPOSITORY, IMAGES
 from release.yaml_out import dump
 from slime.testing.registry import Registration, collect
@@ -84,7 +84,7 @@ RUN_CONTEXT = {
 }
 
 
-def run_condition(job: TestJob, previous_wait: str | None) -> str:
+def run_condition(job: SuiteJob, previous_wait: str | None) -> str:
     hw_on = f"needs.gate.outputs.{job.hw} == 'true'"
     if previous_wait is None:
         return f"${{{{ {hw_on} }}}}"
@@ -94,7 +94,7 @@ def run_condition(job: TestJob, previous_wait: str | None) -> str:
     )
 
 
-def test_job(job: TestJob, previous_wait: str | None, nightly: bool) -> dict:
+def test_job(job: SuiteJob, previous_wait: str | None, nightly: bool) -> dict:
     suite_args = f"--hw {job.hw} --suite {job.suite}" + (" --nightly" if nightly else "")
     run_tests = (
         f"args=({suite_args} --auto-partition-id \"$SHARD\" --auto-partition-size {job.shards}\n"
@@ -208,7 +208,7 @@ def wait_job(stage: str, expected: dict[str, dict[str, object]], previous_wait: 
     }
 
 
-def pr_test(jobs: list[TestJob]) -> dict:
+def pr_test(jobs: list[SuiteJob]) -> dict:
     out: dict[str, dict] = {
         "changes": {
             "name": "changes",
@@ -374,7 +374,7 @@ def image_job(hw: str, channel: str, needs: list[str]) -> dict:
     }
 
 
-def nightly(jobs: list[TestJob]) -> dict:
+def nightly(jobs: list[SuiteJob]) -> dict:
     out: dict[str, dict] = {}
     for job in jobs:
         out[job.job_id] = test_job(job, None, nightly=True)
