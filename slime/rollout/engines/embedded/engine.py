@@ -73,13 +73,27 @@ class _Sequence:
         return (p.top_k > 1) or p.top_p < 1.0 or p.min_p > 0.0
 
 
-def _load_tokenizer(path: str):
-    """The checkpoint's tokenizer when it ships one (needed for text prompts and stop strings), else None."""
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
+class CheckpointTokenizer:
+    """The checkpoint's tokenizer.json through the `tokenizers` library (what HF fast tokenizers wrap):
+    encode adds the special tokens its post-processor defines (e.g. Llama's BOS), as HF's encode does.
+    Loading it this way keeps transformers out of the server process, which halves its start time."""
 
-    return AutoTokenizer.from_pretrained(path)
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _load_tokenizer(path: str) -> CheckpointTokenizer | None:
+    """The checkpoint's tokenizer when it ships one (needed for text prompts and stop strings), else None."""
+    file = os.path.join(path, "tokenizer.json")
+    return CheckpointTokenizer(file) if os.path.isfile(file) else None
 
 
 class EmbeddedEngine(RolloutEngine):
