@@ -45,7 +45,8 @@ def clean_pip_env(tmp_path: Path) -> dict:
     every other source: extra indexes, find-links, constraints."""
     config = tmp_path / "pip.conf"
     config.write_text("[global]\nextra-index-url =\nfind-links =\nconstraint =\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    # PYTHONPATH goes too: the suite runner points it at the checkout, which would shadow the installed wheel.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "PYTHONPATH"}
     env.update(PIP_CONFIG_FILE=str(config), PIP_DISABLE_PIP_VERSION_CHECK="1", OMP_NUM_THREADS="1")
     return env
 
