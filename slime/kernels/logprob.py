@@ -42,6 +42,7 @@ DEFAULT_CHUNK_SIZE = 4096
 # -inf logits (masked vocabulary entries) are clamped to the lowest finite fp32 so exp() gives 0 and
 # 0 * z stays 0 instead of NaN.
 FP32_LOWEST = torch.finfo(torch.float32).min
+LOG_P_FLOOR = -1.0e4  # exp() of anything below is exactly 0 in fp32
 
 # stats(logits, local_tokens, inv_temp, chunk_size) -> (m, s, w, token_z), each fp32 [N]
 StatsPass = Callable[[torch.Tensor, torch.Tensor, float, int], tuple[torch.Tensor, ...]]
@@ -75,8 +76,9 @@ class _Scratch:
         return self.first[:count].view(self.rows, width), self.second[:count].view(self.rows, width)
 
 
-def _scaled_fp32(raw_chunk: torch.Tensor, inv_temp: float, out: torch.Tensor) -> torch.Tensor:
-    """out = max(raw * inv_temp, lowest) in fp32; never a view of the caller's logits (they are edited in place)."""
+def _scaled_fp32(raw_chunk: torch.Tensor, inv_temp: float, out: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    """out = max(raw * inv_temp, lowest) in fp32 (no max when clamp=False); out is scratch, never a view of the
+    caller's logits, since it is edited in place afterwards."""
     if raw_chunk.dtype == torch.float32:
         torch.mul(raw_chunk, inv_temp, out=out)
     else:
@@ -84,7 +86,7 @@ def _scaled_fp32(raw_chunk: torch.Tensor, inv_temp: float, out: torch.Tensor) ->
         out.copy_(raw_chunk)
         if inv_temp != 1.0:
             out.mul_(inv_temp)
-    return out.clamp_(min=FP32_LOWEST)
+    return out.clamp_(min=FP32_LOWEST) if clamp else out
 
 
 class _OnlineStats:
@@ -130,20 +132,21 @@ def _chunk_grad(
     grad_log_probs: torch.Tensor,
     grad_entropy: torch.Tensor,
     inv_temp: float,
+    out: torch.Tensor,
 ) -> torch.Tensor:
-    """d(loss)/d(raw logits) for one chunk, fp32, written over z (scaled fp32 logits); p is scratch."""
+    """out = d(loss)/d(raw logits) for one chunk. z holds the scaled fp32 logits and is consumed; p is scratch."""
     width = z.shape[1]
-    log_p = z.sub_(lse.unsqueeze(1))
+    # any log p below the floor has p = exp(log p) = 0 exactly, so flooring changes nothing but keeps masked
+    # (-inf) entries finite through the products below
+    log_p = z.sub_(lse.unsqueeze(1)).clamp_(min=LOG_P_FLOOR)
     torch.exp(log_p, out=p)
-    # -(p (log p + H) g_ent + p g_lp), then the one-hot term g_lp at the token column, all times 1/T.
-    # p multiplies first: for masked entries log p is ~ -3.4e38 and only p = 0 keeps the product finite.
-    out = log_p.add_(entropy.unsqueeze(1)).mul_(p).mul_(grad_entropy.unsqueeze(1))
-    out.addcmul_(p, grad_log_probs.unsqueeze(1)).mul_(-inv_temp)
+    # d/dz = -p (g_ent (log p + H) + g_lp) + g_lp [token]; the 1/T of z = logits / T comes last
+    t = log_p.add_(entropy.unsqueeze(1)).mul_(grad_entropy.unsqueeze(1)).add_(grad_log_probs.unsqueeze(1)).mul_(p)
     index = local_tokens - start
     in_chunk = (index >= 0) & (index < width)
-    onehot = torch.where(in_chunk, grad_log_probs * inv_temp, 0.0)
-    out.scatter_add_(1, index.clamp(0, width - 1).unsqueeze(1), onehot.unsqueeze(1))
-    return out
+    onehot = torch.where(in_chunk, -grad_log_probs, 0.0)
+    t.scatter_add_(1, index.clamp(0, width - 1).unsqueeze(1), onehot.unsqueeze(1))
+    return torch.mul(t, -inv_temp, out=out)
 
 
 def torch_stats(logits: torch.Tensor, local_tokens: torch.Tensor, inv_temp: float, chunk_size: int):
@@ -173,9 +176,10 @@ def torch_grad(
     for start in range(0, vocab, chunk_size):
         raw = logits[:, start : start + chunk_size]
         z, p = scratch.views(raw.shape[1])
-        _scaled_fp32(raw, inv_temp, z)
-        grad[:, start : start + chunk_size] = _chunk_grad(
-            z, p, start, local_tokens, lse, entropy, grad_log_probs, grad_entropy, inv_temp
+        _scaled_fp32(raw, inv_temp, z, clamp=False)
+        _chunk_grad(
+            z, p, start, local_tokens, lse, entropy, grad_log_probs, grad_entropy, inv_temp,
+            out=grad[:, start : start + chunk_size],
         )
     return grad
 
@@ -253,10 +257,11 @@ class _LinearLogprobEntropy(torch.autograd.Function):
         for start in range(0, weight.shape[0], ctx.chunk_size):
             weight_chunk = weight[start : start + ctx.chunk_size]
             z, p = scratch.views(weight_chunk.shape[0])
-            _scaled_fp32(hidden @ weight_chunk.t(), ctx.inv_temp, z)
-            d_logits = _chunk_grad(
-                z, p, start, local_tokens, lse, entropy, grad_log_probs, grad_entropy, ctx.inv_temp
-            ).to(hidden.dtype)
+            _scaled_fp32(hidden @ weight_chunk.t(), ctx.inv_temp, z, clamp=False)
+            d_logits = torch.empty(z.shape, dtype=hidden.dtype, device=hidden.device)
+            _chunk_grad(
+                z, p, start, local_tokens, lse, entropy, grad_log_probs, grad_entropy, ctx.inv_temp, out=d_logits
+            )
             if need_hidden:
                 grad_hidden += d_logits @ weight_chunk
             if need_weight:

@@ -1,0 +1,62 @@
+"""The op registry: backend-chosen implementations, forced selection, one-line errors, lazy imports."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slime.backends import SystemView, get_backend_class
+from slime.kernels import OpSelectionError, get_op, op_implementations, op_names
+from slime.kernels import logprob
+from slime.testing.ci_register import register_cpu_ci
+
+register_cpu_ci(est_time=6, suite="base-a-test-cpu")
+
+REPO = Path(__file__).resolve().parents[3]
+LOGPROB_OPS = ("linear_logprobs_and_entropy", "logprobs_and_entropy", "vocab_parallel_logprobs_and_entropy")
+
+
+def backend(name):
+    return get_backend_class(name)(SystemView.real())
+
+
+def test_registered_ops():
+    assert op_names() == LOGPROB_OPS
+
+
+def test_gpu_backends_use_triton_where_an_op_has_it_and_cpu_uses_torch():
+    assert op_implementations(backend("cpu")) == dict.fromkeys(LOGPROB_OPS, "torch")
+    for name in ("cuda", "rocm"):
+        assert op_implementations(backend(name)) == {
+            "linear_logprobs_and_entropy": "torch",
+            "logprobs_and_entropy": "triton",
+            "vocab_parallel_logprobs_and_entropy": "triton",
+        }
+    # no op has a JAX implementation yet: the TPU backend falls back to the reference
+    assert op_implementations(backend("tpu")) == dict.fromkeys(LOGPROB_OPS, "torch")
+
+
+def test_get_op_follows_the_backend_and_can_be_forced():
+    assert get_op("logprobs_and_entropy", backend=backend("cpu")) is logprob.logprobs_and_entropy
+    assert get_op("logprobs_and_entropy", impl="torch", backend=backend("cuda")) is logprob.logprobs_and_entropy
+    # auto-detection on this machine picks the cpu backend
+    assert get_op("vocab_parallel_logprobs_and_entropy") is logprob.vocab_parallel_logprobs_and_entropy
+
+
+def test_forcing_a_missing_implementation_is_one_line():
+    with pytest.raises(OpSelectionError, match=r"^op 'linear_logprobs_and_entropy' has no 'triton' implementation; "
+                                               r"choose one of: torch$"):
+        get_op("linear_logprobs_and_entropy", impl="triton")
+    with pytest.raises(OpSelectionError, match=r"^unknown op 'softmax'; registered ops: linear_logprobs_and_entropy"):
+        get_op("softmax")
+
+
+def test_listing_imports_neither_triton_nor_jax():
+    code = (
+        "import sys; from slime.backends import select_backend; from slime.kernels import op_implementations;"
+        "print(op_implementations(select_backend('cpu')));"
+        "print([m for m in ('triton', 'jax') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
