@@ -57,6 +57,7 @@ class _Sequence:
     callback: ResultCallback
     stop_ids: frozenset[int]
     generator: torch.Generator | None
+    serial: int  # unique per engine: identifies the sequence in caches (ids of dead objects get reused)
     slot: int = -1
     matched_stop: int | str | None = None
     output_ids: list[int] = field(default_factory=list)
@@ -127,9 +128,11 @@ class EmbeddedEngine(RolloutEngine):
         self._waiting: deque[_Sequence] = deque()
         self._slots: list[_Sequence | None] = [None] * max_batch_size
         self._free_slots = list(range(max_batch_size))
+        self._sampling_cache: tuple[tuple[int, ...], BatchSampling] | None = None
         self._paused = False
         self._stopping = False
         self._rid_counter = itertools.count()
+        self._serials = itertools.count()
         self._worker = threading.Thread(target=self._run, name="embedded-engine", daemon=True)
         self._worker.start()
 
@@ -151,7 +154,7 @@ class EmbeddedEngine(RolloutEngine):
         generator = None
         if params.seed is not None and not params.is_greedy:
             generator = torch.Generator().manual_seed(params.seed)
-        seq = _Sequence(request, prompt, params, callback, frozenset(stop_ids), generator)
+        seq = _Sequence(request, prompt, params, callback, frozenset(stop_ids), generator, next(self._serials))
         with self._cond:
             if self._stopping:
                 raise EngineError("the engine was shut down")
@@ -241,7 +244,18 @@ class EmbeddedEngine(RolloutEngine):
         return finished
 
     def _sampling_rows(self, rows: list[_Sequence | None]) -> BatchSampling:
-        """Per-row parameters; None rows (free slots inside the decoded range) are greedy dummies."""
+        """Per-row parameters; None rows (free slots inside the decoded range) are greedy dummies.
+
+        Cached while the rows stay the same sequences (most decode steps), to keep per-step host work low.
+        """
+        key = tuple(s.serial if s is not None else -1 for s in rows)
+        if self._sampling_cache is not None and self._sampling_cache[0] == key:
+            return self._sampling_cache[1]
+        params = self._build_sampling_rows(rows)
+        self._sampling_cache = (key, params)
+        return params
+
+    def _build_sampling_rows(self, rows: list[_Sequence | None]) -> BatchSampling:
         params = [s.params if s is not None else None for s in rows]
         temperature = [p.temperature if p is not None else 0.0 for p in params]
         top_k = [p.top_k if p is not None else 0 for p in params]
@@ -256,6 +270,7 @@ class EmbeddedEngine(RolloutEngine):
             min_p=torch.tensor(min_p, dtype=torch.float32, device=device),
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
             all_greedy=all(greedy),
+            any_greedy=any(greedy),
             any_filter=any(s is not None and s.uses_filter for s in rows),
         )
 

@@ -182,7 +182,11 @@ class ServingModel:
         emb = torch.cat((freqs, freqs), dim=-1)
         # HF computes cos/sin in fp32 and casts to the activation dtype; so do we.
         self.rope_cos = emb.cos().to(self.device, self.dtype)
-        self.rope_sin = emb.sin().to(self.device, self.dtype)
+        sin = emb.sin()
+        # rotate_half(x) * sin == swap_halves(x) * [-sin_1, sin_2]: one op less per rotation, same rounding
+        # (a sign flip is exact).
+        half = hd // 2
+        self.rope_sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.device, self.dtype)
 
     @property
     def scratch_position(self) -> int:
@@ -208,18 +212,23 @@ class ServingModel:
 
     # ---- math ----------------------------------------------------------------------------------------
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused kernel; the same math as below when no cast is involved
+            return F.rms_norm(x, weight.shape, weight, self.spec.rms_norm_eps)
         # As HF: normalize in fp32, cast back, then scale.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.spec.rms_norm_eps)
         return weight * xf.to(x.dtype)
 
     @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin_signed
 
-    def _qkv(self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor, linear=F.linear) -> tuple[torch.Tensor, ...]:
+    def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin for positions [B, T] -> [B, T, 1, hd] each (gathered once per forward)."""
+        return self.rope_cos[positions].unsqueeze(2), self.rope_sin_signed[positions].unsqueeze(2)
+
+    def _qkv(self, layer: _Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], linear=F.linear) -> tuple[torch.Tensor, ...]:
         """x [B, T, H] -> q [B, nh, T, hd], k and v [B, nkv, T, hd], RoPE applied."""
         spec = self.spec
         b, t, _ = x.shape
@@ -231,8 +240,7 @@ class ServingModel:
         if layer.q_norm is not None:
             q = self._rms_norm(q, layer.q_norm)
             k = self._rms_norm(k, layer.k_norm)
-        cos = self.rope_cos[positions].unsqueeze(2)  # [B, T, 1, hd]
-        sin = self.rope_sin[positions].unsqueeze(2)
+        cos, sin = rope
         q = self._rotate(q, cos, sin).transpose(1, 2)
         k = self._rotate(k, cos, sin).transpose(1, 2)
         return q, k, v.transpose(1, 2)
@@ -291,9 +299,10 @@ class ServingModel:
         b, t = tokens.shape
         positions = torch.arange(t, device=self.device).expand(b, t)
         hidden = F.embedding(tokens, self.embed)
+        rope = self._rope_tables(positions)
         for i, layer in enumerate(self.layers):
             x = self._rms_norm(hidden, layer.input_norm)
-            q, k, v = self._qkv(layer, x, positions)
+            q, k, v = self._qkv(layer, x, rope)
             self.k_cache[i][slots, :, :t] = k
             self.v_cache[i][slots, :, :t] = v
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -325,10 +334,11 @@ class ServingModel:
         rows = torch.arange(n, device=self.device)
         hidden = F.embedding(tokens.view(n, 1), self.embed)
         pos2d = positions.view(n, 1)
+        rope = self._rope_tables(pos2d)
         future = (torch.arange(attend_len, device=self.device).view(1, attend_len) > pos2d).view(n, 1, 1, attend_len)
         for i, layer in enumerate(self.layers):
             x = self._rms_norm(hidden, layer.input_norm)
-            q, k, v = self._qkv(layer, x, pos2d, linear)
+            q, k, v = self._qkv(layer, x, rope, linear)
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
             k_cache[rows, :, positions] = k[:, :, 0]
             v_cache[rows, :, positions] = v[:, :, 0]

@@ -26,6 +26,7 @@ class BatchSampling:
     min_p: torch.Tensor
     greedy: torch.Tensor  # bool
     all_greedy: bool
+    any_greedy: bool
     any_filter: bool  # some row uses top-k, top-p or min-p
 
 
@@ -60,14 +61,15 @@ def sample_tokens(logits: torch.Tensor, params: BatchSampling, uniform: torch.Te
     uniform: U[0, 1) draws [n]; unused (may be None) when every row is greedy.
     """
     log_probs = torch.log_softmax(logits / logprob_temperature(params.temperature).view(-1, 1), dim=-1)
-    greedy_tokens = logits.argmax(dim=-1)
     if params.all_greedy:
-        tokens = greedy_tokens
+        tokens = logits.argmax(dim=-1)
     else:
         if uniform is None:
             raise ValueError("sample_tokens: uniform draws are required when some row samples")
         candidates = filtered_log_probs(log_probs, params) if params.any_filter else log_probs
-        tokens = torch.where(params.greedy, greedy_tokens, inverse_cdf_sample(candidates.exp(), uniform))
+        tokens = inverse_cdf_sample(candidates.exp(), uniform)
+        if params.any_greedy:
+            tokens = torch.where(params.greedy, logits.argmax(dim=-1), tokens)
     return tokens, log_probs.gather(1, tokens.view(-1, 1)).view(-1)
 
 
