@@ -14,7 +14,7 @@ from slime.backends import select_backend
 from slime.kernels import get_op, naive_logprobs_and_entropy
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=15, suite="base-b-test-cpu")
+register_cpu_ci(est_time=13, suite="base-b-test-cpu")
 
 torch.set_num_threads(1)
 VOCAB, PROMPT, RESPONSE = 512, 5, 11

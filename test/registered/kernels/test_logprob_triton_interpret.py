@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from slime.kernels import KernelInputError, get_op, logprobs_and_entropy  # noqa: E402
 from slime.testing.ci_register import register_cpu_ci  # noqa: E402
 
-register_cpu_ci(est_time=25, suite="base-b-test-cpu")
+register_cpu_ci(est_time=8, suite="base-b-test-cpu")
 
 pytestmark = pytest.mark.skipif(
     _triton_imported_before, reason="triton was imported before TRITON_INTERPRET=1 could be set; run this file alone"

@@ -6,6 +6,7 @@ both ranks, and gradients for x, the router weights and the W_e must match the l
 summed over the ranks that hold copies of the data). fp32 throughout; tolerance 1e-6 absolute / 1e-5 relative.
 """
 
+import dataclasses
 import os
 import traceback
 
@@ -16,7 +17,7 @@ import torch.multiprocessing as mp
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=20, suite="base-b-test-cpu")
+register_cpu_ci(est_time=22, suite="base-b-test-cpu")
 
 WORLD, EXPERTS, TOP_K, TOKENS, HIDDEN = 2, 4, 2, 6, 8
 TOL = dict(atol=1e-6, rtol=1e-5)
@@ -117,3 +118,22 @@ def test_bad_routing_names_the_shapes():
         dispatcher.dispatch(torch.zeros(6, 8), torch.zeros(5, 2, dtype=torch.long), torch.zeros(5, 2))
     with pytest.raises(KernelInputError, match=r"moe dispatch: expert ids must lie in \[0, 4\), got min 0 max 4"):
         dispatcher.dispatch(torch.zeros(1, 8), torch.tensor([[0, 4]]), torch.zeros(1, 2))
+
+
+def fake_system(modules):
+    from slime.backends import SystemView
+
+    return SystemView(lambda m: m in modules, lambda d: None, lambda p: False, lambda p: [], {})
+
+
+def test_switch_settings_are_megatron_transformer_config_fields():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from slime.backends import get_backend_class
+    from slime.backends.moe_dispatch import choose_moe_dispatch
+
+    fields = {f.name: f for f in dataclasses.fields(TransformerConfig)}
+    for modules, name in ((set(), "cpu"), ({"deep_ep"}, "cuda")):
+        for key, value in choose_moe_dispatch(get_backend_class(name)(fake_system(modules))).megatron_config().items():
+            assert key in fields
+            assert value in fields[key].type.__args__  # Literal[...] choices

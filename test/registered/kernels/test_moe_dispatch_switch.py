@@ -1,7 +1,6 @@
 """The MoE dispatch switch: DeepEP (megatron flex dispatcher) only on the NVIDIA backend with deep_ep present,
-all-to-all everywhere else; the megatron-core settings it gives are real TransformerConfig fields."""
-
-import dataclasses
+all-to-all everywhere else. (That its megatron-core settings are real TransformerConfig fields is checked in
+test_moe_alltoall_gloo.py, which can afford the megatron import.)"""
 
 import pytest
 
@@ -10,7 +9,7 @@ from slime.backends.moe_dispatch import choose_moe_dispatch, make_token_dispatch
 from slime.kernels.moe_dispatch import AllToAllTokenDispatcher
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=6, suite="base-a-test-cpu")
+register_cpu_ci(est_time=4, suite="base-a-test-cpu")
 
 
 def system_with(modules):
@@ -45,13 +44,3 @@ def test_other_backends_use_alltoall_even_with_deep_ep_installed(name):
 def test_cpu_builds_the_alltoall_dispatcher():
     dispatcher = make_token_dispatcher(get_backend_class("cpu")(system_with(set())), num_experts=4)
     assert isinstance(dispatcher, AllToAllTokenDispatcher) and dispatcher.local_experts == 4
-
-
-def test_settings_are_megatron_transformer_config_fields():
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    fields = {f.name: f for f in dataclasses.fields(TransformerConfig)}
-    for modules, name in ((set(), "cpu"), ({"deep_ep"}, "cuda")):
-        for key, value in choose_moe_dispatch(get_backend_class(name)(system_with(modules))).megatron_config().items():
-            assert key in fields
-            assert value in fields[key].type.__args__  # Literal[...] choices
