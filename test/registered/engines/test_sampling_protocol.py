@@ -40,6 +40,7 @@ def batch(n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, greedy=False):
         greedy=full(greedy, torch.bool),
         all_greedy=greedy,
         any_greedy=greedy,
+        unit_temperature=temperature in (0.0, 1.0),
         any_filter=top_k > 0 or top_p < 1 or min_p > 0,
     )
 

@@ -271,6 +271,7 @@ class EmbeddedEngine(RolloutEngine):
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
             all_greedy=all(greedy),
             any_greedy=any(greedy),
+            unit_temperature=all(t in (0.0, 1.0) for t in temperature),
             any_filter=any(s is not None and s.uses_filter for s in rows),
         )
 

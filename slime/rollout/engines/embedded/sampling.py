@@ -27,6 +27,7 @@ class BatchSampling:
     greedy: torch.Tensor  # bool
     all_greedy: bool
     any_greedy: bool
+    unit_temperature: bool  # every row reports log-probs at temperature 1 (T = 1 or greedy): skip the division
     any_filter: bool  # some row uses top-k, top-p or min-p
 
 
@@ -60,7 +61,8 @@ def sample_tokens(logits: torch.Tensor, params: BatchSampling, uniform: torch.Te
 
     uniform: U[0, 1) draws [n]; unused (may be None) when every row is greedy.
     """
-    log_probs = torch.log_softmax(logits / logprob_temperature(params.temperature).view(-1, 1), dim=-1)
+    scaled = logits if params.unit_temperature else logits / logprob_temperature(params.temperature).view(-1, 1)
+    log_probs = torch.log_softmax(scaled, dim=-1)
     if params.all_greedy:
         tokens = logits.argmax(dim=-1)
     else:
