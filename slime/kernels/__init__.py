@@ -22,6 +22,7 @@ register_op(
     "log-probs of given tokens and entropy from logits [N, V], chunked online log-sum-exp",
     torch="slime.kernels.logprob:logprobs_and_entropy",
     triton="slime.kernels.logprob_triton:logprobs_and_entropy",
+    jax="slime.kernels.logprob_jax:logprobs_and_entropy",  # takes and returns jax arrays
 )
 register_op(
     "vocab_parallel_logprobs_and_entropy",

@@ -9,6 +9,7 @@ import pytest
 from slime.backends import SystemView, get_backend_class
 from slime.kernels import OpSelectionError, get_op, op_implementations, op_names
 from slime.kernels import logprob
+from slime.kernels.registry import impl_importable
 from slime.testing.ci_register import register_cpu_ci
 
 register_cpu_ci(est_time=6, suite="base-a-test-cpu")
@@ -33,8 +34,13 @@ def test_gpu_backends_use_triton_where_an_op_has_it_and_cpu_uses_torch():
             "logprobs_and_entropy": "triton",
             "vocab_parallel_logprobs_and_entropy": "triton",
         }
-    # no op has a JAX implementation yet: the TPU backend falls back to the reference
-    assert op_implementations(backend("tpu")) == dict.fromkeys(LOGPROB_OPS, "torch")
+    # the TPU backend uses JAX where an op has it (jax comes with the test extra), the reference elsewhere
+    jax_or_torch = "jax" if impl_importable("jax") else "torch"
+    assert op_implementations(backend("tpu")) == {
+        "linear_logprobs_and_entropy": "torch",
+        "logprobs_and_entropy": jax_or_torch,
+        "vocab_parallel_logprobs_and_entropy": "torch",
+    }
 
 
 def test_get_op_follows_the_backend_and_can_be_forced():
@@ -48,6 +54,9 @@ def test_forcing_a_missing_implementation_is_one_line():
     with pytest.raises(OpSelectionError, match=r"^op 'linear_logprobs_and_entropy' has no 'triton' implementation; "
                                                r"choose one of: torch$"):
         get_op("linear_logprobs_and_entropy", impl="triton")
+    with pytest.raises(OpSelectionError, match=r"^op 'logprobs_and_entropy' has no 'cpp' implementation; "
+                                               r"choose one of: jax, torch, triton$"):
+        get_op("logprobs_and_entropy", impl="cpp")
     with pytest.raises(OpSelectionError, match=r"^unknown op 'softmax'; registered ops: linear_logprobs_and_entropy"):
         get_op("softmax")
 
