@@ -1,9 +1,9 @@
-"""JAX implementation of the chunked log-prob/entropy op (the TPU backend's kernel family).
+"""JAX implementation of the chunked log-prob/entropy op (the kernel family of the JAX-only backend).
 
 Same math and contract as slime/kernels/logprob.py, on jax arrays: (log_probs[N], entropy[N]) in fp32 from
 logits[N, V] of any float dtype, with a hand-written VJP (jax.custom_vjp) that recomputes p chunk by chunk.
-The vocabulary is walked with lax.fori_loop over dynamic slices of `chunk_size` columns, so XLA keeps one
-[N, chunk] fp32 block live, never an N x V log-softmax. The last slice is shifted back to stay in bounds;
+The vocabulary is walked with lax.fori_loop over dynamic slices of `chunk_size` columns, so the compiled loop
+keeps one [N, chunk] fp32 block live, never an N x V log-softmax. The last slice is shifted back to stay in bounds;
 its columns already counted are masked out of the forward sums (the backward simply rewrites the same values).
 """
 
