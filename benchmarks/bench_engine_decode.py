@@ -5,7 +5,8 @@
 For each size (~5M and ~30M parameters): batch 32 prompts x 64 new tokens, sampling at temperature 1 with
 per-token log-probs on both sides (HF: do_sample, output_scores; EOS ignored via min_new_tokens). The
 figure is generated tokens per second of wall time (prefill included), one warm-up then the best of
---repeats runs. Prints a table and writes JSON.
+--repeats runs. Prints a table and writes JSON. --dtype bfloat16 runs both sides in bf16 (the headline
+is fp32, the precision the CPU trainer computes log-probs in).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ SIZES = {
 }
 
 
-def build_qwen3(out_dir: str, size: str):
+def build_qwen3(out_dir: str, size: str, dtype: torch.dtype = torch.float32):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     hidden, layers, heads, kv, head_dim, inter, vocab = SIZES[size]
@@ -55,7 +56,7 @@ def build_qwen3(out_dir: str, size: str):
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config).float().eval()
     model.save_pretrained(out_dir, safe_serialization=True)
-    return model
+    return model.to(dtype)
 
 
 def time_hf(model, prompts: torch.Tensor, new_tokens: int) -> float:
@@ -96,18 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sizes", default=",".join(SIZES))
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--out", default="bench_engine_decode.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+    dtype = getattr(torch, args.dtype)
     rows = []
     for size in args.sizes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            hf = build_qwen3(tmp, size)
+            hf = build_qwen3(tmp, size, dtype)
             params = sum(p.numel() for p in hf.parameters())
             vocab = SIZES[size][-1]
             prompts = torch.randint(2, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
-            engine = EmbeddedEngine(tmp, max_batch_size=args.batch, max_seq_len=args.prompt_len + args.new_tokens + 8, seed=0)
+            engine = EmbeddedEngine(tmp, max_batch_size=args.batch, max_seq_len=args.prompt_len + args.new_tokens + 8, dtype=dtype, seed=0)
             try:
                 time_engine(engine, prompts[:4], 4)  # warm-up
                 time_hf(hf, prompts[:4], 4)
@@ -123,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             "new_tokens": args.new_tokens,
             "prompt_len": args.prompt_len,
             "threads": torch.get_num_threads(),
+            "dtype": args.dtype,
             "embedded_tok_s": round(generated / engine_s, 1),
             "hf_generate_tok_s": round(generated / hf_s, 1),
             "speedup": round(hf_s / engine_s, 2),

@@ -4,7 +4,7 @@
 - sglang: client for SGLang's HTTP API plus a server/router launcher (the GPU backends' engine).
 - sglang_jax: sglang-jax over HTTP, weight updates by reloading a written checkpoint folder.
 
-Heavy modules load on first use, so `import slime.rollout.engines` stays cheap.
+The engines themselves load on first use: importing this package pulls in torch, not transformers or aiohttp.
 """
 
 from slime.rollout.engines.base import (

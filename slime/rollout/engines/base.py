@@ -7,10 +7,15 @@ Log-probabilities (`GenerateResult.output_log_probs`, SGLang's `meta_info.output
     (its sampler returns log(softmax(logits / T)) and samples from the truncated copy), and it is what the
     trainer computes (log_softmax(logits / T)), so rollout and trainer log-probs agree at step 0.
 
-Weight updates from tensors are bucketed:
+Weight updates from tensors are bucketed, inside a begin/end pair:
+    engine.begin_weight_update()                                           # no forward pass runs from here
     engine.update_weights_from_tensors(bucket_1, version=7, finish=False)
     engine.update_weights_from_tensors(bucket_2, version=7, finish=False)
     engine.update_weights_from_tensors(bucket_3, version=7, finish=True)   # publishes version 7
+    engine.end_weight_update()                                             # generation continues
+begin/end are SGLang's pause_generation(mode="retract") and flush_cache + continue_generation: requests
+in flight are kept and re-prefilled with the new weights. (The embedded engine copies weights between
+decode steps anyway; for it begin/end are pause/resume.)
 Each bucket is validated when it arrives (unknown name, wrong shape -> WeightUpdateError naming the
 tensor and both shapes); a rejected bucket discards the whole pending update. `finish=True` ends the
 update and sets `weight_version`; engines that can (the embedded one) apply all buckets at once at that
@@ -134,6 +139,14 @@ class RolloutEngine(ABC):
     @abstractmethod
     def update_weights_from_disk(self, path: str, version: int) -> None:
         """Load an HF checkpoint folder (same architecture) in place and set the weight version."""
+
+    def begin_weight_update(self) -> None:
+        """Stop forward passes before the buckets of an update arrive (see the module docstring)."""
+        self.pause()
+
+    def end_weight_update(self) -> None:
+        """Resume generation after the final bucket."""
+        self.resume()
 
     @abstractmethod
     def pause(self) -> None:

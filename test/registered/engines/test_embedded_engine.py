@@ -13,7 +13,7 @@ from slime.rollout.engines.embedded.engine import EmbeddedEngine
 from slime.rollout.engines.embedded.model import DecoderSpec, ModelConfigError
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=40, suite="base-b-test-cpu")
+register_cpu_ci(est_time=25, suite="base-b-test-cpu")
 
 torch.set_num_threads(1)
 FAMILIES = {"qwen3": dict(), "qwen2": dict(tie=True), "llama": dict()}

@@ -30,7 +30,7 @@ from slime.rollout.engines.sglang.launcher import (
 )
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=45, suite="base-b-test-cpu")
+register_cpu_ci(est_time=35, suite="base-b-test-cpu")
 
 torch.set_num_threads(1)
 EMBEDDED_SERVER = "slime.rollout.engines.embedded.server"
@@ -100,8 +100,10 @@ def test_bucketed_weight_update_then_rejected_update_keeps_serving(client, model
     b_path, hf_b = models["b"]
     items = list(hf_b.state_dict().items())
     try:
+        client.begin_weight_update()
         client.update_weights_from_tensors(items[:10], version=5, finish=False)
         client.update_weights_from_tensors(items[10:], version=5, finish=True)
+        client.end_weight_update()
         assert client.weight_version == 5
         result = client.generate([GenerateRequest("u", PROMPTS[0], greedy(6))])[0]
         assert result.output_ids == hf_greedy(hf_b, PROMPTS[0], 6) and result.weight_version == 5

@@ -17,7 +17,7 @@ from slime.rollout.engines.sglang_jax.engine import (
 )
 from slime.testing.ci_register import register_cpu_ci, register_tpu_ci
 
-register_cpu_ci(est_time=30, suite="base-b-test-cpu")
+register_cpu_ci(est_time=40, suite="base-b-test-cpu")
 register_tpu_ci(est_time=900, suite="base-b-test-tpu")
 
 torch.set_num_threads(1)

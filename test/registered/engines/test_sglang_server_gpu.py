@@ -54,10 +54,10 @@ def test_weight_updates_from_device_tensors_and_disk(engine, models):
     _, hf_a = models["a"]
     _, hf_b = models["b"]
     device_items = [(n, t.to("cuda")) for n, t in hf_b.state_dict().items()]
-    engine.pause()
+    engine.begin_weight_update()
     engine.update_weights_from_tensors(device_items[:8], version=1, finish=False)
     engine.update_weights_from_tensors(device_items[8:], version=1, finish=True)
-    engine.resume()
+    engine.end_weight_update()
     assert engine.weight_version == 1
     assert engine.generate([GenerateRequest("b", PROMPTS[0], greedy(6))])[0].output_ids == hf_greedy(hf_b, PROMPTS[0], 6)
     engine.update_weights_from_disk(models["a"][0], version=2)

@@ -182,6 +182,16 @@ class SGLangClient(RolloutEngine):
             },
         )
 
+    def begin_weight_update(self) -> None:
+        """SGLang's protocol: pause with mode "retract" (running requests go back to the queue and free
+        their KV cache, so the cache can be flushed) before the buckets."""
+        self.pause(mode="retract")
+
+    def end_weight_update(self) -> None:
+        """Drop the prefix cache built with the old weights, then continue (retracted requests re-prefill)."""
+        self.flush_cache()
+        self.resume()
+
     # ---- control -------------------------------------------------------------------------------------
     def pause(self, mode: str = "in_place") -> None:
         """SGLang modes: "abort" (abort running requests), "retract" (re-queue them), "in_place" (keep them)."""
