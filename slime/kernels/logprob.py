@@ -114,8 +114,9 @@ class _OnlineStats:
         shift = self.s * (self.m - m_new)
         shifted = z.sub_(m_new.unsqueeze(1))
         torch.exp(shifted, out=e)
-        self.w = (self.w + shift) * rescale + torch.einsum("nc,nc->n", e, shifted)
         self.s = self.s * rescale + e.sum(dim=1)
+        # in place: a fresh [N, C] product (or einsum/bmm) measured 4x slower than mul_ + sum on CPU
+        self.w = (self.w + shift) * rescale + shifted.mul_(e).sum(dim=1)
         self.m = m_new
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
