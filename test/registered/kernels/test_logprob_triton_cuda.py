@@ -1,5 +1,5 @@
-"""The Triton log-prob/entropy kernels compiled and run on an NVIDIA GPU against the torch reference on the same
-GPU, at the benchmark's vocabulary (151,936) and a realistic row count.
+"""The Triton log-prob/entropy kernels compiled and run on a GPU (NVIDIA, or AMD through ROCm torch's "cuda"
+device) against the torch reference on the same GPU, at the benchmark's vocabulary (151,936) and a realistic row count.
 
 Tolerances: forward 1e-4 absolute (fp32 sums of 151,936 terms in a different order); gradients 1e-6 absolute
 + 1e-4 relative in fp32, one bf16 ulp (rtol 2**-7) in bf16."""
@@ -7,9 +7,10 @@ Tolerances: forward 1e-4 absolute (fp32 sums of 151,936 terms in a different ord
 import pytest
 import torch
 
-from slime.testing.ci_register import register_cuda_ci
+from slime.testing.ci_register import register_cuda_ci, register_rocm_ci
 
 register_cuda_ci(est_time=60, suite="base-b-test-1-gpu")
+register_rocm_ci(est_time=60, suite="base-b-test-1-gpu-amd")
 
 pytestmark = pytest.mark.cuda
 
