@@ -12,7 +12,7 @@ from slime.testing.ci_register import register_cuda_ci, register_rocm_ci
 register_cuda_ci(est_time=60, suite="base-b-test-1-gpu")
 register_rocm_ci(est_time=60, suite="base-b-test-1-gpu-amd")
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.rocm]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
