@@ -1,0 +1,1 @@
+"""Megatron-core training: the policy and critic trainers, log-probs, losses, advantages, checkpoints."""

@@ -1,0 +1,90 @@
+"""Process-group setup for one trainer rank: torch.distributed + megatron's tensor/data-parallel groups."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from slime.backends import Backend
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    rank: int
+    world_size: int
+    tp_rank: int
+    tp_size: int
+    dp_rank: int
+    dp_size: int
+
+
+def init_distributed(
+    backend: Backend,
+    rank: int,
+    world_size: int,
+    master_addr: str = "127.0.0.1",
+    master_port: int = 29500,
+    tensor_parallel_size: int = 1,
+    local_rank: int | None = None,
+    timeout_s: float = 600.0,
+    seed: int = 1234,
+) -> ParallelLayout:
+    """Join the job's process group and build megatron's TP/DP groups (TP ranks are adjacent)."""
+    from megatron.core import parallel_state
+
+    if world_size % tensor_parallel_size:
+        raise ValueError(f"world_size={world_size} is not a multiple of tensor_parallel_size={tensor_parallel_size}")
+    backend.setup_process(rank if local_rank is None else local_rank)
+    backend.prepare_megatron()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend=backend.dist_backend,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    seed_everything(seed)
+    return current_layout()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and megatron's named RNG streams (data-parallel, tensor-parallel, expert)."""
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def current_layout() -> ParallelLayout:
+    from megatron.core import parallel_state
+
+    return ParallelLayout(
+        rank=torch.distributed.get_rank(),
+        world_size=torch.distributed.get_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+    )
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for launching local multi-process jobs and tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
