@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=14, suite="base-b-test-cpu")
+register_cpu_ci(est_time=17, suite="base-b-test-cpu")
 
 WORLD = 2
 ROWS, VOCAB, HIDDEN = 5, 240, 16
