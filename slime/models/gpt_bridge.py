@@ -166,7 +166,22 @@ class GPTBridge:
         )
         with torch.no_grad():
             model.rotary_pos_emb.inv_freq = self.rope_inv_freq()
+        self._mark_tensor_parallel(model)
         return model
+
+    def _mark_tensor_parallel(self, model) -> None:
+        """Tag sharded parameters the way megatron's initialisers would (skipped with perform_initialization
+        off); the optimizer's grad norm counts replicated parameters once and sharded ones on every rank."""
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        params = dict(model.named_parameters())
+        for pm in self.param_maps():
+            if pm.split != REPLICATED:
+                param = params[pm.megatron_name]
+                for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+                    if hasattr(param, attr):
+                        delattr(param, attr)
+                set_tensor_model_parallel_attributes(param, True, 1 if pm.split == COLUMNS else 0, 1)
 
     # ---- the name map -------------------------------------------------------------------------
     def param_maps(self) -> list[ParamMap]:

@@ -1,0 +1,120 @@
+"""The policy trainer: log-probs for the policy / reference / old weights, the RL step and the SFT step.
+
+One instance per rank, after `init_distributed`. Every method that runs the model is a collective over
+the rank's tensor-parallel group (and `train_step` / `sft_step` over the data-parallel group), so all
+ranks call them in the same order. Each rank passes its own data-parallel share of the batch
+(`batch.split_for_dp(layout.dp_rank, layout.dp_size)`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slime.training import losses
+from slime.training.batch import TrainBatch, collate
+from slime.training.log_probs import vocab_parallel_log_probs_and_entropy
+from slime.training.model_trainer import MegatronTrainer
+
+WEIGHT_NAMES = ("actor", "ref", "old")
+
+
+class PolicyTrainer(MegatronTrainer):
+    def _log_probs(self, micro, with_entropy: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        logits = self._forward(micro)
+        if self.config.rollout_temperature != 1.0:
+            logits = logits / self.config.rollout_temperature
+        targets = micro.input_ids[:, 1:].to(self.device)
+        log_probs, entropy = vocab_parallel_log_probs_and_entropy(
+            logits[:, :-1], targets, self.vocab_start, self.tp_group, with_entropy=with_entropy
+        )
+        per_sample_lp = self._responses(micro, log_probs, shift=1)
+        per_sample_ent = self._responses(micro, entropy, shift=1) if with_entropy else None
+        return per_sample_lp, per_sample_ent
+
+    @torch.no_grad()
+    def compute_log_probs(self, batch: TrainBatch, weights: str = "actor") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-sample log-probs and entropies of the response tokens under the named weights."""
+        if weights not in WEIGHT_NAMES and not self.has_snapshot(weights):
+            raise ValueError(f"weights={weights!r}: expected one of {', '.join(WEIGHT_NAMES)} or a snapshot name")
+        self.model.eval()
+        log_probs: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+        entropies: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+        with self.use_weights(weights):
+            for indices in batch.micro_batch_indices(self.config.max_tokens_per_micro_batch):
+                micro = collate(batch, indices)
+                lp, ent = self._log_probs(micro, with_entropy=True)
+                for i, a, b in zip(indices, lp, ent):
+                    log_probs[i], entropies[i] = a.float().cpu(), b.float().cpu()
+        return log_probs, entropies
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer step of the RL loss over this rank's share of the global batch."""
+        cfg = self.config
+        if cfg.use_kl_loss and batch.ref_log_probs is None:
+            raise ValueError("use_kl_loss is on but batch.ref_log_probs is empty: call compute_log_probs(batch, 'ref') first")
+        if cfg.use_tis and any(r is None for r in batch.rollout_log_probs):
+            raise ValueError("use_tis is on but some samples have no rollout_log_probs")
+        denominator = self.global_denominator(batch)
+        self.model.train()
+        totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "ppo_kl": 0.0, "tis_weight": 0.0}
+        for indices in batch.micro_batch_indices(cfg.max_tokens_per_micro_batch):
+            micro = collate(batch, indices)
+            lp_list, ent_list = self._log_probs(micro, with_entropy=True)
+            mask = micro.response_mask.to(self.device)
+            log_probs = self._pad(micro, lp_list)
+            entropy = self._pad(micro, ent_list)
+            old = (
+                log_probs.detach()
+                if batch.old_log_probs is None
+                else micro.pad_responses([batch.old_log_probs[i] for i in indices]).to(self.device)
+            )
+            advantages = micro.pad_responses([batch.advantages[i] for i in indices]).to(self.device)
+            weights = None
+            if cfg.use_tis:
+                rollout = micro.pad_responses([batch.rollout_log_probs[i] for i in indices]).to(self.device)
+                weights = losses.truncated_importance_weights(old, rollout, mask, cfg.tis_clip)
+                totals["tis_weight"] += float(losses.reduce(weights, mask, cfg.loss_reduction, denominator))
+            pg_loss, pg_metrics = losses.policy_loss(
+                log_probs, old, advantages, mask,
+                eps_clip=cfg.eps_clip, eps_clip_high=cfg.eps_clip_high, eps_clip_c=cfg.eps_clip_c,
+                ratio_type=cfg.ratio_type, reduction=cfg.loss_reduction,
+                importance_weights=weights, denominator=denominator,
+            )  # fmt: skip
+            entropy_mean = losses.entropy_bonus(entropy, mask, cfg.loss_reduction, denominator)
+            loss = pg_loss - cfg.entropy_coef * entropy_mean
+            if cfg.use_kl_loss:
+                ref = micro.pad_responses([batch.ref_log_probs[i] for i in indices]).to(self.device)
+                kl = losses.reduce(losses.kl_penalty(log_probs, ref, cfg.kl_loss_type), mask, cfg.loss_reduction, denominator)
+                loss = loss + cfg.kl_loss_coef * kl
+                totals["kl"] += float(kl.detach())
+            loss.backward()
+            totals["loss"] += float(loss.detach())
+            totals["pg_loss"] += float(pg_loss.detach())
+            totals["entropy"] += float(entropy_mean.detach())
+            totals["clip_frac"] += float(pg_metrics["pg_clip_frac"])
+            totals["ppo_kl"] += float(pg_metrics["ppo_kl"])
+        return self._finish_step(totals, batch)
+
+    def sft_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer step of the NLL of the masked response tokens (warm-up SFT)."""
+        denominator = self.global_denominator(batch)
+        self.model.train()
+        totals = {"loss": 0.0}
+        for indices in batch.micro_batch_indices(self.config.max_tokens_per_micro_batch):
+            micro = collate(batch, indices)
+            lp_list, _ = self._log_probs(micro, with_entropy=False)
+            loss = losses.sft_loss(self._pad(micro, lp_list), micro.response_mask.to(self.device), self.config.loss_reduction, denominator)
+            loss.backward()
+            totals["loss"] += float(loss.detach())
+        return self._finish_step(totals, batch)
+
+    def _pad(self, micro, per_sample: list[torch.Tensor]) -> torch.Tensor:
+        """Right-pad differentiable per-sample tensors to [rows, longest response]."""
+        longest = micro.response_mask.shape[1]
+        return torch.stack([torch.nn.functional.pad(t, (0, longest - t.shape[0])) for t in per_sample])
+
+    def _finish_step(self, totals: dict[str, float], batch: TrainBatch) -> dict[str, float]:
+        metrics = self._reduce_metrics({**totals, "tokens": float(batch.num_tokens())})
+        grad_norm, lr = self._optimizer_step()
+        metrics.update(grad_norm=grad_norm, lr=lr, step=float(self.step))
+        return metrics

@@ -1,0 +1,157 @@
+"""The training batch: samples turned into per-token tensors, split by data-parallel rank and into
+micro-batches by a token budget. Every split is deterministic (same samples -> same micro-batches)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from slime.types import Sample
+
+
+@dataclass
+class TrainBatch:
+    """Per-sample lists; response-level tensors have one entry per response token.
+
+    `advantages` / `returns` start from Sample.advantage (broadcast to the response) or zeros; the RL loop
+    may replace them with per-token values. old/ref log-probs and values are filled by the trainers.
+    """
+
+    tokens: list[list[int]]
+    response_lengths: list[int]
+    loss_masks: list[Tensor]
+    advantages: list[Tensor]
+    returns: list[Tensor]
+    rollout_log_probs: list[Tensor | None]
+    rewards: list[float]
+    pad_token_id: int
+    old_log_probs: list[Tensor] | None = None
+    ref_log_probs: list[Tensor] | None = None
+    values: list[Tensor] | None = None
+    sample_indices: list[int] = field(default_factory=list)
+
+    @staticmethod
+    def from_samples(samples: list[Sample], pad_token_id: int) -> "TrainBatch":
+        if not samples:
+            raise ValueError("TrainBatch.from_samples: no samples")
+        tokens, lengths, masks, advantages, rollout, rewards = [], [], [], [], [], []
+        for i, s in enumerate(samples):
+            n = s.response_length
+            if n <= 0 or n >= len(s.tokens):
+                raise ValueError(
+                    f"sample {s.index if s.index is not None else i}: response_length={n} needs 0 < it < len(tokens)={len(s.tokens)}"
+                )
+            mask = s.loss_mask if s.loss_mask is not None else [1] * n
+            if len(mask) != n:
+                raise ValueError(f"sample {s.index if s.index is not None else i}: loss_mask has {len(mask)} entries, response_length={n}")
+            if s.rollout_log_probs is not None and len(s.rollout_log_probs) != n:
+                raise ValueError(
+                    f"sample {s.index if s.index is not None else i}: rollout_log_probs has {len(s.rollout_log_probs)} entries, "
+                    f"response_length={n}"
+                )
+            tokens.append(list(s.tokens))
+            lengths.append(n)
+            masks.append(torch.tensor(mask, dtype=torch.float32))
+            advantages.append(torch.full((n,), float(s.advantage or 0.0)))
+            rollout.append(None if s.rollout_log_probs is None else torch.tensor(s.rollout_log_probs, dtype=torch.float32))
+            rewards.append(s.scalar_reward() if s.reward is not None and not isinstance(s.reward, dict) else 0.0)
+        return TrainBatch(
+            tokens=tokens,
+            response_lengths=lengths,
+            loss_masks=masks,
+            advantages=advantages,
+            returns=[a.clone() for a in advantages],
+            rollout_log_probs=rollout,
+            rewards=rewards,
+            pad_token_id=pad_token_id,
+            sample_indices=list(range(len(samples))),
+        )
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def num_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    def num_loss_tokens(self) -> int:
+        return int(sum(float(m.sum()) for m in self.loss_masks))
+
+    def select(self, indices: list[int]) -> "TrainBatch":
+        def pick(values):
+            return None if values is None else [values[i] for i in indices]
+
+        return TrainBatch(
+            tokens=pick(self.tokens),
+            response_lengths=pick(self.response_lengths),
+            loss_masks=pick(self.loss_masks),
+            advantages=pick(self.advantages),
+            returns=pick(self.returns),
+            rollout_log_probs=pick(self.rollout_log_probs),
+            rewards=pick(self.rewards),
+            pad_token_id=self.pad_token_id,
+            old_log_probs=pick(self.old_log_probs),
+            ref_log_probs=pick(self.ref_log_probs),
+            values=pick(self.values),
+            sample_indices=pick(self.sample_indices),
+        )
+
+    def split_for_dp(self, dp_rank: int, dp_size: int) -> "TrainBatch":
+        """This rank's share: samples dp_rank, dp_rank + dp_size, ... (balanced counts, stable order)."""
+        if len(self) % dp_size:
+            raise ValueError(f"{len(self)} samples cannot be split evenly over {dp_size} data-parallel ranks")
+        return self.select(list(range(dp_rank, len(self), dp_size)))
+
+    def micro_batch_indices(self, max_tokens_per_micro_batch: int) -> list[list[int]]:
+        """Consecutive samples grouped so that (rows x longest row) <= the budget; a longer sample goes alone."""
+        groups: list[list[int]] = []
+        current: list[int] = []
+        longest = 0
+        for i, seq in enumerate(self.tokens):
+            new_longest = max(longest, len(seq))
+            if current and new_longest * (len(current) + 1) > max_tokens_per_micro_batch:
+                groups.append(current)
+                current, new_longest = [], len(seq)
+            current.append(i)
+            longest = new_longest
+        if current:
+            groups.append(current)
+        return groups
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Padded model inputs plus response-aligned tensors [rows, longest response]."""
+
+    input_ids: Tensor  # [rows, seq]
+    position_ids: Tensor  # [rows, seq]
+    response_starts: list[int]  # index in input_ids of each sample's first response token
+    response_lengths: list[int]
+    response_mask: Tensor  # [rows, longest response], loss mask (0 on padding)
+
+    def pad_responses(self, per_sample: list[Tensor]) -> Tensor:
+        longest = self.response_mask.shape[1]
+        out = torch.zeros(len(per_sample), longest, dtype=torch.float32)
+        for row, values in enumerate(per_sample):
+            out[row, : values.shape[0]] = values
+        return out
+
+
+def collate(batch: TrainBatch, indices: list[int]) -> MicroBatch:
+    rows = [batch.tokens[i] for i in indices]
+    seq = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), seq), batch.pad_token_id, dtype=torch.long)
+    for row, toks in enumerate(rows):
+        input_ids[row, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+    lengths = [batch.response_lengths[i] for i in indices]
+    mask = torch.zeros(len(rows), max(lengths))
+    for row, i in enumerate(indices):
+        mask[row, : lengths[row]] = batch.loss_masks[i]
+    return MicroBatch(
+        input_ids=input_ids,
+        position_ids=torch.arange(seq).unsqueeze(0).expand(len(rows), seq).contiguous(),
+        response_starts=[len(r) - n for r, n in zip(rows, lengths)],
+        response_lengths=lengths,
+        response_mask=mask,
+    )

@@ -1,0 +1,72 @@
+"""The trainer's frozen configuration, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slime.training.losses import KL_KINDS, REDUCTIONS
+
+ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "gspo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    hf_checkpoint: str
+    tensor_parallel_size: int = 1
+    seed: int = 1234
+    # optimizer and schedule
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_steps: int = 1_000_000
+    lr_decay_style: str = "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    # batching
+    max_tokens_per_micro_batch: int = 8192
+    # loss
+    advantage_estimator: str = "grpo"
+    eps_clip: float = 0.2
+    eps_clip_high: float | None = None
+    eps_clip_c: float | None = None
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.0
+    kl_loss_type: str = "low_var_kl"
+    entropy_coef: float = 0.0
+    use_tis: bool = False
+    tis_clip: float = 2.0
+    loss_reduction: str = "token"
+    rollout_temperature: float = 1.0
+    value_clip: float = 0.2  # critic
+    # checkpoints
+    keep_last_n: int | None = None
+
+    def __post_init__(self) -> None:
+        def one_of(flag: str, value, allowed) -> None:
+            if value not in allowed:
+                raise ValueError(f"--{flag.replace('_', '-')} {value!r} is not one of: {', '.join(allowed)}")
+
+        one_of("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        one_of("kl_loss_type", self.kl_loss_type, KL_KINDS)
+        one_of("loss_reduction", self.loss_reduction, REDUCTIONS)
+        one_of("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if self.lr_decay_steps <= self.lr_warmup_steps and self.lr_decay_style != "constant":
+            raise ValueError(
+                f"--lr-decay-steps {self.lr_decay_steps} must exceed --lr-warmup-steps {self.lr_warmup_steps}"
+            )
+        if self.eps_clip_c is not None and self.eps_clip_c <= 1.0:
+            raise ValueError(f"--eps-clip-c {self.eps_clip_c} must be > 1")
+        if self.keep_last_n is not None and self.keep_last_n < 1:
+            raise ValueError(f"--keep-last-n must be >= 1, got {self.keep_last_n}")
+        if self.max_tokens_per_micro_batch < 1:
+            raise ValueError(f"--max-tokens-per-micro-batch must be >= 1, got {self.max_tokens_per_micro_batch}")
+
+    @property
+    def ratio_type(self) -> str:
+        return "sequence" if self.advantage_estimator == "gspo" else "token"

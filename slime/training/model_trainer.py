@@ -1,0 +1,297 @@
+"""What the policy and the critic trainers share: one megatron GPTModel per rank built from an HF folder,
+megatron's FP32 optimizer + LR scheduler, data-parallel gradient all-reduce, weight snapshots,
+checkpoints and HF export.
+
+Data parallelism: losses are normalised by *global* counts (tokens or samples over all DP ranks and
+micro-batches), so gradients are summed (not averaged) across DP ranks and micro-batches, and the
+result does not depend on how the batch was split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from slime.backends import Backend
+from slime.models import bridge_class_for, load_hf_config
+from slime.training import checkpoint
+from slime.training.batch import MicroBatch, TrainBatch
+from slime.training.config import TrainerConfig
+from slime.training.distributed import current_layout
+
+HF_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def _is_per_head_norm(param_name: str) -> bool:
+    return param_name.endswith(("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"))
+
+
+class MegatronTrainer:
+    """Base: subclasses define the head (LM logits or value) and the step."""
+
+    def __init__(self, config: TrainerConfig, backend: Backend):
+        from megatron.core import parallel_state
+
+        self.config = config
+        self.backend = backend
+        self.layout = current_layout()
+        if self.layout.tp_size != config.tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size={config.tensor_parallel_size} but the process group was set up with "
+                f"{self.layout.tp_size}; pass the same value to init_distributed"
+            )
+        self.device = torch.device(backend.torch_device(self.layout.rank))
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.hf_config = load_hf_config(config.hf_checkpoint)
+        self.bridge = bridge_class_for(self.hf_config)(self.hf_config, self.layout.tp_size, self.layout.tp_rank)
+        self.model = self.bridge.build_model()
+        self.bridge.load_hf(self.model, config.hf_checkpoint)
+        self._attach_head()
+        self.model.to(self.device)
+        self.vocab_start = self.layout.tp_rank * (self.hf_config.vocab_size // self.layout.tp_size)
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self.step = 0
+        self._snapshots: dict[str, dict[str, torch.Tensor]] = {}
+
+    # ---- construction -------------------------------------------------------------------------
+    def _attach_head(self) -> None:
+        """Hook for the critic, which replaces the LM head with a value head."""
+
+    def _build_optimizer(self):
+        from megatron.core.optimizer import OptimizerConfig
+        from megatron.core.optimizer.optimizer import FP32Optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        cfg = self.config
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay, "wd_mult": 1.0, "lr_mult": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0, "lr_mult": 1.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        adam = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        opt_config = OptimizerConfig(
+            optimizer="adam",
+            lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2,
+            adam_eps=cfg.adam_eps,
+            clip_grad=cfg.clip_grad,
+            use_distributed_optimizer=False,
+        )
+        optimizer = FP32Optimizer(adam, opt_config, init_state_fn=None)
+        scheduler = OptimizerParamScheduler(
+            optimizer,
+            init_lr=0.0 if cfg.lr_warmup_steps > 0 else cfg.lr,
+            max_lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            lr_warmup_steps=cfg.lr_warmup_steps,
+            lr_decay_steps=cfg.lr_decay_steps,
+            lr_decay_style=cfg.lr_decay_style,
+            start_wd=cfg.weight_decay,
+            end_wd=cfg.weight_decay,
+            wd_incr_steps=cfg.lr_decay_steps,
+            wd_incr_style="constant",
+        )
+        return optimizer, scheduler
+
+    # ---- forward helpers ----------------------------------------------------------------------
+    def _forward(self, micro: MicroBatch) -> torch.Tensor:
+        """Model output [rows, seq, out] for this rank (vocab slice for the policy, 1 for the critic)."""
+        return self.model(micro.input_ids.to(self.device), micro.position_ids.to(self.device), None)
+
+    @staticmethod
+    def _responses(micro: MicroBatch, per_position: torch.Tensor, shift: int) -> list[torch.Tensor]:
+        """Slice each sample's response tokens out of a [rows, positions] tensor.
+
+        shift=1 for next-token quantities (position t predicts token t+1), 0 for per-token values.
+        """
+        return [
+            per_position[row, start - shift : start - shift + n]
+            for row, (start, n) in enumerate(zip(micro.response_starts, micro.response_lengths))
+        ]
+
+    def global_denominator(self, batch: TrainBatch) -> float:
+        """Loss tokens (or samples) in the whole global batch, over all data-parallel ranks."""
+        local = float(batch.num_loss_tokens()) if self.config.loss_reduction == "token" else float(len(batch))
+        total = torch.tensor([local], dtype=torch.float64)
+        torch.distributed.all_reduce(total, group=self.dp_group)
+        return max(float(total[0]), 1.0)
+
+    def _reduce_grads(self) -> None:
+        """Sum partial grads: q/k layernorm over TP (each rank normalises only its own heads), all over DP."""
+        if self.layout.tp_size > 1:
+            partial = [p.grad for n, p in self.model.named_parameters() if p.grad is not None and _is_per_head_norm(n)]
+            if partial:
+                flat = _flatten_dense_tensors(partial)
+                torch.distributed.all_reduce(flat, group=self.tp_group)
+                for grad, reduced in zip(partial, _unflatten_dense_tensors(flat, partial)):
+                    grad.copy_(reduced)
+        if self.layout.dp_size == 1:
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat, group=self.dp_group)
+        for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(reduced)
+
+    def _optimizer_step(self) -> tuple[float, float]:
+        """All-reduce grads over DP, clip, step, advance the LR schedule. Returns (grad_norm, lr used)."""
+        self._reduce_grads()
+        lr = self.optimizer.param_groups[0]["lr"]
+        success, grad_norm, _ = self.optimizer.step()
+        if not success:
+            raise RuntimeError(f"optimizer step {self.step} failed (non-finite gradients)")
+        self.optimizer.zero_grad()
+        self.scheduler.step(increment=1)
+        self.step += 1
+        return float(grad_norm or 0.0), float(lr)
+
+    def _reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Sum per-rank contributions over DP (each is already normalised by the global count)."""
+        names = sorted(metrics)
+        values = torch.tensor([metrics[n] for n in names], dtype=torch.float64)
+        torch.distributed.all_reduce(values, group=self.dp_group)
+        return dict(zip(names, values.tolist()))
+
+    # ---- weight snapshots ---------------------------------------------------------------------
+    def snapshot(self, name: str) -> None:
+        """Keep a host copy of the current weights under `name` (e.g. "ref", "old")."""
+        if name == "actor":
+            raise ValueError('"actor" names the live weights; choose another snapshot name')
+        self._snapshots[name] = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()}
+
+    def has_snapshot(self, name: str) -> bool:
+        return name in self._snapshots
+
+    @contextlib.contextmanager
+    def use_weights(self, name: str = "actor"):
+        """Temporarily swap a snapshot's tensors into the model (pointer swap: no second model resident)."""
+        if name == "actor":
+            yield
+            return
+        if name not in self._snapshots:
+            raise KeyError(f"no weight snapshot {name!r}; call snapshot({name!r}) first (have: {', '.join(self._snapshots) or 'none'})")
+        live = {}
+        for n, p in self.model.named_parameters():
+            live[n] = p.data
+            p.data = self._snapshots[name][n].to(p.device)
+        try:
+            yield
+        finally:
+            for n, p in self.model.named_parameters():
+                p.data = live[n]
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Atomically write a checkpoint for the current step under `directory`; returns its folder."""
+        root = Path(directory)
+        is_rank0 = self.layout.rank == 0
+        tmp = checkpoint.begin_save(root, self.step, is_rank0, torch.distributed.barrier)
+        if self.layout.dp_rank == 0:
+            torch.save(
+                {
+                    "model": {n: p.detach().clone() for n, p in self.model.named_parameters()},
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "step": self.step,
+                },
+                tmp / f"model_tp{self.layout.tp_rank}.pt",
+            )
+        torch.save(checkpoint.rng_state(), tmp / f"rng_rank{self.layout.rank}.pt")
+        meta = {"tp_size": self.layout.tp_size, "dp_size": self.layout.dp_size, "hf_checkpoint": str(self.config.hf_checkpoint)}
+        return checkpoint.finish_save(root, tmp, self.step, meta, self.config.keep_last_n, is_rank0, torch.distributed.barrier)
+
+    def load(self, directory: str | os.PathLike) -> int:
+        """Load the newest complete checkpoint under `directory` (or that step folder); returns its step."""
+        import json
+
+        folder = checkpoint.resolve_checkpoint(directory)
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta["tp_size"] != self.layout.tp_size:
+            raise ValueError(f"{folder}: saved with tensor_parallel_size={meta['tp_size']}, running with {self.layout.tp_size}")
+        state = torch.load(folder / f"model_tp{self.layout.tp_rank}.pt", weights_only=False)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state["model"].items():
+                if params[name].shape != tensor.shape:
+                    raise ValueError(f"{folder}: tensor {name} has shape {tuple(tensor.shape)}, model has {tuple(params[name].shape)}")
+                params[name].copy_(tensor)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        rng_file = folder / f"rng_rank{self.layout.rank}.pt"
+        if rng_file.is_file():
+            checkpoint.set_rng_state(torch.load(rng_file, weights_only=False))
+        return self.step
+
+    # ---- HF export ----------------------------------------------------------------------------
+    def _gather_tp(self, local: torch.Tensor) -> list[torch.Tensor]:
+        shards = [torch.empty_like(local) for _ in range(self.layout.tp_size)]
+        torch.distributed.all_gather(shards, local.contiguous(), group=self.tp_group)
+        return shards
+
+    def hf_named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full HF-named tensors; a collective: every TP rank must iterate it to the end."""
+        yield from self.bridge.export_hf(self.model, self._gather_tp)
+
+    def hf_weight_buckets(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """HF-named full tensors grouped into lists of at most bucket_bytes (a larger tensor goes alone)."""
+        bucket, size = [], 0
+        for name, tensor in self.hf_named_tensors():
+            nbytes = tensor.numel() * tensor.element_size()
+            if bucket and size + nbytes > bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append((name, tensor))
+            size += nbytes
+        if bucket:
+            yield bucket
+
+    def save_hf(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write a folder transformers loads: config, safetensors weights, tokenizer files (atomic rename)."""
+        from safetensors.torch import save_file
+
+        target = Path(directory)
+        tensors = {name: t.to(dtype or t.dtype).contiguous().cpu() for name, t in self.hf_named_tensors()}
+        if self.layout.rank == 0:
+            tmp = target.parent / f"{checkpoint.TMP_PREFIX}{target.name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.hf_config.save_pretrained(tmp)
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            source = Path(self.config.hf_checkpoint)
+            for side in HF_SIDE_FILES:
+                if (source / side).is_file():
+                    shutil.copy2(source / side, tmp / side)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        torch.distributed.barrier()
+        return target
