@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from slime.kernels import KernelInputError, get_op, logprobs_and_entropy  # noqa: E402
 from slime.testing.ci_register import register_cpu_ci  # noqa: E402
 
-register_cpu_ci(est_time=10, suite="base-b-test-cpu")
+register_cpu_ci(est_time=14, suite="base-b-test-cpu")
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
