@@ -82,6 +82,7 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--hardware", default="auto")
+    parser.add_argument("--with-trainer-formula", action="store_true", help="also time slime.training.log_probs")
     parser.add_argument("--json-out", default="benchmarks/results/logprob_op.json")
     args = parser.parse_args()
 
@@ -94,6 +95,11 @@ def main() -> int:
         "naive": lambda x, t, temp: naive_logprobs_and_entropy(x, t, temp),
         "reference": lambda x, t, temp: reference(x, t, temp, **chunk_kwargs),
     }
+    if args.with_trainer_formula:
+        # the trainer's full-slice formula (slime.training.log_probs) at TP=1, to size the gain of switching
+        from slime.training.log_probs import vocab_parallel_log_probs_and_entropy as trainer_formula
+
+        impls["trainer_formula"] = lambda x, t, temp: trainer_formula(x / temp, t, 0, None)
     if device != "cpu":
         triton_op = get_op("logprobs_and_entropy", impl="triton")
         impls["triton"] = lambda x, t, temp: triton_op(x, t, temp)
