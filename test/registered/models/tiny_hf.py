@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import traceback
 from pathlib import Path
@@ -64,7 +65,11 @@ def make_tiny_model(family: str, folder: Path, seed: int = 0, tie: bool | None =
 def _entry(rank, world, port, fn, args, queue):
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        queue.put((rank, fn(rank, world, port, *args), None))
+        # serialised to bytes: tensors put on a torch queue as-is are shared through file descriptors
+        # that die with this process
+        payload = io.BytesIO()
+        torch.save(fn(rank, world, port, *args), payload)
+        queue.put((rank, payload.getvalue(), None))
     except BaseException:  # report the worker's traceback to the test
         queue.put((rank, None, traceback.format_exc()))
 
@@ -85,7 +90,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 240.0) -> list:
             rank, value, error = queue.get(timeout=timeout)
             if error:
                 errors.append(f"rank {rank}:\n{error}")
-            results[rank] = value
+            results[rank] = None if error else torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=10)
