@@ -85,8 +85,11 @@ class MegatronTrainer:
             if param.requires_grad:
                 (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
         groups = [
-            {"params": decay, "weight_decay": cfg.weight_decay, "wd_mult": 1.0, "lr_mult": 1.0},
-            {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0, "lr_mult": 1.0},
+            # the flags are megatron's param-group identity (matched on optimizer state load)
+            {"params": decay, "weight_decay": cfg.weight_decay, "wd_mult": 1.0, "lr_mult": 1.0,
+             "is_expert_parallel": False, "is_decoupled_lr": False},
+            {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0, "lr_mult": 1.0,
+             "is_expert_parallel": False, "is_decoupled_lr": False},
         ]
         groups = [g for g in groups if g["params"]]
         adam = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
