@@ -11,6 +11,7 @@ parameters. Layout facts, for the local layer spec:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -155,10 +156,14 @@ class GPTBridge:
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+        from slime.models.attention import SdpaCoreAttention
+
         cfg = self.hf_config
+        layer_spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=self.qk_norm, normalization="RMSNorm"))
+        layer_spec.submodules.self_attention.submodules.core_attention = SdpaCoreAttention
         model = GPTModel(
             config=self.transformer_config(**config_overrides),
-            transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=self.qk_norm, normalization="RMSNorm"),
+            transformer_layer_spec=layer_spec,
             vocab_size=cfg.vocab_size,
             max_sequence_length=cfg.max_position_embeddings,
             share_embeddings_and_output_weights=self.tied_embeddings,

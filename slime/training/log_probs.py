@@ -20,6 +20,11 @@ def vocab_parallel_log_probs_and_entropy(
 
     tp_size = torch.distributed.get_world_size(tp_group) if tp_group is not None else 1
     logits = logits.float()
+    if tp_size == 1:  # the whole vocabulary is here: one fused log_softmax
+        log_softmax = torch.log_softmax(logits, dim=-1)
+        log_probs = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        entropy = -(log_softmax.exp() * log_softmax).sum(dim=-1) if with_entropy else None
+        return log_probs, entropy
     with torch.no_grad():
         max_logit = logits.max(dim=-1, keepdim=True).values
         if tp_size > 1:
