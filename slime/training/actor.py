@@ -12,7 +12,6 @@ import torch
 
 from slime.training import losses
 from slime.training.batch import TrainBatch, collate
-from slime.training.log_probs import vocab_parallel_log_probs_and_entropy
 from slime.training.model_trainer import MegatronTrainer
 
 WEIGHT_NAMES = ("actor", "ref", "old")
@@ -20,13 +19,18 @@ WEIGHT_NAMES = ("actor", "ref", "old")
 
 class PolicyTrainer(MegatronTrainer):
     def _log_probs(self, micro, with_entropy: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        logits = self._forward(micro)
-        if self.config.rollout_temperature != 1.0:
-            logits = logits / self.config.rollout_temperature
+        """Log-probs (and entropies) of every next token, via the backend's kernel op (chunked over the
+        vocabulary slice, Triton on GPU backends); `slime.training.log_probs` is the plain formula it matches."""
+        from slime.kernels import get_op
+
+        logits = self._forward(micro)[:, :-1]
         targets = micro.input_ids[:, 1:].to(self.device)
-        log_probs, entropy = vocab_parallel_log_probs_and_entropy(
-            logits[:, :-1], targets, self.vocab_start, self.tp_group, with_entropy=with_entropy
+        rows, positions, local_vocab = logits.shape
+        op = get_op("vocab_parallel_logprobs_and_entropy", backend=self.backend)
+        log_probs, entropy = op(
+            logits.reshape(-1, local_vocab), targets.reshape(-1), self.tp_group, temperature=self.config.rollout_temperature
         )
+        log_probs, entropy = log_probs.view(rows, positions), entropy.view(rows, positions)
         per_sample_lp = self._responses(micro, log_probs, shift=1)
         per_sample_ent = self._responses(micro, entropy, shift=1) if with_entropy else None
         return per_sample_lp, per_sample_ent

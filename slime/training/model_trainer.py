@@ -65,7 +65,6 @@ class MegatronTrainer:
         self.bridge.load_hf(self.model, config.hf_checkpoint)
         self._attach_head()
         self.model.to(self.device)
-        self.vocab_start = self.layout.tp_rank * (self.hf_config.vocab_size // self.layout.tp_size)
         self.optimizer, self.scheduler = self._build_optimizer()
         self.step = 0
         self._snapshots: dict[str, dict[str, torch.Tensor]] = {}

@@ -11,7 +11,7 @@ from slime.testing.ci_register import register_cpu_ci
 
 from tiny_hf import init_rank, make_tiny_model, run_ranks, tiny_config
 
-register_cpu_ci(est_time=60, suite="base-b-test-cpu")
+register_cpu_ci(est_time=50, suite="base-b-test-cpu")
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 

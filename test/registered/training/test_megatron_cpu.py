@@ -14,7 +14,7 @@ from slime.testing.ci_register import register_cpu_ci
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from tiny_hf import run_ranks  # noqa: E402
 
-register_cpu_ci(est_time=25, suite="base-b-test-cpu")
+register_cpu_ci(est_time=32, suite="base-b-test-cpu")
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -12,7 +12,7 @@ from slime.testing.ci_register import register_cpu_ci
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from tiny_hf import init_rank, make_tiny_model, run_ranks  # noqa: E402
 
-register_cpu_ci(est_time=110, suite="base-b-test-cpu")
+register_cpu_ci(est_time=75, suite="base-b-test-cpu")
 
 
 def make_samples():
