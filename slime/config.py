@@ -44,7 +44,7 @@ class ClusterConfig:
     rollout_num_gpus: int = opt(1, "devices for rollout engines in total")
     rollout_num_gpus_per_engine: int = opt(1, "devices per rollout engine (its tensor parallel size)")
     colocate: bool = opt(False, "trainer and rollout share devices; each offloads while the other runs")
-    hardware: str = opt("auto", "auto|cpu|cuda|rocm|tpu (auto: first available in that fixed order)")
+    hardware: str = opt("auto", "auto or a backend name from `slime env` (auto: the first available, in a fixed order)")
     ray_address: str | None = opt(None, "connect to an existing Ray cluster instead of starting one")
 
 
@@ -74,6 +74,9 @@ class RolloutConfig:
     rollout_stop: list[str] = opt([], "stop strings", nargs="+")
     rollout_stop_token_ids: list[int] = opt([], "stop token ids (beside EOS)", nargs="+")
     rollout_concurrency: int = opt(64, "max requests in flight per engine")
+    rollout_engine_batch_size: int = opt(64, "embedded engine: sequences decoded together (KV-cache slots)")
+    rollout_max_context_len: int | None = opt(None, "engine context (prompt + response) in tokens (default: the model's, at most 4096)")
+    rollout_dtype: str = opt("float32", "embedded engine dtype", choices=("float32", "bfloat16", "float16"))
     custom_generate_function_path: str | None = opt(None, "module.function: async generate(args, sample, sampling) -> Sample")
     rm_type: str | None = opt(None, "built-in reward: math | dapo | deepscaler | f1 | gpqa | remote_rm | arithmetic")
     custom_rm_path: str | None = opt(None, "module.function: async reward(args, sample) -> float (or group variant)")
@@ -82,6 +85,7 @@ class RolloutConfig:
     reward_key: str | None = opt(None, "key of the reward dict to train on, when rewards are dicts")
     dynamic_sampling_filter_path: str | None = opt(None, "module.function(args, group) -> bool: keep the group?")
     over_sampling_batch_size: int | None = opt(None, "prompts to draw per generation wave when filtering (>= rollout batch)")
+    rollout_function_path: str | None = opt(None, "module.function: async rollout(ctx, data_source, rollout_id) -> RolloutResult (replaces the default)")
     partial_rollout: bool = opt(False, "abort stragglers once the batch is full and return them to the buffer")
     n_samples_per_eval_prompt: int = opt(1, "responses per evaluation prompt")
     eval_temperature: float = opt(0.0, "evaluation temperature (0 = greedy)")
@@ -109,6 +113,7 @@ class AlgorithmConfig:
     use_tis: bool = opt(False, "truncated importance sampling against the rollout log-probs")
     tis_clip: float = opt(2.0, "upper bound of the TIS weight")
     calculate_per_token_loss: bool = opt(False, "average the loss over all tokens (default: per-sample mean, then mean)")
+    custom_advantage_function_path: str | None = opt(None, "module.function(settings, batch, group_ids) filling batch.advantages/returns")
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,8 @@ class TrainConfig:
     sft_warmup_steps: int = opt(0, "supervised steps on --sft-data before RL")
     sft_data: str | None = opt(None, "jsonl with prompt/response pairs for the SFT warm-up")
     sft_lr: float | None = opt(None, "SFT learning rate (default --lr)")
+    sft_batch_size: int = opt(64, "samples per SFT step")
+    weight_update_bucket_mb: int = opt(512, "size of the HF-named tensor buckets sent to the engines")
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,7 @@ class LoggingConfig:
     wandb_project: str | None = opt(None, "wandb project")
     progress: bool = opt(True, "console progress bar", flag="--progress")
     ci_test: bool = opt(False, "check invariants (step-0 log-prob agreement, KL ~ 0, sane ranges) and fail on violation")
+    dump_rollout_dir: str | None = opt(None, "write every rollout's samples as JSONL here", flag="--save-debug-rollout-data")
 
 
 SECTIONS: dict[str, type] = {
@@ -360,8 +368,43 @@ def validate(config: Config) -> None:
         problems.append("--prompt-data is required")
     if t.sft_warmup_steps and not t.sft_data:
         problems.append("--sft-warmup-steps needs --sft-data")
+    if t.sft_batch_size < 1:
+        problems.append(f"--sft-batch-size must be >= 1, got {t.sft_batch_size}")
+    elif t.sft_warmup_steps and t.sft_batch_size % (world // t.tensor_model_parallel_size or 1):
+        problems.append(f"--sft-batch-size {t.sft_batch_size} must be divisible by data-parallel size {world // t.tensor_model_parallel_size}")
+    if t.async_rollout and c.colocate:
+        problems.append("--async overlaps generation with training on separate devices; --colocate shares them: use one")
+    a = config.algorithm
+    if a.kl_coef and a.advantage_estimator in ("grpo", "gspo", "reinforce_plus_plus_baseline"):
+        problems.append(f"--kl-coef (KL as reward shaping) needs --advantage-estimator ppo or reinforce_plus_plus; with {a.advantage_estimator} use --use-kl-loss")
+    if d.eval_interval is not None and not d.eval_prompt_data:
+        problems.append("--eval-interval needs --eval-prompt-data NAME PATH")
+    if d.eval_interval is not None and d.eval_interval < 1:
+        problems.append(f"--eval-interval must be >= 1, got {d.eval_interval}")
+    if r.rollout_engine_batch_size < 1:
+        problems.append(f"--rollout-engine-batch-size must be >= 1, got {r.rollout_engine_batch_size}")
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "; ".join(problems))
+
+
+def check_paths(config: Config) -> None:
+    """The files the run reads must exist: checked before anything starts, each failure naming its flag."""
+    hf = Path(config.checkpoint.hf_checkpoint)
+    if not (hf / "config.json").is_file():
+        raise ConfigError(f"--hf-checkpoint {hf}: no config.json there (expected a HuggingFace model folder)")
+    files = [("--prompt-data", config.data.prompt_data)] + [("--eval-prompt-data", path) for _, path in eval_sets(config)]
+    if config.train.sft_warmup_steps:
+        files.append(("--sft-data", config.train.sft_data))
+    for flag, path in files:
+        if not Path(path).is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+    if config.checkpoint.load:
+        from slime.training.checkpoint import resolve_checkpoint
+
+        try:
+            resolve_checkpoint(config.checkpoint.load)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"--load {exc}") from None
 
 
 def eval_sets(config: Config) -> list[tuple[str, str]]:

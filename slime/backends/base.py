@@ -114,6 +114,7 @@ class Backend(ABC):
     moe_dispatcher: ClassVar[str]  # megatron-core moe_token_dispatcher_type
     kernel_impl: ClassVar[str]  # default kernel implementation family: "torch" | "triton" | "jax"
     docker_image: ClassVar[str]
+    ray_device_resource: ClassVar[str] = "GPU"  # the Ray resource that counts one device of this backend
     requirements: ClassVar[tuple[Requirement, ...]]
     optional: ClassVar[tuple[Requirement, ...]] = ()  # reported, but not needed to be available
 
@@ -167,6 +168,15 @@ class Backend(ABC):
     def memory_allocated(self) -> int:
         return 0
 
+    def ray_cluster_options(self, devices_needed: int) -> dict[str, object]:
+        """Extra `ray.init` arguments when slime starts a local Ray cluster that must hold `devices_needed`
+        placement-group bundles (Ray detects accelerators itself; the CPU backend overrides this)."""
+        return {}
+
+    def ray_actor_env(self) -> dict[str, str]:
+        """Environment for every Ray worker slime starts on this backend."""
+        return {"OMP_NUM_THREADS": self.system.environ.get("OMP_NUM_THREADS", "1")}
+
     def describe(self) -> dict[str, object]:
         return {
             "name": self.name,
@@ -178,6 +188,7 @@ class Backend(ABC):
             "moe_dispatcher": self.moe_dispatcher,
             "kernel_impl": self.kernel_impl,
             "docker_image": self.docker_image,
+            "ray_device_resource": self.ray_device_resource,
         }
 
 

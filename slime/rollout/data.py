@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from slime.types import Sample
+from slime.types import Sample, SampleStatus
 
 
 class DataError(ValueError):
@@ -190,11 +190,27 @@ class DataSource:
             groups.append(group)
         return groups
 
-    def add_back(self, groups: list[list[Sample]]) -> None:
-        """Return unfinished groups; they are reset to their prompt and served first next time."""
+    def all_groups(self) -> list[list[Sample]]:
+        """Every prompt once, in file order, as fresh groups (evaluation sets); the position is untouched."""
+        groups = []
+        for g, (text, ids, row) in enumerate(self.dataset.prompts):
+            groups.append([
+                Sample(prompt=text, tokens=list(ids), label=row.label, metadata=dict(row.metadata), group_index=g, index=g * self.n + j)
+                for j in range(self.n)
+            ])  # fmt: skip
+        return groups
+
+    def add_back(self, groups: list[list[Sample]], keep_partial: bool = False) -> None:
+        """Return unfinished groups; they are served first next time. With keep_partial (partial rollout) what
+        was generated stays: aborted samples continue from their partial response, finished ones are kept as
+        they are; otherwise every sample starts again from its prompt."""
         for group in groups:
             for sample in group:
-                reset_to_prompt(sample)
+                if not keep_partial:
+                    reset_to_prompt(sample)
+                elif sample.status is SampleStatus.ABORTED:
+                    sample.status = SampleStatus.PENDING
+                sample.reward = None
             self.buffer.append(group)
 
     def state_dict(self) -> dict[str, Any]:
@@ -213,8 +229,6 @@ class DataSource:
 
 
 def reset_to_prompt(sample: Sample) -> None:
-    from slime.types import SampleStatus
-
     del sample.tokens[sample.prompt_length :]
     sample.response = ""
     sample.response_length = 0
@@ -234,8 +248,6 @@ def _sample_to_dict(sample: Sample) -> dict[str, Any]:
 
 
 def _sample_from_dict(d: dict[str, Any]) -> Sample:
-    from slime.types import SampleStatus
-
     return Sample(**{**d, "status": SampleStatus(d["status"])})
 
 

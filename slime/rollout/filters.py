@@ -1,4 +1,4 @@
-"""Dynamic sampling filters: `filter(args, group: list[Sample]) -> bool` (keep the group?)."""
+"""Dynamic sampling filters: `filter(ctx: RolloutContext, group: list[Sample]) -> bool` (keep the group?)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from typing import Any
 from slime.types import Sample
 
 
-def check_reward_nonzero_std(args: Any, group: list[Sample]) -> bool:
+def check_reward_nonzero_std(ctx: Any, group: list[Sample]) -> bool:
     """Keep groups whose rewards differ: a group where every sample scored the same has zero GRPO advantage
     everywhere and contributes no gradient, only cost."""
-    rewards = [s.scalar_reward(args.rollout.reward_key if args is not None else None) for s in group]
+    rewards = [s.scalar_reward(ctx.config.rollout.reward_key) for s in group]
     return max(rewards) - min(rewards) > 1e-8
 
 
-def keep_all(args: Any, group: list[Sample]) -> bool:
+def keep_all(ctx: Any, group: list[Sample]) -> bool:
     return True

@@ -44,7 +44,7 @@ class PolicyTrainer(MegatronTrainer):
         log_probs: list[torch.Tensor] = [torch.empty(0)] * len(batch)
         entropies: list[torch.Tensor] = [torch.empty(0)] * len(batch)
         with self.use_weights(weights):
-            for indices in batch.micro_batch_indices(self.config.max_tokens_per_micro_batch):
+            for indices in self._micro_batches(batch):
                 micro = collate(batch, indices)
                 lp, ent = self._log_probs(micro, with_entropy=True)
                 for i, a, b in zip(indices, lp, ent):
@@ -61,7 +61,7 @@ class PolicyTrainer(MegatronTrainer):
         denominator = self.global_denominator(batch)
         self.model.train()
         totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "ppo_kl": 0.0, "tis_weight": 0.0}
-        for indices in batch.micro_batch_indices(cfg.max_tokens_per_micro_batch):
+        for indices in self._micro_batches(batch):
             micro = collate(batch, indices)
             lp_list, ent_list = self._log_probs(micro, with_entropy=True)
             mask = micro.response_mask.to(self.device)
@@ -99,26 +99,27 @@ class PolicyTrainer(MegatronTrainer):
             totals["ppo_kl"] += float(pg_metrics["ppo_kl"])
         return self._finish_step(totals, batch)
 
-    def sft_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step of the NLL of the masked response tokens (warm-up SFT)."""
+    def sft_step(self, batch: TrainBatch, lr: float | None = None) -> dict[str, float]:
+        """One optimizer step of the NLL of the masked response tokens (warm-up SFT); an explicit `lr` is used
+        instead of the schedule, which it leaves untouched."""
         denominator = self.global_denominator(batch)
         self.model.train()
         totals = {"loss": 0.0}
-        for indices in batch.micro_batch_indices(self.config.max_tokens_per_micro_batch):
+        for indices in self._micro_batches(batch):
             micro = collate(batch, indices)
             lp_list, _ = self._log_probs(micro, with_entropy=False)
             loss = losses.sft_loss(self._pad(micro, lp_list), micro.response_mask.to(self.device), self.config.loss_reduction, denominator)
             loss.backward()
             totals["loss"] += float(loss.detach())
-        return self._finish_step(totals, batch)
+        return self._finish_step(totals, batch, lr)
 
     def _pad(self, micro, per_sample: list[torch.Tensor]) -> torch.Tensor:
         """Right-pad differentiable per-sample tensors to [rows, longest response]."""
         longest = micro.response_mask.shape[1]
         return torch.stack([torch.nn.functional.pad(t, (0, longest - t.shape[0])) for t in per_sample])
 
-    def _finish_step(self, totals: dict[str, float], batch: TrainBatch) -> dict[str, float]:
+    def _finish_step(self, totals: dict[str, float], batch: TrainBatch, lr: float | None = None) -> dict[str, float]:
         metrics = self._reduce_metrics({**totals, "tokens": float(batch.num_tokens())})
-        grad_norm, lr = self._optimizer_step()
+        grad_norm, lr = self._optimizer_step(lr)
         metrics.update(grad_norm=grad_norm, lr=lr, step=float(self.step))
         return metrics

@@ -4,6 +4,7 @@ Layout under a checkpoint root:
     step_00000004/            a complete checkpoint (only complete ones carry this name)
         model_tp0.pt ...      this TP rank's model shard + optimizer + scheduler (written by DP rank 0)
         rng_rank0.pt ...      every rank's RNG streams
+        extra.json            the RL loop's state at this step (data position, weight version), if given
         meta.json             step, layout; written last
     .tmp_step_00000006/       a save in progress (or killed half-way): never loaded, removed by the next save
     latest                    text file with the newest step folder name, replaced atomically
@@ -66,6 +67,20 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron"])
+
+
+EXTRA_FILE = "extra.json"
+
+
+def write_extra(folder: Path, extra: dict) -> None:
+    with open(folder / EXTRA_FILE, "w") as f:
+        json.dump(extra, f, indent=1, sort_keys=True)
+
+
+def read_extra(folder: Path) -> dict:
+    """The loop state saved with a checkpoint folder ({} for checkpoints written without one)."""
+    path = Path(folder) / EXTRA_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def begin_save(root: Path, step: int, is_rank0: bool, barrier) -> Path:

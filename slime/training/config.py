@@ -28,6 +28,7 @@ class TrainerConfig:
     clip_grad: float = 1.0
     # batching
     max_tokens_per_micro_batch: int = 8192
+    micro_batch_size: int | None = None  # also cap the samples per micro-batch (None: the token budget alone)
     # loss
     advantage_estimator: str = "grpo"
     eps_clip: float = 0.2
@@ -64,6 +65,8 @@ class TrainerConfig:
             raise ValueError(f"--eps-clip-c {self.eps_clip_c} must be > 1")
         if self.keep_last_n is not None and self.keep_last_n < 1:
             raise ValueError(f"--keep-last-n must be >= 1, got {self.keep_last_n}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
         if self.max_tokens_per_micro_batch < 1:
             raise ValueError(f"--max-tokens-per-micro-batch must be >= 1, got {self.max_tokens_per_micro_batch}")
 

@@ -39,7 +39,7 @@ class CriticTrainer(MegatronTrainer):
     def compute_values(self, batch: TrainBatch) -> list[torch.Tensor]:
         self.model.eval()
         out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
-        for indices in batch.micro_batch_indices(self.config.max_tokens_per_micro_batch):
+        for indices in self._micro_batches(batch):
             for i, v in zip(indices, self._values(collate(batch, indices))):
                 out[i] = v.float().cpu()
         return out
@@ -51,7 +51,7 @@ class CriticTrainer(MegatronTrainer):
         denominator = self.global_denominator(batch)
         self.model.train()
         totals = {"value_loss": 0.0, "vf_clip_frac": 0.0}
-        for indices in batch.micro_batch_indices(self.config.max_tokens_per_micro_batch):
+        for indices in self._micro_batches(batch):
             micro = collate(batch, indices)
             longest = micro.response_mask.shape[1]
             values = torch.stack([torch.nn.functional.pad(v, (0, longest - v.shape[0])) for v in self._values(micro)])

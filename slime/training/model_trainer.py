@@ -135,6 +135,9 @@ class MegatronTrainer:
             for row, (start, n) in enumerate(zip(micro.response_starts, micro.response_lengths))
         ]
 
+    def _micro_batches(self, batch: TrainBatch) -> list[list[int]]:
+        return batch.micro_batch_indices(self.config.max_tokens_per_micro_batch, self.config.micro_batch_size)
+
     def global_denominator(self, batch: TrainBatch) -> float:
         """Loss tokens (or samples) in the whole global batch, over all data-parallel ranks."""
         local = float(batch.num_loss_tokens()) if self.config.loss_reduction == "token" else float(len(batch))
@@ -163,17 +166,53 @@ class MegatronTrainer:
         for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             grad.copy_(reduced)
 
-    def _optimizer_step(self) -> tuple[float, float]:
-        """All-reduce grads over DP, clip, step, advance the LR schedule. Returns (grad_norm, lr used)."""
+    def _optimizer_step(self, lr: float | None = None) -> tuple[float, float]:
+        """All-reduce grads over DP, clip, step, advance the LR schedule. Returns (grad_norm, lr used).
+
+        An explicit `lr` (the SFT warm-up) is used for this step only and leaves the schedule where it is."""
         self._reduce_grads()
-        lr = self.optimizer.param_groups[0]["lr"]
+        fixed_lr = lr is not None
+        if fixed_lr:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_mult", 1.0)
+        used_lr = self.optimizer.param_groups[0]["lr"]
         success, grad_norm, _ = self.optimizer.step()
         if not success:
             raise RuntimeError(f"optimizer step {self.step} failed (non-finite gradients)")
         self.optimizer.zero_grad()
-        self.scheduler.step(increment=1)
+        if not fixed_lr:
+            self.scheduler.step(increment=1)
         self.step += 1
-        return float(grad_norm or 0.0), float(lr)
+        return float(grad_norm or 0.0), float(used_lr)
+
+    def reset_optimizer(self) -> None:
+        """Fresh optimizer state and LR schedule, step counter back to 0 (after the SFT warm-up: RL starts
+        from the warmed-up weights with its own schedule and no SFT moments)."""
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self.step = 0
+
+    # ---- colocation ---------------------------------------------------------------------------
+    def offload(self) -> None:
+        """Move weights, gradients and optimizer state to host memory (colocate: the rollout engine runs next).
+        A no-op when the trainer already lives in host memory."""
+        self._move_state(torch.device("cpu"))
+        self.backend.empty_cache()
+
+    def onload(self) -> None:
+        self._move_state(self.device)
+
+    def _move_state(self, device: torch.device) -> None:
+        if self.device.type == "cpu":
+            return
+        for param in self.model.parameters():
+            param.data = param.data.to(device, non_blocking=True)
+            if param.grad is not None:
+                param.grad = param.grad.to(device, non_blocking=True)
+        for state in self.optimizer.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    state[key] = value.to(device, non_blocking=True)
+        self.backend.synchronize()
 
     def _reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Sum per-rank contributions over DP (each is already normalised by the global count)."""
@@ -211,11 +250,14 @@ class MegatronTrainer:
                 p.data = live[n]
 
     # ---- checkpoints --------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Atomically write a checkpoint for the current step under `directory`; returns its folder."""
+    def save(self, directory: str | os.PathLike, step: int | None = None, extra: dict | None = None) -> Path:
+        """Atomically write a checkpoint under `directory`, in the folder of `step` (default: the optimizer
+        step); returns its folder. `extra` (JSON: the loop's own state) is written beside it by rank 0, inside
+        the same atomic rename, so a checkpoint and the loop state that goes with it never disagree."""
         root = Path(directory)
+        step = self.step if step is None else step
         is_rank0 = self.layout.rank == 0
-        tmp = checkpoint.begin_save(root, self.step, is_rank0, torch.distributed.barrier)
+        tmp = checkpoint.begin_save(root, step, is_rank0, torch.distributed.barrier)
         if self.layout.dp_rank == 0:
             torch.save(
                 {
@@ -223,12 +265,15 @@ class MegatronTrainer:
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "step": self.step,
+                    "snapshots": self._snapshots,
                 },
                 tmp / f"model_tp{self.layout.tp_rank}.pt",
             )
         torch.save(checkpoint.rng_state(), tmp / f"rng_rank{self.layout.rank}.pt")
+        if is_rank0 and extra is not None:
+            checkpoint.write_extra(tmp, extra)
         meta = {"tp_size": self.layout.tp_size, "dp_size": self.layout.dp_size, "hf_checkpoint": str(self.config.hf_checkpoint)}
-        return checkpoint.finish_save(root, tmp, self.step, meta, self.config.keep_last_n, is_rank0, torch.distributed.barrier)
+        return checkpoint.finish_save(root, tmp, step, meta, self.config.keep_last_n, is_rank0, torch.distributed.barrier)
 
     def load(self, directory: str | os.PathLike) -> int:
         """Load the newest complete checkpoint under `directory` (or that step folder); returns its step."""
@@ -248,6 +293,7 @@ class MegatronTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+        self._snapshots = state.get("snapshots", {})
         rng_file = folder / f"rng_rank{self.layout.rank}.pt"
         if rng_file.is_file():
             checkpoint.set_rng_state(torch.load(rng_file, weights_only=False))

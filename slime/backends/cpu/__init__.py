@@ -18,6 +18,9 @@ class CpuBackend(Backend):
     moe_dispatcher = "alltoall"
     kernel_impl = "torch"
     docker_image = "slime:cpu"
+    # A "device" is a worker process: a bundle holds one logical CPU, and the local cluster declares as many
+    # logical CPUs as the bundles need (Ray's CPU count is a scheduling quota, not a thread count).
+    ray_device_resource = "CPU"
     requirements = (
         Requirement("torch", "torch"),
         Requirement("megatron.core", "megatron-core"),
@@ -28,6 +31,10 @@ class CpuBackend(Backend):
 
     def detect_devices(self) -> tuple[int, str]:
         return (os.cpu_count() or 1), ""
+
+    def ray_cluster_options(self, devices_needed: int) -> dict[str, object]:
+        # +1: the rollout manager and other helpers schedule beside the bundles
+        return {"num_cpus": max(os.cpu_count() or 1, devices_needed + 1)}
 
     def setup_process(self, local_rank: int = 0) -> None:
         import torch

@@ -16,6 +16,7 @@ class TpuBackend(Backend):
     moe_dispatcher = "alltoall"
     kernel_impl = "jax"
     docker_image = "slime:tpu"
+    ray_device_resource = "TPU"
     requirements = (
         Requirement("jax", "jax"),
         Requirement("libtpu", "libtpu"),

@@ -18,10 +18,10 @@ def parse(extra: str):
 
 
 def test_sections_and_passthrough():
-    c = parse("--rollout-batch-size 4 --n-samples-per-prompt 8 --global-batch-size 16 --async --colocate "
+    c = parse("--rollout-batch-size 4 --n-samples-per-prompt 8 --global-batch-size 16 --async --partial-rollout "
               "--eps-clip-high 0.28 --use-kl-loss --kl-loss-coef 0.01 --sglang-mem-fraction-static 0.7 "
               "--hidden-dropout 0.0 --rollout-stop a b --eval-prompt-data aime a.jsonl gsm g.jsonl")
-    assert (c.rollout.rollout_batch_size, c.train.async_rollout, c.cluster.colocate) == (4, True, True)
+    assert (c.rollout.rollout_batch_size, c.train.async_rollout, c.rollout.partial_rollout) == (4, True, True)
     assert c.algorithm.eps_clip_high == 0.28 and c.algorithm.kl_loss_coef == 0.01
     assert c.sglang == {"mem_fraction_static": "0.7"}
     assert c.megatron == {"hidden_dropout": 0.0}
@@ -48,6 +48,10 @@ def test_sections_and_passthrough():
         ("--use-kl-loss", "--use-kl-loss needs --kl-loss-coef > 0"),
         ("--eval-prompt-data aime", "--eval-prompt-data takes NAME PATH pairs"),
         ("--use-dynamic-batch-size", "--use-dynamic-batch-size needs --max-tokens-per-gpu"),
+        ("--async --colocate", "--async overlaps generation with training on separate devices; --colocate shares them: use one"),
+        ("--kl-coef 0.1", "--kl-coef (KL as reward shaping) needs --advantage-estimator ppo or reinforce_plus_plus; with grpo use --use-kl-loss"),
+        ("--eval-interval 5", "--eval-interval needs --eval-prompt-data NAME PATH"),
+        ("--sft-warmup-steps 3 --sft-data s.jsonl --sft-batch-size 0", "--sft-batch-size must be >= 1, got 0"),
     ],
 )
 def test_validation_messages(extra, message):

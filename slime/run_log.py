@@ -1,0 +1,120 @@
+"""Where a run's metrics go: metrics.jsonl in the run folder (always), the console (a progress bar on a
+terminal, one line per rollout otherwise), TensorBoard and wandb when asked for."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from slime.config import Config, ConfigError
+
+METRICS_FILE = "metrics.jsonl"
+# What the console line shows, in order, when present.
+CONSOLE_KEYS = (
+    ("rollout/reward_mean", "reward"),
+    ("rollout/response_length_mean", "len"),
+    ("train/pg_loss", "pg"),
+    ("train/kl", "kl"),
+    ("train/entropy", "ent"),
+    ("train/grad_norm", "gnorm"),
+    ("perf/step_time", "s/step"),
+)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunLog:
+    def __init__(self, config: Config, start_step: int = 0):
+        lg = config.logging
+        self.folder = Path(lg.output_dir)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / METRICS_FILE
+        self._keep_rows_before(start_step)
+        self._file = self.path.open("a", encoding="utf-8")
+        self._tensorboard = None
+        if lg.use_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--use-tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self._tensorboard = SummaryWriter(str(self.folder / "tensorboard"))
+        self._wandb = None
+        if lg.use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("--use-wandb needs the wandb package: pip install wandb") from None
+            self._wandb = wandb.init(project=lg.wandb_project or "slime", config=config.to_dict(), dir=str(self.folder))
+        self._bar = None
+        if lg.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=config.train.num_rollout, initial=start_step, desc="rollout", unit="step", dynamic_ncols=True)
+
+    def _keep_rows_before(self, step: int) -> None:
+        """A resumed run re-logs from its checkpoint step: drop what was logged after the checkpoint (rollout rows
+        from its step on; evaluations after it), atomically."""
+
+        def before(row: dict) -> bool:
+            phase, at = row.get("phase"), row.get("step", -1)
+            return phase == "sft" or at < step or (phase == "eval" and at <= step)
+
+        rows = [r for r in read_metrics(self.path) if before(r)]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        tmp.replace(self.path)
+
+    def log(self, step: int, metrics: dict[str, float], phase: str = "rl") -> None:
+        row = {"step": step, "phase": phase, **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row, sort_keys=True) + "\n")
+        self._file.flush()
+        prefix = "sft/" if phase == "sft" else ""
+        if self._tensorboard is not None:
+            for key, value in metrics.items():
+                self._tensorboard.add_scalar(prefix + key, value, step)
+        if self._wandb is not None:
+            self._wandb.log({prefix + k: v for k, v in metrics.items()}, step=step if phase != "sft" else None)
+        self._console(step, metrics, phase)
+
+    def _console(self, step: int, metrics: dict[str, float], phase: str) -> None:
+        shown = {label: metrics[key] for key, label in CONSOLE_KEYS if key in metrics}
+        shown.update({k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/") and k.endswith("reward_mean")})
+        text = " ".join(f"{label}={_short(value)}" for label, value in shown.items())
+        if phase == "sft":
+            text = f"sft step {step} loss={_short(metrics.get('train/loss', math.nan))}"
+        if self._bar is not None:
+            if phase == "rl" and "rollout/reward_mean" in metrics:
+                self._bar.update(1)
+            self._bar.set_postfix_str(text)
+        else:
+            print(f"[{phase} {step}] {text}", file=sys.stderr, flush=True)
+
+    def message(self, text: str) -> None:
+        (self._bar.write if self._bar is not None else lambda t: print(t, file=sys.stderr, flush=True))(text)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._bar is not None:
+            self._bar.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _plain(value: Any) -> Any:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _short(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
