@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     env.add_argument("--json", action="store_true", help="machine-readable output")
 
     sub.add_parser("train", help="run RL training (see `slime train --help`)", add_help=False)
+    sub.add_parser("quickstart", help="build a tiny model and task locally, SFT then GRPO on it (see `slime quickstart --help`)", add_help=False)
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "env":
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: `slime train` is unavailable: {exc}", file=sys.stderr)
             return 2
         return train_cli.main(rest)
+    if args.command == "quickstart":
+        from slime.quickstart.run import main as quickstart_main
+
+        return quickstart_main(rest)
     return 2
 
 

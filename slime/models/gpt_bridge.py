@@ -287,18 +287,23 @@ class GPTBridge:
         raise AssertionError(pm.split)
 
     def to_hf(self, pm: ParamMap, shards: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-        """Full HF tensors from the shards of every TP rank (in rank order)."""
+        """Full HF tensors from the shards of every TP rank (in rank order). With one shard (TP=1) the results
+        are views of the parameters, not copies: weight sync copies each byte once, into the engine."""
+
+        def joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
         if pm.split == REPLICATED:
             full = [shards[0]]
         elif pm.split == ROWS:
-            full = [torch.cat(shards, dim=0)]
+            full = [joined(shards, 0)]
         elif pm.split == COLUMNS:
-            full = [torch.cat(shards, dim=1)]
+            full = [joined(shards, 1)]
         elif pm.split == QKV:
-            full = list(self._deinterleave_qkv(torch.cat(shards, dim=0)))
+            full = list(self._deinterleave_qkv(joined(shards, 0)))
         elif pm.split == GATE_UP:
             halves = [s.chunk(2, dim=0) for s in shards]
-            full = [torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)]
+            full = [joined([h[0] for h in halves], 0), joined([h[1] for h in halves], 0)]
         else:
             raise AssertionError(pm.split)
         return list(zip(pm.hf_names, full))

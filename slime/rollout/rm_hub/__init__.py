@@ -70,9 +70,10 @@ def gpqa_reward(response: str, label: Any) -> float:
 
 
 def arithmetic_reward(response: str, label: Any) -> float:
-    """Exact integer answer at the start of the response (the quickstart task): 1 or 0."""
-    match = re.match(r"\s*(-?\d+)", response)
-    return 1.0 if match and int(match.group(1)) == int(label) else 0.0
+    """The whole response (surrounding whitespace aside) is the integer answer (the quickstart task): 1 or 0.
+    Anything after the number fails, so a policy cannot pad a right answer with junk and keep the reward."""
+    text = response.strip()
+    return 1.0 if re.fullmatch(r"-?\d+", text) is not None and int(text) == int(label) else 0.0
 
 
 BUILTIN: dict[str, Callable[[str, Any], float]] = {

@@ -59,8 +59,11 @@ def test_gpqa_letter():
 
 
 def test_arithmetic():
-    assert rm_hub.arithmetic_reward(" 57<eos>", 57) == 1.0
+    assert rm_hub.arithmetic_reward(" 57 ", 57) == 1.0
+    assert rm_hub.arithmetic_reward("-3", -3) == 1.0
     assert rm_hub.arithmetic_reward("5 7", 57) == 0.0
+    assert rm_hub.arithmetic_reward("57+", 57) == 0.0  # junk after a right answer is not rewarded
+    assert rm_hub.arithmetic_reward("570", 57) == 0.0
     assert rm_hub.arithmetic_reward("", 1) == 0.0
 
 

@@ -449,6 +449,12 @@ class EmbeddedEngine(RolloutEngine):
             except WeightUpdateError:
                 self._pending_update.clear()  # the whole multi-bucket update is void
                 raise
+            if finish and not self._pending_update:
+                # A whole update in one bucket: validated already, so it goes straight into the model (one copy).
+                with self._model_lock:
+                    copy_into_model(self.model, checked)
+                    self._weight_version = int(version)
+                return
             for name, tensor in checked:
                 # Staged copies: the caller may reuse its buffers, and nothing is applied before `finish`.
                 self._pending_update[name] = tensor.detach().to(self.model.device, self.model.dtype, copy=True)

@@ -169,6 +169,7 @@ class ServingModel:
         self.tied_aliases = {"lm_head.weight": "model.embed_tokens.weight"} if spec.tie_word_embeddings else {}
         self._build_rope()
         self._packed: dict[int, torch.Tensor] = {}
+        self._packed_stale = True  # packed weights are rebuilt on the first decode after a weight change
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.allocate_kv_cache()
@@ -271,11 +272,18 @@ class ServingModel:
         return linear(self._rms_norm(hidden, self.final_norm), self.lm_head).float()
 
     # ---- packed decode matmuls ------------------------------------------------------------------------
+    def weights_changed(self) -> None:
+        """The packed decode weights are derived from the weights: drop them, to be rebuilt on the next decode
+        (so a weight update returns once the weights are in place, and the repack runs with generation)."""
+        self._packed = {}
+        self._packed_stale = True
+
     def pack_for_decode(self) -> None:
         """Pre-pack the decode matmul weights for a full batch of max_slots rows, where the torch build
         offers packed GEMM for this device and dtype (MKL on x86 hosts; measured ~1.4x on decode-sized
         matmuls, bit-identical results). Call again after any weight change; a no-op elsewhere."""
         self._packed = {}
+        self._packed_stale = False
         if not packed_gemm_supported(self.device, self.dtype):
             return
         weights = [self.lm_head]
@@ -327,6 +335,8 @@ class ServingModel:
         """
         # With packed weights, a batch padded to max_slots rows is cheaper than an unpacked smaller one
         # down to ~2/3 occupancy; the padding rows are free slots (they write only their own cache row).
+        if self._packed_stale:
+            self.pack_for_decode()
         linear, real_rows = F.linear, num_rows
         if self._packed and num_rows * 3 >= self.max_slots * 2:
             pad = self.max_slots - num_rows

@@ -88,6 +88,7 @@ class EmbeddedServer:
             post(path, self.health)
         get("/get_model_info", self.model_info)
         get("/get_weight_version", self.weight_version)
+        get("/get_server_info", self.server_info)
         for path in ("/flush_cache",):
             get(path, self.flush_cache)
             post(path, self.flush_cache)
@@ -152,6 +153,19 @@ class EmbeddedServer:
                 "context_length": self.engine.max_seq_len,
                 "max_running_requests": self.engine.max_batch_size,
                 "model_type": self.engine.spec.model_type,
+            }
+        )
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        """SGLang answers with its server arguments; this engine with its own, and its process id."""
+        return web.json_response(
+            {
+                "model_path": self.engine.model_path,
+                "max_running_requests": self.engine.max_batch_size,
+                "context_length": self.engine.max_seq_len,
+                "weight_version": str(self.engine.weight_version),
+                "pid": os.getpid(),
+                "engine": "slime-embedded",
             }
         )
 

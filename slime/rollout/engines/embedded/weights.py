@@ -63,7 +63,7 @@ def copy_into_model(model: ServingModel, checked: list[tuple[str, torch.Tensor]]
     """In-place copies into the fused buffers (dtype and device conversion included)."""
     for name, tensor in checked:
         model.hf_views[name].copy_(tensor)
-    model.pack_for_decode()  # packed copies are derived from the weights: rebuild them
+    model.weights_changed()
 
 
 def load_checkpoint_into(model: ServingModel, path: str) -> None:

@@ -1,0 +1,116 @@
+"""Weight sync, trainer -> embedded engine, in one process, beside a plain copy of the same bytes. JSON out.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_weight_sync.py --out bench_weight_sync.json
+
+"push" is what the loop does every step minus the object store: the Megatron trainer exports its weights as
+HF-named full tensors in buckets (`hf_weight_buckets`), and the engine takes them inside a begin/end update
+(`update_weights_from_tensors`: validate, copy into its fused buffers). "plain copy" copies the same bytes
+into preallocated tensors of the same shapes (`dst.copy_(src)` per tensor): the floor any sync has to pay.
+The engine's packed decode weights (MKL reorder, x86 hosts) are derived from the weights and rebuilt on the
+first decode after an update; that cost is reported apart ("repack"), since the trainer does not wait for it.
+Times are the median of --repeats runs after one warm-up; the goal is push <= 2x plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {"5M": (256, 4, 4, 2, 768, 4096), "30M": (512, 8, 8, 4, 1536, 8192)}  # hidden, layers, heads, kv, ffn, vocab
+
+
+def build(folder: Path, size: str) -> int:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    hidden, layers, heads, kv, ffn, vocab = SIZES[size]
+    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
+                         max_position_embeddings=512, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).float()
+    model.save_pretrained(str(folder))
+    return sum(p.numel() for p in model.parameters())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="30M", choices=list(SIZES))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--bucket-mb", type=int, default=512)
+    p.add_argument("--out", default="bench_weight_sync.json")
+    args = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+    from slime.backends import select_backend
+    from slime.rollout.engines.embedded.engine import EmbeddedEngine
+    from slime.training.actor import PolicyTrainer
+    from slime.training.config import TrainerConfig
+    from slime.training.distributed import destroy_distributed, free_port, init_distributed
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        params = build(folder, args.size)
+        backend = select_backend("cpu")
+        init_distributed(backend, 0, 1, "127.0.0.1", free_port())
+        trainer = PolicyTrainer(TrainerConfig(hf_checkpoint=str(folder)), backend)
+        engine = EmbeddedEngine(str(folder), max_batch_size=4, max_seq_len=64)
+        named = list(trainer.hf_named_tensors())
+        sources = [t.clone() for _, t in named]
+        targets = [torch.empty_like(t) for t in sources]
+        nbytes = sum(t.numel() * t.element_size() for t in sources)
+
+        def push(version: int) -> None:
+            engine.begin_weight_update()
+            buckets = list(trainer.hf_weight_buckets(args.bucket_mb << 20))
+            for i, bucket in enumerate(buckets):
+                engine.update_weights_from_tensors(bucket, version, finish=i == len(buckets) - 1)
+            engine.end_weight_update()
+
+        def plain(_: int) -> None:
+            for dst, src in zip(targets, sources):
+                dst.copy_(src)
+
+        def timed(fn) -> list[float]:
+            fn(0)
+            times = []
+            for i in range(args.repeats):
+                start = time.perf_counter()
+                fn(i + 1)
+                times.append(time.perf_counter() - start)
+            return times
+
+        push_s, plain_s = statistics.median(timed(push)), statistics.median(timed(plain))
+        repack_s = statistics.median(timed(lambda _: engine.model.pack_for_decode()))
+        assert engine.weight_version == args.repeats
+        engine.shutdown()
+        destroy_distributed()
+
+    result = {
+        "benchmark": "weight_sync",
+        "model": args.size,
+        "parameters": params,
+        "bytes": nbytes,
+        "push_s": push_s,
+        "plain_copy_s": plain_s,
+        "push_over_plain": push_s / plain_s,
+        "repack_s": repack_s,
+        "push_and_repack_over_plain": (push_s + repack_s) / plain_s,
+        "push_gb_s": nbytes / push_s / 1e9,
+        "threads": torch.get_num_threads(),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"weight sync {args.size} ({params / 1e6:.1f}M params, {nbytes / 2**20:.0f} MiB): push {push_s * 1000:.1f} ms, "
+          f"plain copy {plain_s * 1000:.1f} ms, ratio {push_s / plain_s:.2f}x (goal <= 2x); deferred repack {repack_s * 1000:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

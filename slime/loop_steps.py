@@ -1,0 +1,182 @@
+"""The steps `slime.loop` is made of, each a function of the run's actors and the frozen config."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from slime.config import Config
+from slime.ray.actors import RunActors, engine_spec
+from slime.ray.cluster import ClusterError, get_all
+from slime.testing import invariants
+from slime.training import checkpoint
+from slime.training.batch import TrainBatch
+from slime.training.experience import AdvantageSettings, compute_advantages
+from slime.types import Sample
+
+WEIGHT_UPDATE_TIMEOUT_S = 900.0
+
+
+def advantage_settings(config: Config) -> AdvantageSettings:
+    a = config.algorithm
+    return AdvantageSettings(
+        estimator=a.advantage_estimator,
+        normalize_std=not a.disable_grpo_std_normalization,
+        gamma=a.gamma,
+        lambd=a.lambd,
+        kl_coef=a.kl_coef,
+        kl_type="k1",
+        normalize_advantages=a.normalize_advantages,
+    )
+
+
+def needs_reference(config: Config) -> bool:
+    return config.algorithm.use_kl_loss or bool(config.algorithm.kl_coef) or config.logging.ci_test
+
+
+def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = rows[0].keys() if rows else ()
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
+# ---- weights ------------------------------------------------------------------------------------------
+def sync_weights(config: Config, run: RunActors, version: int) -> float:
+    """Trainer -> engines: HF-named tensor buckets through the object store. Returns seconds."""
+    import ray
+
+    start = time.perf_counter()
+    refs = run.actor.publish_weights(config.train.weight_update_bucket_mb << 20)
+    try:
+        ray.get(run.rollout.update_weights.remote(refs, version), timeout=WEIGHT_UPDATE_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise ClusterError(f"weight update to version {version} did not finish within {WEIGHT_UPDATE_TIMEOUT_S:g} s") from None
+    return time.perf_counter() - start
+
+
+# ---- SFT warm-up --------------------------------------------------------------------------------------
+def sft_samples(config: Config, tokenizer) -> list[Sample]:
+    """Prompt/response rows tokenized as prompt + response + EOS, trained on the response and the EOS."""
+    from slime.rollout.data import read_rows
+
+    rows, _ = read_rows(config.train.sft_data, config.data.input_key, "response", None, config.data.skip_bad_rows)
+    samples = []
+    for i, row in enumerate(rows):
+        prompt = tokenizer(row.prompt, add_special_tokens=False)["input_ids"]
+        response = tokenizer(str(row.label), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        samples.append(Sample(prompt=row.prompt, tokens=prompt + response, response_length=len(response), index=i))
+    return samples
+
+
+def sft_warmup(config: Config, run: RunActors, tokenizer, log) -> None:
+    t = config.train
+    samples = sft_samples(config, tokenizer)
+    order: list[int] = []
+    rng = random.Random(config.train.seed)
+    for step in range(t.sft_warmup_steps):
+        if len(order) < t.sft_batch_size:  # next epoch, reshuffled
+            epoch = list(range(len(samples)))
+            rng.shuffle(epoch)
+            order += epoch
+        picked, order = order[: t.sft_batch_size], order[t.sft_batch_size :]
+        batch = TrainBatch.from_samples([samples[i] for i in picked], tokenizer.pad_token_id)
+        metrics = run.actor.sft(batch, t.sft_lr or t.lr)
+        log.log(step, {f"train/{k}": v for k, v in metrics.items()}, phase="sft")
+    run.actor.reset_optimizer()  # RL starts from the warmed-up weights with a fresh optimizer
+
+
+# ---- one RL training step -----------------------------------------------------------------------------
+def train_on_rollout(config: Config, run: RunActors, samples: list[Sample], pad_token_id: int, first_step: bool,
+                     vocab_size: int, advantage_fn=None) -> dict[str, float]:
+    """Rewards -> (ref / old log-probs, values as needed) -> advantages -> optimizer step(s) on actor and critic."""
+    batch = TrainBatch.from_samples(samples, pad_token_id)
+    batch.rewards = [s.scalar_reward(config.rollout.reward_key) for s in samples]
+    settings = advantage_settings(config)
+    metrics: dict[str, float] = {}
+    check = config.logging.ci_test
+    if needs_reference(config) and run.actor is not None:
+        batch.ref_log_probs, _ = run.actor.compute_log_probs(batch, "ref")
+    if config.train_steps_per_rollout > 1 or settings.kl_coef or check:
+        batch.old_log_probs, entropies = run.actor.compute_log_probs(batch, "actor")
+        if check:
+            metrics.update(invariants.check_ranges(batch.old_log_probs, entropies, batch.loss_masks, vocab_size))
+            if first_step:
+                metrics.update(invariants.logprob_agreement(batch.old_log_probs, batch.rollout_log_probs, batch.loss_masks))
+                kl = _mean_kl(batch) if batch.ref_log_probs is not None else None
+                invariants.check_first_step(metrics, kl, config.rollout.rollout_dtype)
+    if run.critic is not None:
+        batch.values = run.critic.compute_values(batch)
+    (advantage_fn or compute_advantages)(settings, batch, [s.group_index for s in samples])
+    actor_rows, critic_rows = [], []
+    for chunk in batch.chunks(config.train.global_batch_size):
+        futures = run.actor.submit_train(chunk)
+        critic_futures = run.critic.submit_train(chunk) if run.critic is not None else []
+        actor_rows.append(get_all(futures, what="actor.train")[0])
+        if critic_futures:
+            critic_rows.append(get_all(critic_futures, what="critic.train")[0])
+    metrics.update({f"train/{k}": v for k, v in mean_metrics(actor_rows).items()})
+    metrics.update({f"critic/{k}": v for k, v in mean_metrics(critic_rows).items()})
+    metrics["train/advantage_abs_mean"] = float(sum(float(a.abs().sum()) for a in batch.advantages) / max(1, batch.num_loss_tokens()))
+    return metrics
+
+
+def _mean_kl(batch: TrainBatch) -> float:
+    total = sum(float(((o - r) * m).sum()) for o, r, m in zip(batch.old_log_probs, batch.ref_log_probs, batch.loss_masks))
+    return total / max(1, batch.num_loss_tokens())
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+def save_checkpoint(config: Config, run: RunActors, next_rollout: int, weight_version: int) -> str:
+    import ray
+
+    extra = {"next_rollout_id": next_rollout, "weight_version": weight_version, "rollout": ray.get(run.rollout.state_dict.remote())}
+    root = config.checkpoint.save
+    folder = run.actor.save(root, next_rollout, extra)
+    if run.critic is not None:
+        run.critic.save(str(Path(root) / "critic"), next_rollout)
+    return folder
+
+
+def load_checkpoint(config: Config, run: RunActors) -> tuple[int, int]:
+    """Restore trainers and the data position from --load; returns (next rollout id, weight version)."""
+    import ray
+
+    folder = checkpoint.resolve_checkpoint(config.checkpoint.load)
+    extra = checkpoint.read_extra(folder)
+    if "next_rollout_id" not in extra:
+        raise FileNotFoundError(f"{folder}: not a checkpoint of `slime train` (no loop state in {checkpoint.EXTRA_FILE})")
+    run.actor.load(str(folder))
+    if run.critic is not None:
+        run.critic.load(str(Path(config.checkpoint.load) / "critic" / folder.name))
+    ray.get(run.rollout.load_state_dict.remote(extra["rollout"]))
+    return int(extra["next_rollout_id"]), int(extra["weight_version"])
+
+
+def should(interval: int | None, step: int, last: int) -> bool:
+    """Every `interval` rollouts (1-based) and at the last one."""
+    return interval is not None and ((step + 1) % interval == 0 or step + 1 == last)
+
+
+def dump_rollout(folder: str, rollout_id: int, samples: list[Sample]) -> None:
+    from dataclasses import asdict
+
+    path = Path(folder) / f"rollout_{rollout_id:06d}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for s in samples:
+            row: dict[str, Any] = asdict(s)
+            row["status"] = s.status.value
+            f.write(json.dumps(row) + "\n")
+
+
+def describe_start(config: Config, backend, start: int) -> str:
+    c = config.cluster
+    spec = engine_spec(config, backend)
+    return (
+        f"slime: {backend.name} backend, {c.actor_num_nodes * c.actor_num_gpus_per_node} trainer process(es) "
+        f"(TP {config.train.tensor_model_parallel_size}), {c.rollout_num_gpus // c.rollout_num_gpus_per_engine} "
+        f"{spec.kind} engine(s){', colocated' if c.colocate else ''}{', async' if config.train.async_rollout else ''}; "
+        f"rollouts {start}..{config.train.num_rollout - 1}; run folder {config.logging.output_dir}"
+    )

@@ -1,0 +1,149 @@
+"""Ray: starting (or joining) the cluster and placing the trainer, critic and rollout engines on devices.
+
+One placement group per run holds a bundle per device, in this order: actor devices, then critic devices
+(PPO), then rollout devices. With --colocate the rollout engines reuse the actor's bundles (each side takes
+a fraction of the bundle's device and offloads while the other runs), so the group is only as large as the
+trainer. Bundles are packed onto as few nodes as possible: adjacent trainer ranks share a node, which is
+what tensor parallelism wants.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from slime.backends import Backend
+
+# Fraction of a device each side takes when colocated: both fit in one bundle together.
+COLOCATED_SHARE = 0.4
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot host the run (too few devices, cannot connect); the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one worker goes: a bundle of the run's placement group and the share of it the worker takes."""
+
+    bundle_index: int
+    share: float
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which bundle each actor rank, critic rank and rollout engine is placed in."""
+
+    num_bundles: int
+    actor: tuple[Slot, ...]
+    critic: tuple[Slot, ...]
+    rollout: tuple[Slot, ...]  # one slot per engine (the engine's first device)
+    devices_per_engine: int
+
+
+def plan_layout(actor_devices: int, critic_devices: int, rollout_devices: int, devices_per_engine: int, colocate: bool) -> Layout:
+    """Pure bundle arithmetic, unit-tested: see the module docstring for the order."""
+    if rollout_devices % devices_per_engine:
+        raise ClusterError(f"--rollout-num-gpus {rollout_devices} is not a multiple of --rollout-num-gpus-per-engine {devices_per_engine}")
+    engines = rollout_devices // devices_per_engine
+    share = COLOCATED_SHARE if colocate else 1.0
+    actor = tuple(Slot(i, share) for i in range(actor_devices))
+    critic = tuple(Slot(actor_devices + i, share) for i in range(critic_devices))
+    if colocate:
+        if rollout_devices > actor_devices:
+            raise ClusterError(
+                f"--colocate puts the rollout engines on the trainer's devices: --rollout-num-gpus {rollout_devices} "
+                f"must be <= the trainer's {actor_devices}"
+            )
+        rollout = tuple(Slot(e * devices_per_engine, share) for e in range(engines))
+        return Layout(actor_devices + critic_devices, actor, critic, rollout, devices_per_engine)
+    first = actor_devices + critic_devices
+    rollout = tuple(Slot(first + e * devices_per_engine, 1.0) for e in range(engines))
+    return Layout(first + rollout_devices, actor, critic, rollout, devices_per_engine)
+
+
+def ray_env(backend: Backend) -> dict[str, str]:
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env.update(backend.ray_actor_env())
+    return env
+
+
+def connect(backend: Backend, devices_needed: int, address: str | None = None, log_to_driver: bool = True) -> bool:
+    """Join `address`, or reuse the Ray this process already joined, or start a local cluster bound to loopback.
+
+    Returns True when this call started Ray (so the caller shuts it down at the end)."""
+    import ray
+
+    for key, value in ray_env(backend).items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return False
+    runtime_env = {"env_vars": ray_env(backend)}
+    if address:
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
+        except ConnectionError as exc:
+            raise ClusterError(f"--ray-address {address}: cannot connect ({exc})") from None
+        return True
+    ray.init(
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env=runtime_env,
+        log_to_driver=log_to_driver,
+        configure_logging=False,
+        **backend.ray_cluster_options(devices_needed),
+    )
+    return True
+
+
+def create_placement_group(backend: Backend, layout: Layout, timeout_s: float = 120.0):
+    """One bundle per device ({resource: 1, CPU: 1} on accelerators). Fails with the numbers when it cannot fit."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    resource = backend.ray_device_resource
+    bundle = {resource: 1} if resource == "CPU" else {resource: 1, "CPU": 1}
+    group = placement_group([dict(bundle) for _ in range(layout.num_bundles)], strategy="PACK")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        available = ray.available_resources().get(resource, 0)
+        ray.util.remove_placement_group(group)
+        raise ClusterError(
+            f"the run needs {layout.num_bundles} bundles of {bundle} (actor + critic + rollout devices) but the cluster "
+            f"has {available:g} {resource} free; lower --actor-num-gpus-per-node / --rollout-num-gpus or use --colocate"
+        )
+    return group
+
+
+def scheduling(group, slot: Slot, backend: Backend) -> dict:
+    """`.options(...)` for an actor placed in `slot` of the placement group."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=slot.bundle_index)
+    resource = backend.ray_device_resource
+    if resource == "CPU":
+        return {"scheduling_strategy": strategy, "num_cpus": slot.share}
+    options: dict = {"scheduling_strategy": strategy, "num_cpus": 0.1}
+    if resource == "GPU":  # Ray takes GPUs only through num_gpus
+        options["num_gpus"] = slot.share
+    else:
+        options["resources"] = {resource: slot.share}
+    return options
+
+
+def get_all(refs: list, timeout_s: float | None = None, what: str = "call") -> list:
+    """`ray.get` of several refs that fails as soon as any of them fails: a collective whose one rank died
+    must not leave the driver waiting on the ranks still blocked in it. A timeout is a ClusterError."""
+    import time
+
+    import ray
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
+        if not ready:
+            raise ClusterError(f"{what} did not finish within {timeout_s:g} s ({len(pending)} of {len(refs)} workers still busy)")
+        ray.get(ready)  # raises the worker's exception
+    return ray.get(list(refs))

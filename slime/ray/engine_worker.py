@@ -1,0 +1,94 @@
+"""A rollout engine in a Ray actor: it serves SGLang's HTTP API (which the generate functions use) and takes
+weight updates and memory calls as actor methods (which the loop uses).
+
+Which engine runs is the backend's choice (`Backend.rollout_engine`): the embedded engine behind its own
+SGLang-compatible server, an SGLang server (GPU backends), or an sglang-jax server (TPU). All three are
+`RolloutEngine`s, so everything below the constructor is the same code for every backend.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    kind: str  # "embedded" | "sglang" | "sglang_jax"
+    hf_checkpoint: str
+    max_batch_size: int = 64
+    max_seq_len: int = 2048
+    dtype: str = "float32"
+    seed: int = 0
+    server_options: dict[str, str] = field(default_factory=dict)  # --sglang-* pass-through
+    log_dir: str | None = None
+    staging_dir: str | None = None  # sglang-jax: where updated checkpoints are written
+
+
+def start_engine(spec: EngineSpec, backend):
+    """(engine, url, stop) for the spec's engine kind on this process's device."""
+    if spec.kind == "embedded":
+        import torch
+
+        from slime.rollout.engines.embedded.engine import EmbeddedEngine
+        from slime.rollout.engines.embedded.server import serve_http
+
+        engine = EmbeddedEngine(
+            spec.hf_checkpoint, backend.torch_device(0), spec.max_batch_size, spec.max_seq_len,
+            getattr(torch, spec.dtype), spec.seed,
+        )  # fmt: skip
+        server = serve_http(engine, "127.0.0.1", 0)
+        return engine, server.url, server.stop
+    if spec.kind == "sglang":
+        from slime.rollout.engines.sglang.launcher import SGLangEngine, SGLangServerConfig
+
+        engine = SGLangEngine(SGLangServerConfig(spec.hf_checkpoint, dict(spec.server_options), log_dir=spec.log_dir))
+        return engine, engine.url, lambda: None
+    if spec.kind == "sglang_jax":
+        from slime.rollout.engines.sglang_jax.engine import SGLangJaxEngine, SGLangJaxServerConfig
+
+        staging = spec.staging_dir or os.path.join(spec.log_dir or ".", "sglang_jax_weights")
+        engine = SGLangJaxEngine(SGLangJaxServerConfig(spec.hf_checkpoint, staging, dict(spec.server_options), log_dir=spec.log_dir))
+        return engine, engine.url, lambda: None
+    raise ValueError(f"unknown rollout engine kind {spec.kind!r}")
+
+
+class EngineWorker:
+    """Wrapped by ray.remote in the rollout manager; one per engine."""
+
+    def __init__(self, spec: EngineSpec, hardware: str):
+        from slime.backends import select_backend
+
+        backend = select_backend(hardware)
+        backend.setup_process(0)
+        self.engine, self.url, self._stop_server = start_engine(spec, backend)
+
+    def info(self) -> dict:
+        return {"url": self.url, "pid": os.getpid(), "weight_version": self.engine.weight_version}
+
+    def health(self) -> bool:
+        return self.engine.health()
+
+    def update_weights(self, bucket_refs: list, version: int) -> float:
+        """Apply HF-named tensor buckets (object refs, fetched one at a time) as weight `version`; seconds taken."""
+        import ray
+
+        start = time.perf_counter()
+        self.engine.begin_weight_update()
+        try:
+            for i, ref in enumerate(bucket_refs):
+                self.engine.update_weights_from_tensors(ray.get(ref), version, finish=i == len(bucket_refs) - 1)
+        finally:
+            self.engine.end_weight_update()
+        return time.perf_counter() - start
+
+    def release_memory(self) -> None:
+        self.engine.release_memory()
+
+    def resume_memory(self) -> None:
+        self.engine.resume_memory()
+
+    def shutdown(self) -> None:
+        self._stop_server()
+        self.engine.shutdown()

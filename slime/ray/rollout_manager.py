@@ -1,0 +1,178 @@
+"""The rollout side of a run, in one async Ray actor: the prompt data, the engines, generation, rewards,
+filters, evaluation, and engine fault tolerance.
+
+Engines live in their own actors (EngineWorker) and are reached over SGLang's HTTP API for generation.
+When a request finds its engine gone, `recover()` restarts every dead engine in its old placement slot,
+loads the newest weights into it (the buckets of the last update stay referenced here for that), and the
+failed requests are retried from where their sample stood: nothing is lost, nothing counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from slime.config import Config, eval_sets
+from slime.ray.cluster import Slot, scheduling
+from slime.ray.engine_worker import EngineSpec, EngineWorker
+from slime.types import Sample
+
+logger = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 30.0
+
+
+@dataclass
+class _Engine:
+    actor: Any
+    url: str
+    pid: int
+
+
+class RolloutManager:
+    """Wrapped by ray.remote(...) in the loop. All methods are coroutines on the actor's event loop."""
+
+    def __init__(self, config: Config, hardware: str, placement_group, slots: tuple[Slot, ...], spec: EngineSpec):
+        self.config = config
+        self.hardware = hardware
+        self.placement_group = placement_group
+        self.slots = slots
+        self.spec = spec
+        self.engines: list[_Engine] = []
+        self.restarts = 0
+        self._weights: tuple[list, int] = ([], 0)  # last update's bucket refs and version, for restarted engines
+        self._recover_lock = asyncio.Lock()
+
+    async def start(self) -> list[dict]:
+        """Load the prompt sets and plugins, start the engines. (Here, not in __init__, so that a bad dataset or
+        plugin path reaches the driver as the original exception.)"""
+        from transformers import AutoTokenizer
+
+        from slime.backends import select_backend
+        from slime.rollout import plugins
+        from slime.rollout.generate import RolloutContext
+
+        config = self.config
+        self.backend = select_backend(self.hardware)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.checkpoint.hf_checkpoint)
+        self.data = _load_prompts(config, config.data.prompt_data, config.rollout.n_samples_per_prompt, self.tokenizer)
+        self.eval_data = {
+            name: _load_prompts(config, path, config.rollout.n_samples_per_eval_prompt, self.tokenizer, shuffle=False)
+            for name, path in eval_sets(config)
+        }
+        self.plugins = plugins.load_rollout_plugins(config)
+        self.ctx = RolloutContext(config, self.tokenizer, [])
+        self.engines = list(await asyncio.gather(*(self._start_engine(slot) for slot in self.slots)))
+        self.ctx.set_urls([e.url for e in self.engines])
+        return self.engine_info()
+
+    # ---- engines ------------------------------------------------------------------------------------
+    async def _start_engine(self, slot: Slot) -> _Engine:
+        import ray
+
+        actor = ray.remote(EngineWorker).options(**scheduling(self.placement_group, slot, self.backend)).remote(self.spec, self.backend.name)
+        info = await actor.info.remote()
+        return _Engine(actor, info["url"], info["pid"])
+
+    def engine_info(self) -> list[dict]:
+        return [{"url": e.url, "pid": e.pid} for e in self.engines]
+
+    async def _alive(self, engine: _Engine) -> bool:
+        try:
+            return bool(await asyncio.wait_for(engine.actor.health.remote(), HEALTH_TIMEOUT_S))
+        except Exception:  # the actor died (RayActorError) or hangs: either way it is replaced
+            return False
+
+    async def recover(self) -> None:
+        """Restart every engine that no longer answers; concurrent callers share one restart."""
+        import ray
+
+        async with self._recover_lock:
+            alive = await asyncio.gather(*(self._alive(e) for e in self.engines))
+            for i, ok in enumerate(alive):
+                if ok:
+                    continue
+                logger.warning("rollout engine %d (pid %d) is gone; restarting it", i, self.engines[i].pid)
+                ray.kill(self.engines[i].actor, no_restart=True)
+                engine = await self._start_engine(self.slots[i])
+                refs, version = self._weights
+                if refs:
+                    await engine.actor.update_weights.remote(refs, version)
+                self.engines[i] = engine
+                self.restarts += 1
+            self.ctx.set_urls([e.url for e in self.engines])
+
+    async def update_weights(self, bucket_refs: list, version: int) -> float:
+        """Push weight buckets to every engine; returns the slowest engine's seconds."""
+        self._weights = (list(bucket_refs), version)
+        seconds = await asyncio.gather(*(e.actor.update_weights.remote(bucket_refs, version) for e in self.engines))
+        return max(seconds)
+
+    async def release_memory(self) -> None:
+        await asyncio.gather(*(e.actor.release_memory.remote() for e in self.engines))
+
+    async def resume_memory(self) -> None:
+        await asyncio.gather(*(e.actor.resume_memory.remote() for e in self.engines))
+
+    # ---- generation ---------------------------------------------------------------------------------
+    async def generate(self, rollout_id: int) -> tuple[list[Sample], dict[str, float]]:
+        from slime.rollout.rollout import generate_rollout
+
+        import time
+
+        r = self.config.rollout
+        restarts_before, started = self.restarts, time.perf_counter()
+        if self.plugins.rollout_fn is not None:
+            result = await self.plugins.rollout_fn(self.ctx, self.data, rollout_id)
+        else:
+            result = await generate_rollout(
+                self.ctx, self.data,
+                num_groups=r.rollout_batch_size, generate_fn=self.plugins.generate_fn, reward=self.plugins.reward,
+                filter_fn=self.plugins.filter_fn, over_sampling_groups=r.over_sampling_batch_size,
+                partial_rollout=r.partial_rollout, recover=self.recover,
+            )  # fmt: skip
+        result.metrics["rollout/engine_restarts"] = float(self.restarts - restarts_before)
+        result.metrics["perf/rollout_time"] = time.perf_counter() - started
+        return result.samples, result.metrics
+
+    async def evaluate(self) -> dict[str, float]:
+        from slime.rollout.rollout import evaluate
+
+        metrics: dict[str, float] = {}
+        for name, source in self.eval_data.items():
+            samples = [s for g in source.all_groups() for s in g]
+            metrics.update(await evaluate(self.ctx, name, samples, self.plugins.generate_fn, self.plugins.reward, self.recover))
+        return metrics
+
+    # ---- checkpoint ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"data": self.data.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.data.load_state_dict(state["data"])
+
+    async def shutdown(self) -> None:
+        import ray
+
+        if self.engines:
+            await self.ctx.close()
+        for engine in self.engines:
+            try:
+                await asyncio.wait_for(engine.actor.shutdown.remote(), 30)
+            except Exception:
+                pass
+            ray.kill(engine.actor, no_restart=True)
+
+
+def _load_prompts(config: Config, path: str, n: int, tokenizer, shuffle: bool | None = None):
+    from slime.rollout.data import load_data_source
+
+    d = config.data
+    return load_data_source(
+        path, tokenizer, input_key=d.input_key, label_key=d.label_key, metadata_key=d.metadata_key,
+        apply_chat_template=d.apply_chat_template, max_prompt_len=d.rollout_max_prompt_len, n_samples_per_prompt=n,
+        shuffle=d.rollout_shuffle if shuffle is None else shuffle, seed=d.rollout_seed, skip_bad_rows=d.skip_bad_rows,
+        log=logger.warning,
+    )  # fmt: skip

@@ -1,0 +1,207 @@
+"""Trainer ranks as Ray actors, and the driver-side handle that drives them all in step.
+
+Every trainer call is a collective over the ranks, so `TrainerGroup` always calls every rank and waits for
+all of them. Batches travel through the object store already split: each data-parallel rank's share is
+put once and handed to the tensor-parallel ranks of that share.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from slime.backends import Backend
+from slime.ray.cluster import Slot, get_all, scheduling
+from slime.training.batch import TrainBatch
+from slime.training.config import TrainerConfig
+
+
+class TrainerWorker:
+    """One trainer rank (wrapped by ray.remote in TrainerGroup): process group + policy or critic trainer."""
+
+    def __init__(self, role: str, config: TrainerConfig, hardware: str, rank: int, world_size: int):
+        import warnings
+
+        from slime.backends import select_backend
+
+        # megatron-core announces each optional fused-kernel package it did not find, once per process
+        warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (is|are) not installed")
+        warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+
+        self.role, self.config, self.rank, self.world_size = role, config, rank, world_size
+        self.backend = select_backend(hardware)
+        self.trainer: Any = None
+
+    def master_address(self) -> tuple[str, int]:
+        import ray
+
+        from slime.training.distributed import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def init(self, master_addr: str, master_port: int) -> dict[str, int]:
+        from slime.training.actor import PolicyTrainer
+        from slime.training.critic import CriticTrainer
+        from slime.training.distributed import init_distributed
+
+        layout = init_distributed(
+            self.backend, self.rank, self.world_size, master_addr, master_port,
+            tensor_parallel_size=self.config.tensor_parallel_size, seed=self.config.seed,
+        )  # fmt: skip
+        self.trainer = (PolicyTrainer if self.role == "actor" else CriticTrainer)(self.config, self.backend)
+        return {"rank": layout.rank, "tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank, "dp_size": layout.dp_size, "pid": os.getpid()}
+
+    # ---- per-step work ------------------------------------------------------------------------------
+    def snapshot(self, name: str) -> None:
+        self.trainer.snapshot(name)
+
+    def compute_log_probs(self, shard: TrainBatch, weights: str) -> tuple | None:
+        """(log-probs, entropies) per sample of the share, from tensor-parallel rank 0 (None elsewhere)."""
+        result = self.trainer.compute_log_probs(shard, weights)
+        return result if self.trainer.layout.tp_rank == 0 else None
+
+    def compute_values(self, shard: TrainBatch) -> list | None:
+        values = self.trainer.compute_values(shard)
+        return values if self.trainer.layout.tp_rank == 0 else None
+
+    def train(self, shard: TrainBatch) -> dict[str, float]:
+        return self.trainer.train_step(shard)
+
+    def sft(self, shard: TrainBatch, lr: float | None) -> dict[str, float]:
+        return self.trainer.sft_step(shard, lr)
+
+    def reset_optimizer(self) -> None:
+        self.trainer.reset_optimizer()
+
+    def publish_weights(self, bucket_bytes: int) -> list:
+        """HF-named full tensors in buckets, put in the object store by rank 0 (every rank takes part in the
+        tensor-parallel gathers). Returns the buckets' object refs on rank 0, [] elsewhere."""
+        import ray
+
+        refs = []
+        for bucket in self.trainer.hf_weight_buckets(bucket_bytes):
+            if self.rank == 0:
+                # clone: export yields views of the parameters, and a pickled view would carry its whole storage
+                refs.append(ray.put([(name, tensor.detach().to("cpu").clone()) for name, tensor in bucket]))
+        return refs
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    def save(self, root: str, step: int, extra: dict | None) -> str:
+        return str(self.trainer.save(root, step=step, extra=extra))
+
+    def load(self, root: str) -> int:
+        return self.trainer.load(root)
+
+    def save_hf(self, folder: str) -> str:
+        return str(self.trainer.save_hf(folder))
+
+    def offload(self) -> None:
+        self.trainer.offload()
+
+    def onload(self) -> None:
+        self.trainer.onload()
+
+    def shutdown(self) -> None:
+        from slime.training.distributed import destroy_distributed
+
+        destroy_distributed()
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    tp_rank: int
+    dp_rank: int
+    dp_size: int
+    pid: int
+
+
+class TrainerGroup:
+    """The ranks of one trainer (policy or critic), placed in `slots` of the run's placement group."""
+
+    def __init__(self, role: str, config: TrainerConfig, backend: Backend, placement_group, slots: tuple[Slot, ...]):
+        import ray
+
+        worker_class = ray.remote(TrainerWorker)
+        self.role = role
+        self.workers = [
+            worker_class.options(**scheduling(placement_group, slot, backend)).remote(role, config, backend.name, rank, len(slots))
+            for rank, slot in enumerate(slots)
+        ]
+        address, port = ray.get(self.workers[0].master_address.remote())
+        self.ranks = [RankInfo(**info) for info in get_all([w.init.remote(address, port) for w in self.workers], what=f"{role} start-up")]
+        self.dp_size = self.ranks[0].dp_size
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    def _call(self, method: str, *args: Any) -> list[Any]:
+        return get_all([getattr(w, method).remote(*args) for w in self.workers], what=f"{self.role}.{method}")
+
+    def _submit_sharded(self, method: str, batch: TrainBatch, *args: Any) -> list:
+        """Start `method(shard, *args)` on every rank with its data-parallel share; returns the futures."""
+        import ray
+
+        shards = [ray.put(batch.split_for_dp(dp, self.dp_size)) for dp in range(self.dp_size)]
+        return [getattr(w, method).remote(shards[info.dp_rank], *args) for w, info in zip(self.workers, self.ranks)]
+
+    def _merge(self, per_rank: list[Any], total: int) -> list:
+        """Per-sample results of the tensor-parallel rank 0 of each share, back in batch order."""
+        merged: list = [None] * total
+        for info, values in zip(self.ranks, per_rank):
+            if info.tp_rank == 0:
+                for j, value in enumerate(values):
+                    merged[info.dp_rank + j * self.dp_size] = value
+        return merged
+
+    # ---- the calls the loop makes --------------------------------------------------------------------
+    def compute_log_probs(self, batch: TrainBatch, weights: str = "actor") -> tuple[list, list]:
+        """Per-sample (log-probs, entropies) of the response tokens under the named weights, in batch order."""
+        results = get_all(self._submit_sharded("compute_log_probs", batch, weights), what=f"{self.role}.compute_log_probs")
+        log_probs = self._merge([r[0] if r is not None else None for r in results], len(batch))
+        entropies = self._merge([r[1] if r is not None else None for r in results], len(batch))
+        return log_probs, entropies
+
+    def compute_values(self, batch: TrainBatch) -> list:
+        return self._merge(get_all(self._submit_sharded("compute_values", batch), what="critic.compute_values"), len(batch))
+
+    def submit_train(self, batch: TrainBatch) -> list:
+        """Start one optimizer step on every rank; `get_all` the futures and take [0] for the metrics (the
+        actor and the critic train at the same time on their own devices)."""
+        return self._submit_sharded("train", batch)
+
+    def sft(self, batch: TrainBatch, lr: float | None) -> dict[str, float]:
+        return get_all(self._submit_sharded("sft", batch, lr), what="actor.sft")[0]
+
+    def publish_weights(self, bucket_bytes: int) -> list:
+        return self._call("publish_weights", bucket_bytes)[0]
+
+    def snapshot(self, name: str) -> None:
+        self._call("snapshot", name)
+
+    def reset_optimizer(self) -> None:
+        self._call("reset_optimizer")
+
+    def save(self, root: str, step: int, extra: dict | None = None) -> str:
+        return self._call("save", root, step, extra)[0]
+
+    def load(self, root: str) -> int:
+        return self._call("load", root)[0]
+
+    def save_hf(self, folder: str) -> str:
+        return self._call("save_hf", folder)[0]
+
+    def offload(self) -> None:
+        self._call("offload")
+
+    def onload(self) -> None:
+        self._call("onload")
+
+    def shutdown(self) -> None:
+        import ray
+
+        try:
+            ray.get([w.shutdown.remote() for w in self.workers], timeout=60)
+        except Exception:  # a rank already died: killing below is what matters
+            pass
+        for worker in self.workers:
+            ray.kill(worker)

@@ -1,0 +1,201 @@
+"""Generation over SGLang's HTTP API — the same code path for SGLang, sglang-jax and the embedded engine.
+
+A generate function (default or `--custom-generate-function-path`) has the signature
+
+    async def generate(ctx: RolloutContext, sample: Sample, sampling_params: dict) -> Sample
+
+It POSTs to `ctx.url + "/generate"` (or calls `ctx.post_generate`), appends what came back to the
+sample with `Sample.append_response(..., trainable=True)`, and may append tool/environment tokens with
+`trainable=False` (multi-turn). It sets `sample.status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from slime.types import Sample, SampleStatus
+
+
+class EngineUnavailable(ConnectionError):
+    """The engine could not be reached (died, restarting). The request is safe to retry elsewhere/later."""
+
+
+_FINISH_TO_STATUS = {
+    "stop": SampleStatus.COMPLETED,
+    "length": SampleStatus.TRUNCATED,
+    "abort": SampleStatus.ABORTED,
+}
+
+
+@dataclass
+class RolloutContext:
+    """What a generate function gets: the frozen config, the tokenizer, and the way to the engines."""
+
+    config: Any
+    tokenizer: Any
+    urls: list[str]
+    request_timeout: float = 600.0
+    _session: Any = None
+    _round_robin: Any = None
+    _semaphore: asyncio.Semaphore | None = None
+    in_flight: dict[str, str] = field(default_factory=dict)  # rid -> url, for aborts
+
+    def set_urls(self, urls: list[str]) -> None:
+        """Point at a new set of engines (after a restart); requests already sent keep their engine."""
+        self.urls = list(urls)
+        self._round_robin = None
+
+    @property
+    def url(self) -> str:
+        """An engine URL (round robin across engines)."""
+        if self._round_robin is None:
+            self._round_robin = itertools.cycle(self.urls)
+        return next(self._round_robin)
+
+    async def session(self):
+        import aiohttp
+
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=0)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=self.request_timeout)
+            )
+        return self._session
+
+    def concurrency(self) -> asyncio.Semaphore:
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.config.rollout.rollout_concurrency * max(1, len(self.urls)))
+        return self._semaphore
+
+    async def post_generate(self, payload: dict[str, Any], url: str | None = None) -> Any:
+        """POST /generate with bounded concurrency; connection failures become EngineUnavailable.
+        A batched payload (lists) returns a list of outputs."""
+        import aiohttp
+
+        url = url or self.url
+        rids = payload.get("rid")
+        rids = [rids] if isinstance(rids, str) else list(rids or [])
+        async with self.concurrency():
+            session = await self.session()
+            for rid in rids:
+                self.in_flight[rid] = url
+            try:
+                async with session.post(f"{url}/generate", json=payload) as resp:
+                    body = await resp.json(content_type=None)
+                    if resp.status >= 500:
+                        raise EngineUnavailable(f"{url}: HTTP {resp.status}")
+                    if resp.status != 200:
+                        message = body.get("error", {}).get("message") if isinstance(body, dict) else body
+                        raise ValueError(f"{url}/generate rejected the request: {message}")
+                    return body
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError, aiohttp.ServerDisconnectedError) as exc:
+                raise EngineUnavailable(f"{url}: {type(exc).__name__}: {exc}") from None
+            finally:
+                for rid in rids:
+                    self.in_flight.pop(rid, None)
+
+    async def abort_all(self) -> None:
+        import aiohttp
+
+        session = await self.session()
+        for url in self.urls:
+            try:
+                async with session.post(f"{url}/abort_request", json={"rid": "", "abort_all": True}) as resp:
+                    await resp.read()
+            except aiohttp.ClientError:
+                pass
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def sampling_params_for(config: Any, evaluation: bool = False) -> dict[str, Any]:
+    r = config.rollout
+    if evaluation:
+        return {
+            "temperature": r.eval_temperature,
+            "top_p": 1.0,
+            "top_k": -1,
+            "max_new_tokens": r.eval_max_response_len or r.rollout_max_response_len,
+            "stop": list(r.rollout_stop),
+            "stop_token_ids": list(r.rollout_stop_token_ids),
+        }
+    return {
+        "temperature": r.rollout_temperature,
+        "top_p": r.rollout_top_p,
+        "top_k": r.rollout_top_k,
+        "max_new_tokens": r.rollout_max_response_len,
+        "stop": list(r.rollout_stop),
+        "stop_token_ids": list(r.rollout_stop_token_ids),
+    }
+
+
+def parse_generate_response(body: dict[str, Any]) -> tuple[list[int], list[float], str, int | None]:
+    """(token ids, log-probs, finish reason, weight version) from SGLang's /generate JSON."""
+    meta = body["meta_info"]
+    entries = meta.get("output_token_logprobs") or []
+    token_ids = [int(e[1]) for e in entries]
+    log_probs = [float(e[0]) for e in entries]
+    if not entries and body.get("output_ids"):
+        token_ids = list(body["output_ids"])
+        log_probs = [0.0] * len(token_ids)
+    finish = meta.get("finish_reason") or {}
+    reason = finish.get("type", "stop") if isinstance(finish, dict) else str(finish)
+    version = meta.get("weight_version")
+    return token_ids, log_probs, reason, (int(version) if version is not None and str(version).isdigit() else None)
+
+
+def _request(sample: Sample, sampling_params: dict[str, Any]) -> tuple[str, list[int], dict[str, Any]] | None:
+    """(rid, input ids, sampling params) for the rest of a sample's budget; None when nothing is left."""
+    budget = sampling_params["max_new_tokens"] - sample.response_length
+    if budget <= 0:
+        sample.status = SampleStatus.TRUNCATED
+        return None
+    return f"s{sample.index}-{sample.response_length}", sample.tokens, dict(sampling_params, max_new_tokens=budget)
+
+
+def _take_output(ctx: RolloutContext, sample: Sample, body: dict[str, Any]) -> Sample:
+    token_ids, log_probs, reason, version = parse_generate_response(body)
+    sample.append_response(token_ids, log_probs, trainable=True)
+    sample.response = ctx.tokenizer.decode(sample.response_tokens, skip_special_tokens=True)
+    sample.status = _FINISH_TO_STATUS.get(reason, SampleStatus.FAILED)
+    if reason == "error" or "error" in body.get("meta_info", {}):
+        sample.status = SampleStatus.FAILED
+    sample.weight_version = version
+    return sample
+
+
+async def generate(ctx: RolloutContext, sample: Sample, sampling_params: dict[str, Any]) -> Sample:
+    """The default: one turn, the whole remaining budget, trainable tokens."""
+    request = _request(sample, sampling_params)
+    if request is None:
+        return sample
+    rid, input_ids, params = request
+    body = await ctx.post_generate({"rid": rid, "input_ids": input_ids, "sampling_params": params, "return_logprob": True})
+    return _take_output(ctx, sample, body)
+
+
+async def generate_batch(ctx: RolloutContext, samples: list[Sample], sampling_params: list[dict[str, Any]]) -> list[Sample]:
+    """`generate` for several samples (a group) in one batched /generate request, as SGLang accepts: the same
+    result per sample as one request each, with one HTTP round trip instead of n."""
+    requests = [(s, _request(s, p)) for s, p in zip(samples, sampling_params)]
+    todo = [(s, r) for s, r in requests if r is not None]
+    if not todo:
+        return samples
+    payload = {
+        "rid": [r[0] for _, r in todo],
+        "input_ids": [r[1] for _, r in todo],
+        "sampling_params": [r[2] for _, r in todo],
+        "return_logprob": True,
+    }
+    bodies = await ctx.post_generate(payload)
+    if not isinstance(bodies, list) or len(bodies) != len(todo):
+        raise ValueError(f"batched /generate returned {type(bodies).__name__} for {len(todo)} requests")
+    for (sample, _), body in zip(todo, bodies):
+        _take_output(ctx, sample, body)
+    return samples

@@ -1,0 +1,52 @@
+"""Plugins the end-to-end tests name by dotted path (`loop_plugins.<name>`): each follows the contract in
+slime/rollout/plugins.py and runs inside the rollout manager's Ray actor."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from slime.rollout.generate import generate as default_generate
+from slime.types import Sample
+
+KILL_AT_SAMPLE = 6
+_killed = False
+
+
+async def generate_killing_the_engine_once(ctx, sample: Sample, sampling_params: dict) -> Sample:
+    """The default generate, except that the first time sample KILL_AT_SAMPLE starts, the engine process is
+    SIGKILLed first: requests of the other samples are in flight at that moment."""
+    global _killed
+    if not _killed and sample.index == KILL_AT_SAMPLE:
+        _killed = True
+        session = await ctx.session()
+        async with session.get(ctx.urls[0] + "/get_server_info") as response:
+            pid = (await response.json())["pid"]
+        os.kill(pid, signal.SIGKILL)
+    return await default_generate(ctx, sample, sampling_params)
+
+
+INJECTED = "+0="  # the "tool output" appended between the two turns: never trained on
+
+
+async def two_turn_generate(ctx, sample: Sample, sampling_params: dict) -> Sample:
+    """Multi-turn: generate up to 2 tokens, append tool tokens with loss mask 0, then generate the rest."""
+    first = dict(sampling_params, max_new_tokens=2)
+    await default_generate(ctx, sample, first)
+    tool_ids = ctx.tokenizer(INJECTED, add_special_tokens=False)["input_ids"]
+    sample.append_response(tool_ids, None, trainable=False)
+    budget = dict(sampling_params, max_new_tokens=sampling_params["max_new_tokens"] + len(tool_ids) + 2)
+    await default_generate(ctx, sample, budget)
+    sample.metadata["tool_ids"] = tool_ids
+    return sample
+
+
+def parity_reward(ctx, sample: Sample) -> float:
+    """1 when the response has an even number of characters: varies within groups of a random model."""
+    return float(len(sample.response) % 2 == 0)
+
+
+def group_rank_reward(ctx, samples: list[Sample]) -> list[float]:
+    """Group reward: 1 for the longest response(s) of the group, 0 for the others."""
+    longest = max(len(s.response) for s in samples)
+    return [float(len(s.response) == longest) for s in samples]
