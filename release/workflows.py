@@ -113,17 +113,14 @@ def test_job(job: SuiteJob, previous_wait: str | None, nightly: bool) -> dict:
                 "run": "python3 -m release ci health",
             }
         )
+    steps += setup_slime(job.hw, f"{job.hw},test")
+    env = {"SHARD": "${{ matrix.shard }}", "PARALLEL": "false" if nightly else "${{ needs.gate.outputs.parallel }}", "OMP_NUM_THREADS": "1"}
+    if nightly:
+        steps.append(fetch_history_step(job))
+        env.update(SLIME_NIGHTLY_OUT="nightly-out", SLIME_NIGHTLY_HISTORY=NIGHTLY_HISTORY,
+                   SLIME_NIGHTLY_RECORDS="nightly-out/accuracy-records.jsonl")
     steps += [
-        *setup_slime(job.hw, f"{job.hw},test"),
-        {
-            "name": f"Run {job.suite} shard ${{{{ matrix.shard }}}} of {job.shards}",
-            "env": {
-                "SHARD": "${{ matrix.shard }}",
-                "PARALLEL": "false" if nightly else "${{ needs.gate.outputs.parallel }}",
-                "OMP_NUM_THREADS": "1",
-            },
-            "run": run_tests,
-        },
+        {"name": f"Run {job.suite} shard ${{{{ matrix.shard }}}} of {job.shards}", "env": env, "run": run_tests},
         {
             "name": "Upload results",
             "if": "${{ !cancelled() }}",
@@ -131,6 +128,8 @@ def test_job(job: SuiteJob, previous_wait: str | None, nightly: bool) -> dict:
             "with": {"name": f"{job.job_id}-${{{{ matrix.shard }}}}", "path": "results/", "if-no-files-found": "ignore"},
         },
     ]
+    if nightly:
+        steps += nightly_report_steps(job)
     body: dict = {"name": f"{job.name_prefix}${{{{ matrix.shard }}}}"}
     if not nightly:
         body["needs"] = ["gate"] + ([previous_wait] if previous_wait else [])
@@ -141,12 +140,56 @@ def test_job(job: SuiteJob, previous_wait: str | None, nightly: bool) -> dict:
             # Fixed per stage rather than derived from est_time, so re-timing a test does not change the YAML;
             # run_suite.py's per-file timeout is the fine-grained guard.
             "timeout-minutes": STAGE_TIMEOUT_MIN[job.stage],
-            "permissions": READ_RUN if not nightly else {"contents": "read"},
+            "permissions": READ_RUN,
             "strategy": {"fail-fast": False, "matrix": {"shard": list(range(job.shards))}},
             "steps": steps,
         }
     )
     return body
+
+
+NIGHTLY_HISTORY = "nightly-out/history.jsonl"
+
+
+def history_artifact(job: SuiteJob) -> str:
+    return f"history-{job.job_id}"
+
+
+def fetch_history_step(job: SuiteJob) -> dict:
+    """The metric history travels as an artifact from the newest earlier nightly run (none on the first night)."""
+    return {
+        "name": "Fetch the metric history of the last nightly run",
+        "env": {"GH_TOKEN": "${{ github.token }}", "REPOSITORY": "${{ github.repository }}", "ARTIFACT": history_artifact(job)},
+        "run": 'mkdir -p nightly-out\n'
+        'previous=$(gh run list --repo "$REPOSITORY" --workflow nightly.yml --status completed --limit 1 --json databaseId --jq ".[0].databaseId")\n'
+        'if [ -n "$previous" ] && gh run download "$previous" --repo "$REPOSITORY" --name "$ARTIFACT" --dir nightly-out; then\n'
+        '  echo "history from run $previous"\n'
+        "else\n"
+        '  echo "no earlier history: the gate compares with the baselines only"\n'
+        "fi\n",
+    }
+
+
+def nightly_report_steps(job: SuiteJob) -> list[dict]:
+    return [
+        {
+            "name": "Keep the metric history for the next night",
+            "if": "${{ !cancelled() }}",
+            "uses": UPLOAD_ARTIFACT,
+            "with": {"name": history_artifact(job), "path": NIGHTLY_HISTORY, "if-no-files-found": "ignore", "retention-days": 90},
+        },
+        {
+            "name": "Upload the nightly report",
+            "if": "${{ !cancelled() }}",
+            "uses": UPLOAD_ARTIFACT,
+            "with": {"name": f"report-{job.job_id}", "path": "nightly-out/", "if-no-files-found": "ignore"},
+        },
+        {
+            "name": "Link the report from the job summary",
+            "if": "${{ !cancelled() }}",
+            "run": 'for f in nightly-out/*/report/summary.md; do [ -f "$f" ] && cat "$f" >> "$GITHUB_STEP_SUMMARY"; done; true\n',
+        },
+    ]
 
 
 def smoke_job(hw: str) -> dict:

@@ -2,7 +2,7 @@
 weight updates and memory calls as actor methods (which the loop uses).
 
 Which engine runs is the backend's choice (`Backend.rollout_engine`): the embedded engine behind its own
-SGLang-compatible server, an SGLang server (GPU backends), or an sglang-jax server (TPU). All three are
+SGLang-compatible server, an SGLang server (GPU backends), or an sglang-jax server (JAX backends). All are
 `RolloutEngine`s, so everything below the constructor is the same code for every backend.
 """
 
