@@ -119,7 +119,7 @@ def _loop(data: dict) -> Figures:
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("suite_collection", "bench_suite_collection.py", ("--files", "2000", "--repeats", "3", "--out", "{out}"), _suite_collection),
     Benchmark("train_step", "bench_train_step.py", ("--sizes", "5M", "--repeats", "3", "--out", "{out}"), _train_step),
-    Benchmark("engine_decode", "bench_engine_decode.py", ("--sizes", "5M", "--repeats", "2", "--out", "{out}"), _engine_decode),
+    Benchmark("engine_decode", "bench_engine_decode.py", ("--sizes", "qwen3-5m", "--repeats", "2", "--out", "{out}"), _engine_decode),
     Benchmark("logprob_op", "bench_logprob_op.py", ("--rows", "1024", "--vocab", "32768", "--dtypes", "float32",
                                                     "--repeats", "2", "--json-out", "{out}"), _logprob_op),
     Benchmark("weight_sync", "bench_weight_sync.py", ("--size", "30M", "--repeats", "5", "--out", "{out}"), _weight_sync, ("cpu",)),

@@ -25,7 +25,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="slime quickstart", description=__doc__.split("\n\n")[0])
     p.add_argument("--output-dir", default="runs/quickstart", help="run folder (model, data, metrics, plots)")
     p.add_argument("--seed", type=int, default=1, help="seed for the model, the data split and sampling")
-    p.add_argument("--num-rollout", type=int, default=240, help="GRPO steps")
+    p.add_argument("--num-rollout", type=int, default=260, help="GRPO steps")
     p.add_argument("--rollout-batch-size", type=int, default=32, help="prompts per step")
     p.add_argument("--n-samples-per-prompt", type=int, default=16, help="responses per prompt (the GRPO group)")
     p.add_argument("--lr", type=float, default=3e-4)
@@ -62,6 +62,7 @@ def train_flags(args: argparse.Namespace, folder: Path, files: dict[str, Path]) 
         "--seed": args.seed,
         "--lr": args.lr,
         "--adam-beta2": 0.99,  # RL gradients are non-stationary: a shorter second-moment memory learned faster
+        "--lr-warmup-iters": 10,  # a fresh Adam's first full-size steps knocked held-out accuracy down ~15 points
         "--eps-clip": 0.2,
         "--micro-batch-size": n,
         "--sft-warmup-steps": args.sft_steps,

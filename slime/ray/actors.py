@@ -54,6 +54,7 @@ def trainer_config(config: Config, role: str) -> TrainerConfig:
         rollout_temperature=config.rollout.rollout_temperature,
         value_clip=a.value_clip,
         keep_last_n=config.checkpoint.keep_last_n,
+        megatron_overrides=tuple(sorted(config.megatron.items())),
     )
 
 

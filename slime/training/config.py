@@ -45,6 +45,8 @@ class TrainerConfig:
     value_clip: float = 0.2  # critic
     # checkpoints
     keep_last_n: int | None = None
+    # megatron-core TransformerConfig / OptimizerConfig fields passed through from the command line
+    megatron_overrides: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
         def one_of(flag: str, value, allowed) -> None:

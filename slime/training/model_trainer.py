@@ -61,7 +61,7 @@ class MegatronTrainer:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.hf_config = load_hf_config(config.hf_checkpoint)
         self.bridge = bridge_class_for(self.hf_config)(self.hf_config, self.layout.tp_size, self.layout.tp_rank)
-        self.model = self.bridge.build_model()
+        self.model = self.bridge.build_model(**self._overrides("transformer"))
         self.bridge.load_hf(self.model, config.hf_checkpoint)
         self._attach_head()
         self.model.to(self.device)
@@ -73,47 +73,52 @@ class MegatronTrainer:
     def _attach_head(self) -> None:
         """Hook for the critic, which replaces the LM head with a value head."""
 
+    def _overrides(self, kind: str) -> dict:
+        """The pass-through fields that belong to megatron's TransformerConfig ("transformer") or OptimizerConfig."""
+        import dataclasses
+
+        from megatron.core.optimizer import OptimizerConfig
+
+        optimizer_fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
+        return {k: v for k, v in self.config.megatron_overrides if (k in optimizer_fields) == (kind == "optimizer")}
+
     def _build_optimizer(self):
         from megatron.core.optimizer import OptimizerConfig
         from megatron.core.optimizer.optimizer import FP32Optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         cfg = self.config
+        settings = dict(
+            optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad, use_distributed_optimizer=False,
+        )  # fmt: skip
+        settings.update(self._overrides("optimizer"))  # pass-through flags win, and reach the torch optimizer too
+        opt_config = OptimizerConfig(**settings)
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
         groups = [
             # the flags are megatron's param-group identity (matched on optimizer state load)
-            {"params": decay, "weight_decay": cfg.weight_decay, "wd_mult": 1.0, "lr_mult": 1.0,
+            {"params": decay, "weight_decay": opt_config.weight_decay, "wd_mult": 1.0, "lr_mult": 1.0,
              "is_expert_parallel": False, "is_decoupled_lr": False},
             {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0, "lr_mult": 1.0,
              "is_expert_parallel": False, "is_decoupled_lr": False},
         ]
         groups = [g for g in groups if g["params"]]
-        adam = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        opt_config = OptimizerConfig(
-            optimizer="adam",
-            lr=cfg.lr,
-            min_lr=cfg.min_lr,
-            weight_decay=cfg.weight_decay,
-            adam_beta1=cfg.adam_beta1,
-            adam_beta2=cfg.adam_beta2,
-            adam_eps=cfg.adam_eps,
-            clip_grad=cfg.clip_grad,
-            use_distributed_optimizer=False,
-        )
+        adam = torch.optim.AdamW(groups, lr=opt_config.lr, betas=(opt_config.adam_beta1, opt_config.adam_beta2),
+                                 eps=opt_config.adam_eps, weight_decay=opt_config.weight_decay)
         optimizer = FP32Optimizer(adam, opt_config, init_state_fn=None)
         scheduler = OptimizerParamScheduler(
             optimizer,
-            init_lr=0.0 if cfg.lr_warmup_steps > 0 else cfg.lr,
-            max_lr=cfg.lr,
-            min_lr=cfg.min_lr,
+            init_lr=0.0 if cfg.lr_warmup_steps > 0 else opt_config.lr,
+            max_lr=opt_config.lr,
+            min_lr=opt_config.min_lr,
             lr_warmup_steps=cfg.lr_warmup_steps,
             lr_decay_steps=cfg.lr_decay_steps,
             lr_decay_style=cfg.lr_decay_style,
-            start_wd=cfg.weight_decay,
-            end_wd=cfg.weight_decay,
+            start_wd=opt_config.weight_decay,
+            end_wd=opt_config.weight_decay,
             wd_incr_steps=cfg.lr_decay_steps,
             wd_incr_style="constant",
         )

@@ -82,6 +82,9 @@ def worker(rank, store_path, error_dir):
 
         routed = torch.bincount(torch.cat([i.reshape(-1) for _, i, _ in per_rank]), minlength=EXPERTS)
         assert tokens_per_expert.tolist() == routed[mine].tolist()
+        # Both ranks leave the collectives together: a rank tearing its gloo context down while the other still
+        # has an all-to-all in flight aborted with "terminate called without an active exception" on a loaded CI box.
+        dist.barrier()
         dist.destroy_process_group()
     except Exception:
         with open(os.path.join(error_dir, f"rank{rank}.txt"), "w") as f:

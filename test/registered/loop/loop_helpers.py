@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from slime.config import parse_config
 from slime.quickstart import task
 
@@ -85,3 +87,11 @@ def ray_cluster(num_cpus: int = 8):
     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": path}})
     return ray
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """One Ray cluster and one built task per test module (Ray takes seconds to start)."""
+    ray = ray_cluster()
+    yield build_task(tmp_path_factory.mktemp("task"))
+    ray.shutdown()

@@ -3,24 +3,15 @@ which must reproduce the uninterrupted run's rollouts and metrics exactly."""
 
 import shutil
 
-import pytest
-
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=120, suite="base-c-test-cpu")
+register_cpu_ci(est_time=65, suite="base-c-test-cpu")
 
-from loop_helpers import build_task, dumped, ray_cluster, rows, run  # noqa: E402
+from loop_helpers import dumped, files, rows, run  # noqa: E402,F401 (files: the module's Ray + task fixture)
 
 # What must be identical between the uninterrupted and the resumed run, step by step.
 SAME = ("rollout/reward_mean", "rollout/response_length_mean", "rollout/generated_tokens", "train/loss", "train/pg_loss",
         "train/grad_norm", "train/entropy", "train/lr", "train/step", "weight_version")
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    ray = ray_cluster()
-    yield build_task(tmp_path_factory.mktemp("task"))
-    ray.shutdown()
 
 
 def test_async_generates_one_step_behind(files, tmp_path):

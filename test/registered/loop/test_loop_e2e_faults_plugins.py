@@ -1,20 +1,11 @@
 """End to end on Ray: an engine process killed mid-rollout, a multi-turn custom generate function, custom
 rewards, and dynamic sampling with over-sampling and partial rollouts."""
 
-import pytest
-
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=120, suite="base-c-test-cpu")
+register_cpu_ci(est_time=65, suite="base-c-test-cpu")
 
-from loop_helpers import build_task, dumped, ray_cluster, rows, run  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    ray = ray_cluster()
-    yield build_task(tmp_path_factory.mktemp("task"))
-    ray.shutdown()
+from loop_helpers import dumped, files, rows, run  # noqa: E402,F401 (files: the module's Ray + task fixture)
 
 
 def test_engine_killed_mid_rollout_is_restarted_and_nothing_is_lost_or_doubled(files, tmp_path):

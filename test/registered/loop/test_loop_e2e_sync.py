@@ -8,16 +8,9 @@ import pytest
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=150, suite="base-c-test-cpu")
+register_cpu_ci(est_time=90, suite="base-c-test-cpu")
 
-from loop_helpers import build_task, dumped, ray_cluster, rows, run  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    ray = ray_cluster()
-    yield build_task(tmp_path_factory.mktemp("task"))
-    ray.shutdown()
+from loop_helpers import dumped, files, rows, run  # noqa: E402,F401 (files: the module's Ray + task fixture)
 
 
 def test_grpo_disaggregated_with_evaluation_ci_checks_and_dumps(files, tmp_path):

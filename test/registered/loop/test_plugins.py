@@ -12,7 +12,7 @@ from slime.config import parse_config
 from slime.testing.ci_register import register_cpu_ci
 from slime.types import Sample, SampleStatus
 
-register_cpu_ci(est_time=25, suite="base-b-test-cpu")
+register_cpu_ci(est_time=15, suite="base-b-test-cpu")
 
 from loop_helpers import build_task  # noqa: E402
 

@@ -34,6 +34,7 @@ def test_quickstart_reaches_the_stored_heldout_accuracy(tmp_path):
         day = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
         write_records(to_records(figures, "cpu", current_commit(), day, platform.node()), Path(records))
     assert before <= THRESHOLDS["after_sft_max"] + THRESHOLDS["allowed_float"], f"SFT alone already reached {before:.1%}"
+    assert after - before >= THRESHOLDS["min_gain"] - THRESHOLDS["allowed_float"], f"RL raised accuracy only {before:.1%} -> {after:.1%}"
     assert after >= THRESHOLDS["after_rl_min"] - THRESHOLDS["allowed_float"], (
         f"held-out accuracy after RL {after:.1%} (last three: {summary['heldout_accuracy_last_three']}) is below "
         f"{THRESHOLDS['after_rl_min']:.0%} - {THRESHOLDS['allowed_float']:.0%}"

@@ -187,3 +187,18 @@ def test_sft_and_critic_steps_learn_at_tp2(model_dir):
     assert sft[-1] < sft[0] - 0.05, sft
     assert max(initial_values) == 0.0  # the value head starts at zero
     assert value_losses[-1] < value_losses[0], value_losses
+
+
+def passthrough_run(rank, world, port, folder):
+    from slime.training.actor import PolicyTrainer
+
+    backend, _ = init_rank(rank, world, port, 1)
+    trainer = PolicyTrainer(trainer_config(folder, 1, megatron_overrides=(("adam_eps", 1e-5), ("hidden_dropout", 0.25))), backend)
+    return {"hidden_dropout": trainer.model.config.hidden_dropout,
+            "eps": [g["eps"] for g in trainer.optimizer.param_groups], "clip": trainer.optimizer.config.clip_grad}
+
+
+def test_megatron_passthrough_flags_reach_the_model_and_the_optimizer(model_dir):
+    # `slime train --hidden-dropout 0.25 --adam-eps 1e-5` arrive as TrainerConfig.megatron_overrides
+    result = run_ranks(passthrough_run, 1, str(model_dir))[0]
+    assert result == {"hidden_dropout": 0.25, "eps": [1e-5, 1e-5], "clip": 0.5}
