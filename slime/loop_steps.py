@@ -131,7 +131,7 @@ def _mean_kl(batch: TrainBatch) -> float:
 def save_checkpoint(config: Config, run: RunActors, next_rollout: int, weight_version: int) -> str:
     import ray
 
-    extra = {"next_rollout_id": next_rollout, "weight_version": weight_version, "rollout": ray.get(run.rollout.state_dict.remote())}
+    extra = {"next_rollout_id": next_rollout, "weight_version": weight_version, "rollout": ray.get(run.rollout.state_dict.remote(next_rollout))}
     root = config.checkpoint.save
     folder = run.actor.save(root, next_rollout, extra)
     if run.critic is not None:

@@ -44,6 +44,7 @@ class RolloutManager:
         self.restarts = 0
         self._weights: tuple[list, int] = ([], 0)  # last update's bucket refs and version, for restarted engines
         self._recover_lock = asyncio.Lock()
+        self._data_before: dict[int, dict] = {}
 
     async def start(self) -> list[dict]:
         """Load the prompt sets and plugins, start the engines. (Here, not in __init__, so that a bad dataset or
@@ -124,6 +125,10 @@ class RolloutManager:
 
         r = self.config.rollout
         restarts_before, started = self.restarts, time.perf_counter()
+        # Where the data stood before this rollout: a checkpoint taken while it is in flight (--async) resumes
+        # from here, so the in-flight prompts are generated again rather than skipped.
+        self._data_before = {k: v for k, v in self._data_before.items() if k >= rollout_id - 1}
+        self._data_before[rollout_id] = self.data.state_dict()
         if self.plugins.rollout_fn is not None:
             result = await self.plugins.rollout_fn(self.ctx, self.data, rollout_id)
         else:
@@ -147,8 +152,10 @@ class RolloutManager:
         return metrics
 
     # ---- checkpoint ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"data": self.data.state_dict()}
+    def state_dict(self, next_rollout_id: int | None = None) -> dict:
+        """The data position for a checkpoint whose next rollout is `next_rollout_id` (see generate)."""
+        data = self._data_before.get(next_rollout_id) if next_rollout_id is not None else None
+        return {"data": data if data is not None else self.data.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.data.load_state_dict(state["data"])

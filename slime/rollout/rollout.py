@@ -180,7 +180,8 @@ async def generate_rollout(
         if pending:
             if partial_rollout:
                 await ctx.abort_all()
-            for group in [await t for t in pending]:
+            leftovers = sorted(await asyncio.gather(*pending), key=lambda g: g[0].group_index)  # deterministic buffer order
+            for group in leftovers:
                 if partial_rollout and any(s.status is SampleStatus.ABORTED for s in group):
                     data_source.add_back([group], keep_partial=True)
                     returned += 1

@@ -44,7 +44,10 @@ def test_resume_mid_run_matches_the_uninterrupted_run(files, tmp_path):
     full_batches, part_batches = dumped(full_dumps), dumped(part_dumps)
     assert len(part_batches) == 2
     for a, b in zip(full_batches[2:], part_batches):
-        assert [(s["index"], s["tokens"], s["rollout_log_probs"]) for s in a] == [(s["index"], s["tokens"], s["rollout_log_probs"]) for s in b]
+        assert [(s["index"], s["tokens"]) for s in a] == [(s["index"], s["tokens"]) for s in b]
+        # the engine's log-probs may differ in the last bits: which requests share a prefill batch is timing
+        for x, y in zip(a, b):
+            assert max(abs(p - q) for p, q in zip(x["rollout_log_probs"], y["rollout_log_probs"])) < 1e-5
 
 
 def test_loading_a_folder_without_a_checkpoint_is_one_clear_error(files, tmp_path):

@@ -26,7 +26,7 @@ def served(tmp_path_factory):
 
     torch.set_num_threads(1)
     files = build_task(tmp_path_factory.mktemp("task"))
-    engine = EmbeddedEngine(str(files["model"]), max_batch_size=32, max_seq_len=32, seed=0)
+    engine = EmbeddedEngine(str(files["model"]), max_batch_size=32, max_seq_len=256, seed=0)
     server = serve_http(engine)
     yield files, server.url, AutoTokenizer.from_pretrained(str(files["model"])), engine
     server.stop()
@@ -117,35 +117,41 @@ def test_an_engine_failure_mid_sample_is_rolled_back_and_retried_once(served):
 
 
 def test_partial_rollout_returns_aborted_groups_with_their_tokens(served):
-    from slime.rollout import plugins
+    from slime.rollout import generate, plugins
     from slime.rollout.generate import RolloutContext
     from slime.rollout.rollout import generate_rollout
 
     files, url, tokenizer, engine = served
-    config = config_for(files, "--partial-rollout", "--over-sampling-batch-size", "6", "--rollout-max-response-len", "24",
+    config = config_for(files, "--partial-rollout", "--over-sampling-batch-size", "6", "--rollout-max-response-len", "200",
                         "--custom-rm-path", "loop_plugins.parity_reward")
     data = source(files, tokenizer)
     loaded = plugins.load_rollout_plugins(config)
 
+    async def two_fast_groups(ctx, sample, params):
+        # groups 0-1 answer in one token; the others run 200 tokens, so they are mid-generation at the abort
+        budget = dict(params, max_new_tokens=1) if sample.group_index < 2 else dict(params, ignore_eos=True)
+        return await generate.generate(ctx, sample, budget)
+
     async def go():
         ctx = RolloutContext(config, tokenizer, [url])
-        first = await generate_rollout(ctx, data, num_groups=2, generate_fn=loaded.generate_fn, reward=loaded.reward,
+        first = await generate_rollout(ctx, data, num_groups=2, generate_fn=two_fast_groups, reward=loaded.reward,
                                        over_sampling_groups=6, partial_rollout=True)
-        returned = [list(g) for g in data.buffer]
+        returned = [[(s.status, s.response_length) for s in g] for g in data.buffer]
+        returned_ids = [g[0].group_index for g in data.buffer]
         second = await generate_rollout(ctx, data, num_groups=2, generate_fn=loaded.generate_fn, reward=loaded.reward)
         await ctx.close()
-        return first, returned, second
+        return first, returned, returned_ids, second
 
-    first, returned, second = run(go())
-    assert len(first.groups) == 2 and first.metrics["rollout/groups_returned_partial"] == len(returned) >= 1
-    assert all(s.status is SampleStatus.PENDING or s.status in (SampleStatus.COMPLETED, SampleStatus.TRUNCATED)
-               for g in returned for s in g)
-    served_first = {g[0].group_index for g in second.groups}
-    assert {g[0].group_index for g in returned[:2]} <= served_first  # the buffer is served before new prompts
-    for group in second.groups:
-        for s in group:
+    first, returned, returned_ids, second = run(go())
+    assert sorted(g[0].group_index for g in first.groups) == [0, 1]
+    assert first.metrics["rollout/groups_returned_partial"] == len(returned) == 4 and returned_ids == [2, 3, 4, 5]
+    for group in returned:  # cut off mid-way, kept as far as they got, marked to continue
+        assert all(status is SampleStatus.PENDING and 1 <= n < 200 for status, n in group)
+    assert sorted(g[0].group_index for g in second.groups) == [2, 3]  # the buffer is served before new prompts
+    for group, before in zip(second.groups, returned):
+        for s, (_, partial) in zip(group, before):
             assert s.status in (SampleStatus.COMPLETED, SampleStatus.TRUNCATED) and s.reward is not None
-            assert len(s.tokens) == s.prompt_length + s.response_length <= s.prompt_length + 24
+            assert partial <= s.response_length <= 200 and len(s.tokens) == s.prompt_length + s.response_length
 
 
 def test_each_plugin_kind_resolves_and_bad_paths_name_their_flag(served):
