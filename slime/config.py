@@ -138,6 +138,9 @@ class TrainConfig:
     sft_data: str | None = opt(None, "jsonl with prompt/response pairs for the SFT warm-up")
     sft_lr: float | None = opt(None, "SFT learning rate (default --lr)")
     sft_batch_size: int = opt(64, "samples per SFT step")
+    sft_stop_reward: float | None = opt(None, "end the SFT warm-up early once --sft-eval-set scores this mean reward")
+    sft_eval_set: str | None = opt(None, "the --eval-prompt-data NAME checked every --sft-eval-interval SFT steps")
+    sft_eval_interval: int = opt(10, "SFT steps between checks of --sft-stop-reward")
     weight_update_bucket_mb: int = opt(512, "size of the HF-named tensor buckets sent to the engines")
 
 
@@ -256,8 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _megatron_fields() -> dict[str, type]:
     """Fields of megatron-core's config dataclasses that may be passed through as flags."""
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.transformer import TransformerConfig
+    import warnings
+
+    with warnings.catch_warnings():  # importing megatron announces each optional fused-kernel package it lacks
+        warnings.simplefilter("ignore")
+        from megatron.core.optimizer import OptimizerConfig
+        from megatron.core.transformer import TransformerConfig
 
     known: dict[str, type] = {}
     for cls in (TransformerConfig, OptimizerConfig):
@@ -372,6 +379,12 @@ def validate(config: Config) -> None:
         problems.append(f"--sft-batch-size must be >= 1, got {t.sft_batch_size}")
     elif t.sft_warmup_steps and t.sft_batch_size % (world // t.tensor_model_parallel_size or 1):
         problems.append(f"--sft-batch-size {t.sft_batch_size} must be divisible by data-parallel size {world // t.tensor_model_parallel_size}")
+    if (t.sft_stop_reward is None) != (t.sft_eval_set is None):
+        problems.append("--sft-stop-reward and --sft-eval-set go together")
+    elif t.sft_eval_set is not None and t.sft_eval_set not in d.eval_prompt_data[0::2]:
+        problems.append(f"--sft-eval-set {t.sft_eval_set!r} is not a NAME given to --eval-prompt-data")
+    if t.sft_eval_interval < 1:
+        problems.append(f"--sft-eval-interval must be >= 1, got {t.sft_eval_interval}")
     if t.async_rollout and c.colocate:
         problems.append("--async overlaps generation with training on separate devices; --colocate shares them: use one")
     a = config.algorithm

@@ -70,7 +70,7 @@ def train(config: Config, backend: Backend | None = None) -> RunSummary:
         if start > 0 or config.train.sft_warmup_steps:
             sync_weights(config, run, version)
         if config.data.eval_prompt_data and start == 0:
-            summary.evaluations.append((0, evaluate(run, log, 0)))
+            summary.evaluations.append((0, evaluate(config, run, log, 0)))
         if colocate:
             run.actor.offload()
 
@@ -104,7 +104,7 @@ def train(config: Config, backend: Backend | None = None) -> RunSummary:
             if config.checkpoint.save and should(config.checkpoint.save_interval or config.train.num_rollout, step, config.train.num_rollout):
                 summary.checkpoint = save_checkpoint(config, run, step + 1, version)
             if should(config.data.eval_interval, step, config.train.num_rollout):
-                summary.evaluations.append((step + 1, evaluate(run, log, step + 1)))
+                summary.evaluations.append((step + 1, evaluate(config, run, log, step + 1)))
             metrics["perf/step_time"] = time.perf_counter() - step_start
             metrics["perf/completions_per_s"] = len(samples) / metrics["perf/step_time"]
             metrics["weight_version"] = float(version)
@@ -119,11 +119,15 @@ def train(config: Config, backend: Backend | None = None) -> RunSummary:
         run.shutdown()
 
 
-def evaluate(run, log: RunLog, step: int) -> dict[str, float]:
+def evaluate(config: Config, run, log: RunLog, step: int) -> dict[str, float]:
+    """Every evaluation set except the one that decided the SFT warm-up (it has done its job)."""
     import ray
 
+    from slime.config import eval_sets
+
     start = time.perf_counter()
-    metrics = ray.get(run.rollout.evaluate.remote())
+    names = [name for name, _ in eval_sets(config) if name != config.train.sft_eval_set]
+    metrics = ray.get(run.rollout.evaluate.remote(names))
     metrics["perf/eval_time"] = time.perf_counter() - start
     log.log(step, metrics, phase="eval")
     return metrics

@@ -70,7 +70,11 @@ def sft_samples(config: Config, tokenizer) -> list[Sample]:
     return samples
 
 
-def sft_warmup(config: Config, run: RunActors, tokenizer, log) -> None:
+def sft_warmup(config: Config, run: RunActors, tokenizer, log) -> int:
+    """Supervised steps on --sft-data; with --sft-stop-reward, ends early once the --sft-eval-set reaches it
+    (checked every --sft-eval-interval steps, the engines getting the weights first). Returns the steps run."""
+    import ray
+
     t = config.train
     samples = sft_samples(config, tokenizer)
     order: list[int] = []
@@ -82,9 +86,18 @@ def sft_warmup(config: Config, run: RunActors, tokenizer, log) -> None:
             order += epoch
         picked, order = order[: t.sft_batch_size], order[t.sft_batch_size :]
         batch = TrainBatch.from_samples([samples[i] for i in picked], tokenizer.pad_token_id)
-        metrics = run.actor.sft(batch, t.sft_lr or t.lr)
-        log.log(step, {f"train/{k}": v for k, v in metrics.items()}, phase="sft")
+        metrics = {f"train/{k}": v for k, v in run.actor.sft(batch, t.sft_lr or t.lr).items()}
+        if t.sft_stop_reward is not None and (step + 1) % t.sft_eval_interval == 0:
+            sync_weights(config, run, 0)
+            scores = ray.get(run.rollout.evaluate.remote([t.sft_eval_set]))
+            metrics.update(scores)
+            if scores[f"eval/{t.sft_eval_set}/reward_mean"] >= t.sft_stop_reward:
+                log.log(step, metrics, phase="sft")
+                log.message(f"SFT warm-up reached {t.sft_stop_reward:g} on {t.sft_eval_set} after {step + 1} steps")
+                break
+        log.log(step, metrics, phase="sft")
     run.actor.reset_optimizer()  # RL starts from the warmed-up weights with a fresh optimizer
+    return step + 1
 
 
 # ---- one RL training step -----------------------------------------------------------------------------
@@ -96,7 +109,7 @@ def train_on_rollout(config: Config, run: RunActors, samples: list[Sample], pad_
     settings = advantage_settings(config)
     metrics: dict[str, float] = {}
     check = config.logging.ci_test
-    if needs_reference(config) and run.actor is not None:
+    if needs_reference(config):
         batch.ref_log_probs, _ = run.actor.compute_log_probs(batch, "ref")
     if config.train_steps_per_rollout > 1 or settings.kl_coef or check:
         batch.old_log_probs, entropies = run.actor.compute_log_probs(batch, "actor")

@@ -10,23 +10,24 @@ VOCAB_CHARS = list("0123456789+=")
 SPECIAL = ["<pad>", "<eos>"]
 
 
-def problems(seed: int, test_fraction: float = 0.2, carries_in_sft: bool = True, digits: int = 3) -> dict[str, list[dict]]:
+def problems(seed: int, test_fraction: float = 0.2, carries_in_sft: bool = True, digits: int = 3, val_size: int = 0) -> dict[str, list[dict]]:
     """Every "x+d=" problem with x of `digits` digits and d in 0..9, split into train and held-out test.
 
     digits=3 ("abc+d=", 9,000 problems) is the default: with only 900 problems (digits=2, "ab+c=") RL memorizes
     the 720 training prompts (sampled train reward 0.7 while held-out accuracy stays near 0.45), whereas with
     7,200 training prompts nothing is seen often enough to memorize, so what RL improves must generalize.
     `sft` is the slice of train used for the supervised warm-up; with carries_in_sft=False it holds only
-    problems without a carry (c + d < 10), so the carry is a skill only the reward can teach.
+    problems without a carry (c + d < 10), so the carry is a skill only the reward can teach. `val` (val_size
+    problems taken out of train, in neither sft nor train) decides when the warm-up has gone far enough.
     """
     low, high = 10 ** (digits - 1), 10**digits
     rows = [{"prompt": f"{x}+{d}=", "label": x + d, "carry": (x % 10) + d >= 10} for x in range(low, high) for d in range(10)]
     rng = random.Random(seed)
     rng.shuffle(rows)
     n_test = int(len(rows) * test_fraction)
-    test, train = rows[:n_test], rows[n_test:]
+    test, val, train = rows[:n_test], rows[n_test : n_test + val_size], rows[n_test + val_size :]
     sft = [r for r in train if carries_in_sft or not r["carry"]]
-    return {"train": train, "test": test, "sft": sft}
+    return {"train": train, "test": test, "sft": sft, "val": val}
 
 
 def write_jsonl(rows: list[dict], path: Path, with_response: bool = False) -> Path:

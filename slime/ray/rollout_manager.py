@@ -142,11 +142,14 @@ class RolloutManager:
         result.metrics["perf/rollout_time"] = time.perf_counter() - started
         return result.samples, result.metrics
 
-    async def evaluate(self) -> dict[str, float]:
+    async def evaluate(self, names: list[str] | None = None) -> dict[str, float]:
+        """Evaluate every eval set (or just `names`)."""
         from slime.rollout.rollout import evaluate
 
         metrics: dict[str, float] = {}
         for name, source in self.eval_data.items():
+            if names is not None and name not in names:
+                continue
             samples = [s for g in source.all_groups() for s in g]
             metrics.update(await evaluate(self.ctx, name, samples, self.plugins.generate_fn, self.plugins.reward, self.recover))
         return metrics

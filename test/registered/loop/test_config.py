@@ -52,6 +52,9 @@ def test_sections_and_passthrough():
         ("--kl-coef 0.1", "--kl-coef (KL as reward shaping) needs --advantage-estimator ppo or reinforce_plus_plus; with grpo use --use-kl-loss"),
         ("--eval-interval 5", "--eval-interval needs --eval-prompt-data NAME PATH"),
         ("--sft-warmup-steps 3 --sft-data s.jsonl --sft-batch-size 0", "--sft-batch-size must be >= 1, got 0"),
+        ("--sft-stop-reward 0.3", "--sft-stop-reward and --sft-eval-set go together"),
+        ("--sft-stop-reward 0.3 --sft-eval-set val --eval-prompt-data test t.jsonl",
+         "--sft-eval-set 'val' is not a NAME given to --eval-prompt-data"),
     ],
 )
 def test_validation_messages(extra, message):
