@@ -8,7 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from slime.config import Config
+from slime.plugins import PluginError
 from slime.ray.actors import RunActors, engine_spec
 from slime.ray.cluster import ClusterError, get_all
 from slime.testing import invariants
@@ -100,6 +103,26 @@ def sft_warmup(config: Config, run: RunActors, tokenizer, log) -> int:
     return step + 1
 
 
+# ---- advantages ------------------------------------------------------------------------------------
+def fill_advantages(settings: AdvantageSettings, batch: TrainBatch, group_ids: list[int], advantage_fn=None) -> None:
+    """The built-in estimators, or --custom-advantage-function-path, whose output is checked here: one tensor
+    per sample with one value per response token, for both advantages and returns."""
+    if advantage_fn is None:
+        compute_advantages(settings, batch, group_ids)
+        return
+    advantage_fn(settings, batch, group_ids)
+    name = getattr(advantage_fn, "__qualname__", repr(advantage_fn))
+    for field in ("advantages", "returns"):
+        values = getattr(batch, field, None)
+        if values is None or len(values) != len(batch.response_lengths):
+            raise PluginError(f"--custom-advantage-function-path {name}: batch.{field} must hold one tensor per sample "
+                              f"({len(batch.response_lengths)}), got {'nothing' if values is None else len(values)}")
+        for i, (value, n) in enumerate(zip(values, batch.response_lengths)):
+            if not isinstance(value, torch.Tensor) or value.shape != (n,):
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise PluginError(f"--custom-advantage-function-path {name}: batch.{field}[{i}] must have shape ({n},), got {shape}")
+
+
 # ---- one RL training step -----------------------------------------------------------------------------
 def train_on_rollout(config: Config, run: RunActors, samples: list[Sample], pad_token_id: int, first_step: bool,
                      vocab_size: int, advantage_fn=None) -> dict[str, float]:
@@ -121,7 +144,7 @@ def train_on_rollout(config: Config, run: RunActors, samples: list[Sample], pad_
                 invariants.check_first_step(metrics, kl, config.rollout.rollout_dtype)
     if run.critic is not None:
         batch.values = run.critic.compute_values(batch)
-    (advantage_fn or compute_advantages)(settings, batch, [s.group_index for s in samples])
+    fill_advantages(settings, batch, [s.group_index for s in samples], advantage_fn)
     actor_rows, critic_rows = [], []
     for chunk in batch.chunks(config.train.global_batch_size):
         futures = run.actor.submit_train(chunk)

@@ -82,8 +82,9 @@ class TrainerWorker:
         refs = []
         for bucket in self.trainer.hf_weight_buckets(bucket_bytes):
             if self.rank == 0:
-                # clone: export yields views of the parameters, and a pickled view would carry its whole storage
-                refs.append(ray.put([(name, tensor.detach().to("cpu").clone()) for name, tensor in bucket]))
+                # a copy: export yields views of the parameters, and a pickled view would carry its whole storage
+                # (one copy, whether the parameters live on the host or on a device)
+                refs.append(ray.put([(name, tensor.detach().to("cpu", copy=True)) for name, tensor in bucket]))
         return refs
 
     # ---- lifecycle ----------------------------------------------------------------------------------

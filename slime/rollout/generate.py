@@ -16,6 +16,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from slime.rollout.engines.protocol import parse_generate_response
 from slime.types import Sample, SampleStatus
 
 
@@ -26,7 +27,8 @@ class EngineUnavailable(ConnectionError):
 _FINISH_TO_STATUS = {
     "stop": SampleStatus.COMPLETED,
     "length": SampleStatus.TRUNCATED,
-    "abort": SampleStatus.ABORTED,
+    "abort": SampleStatus.ABORTED,  # aborted by request (weight update, partial rollout): may be resumed
+    "error": SampleStatus.FAILED,  # rejected by the engine (e.g. over the context length)
 }
 
 
@@ -41,7 +43,6 @@ class RolloutContext:
     _session: Any = None
     _round_robin: Any = None
     _semaphore: asyncio.Semaphore | None = None
-    in_flight: dict[str, str] = field(default_factory=dict)  # rid -> url, for aborts
 
     def set_urls(self, urls: list[str]) -> None:
         """Point at a new set of engines (after a restart); requests already sent keep their engine."""
@@ -76,26 +77,19 @@ class RolloutContext:
         import aiohttp
 
         url = url or self.url
-        rids = payload.get("rid")
-        rids = [rids] if isinstance(rids, str) else list(rids or [])
         async with self.concurrency():
             session = await self.session()
-            for rid in rids:
-                self.in_flight[rid] = url
             try:
                 async with session.post(f"{url}/generate", json=payload) as resp:
+                    if resp.status >= 500:  # a dying server or a proxy may not answer in JSON
+                        raise EngineUnavailable(f"{url}: HTTP {resp.status}: {(await resp.text())[:200]}")
                     body = await resp.json(content_type=None)
-                    if resp.status >= 500:
-                        raise EngineUnavailable(f"{url}: HTTP {resp.status}")
                     if resp.status != 200:
                         message = body.get("error", {}).get("message") if isinstance(body, dict) else body
                         raise ValueError(f"{url}/generate rejected the request: {message}")
                     return body
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError, aiohttp.ServerDisconnectedError) as exc:
                 raise EngineUnavailable(f"{url}: {type(exc).__name__}: {exc}") from None
-            finally:
-                for rid in rids:
-                    self.in_flight.pop(rid, None)
 
     async def abort_all(self) -> None:
         import aiohttp
@@ -135,21 +129,6 @@ def sampling_params_for(config: Any, evaluation: bool = False) -> dict[str, Any]
     }
 
 
-def parse_generate_response(body: dict[str, Any]) -> tuple[list[int], list[float], str, int | None]:
-    """(token ids, log-probs, finish reason, weight version) from SGLang's /generate JSON."""
-    meta = body["meta_info"]
-    entries = meta.get("output_token_logprobs") or []
-    token_ids = [int(e[1]) for e in entries]
-    log_probs = [float(e[0]) for e in entries]
-    if not entries and body.get("output_ids"):
-        token_ids = list(body["output_ids"])
-        log_probs = [0.0] * len(token_ids)
-    finish = meta.get("finish_reason") or {}
-    reason = finish.get("type", "stop") if isinstance(finish, dict) else str(finish)
-    version = meta.get("weight_version")
-    return token_ids, log_probs, reason, (int(version) if version is not None and str(version).isdigit() else None)
-
-
 def _request(sample: Sample, sampling_params: dict[str, Any]) -> tuple[str, list[int], dict[str, Any]] | None:
     """(rid, input ids, sampling params) for the rest of a sample's budget; None when nothing is left."""
     budget = sampling_params["max_new_tokens"] - sample.response_length
@@ -160,13 +139,14 @@ def _request(sample: Sample, sampling_params: dict[str, Any]) -> tuple[str, list
 
 
 def _take_output(ctx: RolloutContext, sample: Sample, body: dict[str, Any]) -> Sample:
-    token_ids, log_probs, reason, version = parse_generate_response(body)
-    sample.append_response(token_ids, log_probs, trainable=True)
+    result = parse_generate_response(body, f"s{sample.index}")
+    log_probs = result.output_log_probs if result.output_log_probs is not None else [0.0] * len(result.output_ids)
+    sample.append_response(result.output_ids, log_probs, trainable=True)
+    # Decoded here rather than taken from the engine's "text": SGLang trims stop strings from its text and
+    # the embedded engine does not, while the tokens (what is trained on) are the same on every engine.
     sample.response = ctx.tokenizer.decode(sample.response_tokens, skip_special_tokens=True)
-    sample.status = _FINISH_TO_STATUS.get(reason, SampleStatus.FAILED)
-    if reason == "error" or "error" in body.get("meta_info", {}):
-        sample.status = SampleStatus.FAILED
-    sample.weight_version = version
+    sample.status = _FINISH_TO_STATUS[result.finish_reason]
+    sample.weight_version = result.weight_version
     return sample
 
 

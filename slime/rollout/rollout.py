@@ -178,8 +178,9 @@ async def generate_rollout(
             raise
         barren_waves = 0 if len(kept) > kept_before else barren_waves + 1
         if pending:
-            if partial_rollout:
-                await ctx.abort_all()
+            # Enough groups are kept: stop the rest rather than wait for responses that would be thrown away
+            # (a partial rollout keeps what they generated so far for the next step).
+            await ctx.abort_all()
             leftovers = sorted(await asyncio.gather(*pending), key=lambda g: g[0].group_index)  # deterministic buffer order
             for group in leftovers:
                 if partial_rollout and any(s.status is SampleStatus.ABORTED for s in group):

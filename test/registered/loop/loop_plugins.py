@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 
+import torch
+
 from slime.rollout.generate import generate as default_generate
 from slime.types import Sample
 
@@ -50,3 +52,15 @@ def group_rank_reward(ctx, samples: list[Sample]) -> list[float]:
     """Group reward: 1 for the longest response(s) of the group, 0 for the others."""
     longest = max(len(s.response) for s in samples)
     return [float(len(s.response) == longest) for s in samples]
+
+
+def constant_advantage(settings, batch, group_ids) -> None:
+    """--custom-advantage-function-path: 0.5 on every response token."""
+    batch.advantages = [torch.full((n,), 0.5) for n in batch.response_lengths]
+    batch.returns = [a.clone() for a in batch.advantages]
+
+
+def one_value_per_sample_advantage(settings, batch, group_ids) -> None:
+    """A broken estimator: one advantage per sample instead of one per token."""
+    batch.advantages = [torch.tensor([0.5]) for _ in batch.response_lengths]
+    batch.returns = list(batch.advantages)

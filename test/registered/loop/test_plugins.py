@@ -183,17 +183,27 @@ async def rollout_contract(ctx, data_source, rollout_id):
 
 
 def test_custom_advantage_function_contract():
+    """Loaded the way the loop loads it and run through the loop's advantage step, which checks its output."""
+    from slime.loop_steps import fill_advantages
+    from slime.plugins import PluginError, load_function
     from slime.training.batch import TrainBatch
     from slime.training.experience import AdvantageSettings
 
-    def constant_advantage(settings, batch, group_ids):  # --custom-advantage-function-path contract
-        batch.advantages = [torch.full((n,), 0.5) for n in batch.response_lengths]
-        batch.returns = [a.clone() for a in batch.advantages]
-
     samples = [Sample(tokens=[1, 2, 3], response_length=1, reward=1.0, index=0), Sample(tokens=[1, 2, 3, 4], response_length=2, reward=0.0, index=1)]
+    flag = "--custom-advantage-function-path"
     batch = TrainBatch.from_samples(samples, 0)
-    constant_advantage(AdvantageSettings(), batch, [0, 0])
+    fill_advantages(AdvantageSettings(), batch, [0, 0], load_function("loop_plugins.constant_advantage", flag, 3))
     assert [a.tolist() for a in batch.advantages] == [[0.5], [0.5, 0.5]]
+    assert [r.tolist() for r in batch.returns] == [[0.5], [0.5, 0.5]]
+
+    builtin = TrainBatch.from_samples(samples, 0)
+    builtin.rewards = [1.0, 0.0]
+    fill_advantages(AdvantageSettings(), builtin, [0, 0])  # GRPO: +-1/std over a group of two, per token
+    assert builtin.advantages[0].tolist() == pytest.approx([0.7071], abs=1e-3)
+
+    broken = TrainBatch.from_samples(samples, 0)
+    with pytest.raises(PluginError, match=r"one_value_per_sample_advantage: batch.advantages\[1\] must have shape \(2,\), got \(1,\)"):
+        fill_advantages(AdvantageSettings(), broken, [0, 0], load_function("loop_plugins.one_value_per_sample_advantage", flag, 3))
 
 
 def test_group_reward_with_the_wrong_count_is_a_clear_error():
