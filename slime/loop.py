@@ -88,7 +88,7 @@ def train(config: Config, backend: Backend | None = None) -> RunSummary:
             if colocate:
                 ray.get(rollout.release_memory.remote())
                 run.actor.onload()
-            metrics.update(train_on_rollout(config, run, samples, tokenizer.pad_token_id, step == start, vocab_size, advantage_fn))
+            metrics.update(train_on_rollout(config, run, samples, tokenizer.pad_token_id, step, step == start, vocab_size, advantage_fn))
             metrics["perf/train_time"] = time.perf_counter() - phase
 
             if next_rollout is not None:

@@ -124,24 +124,26 @@ def fill_advantages(settings: AdvantageSettings, batch: TrainBatch, group_ids: l
 
 
 # ---- one RL training step -----------------------------------------------------------------------------
-def train_on_rollout(config: Config, run: RunActors, samples: list[Sample], pad_token_id: int, first_step: bool,
-                     vocab_size: int, advantage_fn=None) -> dict[str, float]:
-    """Rewards -> (ref / old log-probs, values as needed) -> advantages -> optimizer step(s) on actor and critic."""
+def train_on_rollout(config: Config, run: RunActors, samples: list[Sample], pad_token_id: int, step: int,
+                     first_step: bool, vocab_size: int, advantage_fn=None) -> dict[str, float]:
+    """Rewards -> (ref / old log-probs, values as needed) -> advantages -> optimizer step(s) on actor and critic.
+    `first_step`: the first step of this process (step 0, or the first after a resume)."""
     batch = TrainBatch.from_samples(samples, pad_token_id)
     batch.rewards = [s.scalar_reward(config.rollout.reward_key) for s in samples]
     settings = advantage_settings(config)
     metrics: dict[str, float] = {}
     check = config.logging.ci_test
-    if needs_reference(config):
+    # --ci-test's KL check needs the reference only at step 0: later (and after a resume) the policy has moved.
+    kl_check = check and step == 0
+    if config.algorithm.use_kl_loss or settings.kl_coef or kl_check:
         batch.ref_log_probs, _ = run.actor.compute_log_probs(batch, "ref")
     if config.train_steps_per_rollout > 1 or settings.kl_coef or check:
         batch.old_log_probs, entropies = run.actor.compute_log_probs(batch, "actor")
         if check:
             metrics.update(invariants.check_ranges(batch.old_log_probs, entropies, batch.loss_masks, vocab_size))
-            if first_step:
+            if first_step:  # the engines hold the trainer's weights: their log-probs must agree
                 metrics.update(invariants.logprob_agreement(batch.old_log_probs, batch.rollout_log_probs, batch.loss_masks))
-                kl = _mean_kl(batch) if batch.ref_log_probs is not None else None
-                invariants.check_first_step(metrics, kl, config.rollout.rollout_dtype)
+                invariants.check_first_step(metrics, _mean_kl(batch) if kl_check else None, config.rollout.rollout_dtype, step)
     if run.critic is not None:
         batch.values = run.critic.compute_values(batch)
     fill_advantages(settings, batch, [s.group_index for s in samples], advantage_fn)
@@ -169,10 +171,9 @@ def save_checkpoint(config: Config, run: RunActors, next_rollout: int, weight_ve
 
     extra = {"next_rollout_id": next_rollout, "weight_version": weight_version, "rollout": ray.get(run.rollout.state_dict.remote(next_rollout))}
     root = config.checkpoint.save
-    folder = run.actor.save(root, next_rollout, extra)
-    if run.critic is not None:
+    if run.critic is not None:  # first: the actor's folder, renamed into place last, marks the checkpoint whole
         run.critic.save(str(Path(root) / "critic"), next_rollout)
-    return folder
+    return run.actor.save(root, next_rollout, extra)
 
 
 def load_checkpoint(config: Config, run: RunActors) -> tuple[int, int]:
@@ -185,7 +186,7 @@ def load_checkpoint(config: Config, run: RunActors) -> tuple[int, int]:
         raise FileNotFoundError(f"{folder}: not a checkpoint of `slime train` (no loop state in {checkpoint.EXTRA_FILE})")
     run.actor.load(str(folder))
     if run.critic is not None:
-        run.critic.load(str(Path(config.checkpoint.load) / "critic" / folder.name))
+        run.critic.load(str(folder.parent / "critic" / folder.name))  # --load may name the root or a step folder
     ray.get(run.rollout.load_state_dict.remote(extra["rollout"]))
     return int(extra["next_rollout_id"]), int(extra["weight_version"])
 

@@ -55,6 +55,7 @@ class RunLog:
             except ImportError:
                 raise ConfigError("--use-wandb needs the wandb package: pip install wandb") from None
             self._wandb = wandb.init(project=lg.wandb_project or "slime", config=config.to_dict(), dir=str(self.folder))
+            self._wandb_defined: set[str] = set()
         self._bar = None
         if lg.progress and sys.stderr.isatty():
             from tqdm import tqdm
@@ -63,9 +64,11 @@ class RunLog:
 
     def _keep_rows_before(self, step: int) -> None:
         """A resumed run re-logs from its checkpoint step: drop what was logged after the checkpoint (rollout rows
-        from its step on; evaluations after it), atomically."""
+        from its step on; evaluations after it), atomically. A fresh run (step 0) starts the file anew."""
 
         def before(row: dict) -> bool:
+            if step == 0:
+                return False
             phase, at = row.get("phase"), row.get("step", -1)
             return phase == "sft" or at < step or (phase == "eval" and at <= step)
 
@@ -83,8 +86,18 @@ class RunLog:
             for key, value in metrics.items():
                 self._tensorboard.add_scalar(prefix + key, value, step)
         if self._wandb is not None:
-            self._wandb.log({prefix + k: v for k, v in metrics.items()}, step=step if phase != "sft" else None)
+            self._log_wandb(step, {prefix + k: v for k, v in metrics.items()}, "sft/step" if phase == "sft" else "rollout_step")
         self._console(step, metrics, phase)
+
+    def _log_wandb(self, step: int, metrics: dict[str, float], step_key: str) -> None:
+        """SFT and RL steps each count from 0, so every metric is plotted against its own phase's step key
+        rather than wandb's global step (which must only grow: RL step 0 after 100 SFT rows would be dropped)."""
+        for key in metrics:
+            group = key.split("/", 1)[0] + "/*" if "/" in key else key
+            if group not in self._wandb_defined:
+                self._wandb.define_metric(group, step_metric=step_key)
+                self._wandb_defined.add(group)
+        self._wandb.log({step_key: step, **metrics})
 
     def _console(self, step: int, metrics: dict[str, float], phase: str) -> None:
         shown = {label: metrics[key] for key, label in CONSOLE_KEYS if key in metrics}

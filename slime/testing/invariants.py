@@ -39,12 +39,12 @@ def logprob_agreement(trainer_log_probs: list[Tensor], rollout_log_probs: list[T
             "ci/logprob_abs_diff_max": float(diff.max()) if diff.numel() else 0.0}
 
 
-def check_first_step(metrics: dict[str, float], kl_to_ref: float | None, engine_dtype: str) -> None:
+def check_first_step(metrics: dict[str, float], kl_to_ref: float | None, engine_dtype: str, step: int = 0) -> None:
     bound = LOGPROB_TOLERANCE.get(engine_dtype, 5e-2)
     mean = metrics.get("ci/logprob_abs_diff_mean")
     if mean is not None and not mean <= bound:
         raise InvariantViolation(
-            f"--ci-test: at step 0 the trainer's log-probs differ from the rollout engine's by {mean:.3g} per token on "
+            f"--ci-test: at step {step} the trainer's log-probs differ from the rollout engine's by {mean:.3g} per token on "
             f"average (max {metrics['ci/logprob_abs_diff_max']:.3g}); expected <= {bound:g} for a {engine_dtype} engine"
         )
     if kl_to_ref is not None and not abs(kl_to_ref) <= KL_TOLERANCE:

@@ -168,6 +168,37 @@ def test_metrics_file_is_rewound_on_resume(tmp_path):
     kept = [(r["phase"], r["step"]) for r in read_metrics(tmp_path)]
     assert kept == [("sft", 0), ("rl", 0), ("rl", 1), ("eval", 2)]
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])["rollout/reward_mean"] == 0.0
+    RunLog(config).close()  # a fresh run into the same folder does not inherit the old run's rows
+    assert read_metrics(tmp_path) == []
+
+
+class RecordingWandb:
+    def __init__(self):
+        self.defined, self.logged = {}, []
+
+    def define_metric(self, name, step_metric=None):
+        self.defined[name] = step_metric
+
+    def log(self, row):
+        self.logged.append(row)
+
+    def finish(self):
+        pass
+
+
+def test_wandb_plots_each_phase_against_its_own_step(tmp_path):
+    from slime.run_log import RunLog
+
+    config = parse_config(["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--rm-type", "math", "--output-dir", str(tmp_path), "--no-progress"])
+    log = RunLog(config)
+    log._wandb, log._wandb_defined = RecordingWandb(), set()
+    for step in range(3):
+        log.log(step, {"train/loss": 1.0}, phase="sft")
+    log.log(0, {"train/loss": 0.5, "rollout/reward_mean": 0.25})
+    log.close()
+    assert log._wandb.defined == {"sft/*": "sft/step", "train/*": "rollout_step", "rollout/*": "rollout_step"}
+    assert log._wandb.logged[-1] == {"rollout_step": 0, "train/loss": 0.5, "rollout/reward_mean": 0.25}
+    assert [row["sft/step"] for row in log._wandb.logged[:3]] == [0, 1, 2]
 
 
 def test_trainer_config_maps_the_flags():
