@@ -6,7 +6,6 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -61,15 +60,17 @@ def sync_weights(config: Config, run: RunActors, version: int) -> float:
 
 # ---- SFT warm-up --------------------------------------------------------------------------------------
 def sft_samples(config: Config, tokenizer) -> list[Sample]:
-    """Prompt/response rows tokenized as prompt + response + EOS, trained on the response and the EOS."""
-    from slime.rollout.data import read_rows
+    """Prompt/response rows tokenized as prompt + response + EOS, trained on the response and the EOS. Prompts
+    are rendered as the rollout renders them (chat template, length limit), so SFT and RL see the same text."""
+    from slime.rollout.data import prepare_prompts, read_rows
 
-    rows, _ = read_rows(config.train.sft_data, config.data.input_key, "response", None, config.data.skip_bad_rows)
+    d = config.data
+    rows, _ = read_rows(config.train.sft_data, d.input_key, "response", None, d.skip_bad_rows)
+    dataset = prepare_prompts(rows, tokenizer, d.apply_chat_template, d.rollout_max_prompt_len)
     samples = []
-    for i, row in enumerate(rows):
-        prompt = tokenizer(row.prompt, add_special_tokens=False)["input_ids"]
+    for i, (text, prompt, row) in enumerate(dataset.prompts):
         response = tokenizer(str(row.label), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        samples.append(Sample(prompt=row.prompt, tokens=prompt + response, response_length=len(response), index=i))
+        samples.append(Sample(prompt=text, tokens=prompt + response, response_length=len(response), index=i))
     return samples
 
 
@@ -197,15 +198,13 @@ def should(interval: int | None, step: int, last: int) -> bool:
 
 
 def dump_rollout(folder: str, rollout_id: int, samples: list[Sample]) -> None:
-    from dataclasses import asdict
+    from slime.rollout.data import sample_to_dict
 
     path = Path(folder) / f"rollout_{rollout_id:06d}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for s in samples:
-            row: dict[str, Any] = asdict(s)
-            row["status"] = s.status.value
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(sample_to_dict(s)) + "\n")
 
 
 def describe_start(config: Config, backend, start: int) -> str:

@@ -83,11 +83,11 @@ class EngineWorker:
             self.engine.end_weight_update()
         return time.perf_counter() - start
 
-    def release_memory(self) -> None:
-        self.engine.release_memory()
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        self.engine.release_memory(tags)
 
-    def resume_memory(self) -> None:
-        self.engine.resume_memory()
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        self.engine.resume_memory(tags)
 
     def shutdown(self) -> None:
         self._stop_server()

@@ -111,11 +111,11 @@ class RolloutManager:
         seconds = await asyncio.gather(*(e.actor.update_weights.remote(bucket_refs, version) for e in self.engines))
         return max(seconds)
 
-    async def release_memory(self) -> None:
-        await asyncio.gather(*(e.actor.release_memory.remote() for e in self.engines))
+    async def release_memory(self, tags: list[str] | None = None) -> None:
+        await asyncio.gather(*(e.actor.release_memory.remote(tags) for e in self.engines))
 
-    async def resume_memory(self) -> None:
-        await asyncio.gather(*(e.actor.resume_memory.remote() for e in self.engines))
+    async def resume_memory(self, tags: list[str] | None = None) -> None:
+        await asyncio.gather(*(e.actor.resume_memory.remote(tags) for e in self.engines))
 
     # ---- generation ---------------------------------------------------------------------------------
     async def generate(self, rollout_id: int) -> tuple[list[Sample], dict[str, float]]:

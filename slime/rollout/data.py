@@ -219,13 +219,13 @@ class DataSource:
             "offset": self.state.offset,
             "next_sample_index": self.state.next_sample_index,
             "next_group_index": self.state.next_group_index,
-            "buffer": [[_sample_to_dict(s) for s in g] for g in self.buffer],
+            "buffer": [[sample_to_dict(s) for s in g] for g in self.buffer],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = DataState(state["epoch"], state["offset"], state["next_sample_index"], state["next_group_index"])
         self._order = self._epoch_order(self.state.epoch)
-        self.buffer = [[_sample_from_dict(s) for s in g] for g in state.get("buffer", [])]
+        self.buffer = [[sample_from_dict(s) for s in g] for g in state.get("buffer", [])]
 
 
 def reset_to_prompt(sample: Sample) -> None:
@@ -239,7 +239,7 @@ def reset_to_prompt(sample: Sample) -> None:
     sample.weight_version = None
 
 
-def _sample_to_dict(sample: Sample) -> dict[str, Any]:
+def sample_to_dict(sample: Sample) -> dict[str, Any]:
     from dataclasses import asdict
 
     d = asdict(sample)
@@ -247,7 +247,7 @@ def _sample_to_dict(sample: Sample) -> dict[str, Any]:
     return d
 
 
-def _sample_from_dict(d: dict[str, Any]) -> Sample:
+def sample_from_dict(d: dict[str, Any]) -> Sample:
     return Sample(**{**d, "status": SampleStatus(d["status"])})
 
 

@@ -74,13 +74,16 @@ class MegatronTrainer:
         """Hook for the critic, which replaces the LM head with a value head."""
 
     def _overrides(self, kind: str) -> dict:
-        """The pass-through fields that belong to megatron's TransformerConfig ("transformer") or OptimizerConfig."""
+        """The pass-through fields of megatron's TransformerConfig ("transformer") or OptimizerConfig ("optimizer");
+        a field both have (e.g. bf16) goes to both."""
         import dataclasses
 
         from megatron.core.optimizer import OptimizerConfig
+        from megatron.core.transformer import TransformerConfig
 
-        optimizer_fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
-        return {k: v for k, v in self.config.megatron_overrides if (k in optimizer_fields) == (kind == "optimizer")}
+        owner = OptimizerConfig if kind == "optimizer" else TransformerConfig
+        names = {f.name for f in dataclasses.fields(owner)}
+        return {k: v for k, v in self.config.megatron_overrides if k in names}
 
     def _build_optimizer(self):
         from megatron.core.optimizer import OptimizerConfig

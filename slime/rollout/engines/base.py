@@ -36,6 +36,18 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort", "error")
 
 
+
+MEMORY_TAGS = ("weights", "kv_cache")  # what release_memory/resume_memory can name, as in SGLang
+
+
+def wants_kv_cache(tags: list[str] | None) -> bool:
+    """Whether a release/resume with these tags covers the KV cache; unknown tags are an EngineError."""
+    if tags is None:
+        return True
+    if not isinstance(tags, list) or any(t not in MEMORY_TAGS for t in tags):
+        raise EngineError(f"memory tags must be a list drawn from {list(MEMORY_TAGS)}, got {tags!r}")
+    return "kv_cache" in tags
+
 class EngineError(RuntimeError):
     """A one-line, user-facing failure of an engine call (bad request, server gone, ...)."""
 
@@ -165,12 +177,14 @@ class RolloutEngine(ABC):
         """True when the engine can serve a request now."""
 
     @abstractmethod
-    def release_memory(self) -> None:
-        """Colocate: give back the memory the engine holds for serving (KV cache); generation must be idle."""
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """Colocate: give back the memory the engine holds, for the tags given (MEMORY_TAGS; None = all of them);
+        generation must be idle. As in SGLang, "weights" can come back alone to receive a weight update before
+        "kv_cache" does, so the trainer's memory and the engine's KV cache are never held at once."""
 
     @abstractmethod
-    def resume_memory(self) -> None:
-        """Undo release_memory()."""
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        """Undo release_memory() for the tags given (None = all)."""
 
     @property
     @abstractmethod

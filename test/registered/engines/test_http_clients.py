@@ -146,6 +146,20 @@ def test_release_and_resume_memory(client, served):
     assert client.generate([GenerateRequest("m", PROMPTS[1], greedy(2))])[0].finish_reason == "length"
 
 
+def test_memory_tags_release_only_what_they_name(client, served):
+    engine, _ = served
+    client.release_memory(["weights"])  # the embedded engine's weights stay on the host: nothing to free
+    assert engine.model.kv_cache_allocated
+    client.release_memory(["kv_cache"])
+    assert not engine.model.kv_cache_allocated
+    client.resume_memory(["weights"])
+    assert not engine.model.kv_cache_allocated
+    client.resume_memory(["kv_cache"])
+    assert engine.model.kv_cache_allocated
+    with pytest.raises(EngineError, match=r"memory tags must be a list drawn from \['weights', 'kv_cache'\], got \['gpu'\]"):
+        client.release_memory(["gpu"])
+
+
 # ---- HTTP only ------------------------------------------------------------------------------------------
 def test_generate_json_shapes(served):
     _, handle = served

@@ -193,12 +193,14 @@ def passthrough_run(rank, world, port, folder):
     from slime.training.actor import PolicyTrainer
 
     backend, _ = init_rank(rank, world, port, 1)
-    trainer = PolicyTrainer(trainer_config(folder, 1, megatron_overrides=(("adam_eps", 1e-5), ("hidden_dropout", 0.25))), backend)
+    trainer = PolicyTrainer(trainer_config(folder, 1, megatron_overrides=(("adam_eps", 1e-5), ("hidden_dropout", 0.25), ("barrier_with_L1_time", False))), backend)
     return {"hidden_dropout": trainer.model.config.hidden_dropout,
-            "eps": [g["eps"] for g in trainer.optimizer.param_groups], "clip": trainer.optimizer.config.clip_grad}
+            "eps": [g["eps"] for g in trainer.optimizer.param_groups], "clip": trainer.optimizer.config.clip_grad,
+            # a field of both config classes reaches both
+            "barrier": (trainer.model.config.barrier_with_L1_time, trainer.optimizer.config.barrier_with_L1_time)}
 
 
 def test_megatron_passthrough_flags_reach_the_model_and_the_optimizer(model_dir):
     # `slime train --hidden-dropout 0.25 --adam-eps 1e-5` arrive as TrainerConfig.megatron_overrides
     result = run_ranks(passthrough_run, 1, str(model_dir))[0]
-    assert result == {"hidden_dropout": 0.25, "eps": [1e-5, 1e-5], "clip": 0.5}
+    assert result == {"hidden_dropout": 0.25, "eps": [1e-5, 1e-5], "clip": 0.5, "barrier": (False, False)}

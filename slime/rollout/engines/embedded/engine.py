@@ -30,6 +30,7 @@ from slime.rollout.engines.base import (
     RolloutEngine,
     SamplingParams,
     WeightUpdateError,
+    wants_kv_cache,
 )
 from slime.rollout.engines.embedded.model import DecoderSpec, ServingModel
 from slime.rollout.engines.embedded.sampling import BatchSampling, find_stop_string, sample_tokens
@@ -418,14 +419,18 @@ class EmbeddedEngine(RolloutEngine):
         with self._cond:
             return len(self._waiting)
 
-    def release_memory(self) -> None:
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        if not wants_kv_cache(tags):  # the weights stay: they are host memory the trainer does not need
+            return
         with self._model_lock:
             running = self.num_running()
             if running:
                 raise EngineError(f"release_memory needs an idle engine, but {running} request(s) are running; abort them first")
             self.model.free_kv_cache()
 
-    def resume_memory(self) -> None:
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        if not wants_kv_cache(tags):
+            return
         with self._model_lock:
             if not self.model.kv_cache_allocated:
                 self.model.allocate_kv_cache()

@@ -236,13 +236,13 @@ class EmbeddedServer:
         return web.Response(status=200)
 
     async def release_memory(self, request: web.Request) -> web.Response:
-        await _json_body(request)
-        await self._run_blocking(self.engine.release_memory)
+        tags = (await _json_body(request)).get("tags")
+        await self._run_blocking(lambda: self.engine.release_memory(tags))
         return web.json_response({"success": True})
 
     async def resume_memory(self, request: web.Request) -> web.Response:
-        await _json_body(request)
-        await self._run_blocking(self.engine.resume_memory)
+        tags = (await _json_body(request)).get("tags")
+        await self._run_blocking(lambda: self.engine.resume_memory(tags))
         return web.json_response({"success": True})
 
 
