@@ -23,20 +23,7 @@ from pathlib import Path
 
 import torch
 
-SIZES = {"5M": (256, 4, 4, 2, 768, 4096), "30M": (512, 8, 8, 4, 1536, 8192)}  # hidden, layers, heads, kv, ffn, vocab
-
-
-def build(folder: Path, size: str) -> int:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    hidden, layers, heads, kv, ffn, vocab = SIZES[size]
-    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
-                         max_position_embeddings=512, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config).float()
-    model.save_pretrained(str(folder))
-    return sum(p.numel() for p in model.parameters())
+from bench_train_step import SIZES, build_checkpoint  # the same Qwen3 sizes as the trainer benchmark
 
 
 def main() -> int:
@@ -57,7 +44,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        params = build(folder, args.size)
+        params = build_checkpoint(args.size, folder)
         backend = select_backend("cpu")
         init_distributed(backend, 0, 1, "127.0.0.1", free_port())
         trainer = PolicyTrainer(TrainerConfig(hf_checkpoint=str(folder)), backend)

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from release.perf import ALL_HARDWARE
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -82,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("lint", help="workflow drift, actionlint, zizmor --offline, hadolint")
 
     perf = sub.add_parser("perf", help="nightly performance: run the benchmarks, gate them, report (see release/perf_gate.py)")
-    perf.add_argument("--hardware", required=True, choices=("cpu", "cuda", "rocm", "tpu"))
+    perf.add_argument("--hardware", required=True, choices=ALL_HARDWARE)
     perf.add_argument("--out", type=Path, required=True, help="folder for the benchmark JSON, records, report")
     perf.add_argument("--history", type=Path, help="JSONL of earlier nights' records (tonight's are appended)")
     perf.add_argument("--only", nargs="+", help="run only these benchmarks")

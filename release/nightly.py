@@ -26,7 +26,11 @@ def perf_command(repo: Path, hardware: str, out: Path, history_path: Path | None
         perf.write_records(run.records, out / "records.jsonl")
         (out / "failures.json").write_text(json.dumps([asdict(f) for f in run.failures], indent=1) + "\n")
     history = perf.read_records(history_path) if history_path else []
-    baselines = perf_gate.load_baselines(perf_gate.baselines_path(repo, hardware))
+    baselines_file = perf_gate.baselines_path(repo, hardware)
+    baselines = perf_gate.load_baselines(baselines_file)
+    if not baselines:  # said on every night until someone commits them: without them only history can gate
+        print(f"warning: no baselines at {baselines_file.relative_to(repo) if baselines_file.is_relative_to(repo) else baselines_file}: "
+              f"every {hardware} metric is new tonight; commit tonight's records.jsonl values there to gate regressions")
     verdicts = [perf_gate.judge(r, baselines.get(r.name), history) for r in run.records]
     if history_path is not None:
         kept = [r for r in history if not any(r.name == t.name and r.date == t.date for t in run.records)]

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from slime.testing.runner import run_command
+
 REPO = Path(__file__).resolve().parent.parent
 ALL_HARDWARE = ("cpu", "cuda", "rocm", "tpu")
 
@@ -139,9 +141,17 @@ def to_records(figures: Figures, hardware: str, commit: str, date: str, machine:
     return [MetricRecord(name, hardware, float(value), unit, higher, commit, date, machine) for name, value, unit, higher in figures]
 
 
+def night(commit: str | None = None, date: str | None = None, machine: str | None = None) -> tuple[str, str, str]:
+    """(commit, date, machine) for tonight's records: this checkout's commit, today's UTC date, this machine,
+    unless given. Taken once per run, so that a run crossing midnight stays one night."""
+    return (commit or current_commit(), date or datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+            machine or f"{platform.node()} ({os.cpu_count()} cpus)")
+
+
 def command_for(bench: Benchmark, out: Path, python: str = sys.executable) -> list[str]:
     argv = [python, str(REPO / "benchmarks" / bench.script), *(a.replace("{out}", str(out)) for a in bench.args)]
-    return ["bash", str(REPO / "scripts" / "loopback.sh"), *argv] if bench.loopback else argv
+    already_isolated = os.environ.get("SLIME_TEST_NETWORK_ISOLATED") == "1"  # inside run_suite's namespace
+    return ["bash", str(REPO / "scripts" / "loopback.sh"), *argv] if bench.loopback and not already_isolated else argv
 
 
 def run_one(bench: Benchmark, out_dir: Path, timeout_s: float) -> Figures:
@@ -150,15 +160,15 @@ def run_one(bench: Benchmark, out_dir: Path, timeout_s: float) -> Figures:
     log = out_dir / f"{bench.name}.log"
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     try:
-        with log.open("w") as handle:
-            done = subprocess.run(command_for(bench, out), stdout=handle, stderr=subprocess.STDOUT, timeout=timeout_s, env=env, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        raise InfraFailure(f"timed out after {timeout_s:g} s (log: {log})") from None
+        code, timed_out, output, _ = run_command(command_for(bench, out), timeout_s, env, cwd=REPO)
     except OSError as exc:
         raise InfraFailure(f"could not start: {exc}") from None
-    if done.returncode != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        raise CrashFailure(f"exit {done.returncode}: {tail[0][:300]} (log: {log})")
+    log.write_text(output)
+    if timed_out:
+        raise InfraFailure(f"timed out after {timeout_s:g} s (log: {log})")
+    if code != 0:
+        tail = output.strip().splitlines()[-1:] or ["(no output)"]
+        raise CrashFailure(f"exit {code}: {tail[0][:300]} (log: {log})")
     try:
         return bench.extract(json.loads(out.read_text()))
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -176,9 +186,7 @@ class CrashFailure(RuntimeError):
 def run_all(hardware: str, out_dir: Path, only: list[str] | None = None, timeout_s: float = 1800.0,
             commit: str | None = None, date: str | None = None, machine: str | None = None) -> PerfRun:
     out_dir.mkdir(parents=True, exist_ok=True)
-    commit = commit or current_commit()
-    date = date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    machine = machine or f"{platform.node()} ({os.cpu_count()} cpus)"
+    commit, date, machine = night(commit, date, machine)
     result = PerfRun()
     for bench in benchmarks_for(hardware, only):
         try:

@@ -11,16 +11,11 @@ from release.perf_gate import Verdict
 ICONS = {"ok": "ok", "improved": "improved", "new": "new", "noisy": "noisy", "drifting": "drifting", "regression": "REGRESSION"}
 
 
-def markdown(hardware: str, verdicts: list[Verdict], failures: list[Failure], plots: dict[str, str],
-             accuracy: list[tuple[str, float, float, bool]] | None = None) -> str:
+def markdown(hardware: str, verdicts: list[Verdict], failures: list[Failure], plots: dict[str, str]) -> str:
     lines = [f"# Nightly performance: {hardware}", ""]
     failed = [v for v in verdicts if v.failed]
     lines.append(f"{len(verdicts)} metrics, {len(failed)} regression(s), {len(failures)} benchmark failure(s).")
     lines.append("")
-    if accuracy:
-        lines += ["## Accuracy", "", "| check | value | threshold | result |", "|---|---|---|---|"]
-        lines += [f"| {name} | {value:.4g} | {threshold:.4g} | {'pass' if ok else 'FAIL'} |" for name, value, threshold, ok in accuracy]
-        lines.append("")
     lines += ["## Metrics", "", "| metric | tonight | baseline (band) | trailing mean | verdict | plot |", "|---|---|---|---|---|---|"]
     for v in sorted(verdicts, key=lambda v: (not v.failed, v.name)):
         base = f"{v.baseline.value:.4g} (±{v.baseline.tolerance:.0%})" if v.baseline else "-"
@@ -65,7 +60,7 @@ def plot_history(name: str, history: list[MetricRecord], verdict: Verdict, out: 
 
 
 def write_report(folder: Path, hardware: str, verdicts: list[Verdict], failures: list[Failure],
-                 history: list[MetricRecord], accuracy=None) -> Path:
+                 history: list[MetricRecord]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     plots = {}
     for v in verdicts:
@@ -73,5 +68,5 @@ def write_report(folder: Path, hardware: str, verdicts: list[Verdict], failures:
         if png is not None:
             plots[v.name] = str(png.relative_to(folder))
     path = folder / "summary.md"
-    path.write_text(markdown(hardware, verdicts, failures, plots, accuracy))
+    path.write_text(markdown(hardware, verdicts, failures, plots))
     return path

@@ -117,8 +117,7 @@ def test_job(job: SuiteJob, previous_wait: str | None, nightly: bool) -> dict:
     env = {"SHARD": "${{ matrix.shard }}", "PARALLEL": "false" if nightly else "${{ needs.gate.outputs.parallel }}", "OMP_NUM_THREADS": "1"}
     if nightly:
         steps.append(fetch_history_step(job))
-        env.update(SLIME_NIGHTLY_OUT="nightly-out", SLIME_NIGHTLY_HISTORY=NIGHTLY_HISTORY,
-                   SLIME_NIGHTLY_RECORDS="nightly-out/accuracy-records.jsonl")
+        env.update(SLIME_NIGHTLY_OUT="nightly-out", SLIME_NIGHTLY_HISTORY=NIGHTLY_HISTORY)
     steps += [
         {"name": f"Run {job.suite} shard ${{{{ matrix.shard }}}} of {job.shards}", "env": env, "run": run_tests},
         {
@@ -156,17 +155,18 @@ def history_artifact(job: SuiteJob) -> str:
 
 
 def fetch_history_step(job: SuiteJob) -> dict:
-    """The metric history travels as an artifact from the newest earlier nightly run (none on the first night)."""
+    """The metric history travels as an artifact from the newest of the last ten nightly runs that has it (none on
+    the first night)."""
     return {
         "name": "Fetch the metric history of the last nightly run",
         "env": {"GH_TOKEN": "${{ github.token }}", "REPOSITORY": "${{ github.repository }}", "ARTIFACT": history_artifact(job)},
-        "run": 'mkdir -p nightly-out\n'
-        'previous=$(gh run list --repo "$REPOSITORY" --workflow nightly.yml --status completed --limit 1 --json databaseId --jq ".[0].databaseId")\n'
-        'if [ -n "$previous" ] && gh run download "$previous" --repo "$REPOSITORY" --name "$ARTIFACT" --dir nightly-out; then\n'
-        '  echo "history from run $previous"\n'
-        "else\n"
-        '  echo "no earlier history: the gate compares with the baselines only"\n'
-        "fi\n",
+        "run": "mkdir -p nightly-out\n"
+        'found=""\n'
+        "# the newest run that has the artifact: a cancelled or failed night must not reset the history\n"
+        'for run in $(gh run list --repo "$REPOSITORY" --workflow nightly.yml --status completed --limit 10 --json databaseId --jq ".[].databaseId"); do\n'
+        '  if gh run download "$run" --repo "$REPOSITORY" --name "$ARTIFACT" --dir nightly-out; then found=$run; break; fi\n'
+        "done\n"
+        'if [ -n "$found" ]; then echo "history from run $found"; else echo "no earlier history: the gate compares with the baselines only"; fi\n',
     }
 
 

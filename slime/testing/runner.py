@@ -128,9 +128,16 @@ def network_isolation_available() -> bool:
 
 
 def run_once(path: Path, timeout: float, env: dict[str, str], isolate_network: bool) -> tuple[int | None, bool, str, float]:
+    return run_command(build_command(path, isolate_network), timeout, env)
+
+
+def run_command(argv: list[str], timeout: float, env: dict[str, str], cwd: Path | None = None) -> tuple[int | None, bool, str, float]:
+    """(exit code or None on timeout, timed out, stdout+stderr, seconds). A timeout kills the whole process
+    tree, and whatever the command left running is reaped afterwards."""
     start = time.monotonic()
     proc = subprocess.Popen(
-        build_command(path, isolate_network),
+        argv,
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

@@ -49,12 +49,3 @@ def test_resume_mid_run_matches_the_uninterrupted_run(files, tmp_path):
         for x, y in zip(a, b):
             assert max(abs(p - q) for p, q in zip(x["rollout_log_probs"], y["rollout_log_probs"])) < 1e-5
 
-
-def test_loading_a_folder_without_a_checkpoint_is_one_clear_error(files, tmp_path):
-    from slime.train_cli import main
-
-    (tmp_path / "empty").mkdir()
-    from loop_helpers import base_flags
-
-    code = main(base_flags(files, tmp_path / "run", load=tmp_path / "empty"))
-    assert code == 2
