@@ -377,8 +377,8 @@ def validate(config: Config) -> None:
         problems.append("--sft-warmup-steps needs --sft-data")
     if t.sft_batch_size < 1:
         problems.append(f"--sft-batch-size must be >= 1, got {t.sft_batch_size}")
-    elif t.sft_warmup_steps and t.sft_batch_size % (world // t.tensor_model_parallel_size or 1):
-        problems.append(f"--sft-batch-size {t.sft_batch_size} must be divisible by data-parallel size {world // t.tensor_model_parallel_size}")
+    elif t.sft_warmup_steps and t.sft_batch_size % (config.data_parallel_size or 1):
+        problems.append(f"--sft-batch-size {t.sft_batch_size} must be divisible by data-parallel size {config.data_parallel_size}")
     if (t.sft_stop_reward is None) != (t.sft_eval_set is None):
         problems.append("--sft-stop-reward and --sft-eval-set go together")
     elif t.sft_eval_set is not None and t.sft_eval_set not in d.eval_prompt_data[0::2]:

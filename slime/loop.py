@@ -51,8 +51,10 @@ def train(config: Config, backend: Backend | None = None) -> RunSummary:
     if config.algorithm.custom_advantage_function_path:
         advantage_fn = load_function(config.algorithm.custom_advantage_function_path, "--custom-advantage-function-path", 3)
     backend = backend or select_backend(config.cluster.hardware)
-    if backend.rollout_engine == "embedded" and config.cluster.rollout_num_gpus_per_engine != 1:
-        raise ConfigError("--rollout-num-gpus-per-engine must be 1 for the embedded engine (it runs one device per engine)")
+    if config.cluster.rollout_num_gpus_per_engine != 1:
+        # An engine actor is placed on one bundle (one device), and tensor-parallel SGLang servers would also need
+        # --tp-size and one weight payload per rank: not wired yet, so refuse rather than run on one device.
+        raise ConfigError("--rollout-num-gpus-per-engine must be 1 for now: each engine runs on one device")
     config.write(config.logging.output_dir)
     tokenizer = AutoTokenizer.from_pretrained(config.checkpoint.hf_checkpoint)
     vocab_size = AutoConfig.from_pretrained(config.checkpoint.hf_checkpoint).vocab_size  # may exceed len(tokenizer)

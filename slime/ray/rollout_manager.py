@@ -88,15 +88,13 @@ class RolloutManager:
 
     async def recover(self) -> None:
         """Restart every engine that no longer answers; concurrent callers share one restart."""
-        import ray
-
         async with self._recover_lock:
             alive = await asyncio.gather(*(self._alive(e) for e in self.engines))
             for i, ok in enumerate(alive):
                 if ok:
                     continue
                 logger.warning("rollout engine %d (pid %d) is gone; restarting it", i, self.engines[i].pid)
-                ray.kill(self.engines[i].actor, no_restart=True)
+                await self._stop(self.engines[i], timeout_s=10)  # a hung worker may still own a server process
                 engine = await self._start_engine(self.slots[i])
                 refs, version = self._weights
                 if refs:
@@ -164,16 +162,21 @@ class RolloutManager:
         self.data.load_state_dict(state["data"])
 
     async def shutdown(self) -> None:
-        import ray
-
         if self.engines:
             await self.ctx.close()
         for engine in self.engines:
-            try:
-                await asyncio.wait_for(engine.actor.shutdown.remote(), 30)
-            except Exception:
-                pass
-            ray.kill(engine.actor, no_restart=True)
+            await self._stop(engine, timeout_s=30)
+
+    @staticmethod
+    async def _stop(engine: _Engine, timeout_s: float) -> None:
+        """Ask the worker to stop its server, then kill the worker whether it answered or not."""
+        import ray
+
+        try:
+            await asyncio.wait_for(engine.actor.shutdown.remote(), timeout_s)
+        except Exception:  # dead already, or hung
+            pass
+        ray.kill(engine.actor, no_restart=True)
 
 
 def _load_prompts(config: Config, path: str, n: int, tokenizer, shuffle: bool | None = None):

@@ -165,11 +165,15 @@ class MicroBatch:
     response_mask: Tensor  # [rows, longest response], loss mask (0 on padding)
 
     def pad_responses(self, per_sample: list[Tensor]) -> Tensor:
-        longest = self.response_mask.shape[1]
-        out = torch.zeros(len(per_sample), longest, dtype=torch.float32)
-        for row, values in enumerate(per_sample):
-            out[row, : values.shape[0]] = values
-        return out
+        return pad_rows(per_sample, self.response_mask.shape[1])
+
+
+def pad_rows(per_sample: list[Tensor], width: int) -> Tensor:
+    """Per-sample vectors as one float32 [rows, width] tensor, zero-padded on the right."""
+    out = torch.zeros(len(per_sample), width, dtype=torch.float32)
+    for row, values in enumerate(per_sample):
+        out[row, : values.shape[0]] = values
+    return out
 
 
 def collate(batch: TrainBatch, indices: list[int]) -> MicroBatch:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from slime.training import advantages as adv
-from slime.training.batch import TrainBatch
+from slime.training.batch import TrainBatch, pad_rows
 from slime.training.losses import kl_penalty
 
 GROUP_ESTIMATORS = ("grpo", "gspo", "reinforce_plus_plus_baseline")
@@ -57,10 +57,7 @@ class AdvantageSettings:
 
 
 def padded(per_sample: list[Tensor], lengths: list[int]) -> Tensor:
-    out = torch.zeros(len(per_sample), max(lengths), dtype=torch.float32)
-    for row, values in enumerate(per_sample):
-        out[row, : values.shape[0]] = values.float()
-    return out
+    return pad_rows(per_sample, max(lengths))
 
 
 def unpadded(values: Tensor, lengths: list[int]) -> list[Tensor]:
