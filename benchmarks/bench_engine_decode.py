@@ -20,7 +20,7 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             params = sum(p.numel() for p in hf.parameters())
             vocab = SIZES[size][-1]
             prompts = torch.randint(2, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
-            engine = EmbeddedEngine(tmp, max_batch_size=args.batch, max_seq_len=args.prompt_len + args.new_tokens + 8, dtype=dtype, seed=0)
+            engine = EmbeddedEngine(
+                tmp, max_batch_size=args.batch, max_seq_len=args.prompt_len + args.new_tokens + 8, dtype=dtype, seed=0
+            )
             try:
                 time_engine(engine, prompts[:4], 4)  # warm-up
                 time_hf(hf, prompts[:4], 4)

@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from slime.backends import select_backend  # noqa: E402
-from slime.kernels import get_op, naive_logprobs_and_entropy  # noqa: E402
-from slime.kernels.memory import peak_extra_host_bytes  # noqa: E402
+from slime.backends import select_backend
+from slime.kernels import get_op, naive_logprobs_and_entropy
+from slime.kernels.memory import peak_extra_host_bytes
 
 
 def make_inputs(rows: int, vocab: int, dtype: torch.dtype, device: str):
@@ -131,7 +131,11 @@ def main() -> int:
             results.append(row)
             print(
                 f"{dtype_name:9} {mode:8} "
-                + "  ".join(f"{n}: {r['seconds']:.3f}s {r['peak_extra_mib']:.0f} MiB" for n, r in row.items() if isinstance(r, dict))
+                + "  ".join(
+                    f"{n}: {r['seconds']:.3f}s {r['peak_extra_mib']:.0f} MiB"
+                    for n, r in row.items()
+                    if isinstance(r, dict)
+                )
             )
         del logits, tokens
 

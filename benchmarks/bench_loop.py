@@ -77,12 +77,18 @@ def main() -> int:
             "train": median("perf/train_time"),
             "weight_sync": median("perf/weight_sync_time"),
         },
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "omp_threads": os.environ["OMP_NUM_THREADS"]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "omp_threads": os.environ["OMP_NUM_THREADS"],
+        },
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"loop: {result['seconds_per_step']:.2f} s/step, {result['completions_per_s']:.1f} completions/s "
-          f"({params / 1e6:.1f}M params, {n} completions/step, generate {result['split_seconds']['generate']:.2f} s, "
-          f"train {result['split_seconds']['train']:.2f} s, sync {result['split_seconds']['weight_sync']:.3f} s)")
+    print(
+        f"loop: {result['seconds_per_step']:.2f} s/step, {result['completions_per_s']:.1f} completions/s "
+        f"({params / 1e6:.1f}M params, {n} completions/step, generate {result['split_seconds']['generate']:.2f} s, "
+        f"train {result['split_seconds']['train']:.2f} s, sync {result['split_seconds']['weight_sync']:.3f} s)"
+    )
     return 0
 
 

@@ -85,7 +85,9 @@ def main() -> int:
         "shards": shards,
     }
     print(f"collect {args.files} files: median {result['collect_seconds_median']:.3f} s over {args.repeats} runs")
-    print(f"est_time: total {result['est_time_total_s']:.0f} s, median {result['est_time_median_s']:.0f} s, max {result['est_time_max_s']:.0f} s")
+    print(
+        f"est_time: total {result['est_time_total_s']:.0f} s, median {result['est_time_median_s']:.0f} s, max {result['est_time_max_s']:.0f} s"
+    )
     for n, row in shards.items():
         print(
             f"{n:>3} shards: balance {row['balance_max_over_mean']:.3f}  makespan {row['makespan_s']:.0f} s "

@@ -99,7 +99,12 @@ def slime_steps(folder: Path, samples, lr: float) -> dict:
 
     backend = select_backend("cpu")
     init_distributed(backend, 0, 1, "127.0.0.1", free_port(), tensor_parallel_size=1)
-    config = TrainerConfig(hf_checkpoint=str(folder), lr=lr, clip_grad=1.0, max_tokens_per_micro_batch=len(samples) * len(samples[0].tokens))
+    config = TrainerConfig(
+        hf_checkpoint=str(folder),
+        lr=lr,
+        clip_grad=1.0,
+        max_tokens_per_micro_batch=len(samples) * len(samples[0].tokens),
+    )
     trainer = PolicyTrainer(config, backend)
     batch = TrainBatch.from_samples(samples, pad_token_id=0)
     return {"slime_sft": lambda: trainer.sft_step(batch), "slime_rl": lambda: trainer.train_step(batch)}
@@ -118,7 +123,13 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-    report = {"rows": args.rows, "seq": args.seq, "threads": torch.get_num_threads(), "torch": torch.__version__, "results": {}}
+    report = {
+        "rows": args.rows,
+        "seq": args.seq,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "results": {},
+    }
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_train_step import SIZES, build_checkpoint  # the same Qwen3 sizes as the trainer benchmark
 
 
@@ -94,8 +93,10 @@ def main() -> int:
         "threads": torch.get_num_threads(),
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"weight sync {args.size} ({params / 1e6:.1f}M params, {nbytes / 2**20:.0f} MiB): push {push_s * 1000:.1f} ms, "
-          f"plain copy {plain_s * 1000:.1f} ms, ratio {push_s / plain_s:.2f}x (goal <= 2x); deferred repack {repack_s * 1000:.1f} ms")
+    print(
+        f"weight sync {args.size} ({params / 1e6:.1f}M params, {nbytes / 2**20:.0f} MiB): push {push_s * 1000:.1f} ms, "
+        f"plain copy {plain_s * 1000:.1f} ms, ratio {push_s / plain_s:.2f}x (goal <= 2x); deferred repack {repack_s * 1000:.1f} ms"
+    )
     return 0
 
 

@@ -75,7 +75,9 @@ def build(repo: Path, version: str, outdir: Path, python: str = sys.executable) 
 
 
 def twine_check(paths: list[Path], python: str = sys.executable) -> None:
-    result = subprocess.run([python, "-m", "twine", "check", "--strict", *map(str, paths)], capture_output=True, text=True)
+    result = subprocess.run(
+        [python, "-m", "twine", "check", "--strict", *map(str, paths)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         problems = [line.strip() for line in result.stdout.splitlines() if "ERROR" in line or "WARNING" in line]
         raise BuildError("twine check failed: " + " | ".join(problems or [result.stdout.strip()[-300:]]))
@@ -86,9 +88,12 @@ def stray_files(names: list[str]) -> list[str]:
     bad = []
     for name in names:
         parts = name.split("/")
-        if any(p in FORBIDDEN_PARTS for p in parts) or name.endswith(FORBIDDEN_SUFFIXES):
-            bad.append(name)
-        elif any(p in ("test", "tests") for p in parts[:-1]) or parts[-1].startswith("test_"):
+        if (
+            any(p in FORBIDDEN_PARTS for p in parts)
+            or name.endswith(FORBIDDEN_SUFFIXES)
+            or any(p in ("test", "tests") for p in parts[:-1])
+            or parts[-1].startswith("test_")
+        ):
             bad.append(name)
     return bad
 

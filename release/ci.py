@@ -85,7 +85,11 @@ def wait(environ: Mapping[str, str], poll_s: float = 30.0) -> int:
         print("scheduled run: stages run in parallel, not waiting")
         return 0
     run = json.loads(_env("GATE", environ))["run"]
-    expected = {prefix: int(entry["count"]) for prefix, entry in json.loads(_env("EXPECTED", environ)).items() if run[entry["hw"]]}
+    expected = {
+        prefix: int(entry["count"])
+        for prefix, entry in json.loads(_env("EXPECTED", environ)).items()
+        if run[entry["hw"]]
+    }
     while True:
         verdict, why = wait_verdict(run_jobs(environ), expected)
         print(f"{verdict}: {why}", flush=True)

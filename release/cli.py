@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +54,9 @@ def parser() -> argparse.ArgumentParser:
     pub.add_argument("--simple-url", help="the index's simple page, checked for the version before uploading")
     pub.add_argument("--skip-existing", action="store_true", help="skip files whose version is already there")
 
-    e = sub.add_parser("exists", help="whether the dists' version is already on an index (refuses unless --skip-existing)")
+    e = sub.add_parser(
+        "exists", help="whether the dists' version is already on an index (refuses unless --skip-existing)"
+    )
     e.add_argument("dists", nargs="+", type=Path)
     e.add_argument("--simple-url", required=True)
     e.add_argument("--skip-existing", action="store_true")
@@ -83,7 +84,9 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("lint", help="workflow drift, actionlint, zizmor --offline, hadolint")
 
-    perf = sub.add_parser("perf", help="nightly performance: run the benchmarks, gate them, report (see release/perf_gate.py)")
+    perf = sub.add_parser(
+        "perf", help="nightly performance: run the benchmarks, gate them, report (see release/perf_gate.py)"
+    )
     perf.add_argument("--hardware", required=True, choices=ALL_HARDWARE)
     perf.add_argument("--out", type=Path, required=True, help="folder for the benchmark JSON, records, report")
     perf.add_argument("--history", type=Path, help="JSONL of earlier nights' records (tonight's are appended)")
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 def _version(channel: str, date: datetime.date | None) -> str:
     from release.version import compute_version, declared_version, read_git_state
 
-    date = date or datetime.datetime.now(datetime.timezone.utc).date()
+    date = date or datetime.datetime.now(datetime.UTC).date()
     return compute_version(read_git_state(REPO), channel, declared_version(REPO), date)
 
 
@@ -126,7 +129,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "build":
         from release.build import build
 
-        date = args.date or datetime.datetime.now(datetime.timezone.utc).date()
+        date = args.date or datetime.datetime.now(datetime.UTC).date()
         version = _version(args.channel, date)
         dists = build(REPO, version, args.outdir)
         print(f"built {dists.sdist.name} and {dists.wheel.name} in {args.outdir}")
@@ -180,7 +183,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.check:
             stale = drift(REPO)
             if stale:
-                print(f"error: {', '.join(stale)} differ from the generator; run `python -m release workflows`", file=sys.stderr)
+                print(
+                    f"error: {', '.join(stale)} differ from the generator; run `python -m release workflows`",
+                    file=sys.stderr,
+                )
                 return 1
             print("workflows match the registry")
             return 0

@@ -76,7 +76,9 @@ def plan_jobs(registrations: Iterable[Registration], nightly: bool) -> list[Suit
         weights = {r.path: r.est_time for r in regs}
         shards = shard_count(list(weights.values()), hw)
         lpt_partition(weights, shards)  # the runner partitions the same way with --auto-partition-size
-        jobs.append(SuiteJob(suite_stage(suite), hw, suite, suite_target(suite), shards, len(regs), sum(weights.values())))
+        jobs.append(
+            SuiteJob(suite_stage(suite), hw, suite, suite_target(suite), shards, len(regs), sum(weights.values()))
+        )
     order = {"A": 0, "B": 1, "C": 2, "nightly": 3}
     return sorted(jobs, key=lambda j: (order[j.stage], HARDWARE.index(j.hw), j.target))
 
@@ -101,8 +103,8 @@ class GateDecision:
 
 def gate(event_name: str, is_draft: bool, labels: Sequence[str], changes: ChangeSet) -> GateDecision:
     """Whether each hardware's jobs run for this event."""
-    nothing = {hw: False for hw in HARDWARE}
-    everything = {hw: True for hw in HARDWARE}
+    nothing = dict.fromkeys(HARDWARE, False)
+    everything = dict.fromkeys(HARDWARE, True)
     if event_name == "schedule":
         return GateDecision(everything, True, "scheduled run: every stage, in parallel")
     if event_name == "workflow_dispatch":
@@ -121,9 +123,7 @@ def gate(event_name: str, is_draft: bool, labels: Sequence[str], changes: Change
 
 def failed_jobs(jobs: Iterable[Mapping[str, object]], own_name: str = "") -> list[str]:
     """Names of jobs of this run that already ended badly (the health step fails fast on any)."""
-    return sorted(
-        str(j["name"]) for j in jobs if j.get("conclusion") in BAD_CONCLUSIONS and j.get("name") != own_name
-    )
+    return sorted(str(j["name"]) for j in jobs if j.get("conclusion") in BAD_CONCLUSIONS and j.get("name") != own_name)
 
 
 def wait_verdict(jobs: Iterable[Mapping[str, object]], expected: Mapping[str, int]) -> tuple[str, str]:
@@ -139,7 +139,10 @@ def wait_verdict(jobs: Iterable[Mapping[str, object]], expected: Mapping[str, in
         if bad:
             return "failure", f"{', '.join(sorted(bad))} failed"
         if len(mine) > count:
-            return "failure", f"{len(mine)} jobs named {prefix!r}*, the generator expected {count}: regenerate the workflows"
+            return (
+                "failure",
+                f"{len(mine)} jobs named {prefix!r}*, the generator expected {count}: regenerate the workflows",
+            )
         done = [j for j in mine if j.get("status") == "completed"]
         if len(done) < count:
             return "pending", f"{prefix!r}: {len(done)} of {count} done"
@@ -148,7 +151,11 @@ def wait_verdict(jobs: Iterable[Mapping[str, object]], expected: Mapping[str, in
 
 def finish_verdict(needs: Mapping[str, Mapping[str, object]]) -> tuple[bool, str]:
     """The finish job: fail when any job failed or was cancelled; skipped jobs (gated off) are fine."""
-    bad = sorted(f"{name}: {info.get('result')}" for name, info in needs.items() if info.get("result") in ("failure", "cancelled"))
+    bad = sorted(
+        f"{name}: {info.get('result')}"
+        for name, info in needs.items()
+        if info.get("result") in ("failure", "cancelled")
+    )
     if bad:
         return False, "failed or cancelled: " + "; ".join(bad)
     ran = sorted(name for name, info in needs.items() if info.get("result") == "success")

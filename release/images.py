@@ -46,7 +46,9 @@ IMAGES: dict[str, ImageSpec] = {
 }
 
 
-def image_tags(repository: str, hardware: str, version: str, channel: str, date: datetime.date | None = None) -> list[str]:
+def image_tags(
+    repository: str, hardware: str, version: str, channel: str, date: datetime.date | None = None
+) -> list[str]:
     """All tags one image is pushed under.
 
     release: <repo>:<version>-<hw> and <repo>:latest-<hw>
@@ -88,7 +90,9 @@ def check_smoke_output(hardware: str, output: str, version: str | None = None) -
         return [f"smoke output is not JSON ({exc.msg} at line {exc.lineno}): {output[:200]!r}"]
     problems = []
     if report.get("selected") != hardware:
-        problems.append(f"backend {hardware} not usable in the image: {report.get('selection_error') or report.get('selected')}")
+        problems.append(
+            f"backend {hardware} not usable in the image: {report.get('selection_error') or report.get('selected')}"
+        )
     backend = next((b for b in report.get("backends", []) if b.get("name") == hardware), None)
     if backend is None or not backend.get("available"):
         problems.append(f"backend {hardware} reported unavailable: {backend and backend.get('reason')}")

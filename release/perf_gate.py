@@ -74,21 +74,52 @@ def judge(record: MetricRecord, baseline: Baseline | None, history: list[MetricR
     worse = worse_by(record.value, baseline.value, record.higher_is_better)
     tol = baseline.tolerance
     if worse > 2 * tol:
-        return Verdict(record.name, "regression", record.value, baseline, mean,
-                       f"{worse:.0%} worse than the baseline {baseline.value:.4g} (band {tol:.0%}, more than twice the band)")
+        return Verdict(
+            record.name,
+            "regression",
+            record.value,
+            baseline,
+            mean,
+            f"{worse:.0%} worse than the baseline {baseline.value:.4g} (band {tol:.0%}, more than twice the band)",
+        )
     if worse > tol:
         previous = previous_value(history, record.name, record.date)
         if previous is not None and worse_by(previous, baseline.value, record.higher_is_better) > tol:
-            return Verdict(record.name, "regression", record.value, baseline, mean,
-                           f"{worse:.0%} worse than the baseline {baseline.value:.4g} for a second night running")
-        return Verdict(record.name, "noisy", record.value, baseline, mean,
-                       f"{worse:.0%} worse than the baseline {baseline.value:.4g}, previous night within the band")
+            return Verdict(
+                record.name,
+                "regression",
+                record.value,
+                baseline,
+                mean,
+                f"{worse:.0%} worse than the baseline {baseline.value:.4g} for a second night running",
+            )
+        return Verdict(
+            record.name,
+            "noisy",
+            record.value,
+            baseline,
+            mean,
+            f"{worse:.0%} worse than the baseline {baseline.value:.4g}, previous night within the band",
+        )
     if mean is not None and worse_by(record.value, mean, record.higher_is_better) > tol:
-        return Verdict(record.name, "drifting", record.value, baseline, mean,
-                       f"within the baseline band but {worse_by(record.value, mean, record.higher_is_better):.0%} worse than the "
-                       f"trailing mean {mean:.4g}")
+        return Verdict(
+            record.name,
+            "drifting",
+            record.value,
+            baseline,
+            mean,
+            f"within the baseline band but {worse_by(record.value, mean, record.higher_is_better):.0%} worse than the "
+            f"trailing mean {mean:.4g}",
+        )
     if worse < -tol:
-        return Verdict(record.name, "improved", record.value, baseline, mean, f"{-worse:.0%} better than the baseline: consider raising it")
+        return Verdict(
+            record.name,
+            "improved",
+            record.value,
+            baseline,
+            mean,
+            f"{-worse:.0%} better than the baseline: consider raising it",
+        )
     return Verdict(record.name, "ok", record.value, baseline, mean, "")
 
 

@@ -8,7 +8,14 @@ from pathlib import Path
 from release.perf import Failure, MetricRecord
 from release.perf_gate import Verdict
 
-ICONS = {"ok": "ok", "improved": "improved", "new": "new", "noisy": "noisy", "drifting": "drifting", "regression": "REGRESSION"}
+ICONS = {
+    "ok": "ok",
+    "improved": "improved",
+    "new": "new",
+    "noisy": "noisy",
+    "drifting": "drifting",
+    "regression": "REGRESSION",
+}
 
 
 def markdown(hardware: str, verdicts: list[Verdict], failures: list[Failure], plots: dict[str, str]) -> str:
@@ -16,7 +23,12 @@ def markdown(hardware: str, verdicts: list[Verdict], failures: list[Failure], pl
     failed = [v for v in verdicts if v.failed]
     lines.append(f"{len(verdicts)} metrics, {len(failed)} regression(s), {len(failures)} benchmark failure(s).")
     lines.append("")
-    lines += ["## Metrics", "", "| metric | tonight | baseline (band) | trailing mean | verdict | plot |", "|---|---|---|---|---|---|"]
+    lines += [
+        "## Metrics",
+        "",
+        "| metric | tonight | baseline (band) | trailing mean | verdict | plot |",
+        "|---|---|---|---|---|---|",
+    ]
     for v in sorted(verdicts, key=lambda v: (not v.failed, v.name)):
         base = f"{v.baseline.value:.4g} (±{v.baseline.tolerance:.0%})" if v.baseline else "-"
         mean = f"{v.trailing_mean:.4g}" if v.trailing_mean is not None else "-"
@@ -59,8 +71,9 @@ def plot_history(name: str, history: list[MetricRecord], verdict: Verdict, out: 
     return out
 
 
-def write_report(folder: Path, hardware: str, verdicts: list[Verdict], failures: list[Failure],
-                 history: list[MetricRecord]) -> Path:
+def write_report(
+    folder: Path, hardware: str, verdicts: list[Verdict], failures: list[Failure], history: list[MetricRecord]
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     plots = {}
     for v in verdicts:

@@ -86,7 +86,9 @@ def publish(
         if not dist.is_file():
             raise PublishError(f"{dist}: no such file")
         if not is_publishable(version_of(dist)):
-            raise PublishError(f"{dist.name}: local version (with '+') cannot be published; build with --channel release or nightly")
+            raise PublishError(
+                f"{dist.name}: local version (with '+') cannot be published; build with --channel release or nightly"
+            )
     missing = [v for v in CREDENTIAL_VARS if not environ.get(v)]
     if missing:
         raise PublishError(f"credentials missing: set {' and '.join(missing)} in the environment")
@@ -99,13 +101,25 @@ def publish(
             )
         if present and len(present) == len(dists):
             return f"skipped: {', '.join(present)} already on the index"
-    command = [python, "-m", "twine", "upload", "--non-interactive", "--disable-progress-bar", "--repository-url", repository_url]
+    command = [
+        python,
+        "-m",
+        "twine",
+        "upload",
+        "--non-interactive",
+        "--disable-progress-bar",
+        "--repository-url",
+        repository_url,
+    ]
     if skip_existing:
         command.append("--skip-existing")
     env = {k: v for k, v in environ.items() if k != "TWINE_REPOSITORY_URL"}
     result = subprocess.run([*command, *map(str, dists)], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         lines = [line.strip() for line in (result.stdout + result.stderr).splitlines() if line.strip()]
-        reason = next((line for line in lines if "HTTPError" in line or "Forbidden" in line or "ERROR" in line), lines[-1] if lines else "")
+        reason = next(
+            (line for line in lines if "HTTPError" in line or "Forbidden" in line or "ERROR" in line),
+            lines[-1] if lines else "",
+        )
         raise PublishError(f"upload to {repository_url} refused: {reason}")
     return f"uploaded {', '.join(d.name for d in dists)} to {repository_url}"

@@ -109,7 +109,7 @@ def declared_version(repo: Path) -> str:
     init = repo / "slime" / "__init__.py"
     found = VERSION_LINE.findall(init.read_text(encoding="utf-8"))
     if len(found) != 1:
-        raise VersionError(f"{init}: expected exactly one line `__version__ = \"X.Y.Z\"`, found {len(found)}")
+        raise VersionError(f'{init}: expected exactly one line `__version__ = "X.Y.Z"`, found {len(found)}')
     return found[0]
 
 
@@ -118,5 +118,5 @@ def stamp_version(init_file: Path, version: str) -> None:
     text = init_file.read_text(encoding="utf-8")
     new, count = VERSION_LINE.subn(f'__version__ = "{version}"', text)
     if count != 1:
-        raise VersionError(f"{init_file}: expected exactly one line `__version__ = \"X.Y.Z\"`, found {count}")
+        raise VersionError(f'{init_file}: expected exactly one line `__version__ = "X.Y.Z"`, found {count}')
     init_file.write_text(new, encoding="utf-8")

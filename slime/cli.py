@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     env.add_argument("--json", action="store_true", help="machine-readable output")
 
     sub.add_parser("train", help="run RL training (see `slime train --help`)", add_help=False)
-    sub.add_parser("quickstart", help="build a tiny model and task locally, SFT then GRPO on it (see `slime quickstart --help`)", add_help=False)
+    sub.add_parser(
+        "quickstart",
+        help="build a tiny model and task locally, SFT then GRPO on it (see `slime quickstart --help`)",
+        add_help=False,
+    )
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "env":

@@ -75,17 +75,25 @@ class RolloutConfig:
     rollout_stop_token_ids: list[int] = opt([], "stop token ids (beside EOS)", nargs="+")
     rollout_concurrency: int = opt(64, "max requests in flight per engine")
     rollout_engine_batch_size: int = opt(64, "embedded engine: sequences decoded together (KV-cache slots)")
-    rollout_max_context_len: int | None = opt(None, "engine context (prompt + response) in tokens (default: the model's, at most 4096)")
+    rollout_max_context_len: int | None = opt(
+        None, "engine context (prompt + response) in tokens (default: the model's, at most 4096)"
+    )
     rollout_dtype: str = opt("float32", "embedded engine dtype", choices=("float32", "bfloat16", "float16"))
-    custom_generate_function_path: str | None = opt(None, "module.function: async generate(args, sample, sampling) -> Sample")
+    custom_generate_function_path: str | None = opt(
+        None, "module.function: async generate(args, sample, sampling) -> Sample"
+    )
     rm_type: str | None = opt(None, "built-in reward: math | dapo | deepscaler | f1 | gpqa | remote_rm | arithmetic")
     custom_rm_path: str | None = opt(None, "module.function: async reward(args, sample) -> float (or group variant)")
     group_rm: bool = opt(False, "the custom reward takes a whole group: reward(args, samples) -> list[float]")
     rm_url: str | None = opt(None, "remote reward model URL (rm_type=remote_rm)")
     reward_key: str | None = opt(None, "key of the reward dict to train on, when rewards are dicts")
     dynamic_sampling_filter_path: str | None = opt(None, "module.function(args, group) -> bool: keep the group?")
-    over_sampling_batch_size: int | None = opt(None, "prompts to draw per generation wave when filtering (>= rollout batch)")
-    rollout_function_path: str | None = opt(None, "module.function: async rollout(ctx, data_source, rollout_id) -> RolloutResult (replaces the default)")
+    over_sampling_batch_size: int | None = opt(
+        None, "prompts to draw per generation wave when filtering (>= rollout batch)"
+    )
+    rollout_function_path: str | None = opt(
+        None, "module.function: async rollout(ctx, data_source, rollout_id) -> RolloutResult (replaces the default)"
+    )
     partial_rollout: bool = opt(False, "abort stragglers once the batch is full and return them to the buffer")
     n_samples_per_eval_prompt: int = opt(1, "responses per evaluation prompt")
     eval_temperature: float = opt(0.0, "evaluation temperature (0 = greedy)")
@@ -95,7 +103,9 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class AlgorithmConfig:
     advantage_estimator: str = opt(
-        "grpo", "advantage estimator", choices=("grpo", "gspo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+        "grpo",
+        "advantage estimator",
+        choices=("grpo", "gspo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"),
     )
     disable_grpo_std_normalization: bool = opt(False, "Dr.GRPO: subtract the group mean, do not divide by the std")
     eps_clip: float = opt(0.2, "PPO clip (lower, and upper unless --eps-clip-high)")
@@ -112,8 +122,12 @@ class AlgorithmConfig:
     normalize_advantages: bool = opt(False, "whiten advantages over the batch")
     use_tis: bool = opt(False, "truncated importance sampling against the rollout log-probs")
     tis_clip: float = opt(2.0, "upper bound of the TIS weight")
-    calculate_per_token_loss: bool = opt(False, "average the loss over all tokens (default: per-sample mean, then mean)")
-    custom_advantage_function_path: str | None = opt(None, "module.function(settings, batch, group_ids) filling batch.advantages/returns")
+    calculate_per_token_loss: bool = opt(
+        False, "average the loss over all tokens (default: per-sample mean, then mean)"
+    )
+    custom_advantage_function_path: str | None = opt(
+        None, "module.function(settings, batch, group_ids) filling batch.advantages/returns"
+    )
 
 
 @dataclass(frozen=True)
@@ -133,7 +147,9 @@ class TrainConfig:
     adam_beta2: float = opt(0.999, "Adam beta2")
     clip_grad: float = opt(1.0, "gradient-norm clip")
     seed: int = opt(1234, "trainer seed")
-    async_rollout: bool = opt(False, "generate step k+1 while training on step k (off-policy by one step)", flag="--async")
+    async_rollout: bool = opt(
+        False, "generate step k+1 while training on step k (off-policy by one step)", flag="--async"
+    )
     sft_warmup_steps: int = opt(0, "supervised steps on --sft-data before RL")
     sft_data: str | None = opt(None, "jsonl with prompt/response pairs for the SFT warm-up")
     sft_lr: float | None = opt(None, "SFT learning rate (default --lr)")
@@ -161,8 +177,12 @@ class LoggingConfig:
     use_wandb: bool = opt(False, "log to wandb (must be installed)")
     wandb_project: str | None = opt(None, "wandb project")
     progress: bool = opt(True, "console progress bar", flag="--progress")
-    ci_test: bool = opt(False, "check invariants (step-0 log-prob agreement, KL ~ 0, sane ranges) and fail on violation")
-    dump_rollout_dir: str | None = opt(None, "write every rollout's samples as JSONL here", flag="--save-debug-rollout-data")
+    ci_test: bool = opt(
+        False, "check invariants (step-0 log-prob agreement, KL ~ 0, sane ranges) and fail on violation"
+    )
+    dump_rollout_dir: str | None = opt(
+        None, "write every rollout's samples as JSONL here", flag="--save-debug-rollout-data"
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -296,7 +316,9 @@ def _parse_passthrough(rest: list[str], known_flags: list[str]) -> tuple[dict[st
             megatron_known = _megatron_fields()
         key = name.replace("-", "_")
         if key not in megatron_known:
-            close = difflib.get_close_matches(token.split("=")[0], known_flags + ["--" + k.replace("_", "-") for k in megatron_known], n=1)
+            close = difflib.get_close_matches(
+                token.split("=")[0], known_flags + ["--" + k.replace("_", "-") for k in megatron_known], n=1
+            )
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"unknown flag {token.split('=')[0]}{hint}")
         kind = megatron_known[key]
@@ -314,7 +336,9 @@ def parse_config(argv: list[str]) -> Config:
     parser = build_parser()
     namespace, rest = parser.parse_known_args(argv)
     values = vars(namespace)
-    sections = {name: cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values}) for name, cls in SECTIONS.items()}
+    sections = {
+        name: cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values}) for name, cls in SECTIONS.items()
+    }
     known_flags = [a.option_strings[0] for a in parser._actions if a.option_strings]
     megatron, sglang = _parse_passthrough(rest, known_flags)
     config = Config(**sections, megatron=megatron, sglang=sglang)
@@ -328,7 +352,9 @@ def validate(config: Config) -> None:
     problems: list[str] = []
     samples = r.rollout_batch_size * r.n_samples_per_prompt
     if min(r.rollout_batch_size, r.n_samples_per_prompt, t.global_batch_size, t.num_rollout) < 1:
-        problems.append("--rollout-batch-size, --n-samples-per-prompt, --global-batch-size and --num-rollout must be >= 1")
+        problems.append(
+            "--rollout-batch-size, --n-samples-per-prompt, --global-batch-size and --num-rollout must be >= 1"
+        )
     elif samples % t.global_batch_size:
         problems.append(
             f"--rollout-batch-size * --n-samples-per-prompt = {r.rollout_batch_size} * {r.n_samples_per_prompt} = {samples} "
@@ -356,11 +382,15 @@ def validate(config: Config) -> None:
             f"--rollout-num-gpus {c.rollout_num_gpus} must be divisible by --rollout-num-gpus-per-engine {c.rollout_num_gpus_per_engine}"
         )
     if r.over_sampling_batch_size is not None and r.over_sampling_batch_size < r.rollout_batch_size:
-        problems.append(f"--over-sampling-batch-size {r.over_sampling_batch_size} must be >= --rollout-batch-size {r.rollout_batch_size}")
+        problems.append(
+            f"--over-sampling-batch-size {r.over_sampling_batch_size} must be >= --rollout-batch-size {r.rollout_batch_size}"
+        )
     if len(d.eval_prompt_data) % 2:
         problems.append("--eval-prompt-data takes NAME PATH pairs")
     if config.algorithm.advantage_estimator in ("grpo", "gspo") and r.n_samples_per_prompt < 2:
-        problems.append(f"--advantage-estimator {config.algorithm.advantage_estimator} needs --n-samples-per-prompt >= 2 (groups)")
+        problems.append(
+            f"--advantage-estimator {config.algorithm.advantage_estimator} needs --n-samples-per-prompt >= 2 (groups)"
+        )
     if config.algorithm.eps_clip_c is not None and config.algorithm.eps_clip_c <= 1:
         problems.append(f"--eps-clip-c must be > 1, got {config.algorithm.eps_clip_c}")
     if config.algorithm.use_kl_loss and config.algorithm.kl_loss_coef <= 0:
@@ -378,7 +408,9 @@ def validate(config: Config) -> None:
     if t.sft_batch_size < 1:
         problems.append(f"--sft-batch-size must be >= 1, got {t.sft_batch_size}")
     elif t.sft_warmup_steps and t.sft_batch_size % (config.data_parallel_size or 1):
-        problems.append(f"--sft-batch-size {t.sft_batch_size} must be divisible by data-parallel size {config.data_parallel_size}")
+        problems.append(
+            f"--sft-batch-size {t.sft_batch_size} must be divisible by data-parallel size {config.data_parallel_size}"
+        )
     if (t.sft_stop_reward is None) != (t.sft_eval_set is None):
         problems.append("--sft-stop-reward and --sft-eval-set go together")
     elif t.sft_eval_set is not None and t.sft_eval_set not in d.eval_prompt_data[0::2]:
@@ -386,10 +418,14 @@ def validate(config: Config) -> None:
     if t.sft_eval_interval < 1:
         problems.append(f"--sft-eval-interval must be >= 1, got {t.sft_eval_interval}")
     if t.async_rollout and c.colocate:
-        problems.append("--async overlaps generation with training on separate devices; --colocate shares them: use one")
+        problems.append(
+            "--async overlaps generation with training on separate devices; --colocate shares them: use one"
+        )
     a = config.algorithm
     if a.kl_coef and a.advantage_estimator in ("grpo", "gspo", "reinforce_plus_plus_baseline"):
-        problems.append(f"--kl-coef (KL as reward shaping) needs --advantage-estimator ppo or reinforce_plus_plus; with {a.advantage_estimator} use --use-kl-loss")
+        problems.append(
+            f"--kl-coef (KL as reward shaping) needs --advantage-estimator ppo or reinforce_plus_plus; with {a.advantage_estimator} use --use-kl-loss"
+        )
     if d.eval_interval is not None and not d.eval_prompt_data:
         problems.append("--eval-interval needs --eval-prompt-data NAME PATH")
     if d.eval_interval is not None and d.eval_interval < 1:
@@ -405,7 +441,9 @@ def check_paths(config: Config) -> None:
     hf = Path(config.checkpoint.hf_checkpoint)
     if not (hf / "config.json").is_file():
         raise ConfigError(f"--hf-checkpoint {hf}: no config.json there (expected a HuggingFace model folder)")
-    files = [("--prompt-data", config.data.prompt_data)] + [("--eval-prompt-data", path) for _, path in eval_sets(config)]
+    files = [("--prompt-data", config.data.prompt_data)] + [
+        ("--eval-prompt-data", path) for _, path in eval_sets(config)
+    ]
     if config.train.sft_warmup_steps:
         files.append(("--sft-data", config.train.sft_data))
     for flag, path in files:
@@ -423,4 +461,3 @@ def check_paths(config: Config) -> None:
 def eval_sets(config: Config) -> list[tuple[str, str]]:
     items = config.data.eval_prompt_data
     return [(items[i], items[i + 1]) for i in range(0, len(items), 2)]
-

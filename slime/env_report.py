@@ -67,9 +67,7 @@ def collect_report(hardware: str = "auto", system: SystemView | None = None) -> 
                 "reason": probe.reason,
                 "devices": probe.devices,
                 "missing": list(probe.missing),
-                "optional_missing": [
-                    {"package": r.dist, "note": r.note} for r in backend.missing_optional()
-                ],
+                "optional_missing": [{"package": r.dist, "note": r.note} for r in backend.missing_optional()],
                 **backend.describe(),
             }
         )

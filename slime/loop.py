@@ -49,7 +49,9 @@ def train(config: Config, backend: Backend | None = None) -> RunSummary:
     load_rollout_plugins(config)  # a bad plugin path fails here, naming its flag, before Ray starts
     advantage_fn = None
     if config.algorithm.custom_advantage_function_path:
-        advantage_fn = load_function(config.algorithm.custom_advantage_function_path, "--custom-advantage-function-path", 3)
+        advantage_fn = load_function(
+            config.algorithm.custom_advantage_function_path, "--custom-advantage-function-path", 3
+        )
     backend = backend or select_backend(config.cluster.hardware)
     if config.cluster.rollout_num_gpus_per_engine != 1:
         # An engine actor is placed on one bundle (one device), and tensor-parallel SGLang servers would also need
@@ -90,7 +92,11 @@ def train(config: Config, backend: Backend | None = None) -> RunSummary:
             if colocate:
                 ray.get(rollout.release_memory.remote())
                 run.actor.onload()
-            metrics.update(train_on_rollout(config, run, samples, tokenizer.pad_token_id, step, step == start, vocab_size, advantage_fn))
+            metrics.update(
+                train_on_rollout(
+                    config, run, samples, tokenizer.pad_token_id, step, step == start, vocab_size, advantage_fn
+                )
+            )
             metrics["perf/train_time"] = time.perf_counter() - phase
 
             if next_rollout is not None:
@@ -101,7 +107,9 @@ def train(config: Config, backend: Backend | None = None) -> RunSummary:
                 ray.get(rollout.resume_memory.remote(["weights"]))
             version = step + 1
             metrics["perf/weight_sync_time"] = sync_weights(config, run, version)
-            if config.checkpoint.save and should(config.checkpoint.save_interval or config.train.num_rollout, step, config.train.num_rollout):
+            if config.checkpoint.save and should(
+                config.checkpoint.save_interval or config.train.num_rollout, step, config.train.num_rollout
+            ):
                 summary.checkpoint = save_checkpoint(config, run, step + 1, version)
             if colocate:
                 run.actor.offload()

@@ -54,7 +54,9 @@ def sync_weights(config: Config, run: RunActors, version: int) -> float:
     try:
         ray.get(run.rollout.update_weights.remote(refs, version), timeout=WEIGHT_UPDATE_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
-        raise ClusterError(f"weight update to version {version} did not finish within {WEIGHT_UPDATE_TIMEOUT_S:g} s") from None
+        raise ClusterError(
+            f"weight update to version {version} did not finish within {WEIGHT_UPDATE_TIMEOUT_S:g} s"
+        ) from None
     return time.perf_counter() - start
 
 
@@ -116,17 +118,29 @@ def fill_advantages(settings: AdvantageSettings, batch: TrainBatch, group_ids: l
     for field in ("advantages", "returns"):
         values = getattr(batch, field, None)
         if values is None or len(values) != len(batch.response_lengths):
-            raise PluginError(f"--custom-advantage-function-path {name}: batch.{field} must hold one tensor per sample "
-                              f"({len(batch.response_lengths)}), got {'nothing' if values is None else len(values)}")
+            raise PluginError(
+                f"--custom-advantage-function-path {name}: batch.{field} must hold one tensor per sample "
+                f"({len(batch.response_lengths)}), got {'nothing' if values is None else len(values)}"
+            )
         for i, (value, n) in enumerate(zip(values, batch.response_lengths)):
             if not isinstance(value, torch.Tensor) or value.shape != (n,):
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise PluginError(f"--custom-advantage-function-path {name}: batch.{field}[{i}] must have shape ({n},), got {shape}")
+                raise PluginError(
+                    f"--custom-advantage-function-path {name}: batch.{field}[{i}] must have shape ({n},), got {shape}"
+                )
 
 
 # ---- one RL training step -----------------------------------------------------------------------------
-def train_on_rollout(config: Config, run: RunActors, samples: list[Sample], pad_token_id: int, step: int,
-                     first_step: bool, vocab_size: int, advantage_fn=None) -> dict[str, float]:
+def train_on_rollout(
+    config: Config,
+    run: RunActors,
+    samples: list[Sample],
+    pad_token_id: int,
+    step: int,
+    first_step: bool,
+    vocab_size: int,
+    advantage_fn=None,
+) -> dict[str, float]:
     """Rewards -> (ref / old log-probs, values as needed) -> advantages -> optimizer step(s) on actor and critic.
     `first_step`: the first step of this process (step 0, or the first after a resume)."""
     batch = TrainBatch.from_samples(samples, pad_token_id)
@@ -143,8 +157,12 @@ def train_on_rollout(config: Config, run: RunActors, samples: list[Sample], pad_
         if check:
             metrics.update(invariants.check_ranges(batch.old_log_probs, entropies, batch.loss_masks, vocab_size))
             if first_step:  # the engines hold the trainer's weights: their log-probs must agree
-                metrics.update(invariants.logprob_agreement(batch.old_log_probs, batch.rollout_log_probs, batch.loss_masks))
-                invariants.check_first_step(metrics, _mean_kl(batch) if kl_check else None, config.rollout.rollout_dtype, step)
+                metrics.update(
+                    invariants.logprob_agreement(batch.old_log_probs, batch.rollout_log_probs, batch.loss_masks)
+                )
+                invariants.check_first_step(
+                    metrics, _mean_kl(batch) if kl_check else None, config.rollout.rollout_dtype, step
+                )
     if run.critic is not None:
         batch.values = run.critic.compute_values(batch)
     fill_advantages(settings, batch, [s.group_index for s in samples], advantage_fn)
@@ -157,12 +175,16 @@ def train_on_rollout(config: Config, run: RunActors, samples: list[Sample], pad_
             critic_rows.append(get_all(critic_futures, what="critic.train")[0])
     metrics.update({f"train/{k}": v for k, v in mean_metrics(actor_rows).items()})
     metrics.update({f"critic/{k}": v for k, v in mean_metrics(critic_rows).items()})
-    metrics["train/advantage_abs_mean"] = float(sum(float(a.abs().sum()) for a in batch.advantages) / max(1, batch.num_loss_tokens()))
+    metrics["train/advantage_abs_mean"] = float(
+        sum(float(a.abs().sum()) for a in batch.advantages) / max(1, batch.num_loss_tokens())
+    )
     return metrics
 
 
 def _mean_kl(batch: TrainBatch) -> float:
-    total = sum(float(((o - r) * m).sum()) for o, r, m in zip(batch.old_log_probs, batch.ref_log_probs, batch.loss_masks))
+    total = sum(
+        float(((o - r) * m).sum()) for o, r, m in zip(batch.old_log_probs, batch.ref_log_probs, batch.loss_masks)
+    )
     return total / max(1, batch.num_loss_tokens())
 
 
@@ -170,7 +192,11 @@ def _mean_kl(batch: TrainBatch) -> float:
 def save_checkpoint(config: Config, run: RunActors, next_rollout: int, weight_version: int) -> str:
     import ray
 
-    extra = {"next_rollout_id": next_rollout, "weight_version": weight_version, "rollout": ray.get(run.rollout.state_dict.remote(next_rollout))}
+    extra = {
+        "next_rollout_id": next_rollout,
+        "weight_version": weight_version,
+        "rollout": ray.get(run.rollout.state_dict.remote(next_rollout)),
+    }
     root = config.checkpoint.save
     if run.critic is not None:  # first: the actor's folder, renamed into place last, marks the checkpoint whole
         run.critic.save(str(Path(root) / "critic"), next_rollout)
@@ -184,7 +210,9 @@ def load_checkpoint(config: Config, run: RunActors) -> tuple[int, int]:
     folder = checkpoint.resolve_checkpoint(config.checkpoint.load)
     extra = checkpoint.read_extra(folder)
     if "next_rollout_id" not in extra:
-        raise FileNotFoundError(f"{folder}: not a checkpoint of `slime train` (no loop state in {checkpoint.EXTRA_FILE})")
+        raise FileNotFoundError(
+            f"{folder}: not a checkpoint of `slime train` (no loop state in {checkpoint.EXTRA_FILE})"
+        )
     run.actor.load(str(folder))
     if run.critic is not None:
         run.critic.load(str(folder.parent / "critic" / folder.name))  # --load may name the root or a step folder

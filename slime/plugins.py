@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 
 class PluginError(ValueError):
@@ -26,8 +26,11 @@ def load_function(path: str, flag: str, expected_params: int | None = None) -> C
     if not callable(fn):
         raise PluginError(f"{flag} {path!r}: {attr!r} is not callable")
     if expected_params is not None:
-        params = [p for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty
-                  and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [
+            p
+            for p in inspect.signature(fn).parameters.values()
+            if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
         if len(params) != expected_params:
             raise PluginError(f"{flag} {path!r}: takes {len(params)} required arguments, expected {expected_params}")
     return fn

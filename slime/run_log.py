@@ -60,7 +60,9 @@ class RunLog:
         if lg.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=config.train.num_rollout, initial=start_step, desc="rollout", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(
+                total=config.train.num_rollout, initial=start_step, desc="rollout", unit="step", dynamic_ncols=True
+            )
 
     def _keep_rows_before(self, step: int) -> None:
         """A resumed run re-logs from its checkpoint step: drop what was logged after the checkpoint (rollout rows
@@ -86,7 +88,9 @@ class RunLog:
             for key, value in metrics.items():
                 self._tensorboard.add_scalar(prefix + key, value, step)
         if self._wandb is not None:
-            self._log_wandb(step, {prefix + k: v for k, v in metrics.items()}, "sft/step" if phase == "sft" else "rollout_step")
+            self._log_wandb(
+                step, {prefix + k: v for k, v in metrics.items()}, "sft/step" if phase == "sft" else "rollout_step"
+            )
         self._console(step, metrics, phase)
 
     def _log_wandb(self, step: int, metrics: dict[str, float], step_key: str) -> None:
@@ -101,7 +105,9 @@ class RunLog:
 
     def _console(self, step: int, metrics: dict[str, float], phase: str) -> None:
         shown = {label: metrics[key] for key, label in CONSOLE_KEYS if key in metrics}
-        shown.update({k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/") and k.endswith("reward_mean")})
+        shown.update(
+            {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/") and k.endswith("reward_mean")}
+        )
         text = " ".join(f"{label}={_short(value)}" for label, value in shown.items())
         if phase == "sft":
             text = f"sft step {step} loss={_short(metrics.get('train/loss', math.nan))}"

@@ -48,19 +48,24 @@ def main(argv: list[str]) -> int:
         from slime import loop
 
         summary = loop.train(config)
-    except BaseException as raised:  # noqa: BLE001 - sorted into user errors, invariant failures and bugs below
+    except BaseException as raised:
         error = root_cause(raised)
         if isinstance(error, InvariantViolation):
             print(f"error: {one_line(error)}", file=sys.stderr)
             return EXIT_INVARIANT
-        if isinstance(error, user_errors()) or (isinstance(error, ValueError) and type(error) is ValueError and _is_flag_message(error)):
+        if isinstance(error, user_errors()) or (
+            isinstance(error, ValueError) and type(error) is ValueError and _is_flag_message(error)
+        ):
             print(f"error: {one_line(error)}", file=sys.stderr)
             return EXIT_USAGE
         if isinstance(raised, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             return 130
         raise
-    print(f"done: run folder {summary.output_dir}" + (f", checkpoint {summary.checkpoint}" if summary.checkpoint else ""), file=sys.stderr)
+    print(
+        f"done: run folder {summary.output_dir}" + (f", checkpoint {summary.checkpoint}" if summary.checkpoint else ""),
+        file=sys.stderr,
+    )
     return 0
 
 

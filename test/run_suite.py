@@ -48,9 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nightly", action="store_true", help="include registrations marked nightly=True")
     p.add_argument("--auto-partition-id", type=int, default=0)
     p.add_argument("--auto-partition-size", type=int, default=1)
-    p.add_argument("--timeout-per-file", type=float, default=1800.0, help="seconds; the file's whole process tree is killed")
+    p.add_argument(
+        "--timeout-per-file", type=float, default=1800.0, help="seconds; the file's whole process tree is killed"
+    )
     p.add_argument("--continue-on-error", action="store_true", help="run every file even after a failure")
-    p.add_argument("--enable-retry", action="store_true", help="retry threshold/infra failures (never code errors or timeouts)")
+    p.add_argument(
+        "--enable-retry", action="store_true", help="retry threshold/infra failures (never code errors or timeouts)"
+    )
     p.add_argument("--max-attempts", type=int, default=2)
     p.add_argument("--junit-xml", type=Path)
     p.add_argument("--durations-out", type=Path, help="write measured seconds per file as JSON")
@@ -93,7 +97,9 @@ def coverage_map(registrations: list[Registration]) -> str:
         "| stage | suite | hardware | files | total est_time (s) | disabled |",
         "|---|---|---|---:|---:|---:|",
     ]
-    for (suite, hw), regs in sorted(rows.items(), key=lambda kv: (stage_order[suite_stage(kv[0][0])], kv[0][1], kv[0][0])):
+    for (suite, hw), regs in sorted(
+        rows.items(), key=lambda kv: (stage_order[suite_stage(kv[0][0])], kv[0][1], kv[0][0])
+    ):
         lines.append(
             f"| {suite_stage(suite)} | {suite} | {hw} | {len(regs)} | {sum(r.est_time for r in regs):.0f} | "
             f"{sum(1 for r in regs if r.disabled)} |"
@@ -188,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{'file':<60} {'status':>8} {'seconds':>8} {'est':>6} {'tries':>5}")
     for r in results:
-        print(f"{r.registration.path:<60} {r.status:>8} {r.elapsed:>8.1f} {weights[r.registration.path]:>6.0f} {r.attempts:>5}")
+        print(
+            f"{r.registration.path:<60} {r.status:>8} {r.elapsed:>8.1f} {weights[r.registration.path]:>6.0f} {r.attempts:>5}"
+        )
     print(f"total {time.monotonic() - suite_start:.1f}s")
     if args.junit_xml:
         write_junit(results, args.junit_xml, label)

@@ -11,8 +11,9 @@ import importlib.metadata
 import importlib.util
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 # auto-detection order: the most specific accelerator wins; cpu is always last and always available.
 DETECTION_ORDER: tuple[str, ...] = ("cuda", "rocm", "tpu", "cpu")
@@ -33,7 +34,7 @@ class SystemView:
     environ: dict[str, str]
 
     @staticmethod
-    def real() -> "SystemView":
+    def real() -> SystemView:
         return SystemView(
             has_module=_has_module,
             dist_version=_dist_version,

@@ -42,8 +42,8 @@ def choose_moe_dispatch(backend: Backend) -> MoeDispatchChoice:
 
 
 def make_token_dispatcher(
-    backend: Backend, num_experts: int, group: "dist.ProcessGroup | None" = None
-) -> "TokenDispatcher":
+    backend: Backend, num_experts: int, group: dist.ProcessGroup | None = None
+) -> TokenDispatcher:
     choice = choose_moe_dispatch(backend)
     if choice.dispatcher == "flex":
         from slime.backends.cuda.deepep_dispatch import DeepEPTokenDispatcher

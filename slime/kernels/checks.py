@@ -47,7 +47,9 @@ def check_linear(op: str, hidden: torch.Tensor, weight: torch.Tensor, tokens: to
             f"weight {tuple(weight.shape)}"
         )
     if hidden.dtype not in FLOAT_DTYPES or weight.dtype != hidden.dtype:
-        raise KernelInputError(f"{op}: hidden and weight must share a float dtype, got {hidden.dtype} and {weight.dtype}")
+        raise KernelInputError(
+            f"{op}: hidden and weight must share a float dtype, got {hidden.dtype} and {weight.dtype}"
+        )
     if weight.device != hidden.device:
         raise KernelInputError(f"{op}: weight on {weight.device} but hidden on {hidden.device}")
     check_tokens(op, tokens, hidden.shape[0], hidden.device, f"hidden {tuple(hidden.shape)}")

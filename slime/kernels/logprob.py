@@ -25,8 +25,8 @@ here are the reference every other implementation is tested against.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -179,7 +179,15 @@ def torch_grad(
         z, p = scratch.views(raw.shape[1])
         _scaled_fp32(raw, inv_temp, z, clamp=False)
         _chunk_grad(
-            z, p, start, local_tokens, lse, entropy, grad_log_probs, grad_entropy, inv_temp,
+            z,
+            p,
+            start,
+            local_tokens,
+            lse,
+            entropy,
+            grad_log_probs,
+            grad_entropy,
+            inv_temp,
             out=grad[:, start : start + chunk_size],
         )
     return grad

@@ -100,4 +100,6 @@ def _backward(inv_temp, chunk, residuals, cotangents):
     return grad, None
 
 
-_logprobs_and_entropy.defvjp(lambda logits, tokens, inv_temp, chunk: _forward(logits, tokens, inv_temp, chunk), _backward)
+_logprobs_and_entropy.defvjp(
+    lambda logits, tokens, inv_temp, chunk: _forward(logits, tokens, inv_temp, chunk), _backward
+)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch.profiler import ProfilerActivity, profile

@@ -32,11 +32,9 @@ class TokenDispatcher(Protocol):
     num_experts: int
     local_experts: int
 
-    def dispatch(self, hidden: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor) -> Dispatched:
-        ...
+    def dispatch(self, hidden: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor) -> Dispatched: ...
 
-    def combine(self, expert_outputs: torch.Tensor) -> torch.Tensor:
-        ...
+    def combine(self, expert_outputs: torch.Tensor) -> torch.Tensor: ...
 
 
 def check_routing(op: str, hidden: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor, experts: int):
@@ -119,7 +117,9 @@ class AllToAllTokenDispatcher:
         source_major = expert_outputs.index_select(0, state.source_major_order)
         returned = self._all_to_all(source_major, state.send_split, state.recv_split)
         weighted = returned * state.sorted_weights.unsqueeze(1).to(returned.dtype)
-        out = torch.zeros(state.tokens, expert_outputs.shape[1], dtype=expert_outputs.dtype, device=expert_outputs.device)
+        out = torch.zeros(
+            state.tokens, expert_outputs.shape[1], dtype=expert_outputs.dtype, device=expert_outputs.device
+        )
         self._state = None
         return out.index_add(0, state.source_token, weighted)
 
@@ -134,7 +134,9 @@ class AllToAllTokenDispatcher:
         if self.world == 1:
             return rows
         out = rows.new_empty((sum(out_split), rows.shape[1]))
-        return dist_fn.all_to_all_single(out, rows.contiguous(), out_split, in_split, group=self.group or dist.group.WORLD)
+        return dist_fn.all_to_all_single(
+            out, rows.contiguous(), out_split, in_split, group=self.group or dist.group.WORLD
+        )
 
 
 @dataclass(frozen=True)

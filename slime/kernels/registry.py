@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from slime.backends import Backend
@@ -79,13 +80,13 @@ def _load(target: str) -> Callable:
 
 
 @cache
-def _default_backend() -> "Backend":
+def _default_backend() -> Backend:
     from slime.backends import select_backend
 
     return select_backend("auto")
 
 
-def get_op(name: str, impl: str | None = None, backend: "Backend | None" = None) -> Callable:
+def get_op(name: str, impl: str | None = None, backend: Backend | None = None) -> Callable:
     """The callable for op `name`: forced by `impl`, else chosen by `backend` (default: auto-detected)."""
     spec = op_spec(name)
     if impl is None:
@@ -102,6 +103,6 @@ def get_op(name: str, impl: str | None = None, backend: "Backend | None" = None)
     return _load(spec.impls[impl])
 
 
-def op_implementations(backend: "Backend") -> dict[str, str]:
+def op_implementations(backend: Backend) -> dict[str, str]:
     """op name -> the implementation family it will run with on `backend` (printed by `slime env`)."""
     return {name: resolve_impl(name, backend.kernel_impl) for name in op_names()}

@@ -7,7 +7,6 @@ transformers uses too. Same inputs, outputs and module interface, so it drops in
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType

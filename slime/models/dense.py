@@ -11,7 +11,9 @@ class LlamaBridge(GPTBridge):
     def _validate(self) -> None:
         cfg = self.hf_config
         if cfg.attention_bias or cfg.mlp_bias:
-            raise UnsupportedModel("llama config: attention_bias / mlp_bias are not supported (no Llama 3.x checkpoint uses them)")
+            raise UnsupportedModel(
+                "llama config: attention_bias / mlp_bias are not supported (no Llama 3.x checkpoint uses them)"
+            )
         super()._validate()
 
 

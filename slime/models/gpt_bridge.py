@@ -14,9 +14,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Iterator
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -83,14 +84,18 @@ class GPTBridge:
             raise _unsupported(f"{family}: hidden_act={cfg.hidden_act!r}; only 'silu' (SwiGLU) is supported")
         heads, groups, tp = cfg.num_attention_heads, self.num_kv_heads, self.tp_size
         if heads % groups:
-            raise _unsupported(f"{family}: num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}")
+            raise _unsupported(
+                f"{family}: num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}"
+            )
         if heads % tp or groups % tp:
             raise ValueError(
                 f"tensor_parallel_size={tp} must divide num_attention_heads={heads} and "
                 f"num_key_value_heads={groups} of {cfg.model_type} config"
             )
         if cfg.vocab_size % tp:
-            raise ValueError(f"tensor_parallel_size={tp} must divide vocab_size={cfg.vocab_size} of {cfg.model_type} config")
+            raise ValueError(
+                f"tensor_parallel_size={tp} must divide vocab_size={cfg.vocab_size} of {cfg.model_type} config"
+            )
         if cfg.intermediate_size % tp:
             raise ValueError(
                 f"tensor_parallel_size={tp} must divide intermediate_size={cfg.intermediate_size} of {cfg.model_type} config"
@@ -113,7 +118,9 @@ class GPTBridge:
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         if rope_type not in ("llama3", "linear"):
-            raise _unsupported(f"{self.hf_config.model_type} config: rope_type {rope_type!r} is not supported (default, llama3, linear)")
+            raise _unsupported(
+                f"{self.hf_config.model_type} config: rope_type {rope_type!r} is not supported (default, llama3, linear)"
+            )
         inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](self.hf_config, torch.device("cpu"))
         return inv_freq.float()
 
@@ -203,7 +210,9 @@ class GPTBridge:
                 ),
                 ParamMap(mg + "self_attention.linear_proj.weight", (attn + "o_proj.weight",), COLUMNS),
                 ParamMap(mg + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",), REPLICATED),
-                ParamMap(mg + "mlp.linear_fc1.weight", (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"), GATE_UP),
+                ParamMap(
+                    mg + "mlp.linear_fc1.weight", (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"), GATE_UP
+                ),
                 ParamMap(mg + "mlp.linear_fc2.weight", (hf + "mlp.down_proj.weight",), COLUMNS),
             ]
             if self.qkv_bias:
@@ -248,7 +257,13 @@ class GPTBridge:
                 }
             )
             if self.qkv_bias:
-                shapes.update({p + "self_attn.q_proj.bias": (q_out,), p + "self_attn.k_proj.bias": (kv_out,), p + "self_attn.v_proj.bias": (kv_out,)})
+                shapes.update(
+                    {
+                        p + "self_attn.q_proj.bias": (q_out,),
+                        p + "self_attn.k_proj.bias": (kv_out,),
+                        p + "self_attn.v_proj.bias": (kv_out,),
+                    }
+                )
             if self.qk_norm:
                 shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
         return shapes
@@ -370,7 +385,7 @@ class _SafetensorsFolder:
         self._handles = {f: safe_open(str(f), framework="pt") for f in files}
         self._where: dict[str, Path] = {}
         for f, handle in self._handles.items():
-            for name in handle.keys():
+            for name in handle:
                 self._where[name] = f
 
     @property

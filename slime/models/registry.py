@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from slime.models.gpt_bridge import GPTBridge
 
-_BRIDGES: dict[str, type["GPTBridge"]] = {}
+_BRIDGES: dict[str, type[GPTBridge]] = {}
 
 
 class UnsupportedModel(ValueError):
@@ -20,7 +20,9 @@ def register_bridge(*model_types: str):
     def decorate(cls):
         for model_type in model_types:
             if model_type in _BRIDGES:
-                raise ValueError(f"model_type {model_type!r} registered twice ({_BRIDGES[model_type].__name__}, {cls.__name__})")
+                raise ValueError(
+                    f"model_type {model_type!r} registered twice ({_BRIDGES[model_type].__name__}, {cls.__name__})"
+                )
             _BRIDGES[model_type] = cls
         return cls
 
@@ -36,7 +38,7 @@ def supported_model_types() -> tuple[str, ...]:
     return tuple(sorted(_BRIDGES))
 
 
-def bridge_class_for(hf_config) -> type["GPTBridge"]:
+def bridge_class_for(hf_config) -> type[GPTBridge]:
     _load_builtin_bridges()
     model_type = hf_config.model_type
     if model_type not in _BRIDGES:

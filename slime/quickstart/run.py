@@ -32,15 +32,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--n-samples-per-prompt", type=int, default=16, help="responses per prompt (the GRPO group)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--sft-steps", type=int, default=200, help="at most this many supervised warm-up steps before RL")
-    p.add_argument("--sft-stop-accuracy", type=float, default=0.30,
-                   help="end the warm-up once greedy accuracy on a validation split (not the held-out one) reaches this")
+    p.add_argument(
+        "--sft-stop-accuracy",
+        type=float,
+        default=0.30,
+        help="end the warm-up once greedy accuracy on a validation split (not the held-out one) reaches this",
+    )
     p.add_argument("--sft-lr", type=float, default=1e-3)
     p.add_argument("--eval-interval", type=int, default=10)
-    p.add_argument("--eval-size", type=int, default=500, help="held-out problems evaluated (a fixed subset of the 20%% split)")
+    p.add_argument(
+        "--eval-size", type=int, default=500, help="held-out problems evaluated (a fixed subset of the 20%% split)"
+    )
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--no-carries-in-sft", action="store_true",
-                   help="warm up only on problems without a carry: the carry is then a skill only the reward teaches")
+    p.add_argument(
+        "--no-carries-in-sft",
+        action="store_true",
+        help="warm up only on problems without a carry: the carry is then a skill only the reward teaches",
+    )
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more `slime train` flags after --")
     return p.parse_args(argv)
 
@@ -156,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         "plot": str(png) if png else None,
     }
     (folder / "run" / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"held-out greedy accuracy: {before:.1%} after SFT -> {after:.1%} after RL (mean of the last three evaluations), "
-          f"{summary['wall_seconds'] / 60:.1f} min")
+    print(
+        f"held-out greedy accuracy: {before:.1%} after SFT -> {after:.1%} after RL (mean of the last three evaluations), "
+        f"{summary['wall_seconds'] / 60:.1f} min"
+    )
     print(f"metrics: {summary['metrics']}" + (f"   reward curve: {png}" if png else ""))
     return 0

@@ -10,7 +10,9 @@ VOCAB_CHARS = list("0123456789+=")
 SPECIAL = ["<pad>", "<eos>"]
 
 
-def problems(seed: int, test_fraction: float = 0.2, carries_in_sft: bool = True, digits: int = 3, val_size: int = 0) -> dict[str, list[dict]]:
+def problems(
+    seed: int, test_fraction: float = 0.2, carries_in_sft: bool = True, digits: int = 3, val_size: int = 0
+) -> dict[str, list[dict]]:
     """Every "x+d=" problem with x of `digits` digits and d in 0..9, split into train and held-out test.
 
     digits=3 ("abc+d=", 9,000 problems) is the default: with only 900 problems (digits=2, "ab+c=") RL memorizes
@@ -21,7 +23,11 @@ def problems(seed: int, test_fraction: float = 0.2, carries_in_sft: bool = True,
     problems taken out of train, in neither sft nor train) decides when the warm-up has gone far enough.
     """
     low, high = 10 ** (digits - 1), 10**digits
-    rows = [{"prompt": f"{x}+{d}=", "label": x + d, "carry": (x % 10) + d >= 10} for x in range(low, high) for d in range(10)]
+    rows = [
+        {"prompt": f"{x}+{d}=", "label": x + d, "carry": (x % 10) + d >= 10}
+        for x in range(low, high)
+        for d in range(10)
+    ]
     rng = random.Random(seed)
     rng.shuffle(rows)
     n_test = int(len(rows) * test_fraction)

@@ -118,18 +118,24 @@ def start_actors(config: Config, backend: Backend) -> RunActors:
     actor_devices = c.actor_num_nodes * c.actor_num_gpus_per_node
     critic_devices = c.actor_num_nodes * c.critic_num_gpus_per_node if needs_critic(config) else 0
     rollout_devices = min(c.rollout_num_gpus, actor_devices) if c.colocate else c.rollout_num_gpus
-    layout = cluster.plan_layout(actor_devices, critic_devices, rollout_devices, c.rollout_num_gpus_per_engine, c.colocate)
+    layout = cluster.plan_layout(
+        actor_devices, critic_devices, rollout_devices, c.rollout_num_gpus_per_engine, c.colocate
+    )
     started = cluster.connect(backend, layout.num_bundles, c.ray_address)
     run = RunActors(None, None, None, None, started)
     try:
         run.placement_group = cluster.create_placement_group(backend, layout)
-        run.rollout = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=64).remote(
-            config, backend.name, run.placement_group, layout.rollout, engine_spec(config, backend)
+        run.rollout = (
+            ray.remote(RolloutManager)
+            .options(num_cpus=0, max_concurrency=64)
+            .remote(config, backend.name, run.placement_group, layout.rollout, engine_spec(config, backend))
         )
         engines_ready = run.rollout.start.remote()  # engines load while the trainers build
         run.actor = TrainerGroup("actor", trainer_config(config, "actor"), backend, run.placement_group, layout.actor)
         if critic_devices:
-            run.critic = TrainerGroup("critic", trainer_config(config, "critic"), backend, run.placement_group, layout.critic)
+            run.critic = TrainerGroup(
+                "critic", trainer_config(config, "critic"), backend, run.placement_group, layout.critic
+            )
         ray.get(engines_ready)
     except BaseException:
         run.shutdown()

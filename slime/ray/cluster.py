@@ -41,10 +41,14 @@ class Layout:
     devices_per_engine: int
 
 
-def plan_layout(actor_devices: int, critic_devices: int, rollout_devices: int, devices_per_engine: int, colocate: bool) -> Layout:
+def plan_layout(
+    actor_devices: int, critic_devices: int, rollout_devices: int, devices_per_engine: int, colocate: bool
+) -> Layout:
     """Pure bundle arithmetic, unit-tested: see the module docstring for the order."""
     if rollout_devices % devices_per_engine:
-        raise ClusterError(f"--rollout-num-gpus {rollout_devices} is not a multiple of --rollout-num-gpus-per-engine {devices_per_engine}")
+        raise ClusterError(
+            f"--rollout-num-gpus {rollout_devices} is not a multiple of --rollout-num-gpus-per-engine {devices_per_engine}"
+        )
     engines = rollout_devices // devices_per_engine
     share = COLOCATED_SHARE if colocate else 1.0
     actor = tuple(Slot(i, share) for i in range(actor_devices))
@@ -144,6 +148,8 @@ def get_all(refs: list, timeout_s: float | None = None, what: str = "call") -> l
         wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
         ready, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
         if not ready:
-            raise ClusterError(f"{what} did not finish within {timeout_s:g} s ({len(pending)} of {len(refs)} workers still busy)")
+            raise ClusterError(
+                f"{what} did not finish within {timeout_s:g} s ({len(pending)} of {len(refs)} workers still busy)"
+            )
         ray.get(ready)  # raises the worker's exception
     return ray.get(list(refs))

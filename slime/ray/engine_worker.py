@@ -49,7 +49,9 @@ def start_engine(spec: EngineSpec, backend):
         from slime.rollout.engines.sglang_jax.engine import SGLangJaxEngine, SGLangJaxServerConfig
 
         staging = spec.staging_dir or os.path.join(spec.log_dir or ".", "sglang_jax_weights")
-        engine = SGLangJaxEngine(SGLangJaxServerConfig(spec.hf_checkpoint, staging, dict(spec.server_options), log_dir=spec.log_dir))
+        engine = SGLangJaxEngine(
+            SGLangJaxServerConfig(spec.hf_checkpoint, staging, dict(spec.server_options), log_dir=spec.log_dir)
+        )
         return engine, engine.url, lambda: None
     raise ValueError(f"unknown rollout engine kind {spec.kind!r}")
 

@@ -73,7 +73,11 @@ class RolloutManager:
     async def _start_engine(self, slot: Slot) -> _Engine:
         import ray
 
-        actor = ray.remote(EngineWorker).options(**scheduling(self.placement_group, slot, self.backend)).remote(self.spec, self.backend.name)
+        actor = (
+            ray.remote(EngineWorker)
+            .options(**scheduling(self.placement_group, slot, self.backend))
+            .remote(self.spec, self.backend.name)
+        )
         info = await actor.info.remote()
         return _Engine(actor, info["url"], info["pid"])
 
@@ -117,9 +121,9 @@ class RolloutManager:
 
     # ---- generation ---------------------------------------------------------------------------------
     async def generate(self, rollout_id: int) -> tuple[list[Sample], dict[str, float]]:
-        from slime.rollout.rollout import generate_rollout
-
         import time
+
+        from slime.rollout.rollout import generate_rollout
 
         r = self.config.rollout
         restarts_before, started = self.restarts, time.perf_counter()
@@ -149,7 +153,9 @@ class RolloutManager:
             if names is not None and name not in names:
                 continue
             samples = [s for g in source.all_groups() for s in g]
-            metrics.update(await evaluate(self.ctx, name, samples, self.plugins.generate_fn, self.plugins.reward, self.recover))
+            metrics.update(
+                await evaluate(self.ctx, name, samples, self.plugins.generate_fn, self.plugins.reward, self.recover)
+            )
         return metrics
 
     # ---- checkpoint ---------------------------------------------------------------------------------

@@ -50,7 +50,13 @@ class TrainerWorker:
             tensor_parallel_size=self.config.tensor_parallel_size, seed=self.config.seed,
         )  # fmt: skip
         self.trainer = (PolicyTrainer if self.role == "actor" else CriticTrainer)(self.config, self.backend)
-        return {"rank": layout.rank, "tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank, "dp_size": layout.dp_size, "pid": os.getpid()}
+        return {
+            "rank": layout.rank,
+            "tp_rank": layout.tp_rank,
+            "dp_rank": layout.dp_rank,
+            "dp_size": layout.dp_size,
+            "pid": os.getpid(),
+        }
 
     # ---- per-step work ------------------------------------------------------------------------------
     def snapshot(self, name: str) -> None:
@@ -127,11 +133,16 @@ class TrainerGroup:
         worker_class = ray.remote(TrainerWorker)
         self.role = role
         self.workers = [
-            worker_class.options(**scheduling(placement_group, slot, backend)).remote(role, config, backend.name, rank, len(slots))
+            worker_class.options(**scheduling(placement_group, slot, backend)).remote(
+                role, config, backend.name, rank, len(slots)
+            )
             for rank, slot in enumerate(slots)
         ]
         address, port = ray.get(self.workers[0].master_address.remote())
-        self.ranks = [RankInfo(**info) for info in get_all([w.init.remote(address, port) for w in self.workers], what=f"{role} start-up")]
+        self.ranks = [
+            RankInfo(**info)
+            for info in get_all([w.init.remote(address, port) for w in self.workers], what=f"{role} start-up")
+        ]
         self.dp_size = self.ranks[0].dp_size
 
     # ---- helpers ------------------------------------------------------------------------------------
@@ -157,13 +168,17 @@ class TrainerGroup:
     # ---- the calls the loop makes --------------------------------------------------------------------
     def compute_log_probs(self, batch: TrainBatch, weights: str = "actor") -> tuple[list, list]:
         """Per-sample (log-probs, entropies) of the response tokens under the named weights, in batch order."""
-        results = get_all(self._submit_sharded("compute_log_probs", batch, weights), what=f"{self.role}.compute_log_probs")
+        results = get_all(
+            self._submit_sharded("compute_log_probs", batch, weights), what=f"{self.role}.compute_log_probs"
+        )
         log_probs = self._merge([r[0] if r is not None else None for r in results], len(batch))
         entropies = self._merge([r[1] if r is not None else None for r in results], len(batch))
         return log_probs, entropies
 
     def compute_values(self, batch: TrainBatch) -> list:
-        return self._merge(get_all(self._submit_sharded("compute_values", batch), what="critic.compute_values"), len(batch))
+        return self._merge(
+            get_all(self._submit_sharded("compute_values", batch), what="critic.compute_values"), len(batch)
+        )
 
     def submit_train(self, batch: TrainBatch) -> list:
         """Start one optimizer step on every rank; `get_all` the futures and take [0] for the metrics (the

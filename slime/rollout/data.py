@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from slime.types import Sample, SampleStatus
 
@@ -27,7 +28,9 @@ def _check_row(row: Any, where: str, input_key: str, label_key: str | None, meta
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if input_key not in row:
-        raise DataError(f"{where}: missing --input-key field {input_key!r} (fields: {', '.join(sorted(row)) or 'none'})")
+        raise DataError(
+            f"{where}: missing --input-key field {input_key!r} (fields: {', '.join(sorted(row)) or 'none'})"
+        )
     prompt = row[input_key]
     if isinstance(prompt, list):
         for message in prompt:

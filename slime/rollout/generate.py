@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from slime.rollout.engines.protocol import parse_generate_response
@@ -88,7 +88,7 @@ class RolloutContext:
                         message = body.get("error", {}).get("message") if isinstance(body, dict) else body
                         raise ValueError(f"{url}/generate rejected the request: {message}")
                     return body
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError, aiohttp.ServerDisconnectedError) as exc:
+            except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ServerDisconnectedError) as exc:
                 raise EngineUnavailable(f"{url}: {type(exc).__name__}: {exc}") from None
 
     async def abort_all(self) -> None:
@@ -156,11 +156,15 @@ async def generate(ctx: RolloutContext, sample: Sample, sampling_params: dict[st
     if request is None:
         return sample
     rid, input_ids, params = request
-    body = await ctx.post_generate({"rid": rid, "input_ids": input_ids, "sampling_params": params, "return_logprob": True})
+    body = await ctx.post_generate(
+        {"rid": rid, "input_ids": input_ids, "sampling_params": params, "return_logprob": True}
+    )
     return _take_output(ctx, sample, body)
 
 
-async def generate_batch(ctx: RolloutContext, samples: list[Sample], sampling_params: list[dict[str, Any]]) -> list[Sample]:
+async def generate_batch(
+    ctx: RolloutContext, samples: list[Sample], sampling_params: list[dict[str, Any]]
+) -> list[Sample]:
     """`generate` for several samples (a group) in one batched /generate request, as SGLang accepts: the same
     result per sample as one request each, with one HTTP round trip instead of n."""
     requests = [(s, _request(s, p)) for s, p in zip(samples, sampling_params)]

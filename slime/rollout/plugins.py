@@ -10,8 +10,8 @@ Contracts (each has a CPU contract test in test/registered/loop/test_plugins.py)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from slime.config import Config
 from slime.plugins import load_function
@@ -41,6 +41,12 @@ def load_rollout_plugins(config: Config) -> RolloutPlugins:
         from slime.rollout.rm_hub.remote import RemoteRewardModel
 
         remote = RemoteRewardModel(r.rm_url)
-    filter_fn = load_function(r.dynamic_sampling_filter_path, "--dynamic-sampling-filter-path", 2) if r.dynamic_sampling_filter_path else None
-    rollout_fn = load_function(r.rollout_function_path, "--rollout-function-path", 3) if r.rollout_function_path else None
+    filter_fn = (
+        load_function(r.dynamic_sampling_filter_path, "--dynamic-sampling-filter-path", 2)
+        if r.dynamic_sampling_filter_path
+        else None
+    )
+    rollout_fn = (
+        load_function(r.rollout_function_path, "--rollout-function-path", 3) if r.rollout_function_path else None
+    )
     return RolloutPlugins(generate_fn, RewardSpec(r.rm_type, custom_rm, r.group_rm, remote), filter_fn, rollout_fn)

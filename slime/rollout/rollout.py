@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
-from slime.rollout import rm_hub
+from slime.rollout import generate, rm_hub
 from slime.rollout.data import DataSource, reset_to_prompt
-from slime.rollout import generate
 from slime.rollout.generate import EngineUnavailable, RolloutContext, sampling_params_for
 from slime.types import Sample, SampleStatus
 
@@ -66,11 +66,20 @@ def sample_seed(base_seed: int, sample: Sample) -> int:
 
 
 def seeded(params: dict, ctx: RolloutContext, sample: Sample) -> dict:
-    return dict(params, sampling_seed=sample_seed(ctx.config.data.rollout_seed, sample)) if params.get("temperature", 1.0) > 0 else params
+    return (
+        dict(params, sampling_seed=sample_seed(ctx.config.data.rollout_seed, sample))
+        if params.get("temperature", 1.0) > 0
+        else params
+    )
 
 
-async def _with_retries(attempt_fn: Callable[[], Awaitable[None]], samples: list[Sample], stats: RolloutStats,
-                        recover: RecoverFn | None, max_retries: int) -> None:
+async def _with_retries(
+    attempt_fn: Callable[[], Awaitable[None]],
+    samples: list[Sample],
+    stats: RolloutStats,
+    recover: RecoverFn | None,
+    max_retries: int,
+) -> None:
     """Run one generation attempt for `samples`; on EngineUnavailable roll them back to where they stood
     (so nothing the failed attempt appended survives) and try again once the engine is back."""
     starts = [s.response_length for s in samples]
@@ -91,21 +100,37 @@ async def _with_retries(attempt_fn: Callable[[], Awaitable[None]], samples: list
                 await asyncio.sleep(0.5 * (attempt + 1))
 
 
-async def generate_one(ctx: RolloutContext, generate_fn: GenerateFn, sample: Sample, params: dict, stats: RolloutStats,
-                       recover: RecoverFn | None = None, max_retries: int = 3) -> Sample:
+async def generate_one(
+    ctx: RolloutContext,
+    generate_fn: GenerateFn,
+    sample: Sample,
+    params: dict,
+    stats: RolloutStats,
+    recover: RecoverFn | None = None,
+    max_retries: int = 3,
+) -> Sample:
     """Run the generate function on one sample, retried on engine failure."""
     params = seeded(params, ctx, sample)
     await _with_retries(lambda: generate_fn(ctx, sample, params), [sample], stats, recover, max_retries)
     return sample
 
 
-async def generate_samples(ctx: RolloutContext, generate_fn: GenerateFn, samples: list[Sample], params: dict,
-                           stats: RolloutStats, recover: RecoverFn | None = None, max_retries: int = 3) -> None:
+async def generate_samples(
+    ctx: RolloutContext,
+    generate_fn: GenerateFn,
+    samples: list[Sample],
+    params: dict,
+    stats: RolloutStats,
+    recover: RecoverFn | None = None,
+    max_retries: int = 3,
+) -> None:
     """Generate several samples (a group): the default generate sends them as one batched request; a custom
     generate function runs once per sample, concurrently."""
     if generate_fn is generate.generate:
         batch_params = [seeded(params, ctx, s) for s in samples]
-        await _with_retries(lambda: generate.generate_batch(ctx, samples, batch_params), samples, stats, recover, max_retries)
+        await _with_retries(
+            lambda: generate.generate_batch(ctx, samples, batch_params), samples, stats, recover, max_retries
+        )
     else:
         await asyncio.gather(*(generate_one(ctx, generate_fn, s, params, stats, recover, max_retries) for s in samples))
 
@@ -181,7 +206,9 @@ async def generate_rollout(
             # Enough groups are kept: stop the rest rather than wait for responses that would be thrown away
             # (a partial rollout keeps what they generated so far for the next step).
             await ctx.abort_all()
-            leftovers = sorted(await asyncio.gather(*pending), key=lambda g: g[0].group_index)  # deterministic buffer order
+            leftovers = sorted(
+                await asyncio.gather(*pending), key=lambda g: g[0].group_index
+            )  # deterministic buffer order
             for group in leftovers:
                 if partial_rollout and any(s.status is SampleStatus.ABORTED for s in group):
                     data_source.add_back([group], keep_partial=True)
@@ -212,8 +239,14 @@ async def generate_rollout(
     return RolloutResult(kept, metrics)
 
 
-async def evaluate(ctx: RolloutContext, name: str, samples: list[Sample], generate_fn: GenerateFn, reward: RewardSpec,
-                   recover: RecoverFn | None = None) -> dict[str, float]:
+async def evaluate(
+    ctx: RolloutContext,
+    name: str,
+    samples: list[Sample],
+    generate_fn: GenerateFn,
+    reward: RewardSpec,
+    recover: RecoverFn | None = None,
+) -> dict[str, float]:
     """Mean reward over an evaluation set (greedy unless --eval-temperature), samples regenerated from their prompts."""
     params = sampling_params_for(ctx.config, evaluation=True)
     stats = RolloutStats()

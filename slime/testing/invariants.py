@@ -30,13 +30,17 @@ def _masked(values: list[Tensor], masks: list[Tensor]) -> Tensor:
     return torch.cat([v.float()[m.bool()] for v, m in zip(values, masks)]) if values else torch.zeros(0)
 
 
-def logprob_agreement(trainer_log_probs: list[Tensor], rollout_log_probs: list[Tensor | None], masks: list[Tensor]) -> dict[str, float]:
+def logprob_agreement(
+    trainer_log_probs: list[Tensor], rollout_log_probs: list[Tensor | None], masks: list[Tensor]
+) -> dict[str, float]:
     pairs = [(t, r, m) for t, r, m in zip(trainer_log_probs, rollout_log_probs, masks) if r is not None]
     if not pairs:
         return {}
     diff = _masked([(t.float() - r.float()).abs() for t, r, _ in pairs], [m for _, _, m in pairs])
-    return {"ci/logprob_abs_diff_mean": float(diff.mean()) if diff.numel() else 0.0,
-            "ci/logprob_abs_diff_max": float(diff.max()) if diff.numel() else 0.0}
+    return {
+        "ci/logprob_abs_diff_mean": float(diff.mean()) if diff.numel() else 0.0,
+        "ci/logprob_abs_diff_max": float(diff.max()) if diff.numel() else 0.0,
+    }
 
 
 def check_first_step(metrics: dict[str, float], kl_to_ref: float | None, engine_dtype: str, step: int = 0) -> None:
@@ -48,10 +52,14 @@ def check_first_step(metrics: dict[str, float], kl_to_ref: float | None, engine_
             f"average (max {metrics['ci/logprob_abs_diff_max']:.3g}); expected <= {bound:g} for a {engine_dtype} engine"
         )
     if kl_to_ref is not None and not abs(kl_to_ref) <= KL_TOLERANCE:
-        raise InvariantViolation(f"--ci-test: at step 0 KL(policy || reference) = {kl_to_ref:.3g}; expected |KL| <= {KL_TOLERANCE:g}")
+        raise InvariantViolation(
+            f"--ci-test: at step 0 KL(policy || reference) = {kl_to_ref:.3g}; expected |KL| <= {KL_TOLERANCE:g}"
+        )
 
 
-def check_ranges(log_probs: list[Tensor], entropies: list[Tensor], masks: list[Tensor], vocab_size: int) -> dict[str, float]:
+def check_ranges(
+    log_probs: list[Tensor], entropies: list[Tensor], masks: list[Tensor], vocab_size: int
+) -> dict[str, float]:
     lp, ent = _masked(log_probs, masks), _masked(entropies, masks)
     if lp.numel() == 0:
         return {}
@@ -62,7 +70,9 @@ def check_ranges(log_probs: list[Tensor], entropies: list[Tensor], masks: list[T
         problems.append(f"a log-prob of {float(lp.max()):.3g} > 0")
     high = math.log(vocab_size) + SLACK
     if ent.numel() and (not torch.isfinite(ent).all() or float(ent.min()) < -SLACK or float(ent.max()) > high):
-        problems.append(f"entropies in [{float(ent.min()):.3g}, {float(ent.max()):.3g}], outside [0, log V = {high - SLACK:.3g}]")
+        problems.append(
+            f"entropies in [{float(ent.min()):.3g}, {float(ent.max()):.3g}], outside [0, log V = {high - SLACK:.3g}]"
+        )
     if problems:
         raise InvariantViolation("--ci-test: " + "; ".join(problems))
     return {"ci/logprob_min": float(lp.min()), "ci/entropy_mean": float(ent.mean()) if ent.numel() else 0.0}

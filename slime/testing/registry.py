@@ -127,7 +127,9 @@ def collect(root: Path, base: Path | None = None) -> list[Registration]:
         display = path.relative_to(base).as_posix() if path.is_relative_to(base) else str(path)
         found = parse_registrations(path, display)
         if not found:
-            raise RegistrationError(f"{display}:1: no register_*_ci(...) call; every registered test declares its suite")
+            raise RegistrationError(
+                f"{display}:1: no register_*_ci(...) call; every registered test declares its suite"
+            )
         registrations.extend(found)
     return registrations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -73,28 +74,20 @@ def descendants(pid: int) -> list[int]:
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL the process group and every descendant (including ones that called setsid)."""
     victims = descendants(proc.pid)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     for pid in victims:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def reap_orphans() -> None:
     """Kill and reap anything left under us (subreaper) once a file is done."""
     for pid in descendants(os.getpid()):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -127,11 +120,15 @@ def network_isolation_available() -> bool:
     return probe.returncode == 0
 
 
-def run_once(path: Path, timeout: float, env: dict[str, str], isolate_network: bool) -> tuple[int | None, bool, str, float]:
+def run_once(
+    path: Path, timeout: float, env: dict[str, str], isolate_network: bool
+) -> tuple[int | None, bool, str, float]:
     return run_command(build_command(path, isolate_network), timeout, env)
 
 
-def run_command(argv: list[str], timeout: float, env: dict[str, str], cwd: Path | None = None) -> tuple[int | None, bool, str, float]:
+def run_command(
+    argv: list[str], timeout: float, env: dict[str, str], cwd: Path | None = None
+) -> tuple[int | None, bool, str, float]:
     """(exit code or None on timeout, timed out, stdout+stderr, seconds). A timeout kills the whole process
     tree, and whatever the command left running is reaped afterwards."""
     start = time.monotonic()

@@ -28,7 +28,10 @@ class PolicyTrainer(MegatronTrainer):
         rows, positions, local_vocab = logits.shape
         op = get_op("vocab_parallel_logprobs_and_entropy", backend=self.backend)
         log_probs, entropy = op(
-            logits.reshape(-1, local_vocab), targets.reshape(-1), self.tp_group, temperature=self.config.rollout_temperature
+            logits.reshape(-1, local_vocab),
+            targets.reshape(-1),
+            self.tp_group,
+            temperature=self.config.rollout_temperature,
         )
         log_probs, entropy = log_probs.view(rows, positions), entropy.view(rows, positions)
         per_sample_lp = self._responses(micro, log_probs, shift=1)
@@ -36,7 +39,9 @@ class PolicyTrainer(MegatronTrainer):
         return per_sample_lp, per_sample_ent
 
     @torch.no_grad()
-    def compute_log_probs(self, batch: TrainBatch, weights: str = "actor") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def compute_log_probs(
+        self, batch: TrainBatch, weights: str = "actor"
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-sample log-probs and entropies of the response tokens under the named weights."""
         if weights not in WEIGHT_NAMES and not self.has_snapshot(weights):
             raise ValueError(f"weights={weights!r}: expected one of {', '.join(WEIGHT_NAMES)} or a snapshot name")
@@ -55,12 +60,22 @@ class PolicyTrainer(MegatronTrainer):
         """One optimizer step of the RL loss over this rank's share of the global batch."""
         cfg = self.config
         if cfg.use_kl_loss and batch.ref_log_probs is None:
-            raise ValueError("use_kl_loss is on but batch.ref_log_probs is empty: call compute_log_probs(batch, 'ref') first")
+            raise ValueError(
+                "use_kl_loss is on but batch.ref_log_probs is empty: call compute_log_probs(batch, 'ref') first"
+            )
         if cfg.use_tis and any(r is None for r in batch.rollout_log_probs):
             raise ValueError("use_tis is on but some samples have no rollout_log_probs")
         denominator = self.global_denominator(batch)
         self.model.train()
-        totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "ppo_kl": 0.0, "tis_weight": 0.0}
+        totals = {
+            "loss": 0.0,
+            "pg_loss": 0.0,
+            "kl": 0.0,
+            "entropy": 0.0,
+            "clip_frac": 0.0,
+            "ppo_kl": 0.0,
+            "tis_weight": 0.0,
+        }
         for indices in self._micro_batches(batch):
             micro = collate(batch, indices)
             lp_list, ent_list = self._log_probs(micro, with_entropy=True)
@@ -88,7 +103,9 @@ class PolicyTrainer(MegatronTrainer):
             loss = pg_loss - cfg.entropy_coef * entropy_mean
             if cfg.use_kl_loss:
                 ref = micro.pad_responses([batch.ref_log_probs[i] for i in indices]).to(self.device)
-                kl = losses.reduce(losses.kl_penalty(log_probs, ref, cfg.kl_loss_type), mask, cfg.loss_reduction, denominator)
+                kl = losses.reduce(
+                    losses.kl_penalty(log_probs, ref, cfg.kl_loss_type), mask, cfg.loss_reduction, denominator
+                )
                 loss = loss + cfg.kl_loss_coef * kl
                 totals["kl"] += float(kl.detach())
             loss.backward()
@@ -108,7 +125,9 @@ class PolicyTrainer(MegatronTrainer):
         for indices in self._micro_batches(batch):
             micro = collate(batch, indices)
             lp_list, _ = self._log_probs(micro, with_entropy=False)
-            loss = losses.sft_loss(self._pad(micro, lp_list), micro.response_mask.to(self.device), self.config.loss_reduction, denominator)
+            loss = losses.sft_loss(
+                self._pad(micro, lp_list), micro.response_mask.to(self.device), self.config.loss_reduction, denominator
+            )
             loss.backward()
             totals["loss"] += float(loss.detach())
         return self._finish_step(totals, batch, lr)

@@ -33,7 +33,7 @@ class TrainBatch:
     sample_indices: list[int] = field(default_factory=list)
 
     @staticmethod
-    def from_samples(samples: list[Sample], pad_token_id: int) -> "TrainBatch":
+    def from_samples(samples: list[Sample], pad_token_id: int) -> TrainBatch:
         if not samples:
             raise ValueError("TrainBatch.from_samples: no samples")
         tokens, lengths, masks, advantages, rollout, rewards = [], [], [], [], [], []
@@ -45,7 +45,9 @@ class TrainBatch:
                 )
             mask = s.loss_mask if s.loss_mask is not None else [1] * n
             if len(mask) != n:
-                raise ValueError(f"sample {s.index if s.index is not None else i}: loss_mask has {len(mask)} entries, response_length={n}")
+                raise ValueError(
+                    f"sample {s.index if s.index is not None else i}: loss_mask has {len(mask)} entries, response_length={n}"
+                )
             if s.rollout_log_probs is not None and len(s.rollout_log_probs) != n:
                 raise ValueError(
                     f"sample {s.index if s.index is not None else i}: rollout_log_probs has {len(s.rollout_log_probs)} entries, "
@@ -55,7 +57,9 @@ class TrainBatch:
             lengths.append(n)
             masks.append(torch.tensor(mask, dtype=torch.float32))
             advantages.append(torch.full((n,), float(s.advantage or 0.0)))
-            rollout.append(None if s.rollout_log_probs is None else torch.tensor(s.rollout_log_probs, dtype=torch.float32))
+            rollout.append(
+                None if s.rollout_log_probs is None else torch.tensor(s.rollout_log_probs, dtype=torch.float32)
+            )
             rewards.append(s.scalar_reward() if s.reward is not None and not isinstance(s.reward, dict) else 0.0)
         return TrainBatch(
             tokens=tokens,
@@ -82,7 +86,10 @@ class TrainBatch:
             values = state[name]
             state[name] = None if values is None else torch.cat([v.float().reshape(-1) for v in values])
         present = [r is not None for r in self.rollout_log_probs]
-        state["rollout_log_probs"] = (present, torch.cat([r.float() for r in self.rollout_log_probs if r is not None] or [torch.zeros(0)]))
+        state["rollout_log_probs"] = (
+            present,
+            torch.cat([r.float() for r in self.rollout_log_probs if r is not None] or [torch.zeros(0)]),
+        )
         state["tokens"] = torch.tensor([t for row in self.tokens for t in row], dtype=torch.int64)
         state["_token_lengths"] = [len(row) for row in self.tokens]
         return state
@@ -104,7 +111,7 @@ class TrainBatch:
     def num_loss_tokens(self) -> int:
         return int(sum(float(m.sum()) for m in self.loss_masks))
 
-    def select(self, indices: list[int]) -> "TrainBatch":
+    def select(self, indices: list[int]) -> TrainBatch:
         def pick(values):
             return None if values is None else [values[i] for i in indices]
 
@@ -123,13 +130,13 @@ class TrainBatch:
             sample_indices=pick(self.sample_indices),
         )
 
-    def chunks(self, size: int) -> list["TrainBatch"]:
+    def chunks(self, size: int) -> list[TrainBatch]:
         """Consecutive slices of `size` samples: the optimizer steps of one rollout."""
         if len(self) % size:
             raise ValueError(f"{len(self)} samples cannot be cut into global batches of {size}")
         return [self.select(list(range(start, start + size))) for start in range(0, len(self), size)]
 
-    def split_for_dp(self, dp_rank: int, dp_size: int) -> "TrainBatch":
+    def split_for_dp(self, dp_rank: int, dp_size: int) -> TrainBatch:
         """This rank's share: samples dp_rank, dp_rank + dp_size, ... (balanced counts, stable order)."""
         if len(self) % dp_size:
             raise ValueError(f"{len(self)} samples cannot be split evenly over {dp_size} data-parallel ranks")

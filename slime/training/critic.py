@@ -58,7 +58,13 @@ class CriticTrainer(MegatronTrainer):
             old = micro.pad_responses([batch.values[i] for i in indices]).to(self.device)
             returns = micro.pad_responses([batch.returns[i] for i in indices]).to(self.device)
             loss, metrics = losses.value_loss(
-                values, old, returns, micro.response_mask.to(self.device), self.config.value_clip, self.config.loss_reduction, denominator
+                values,
+                old,
+                returns,
+                micro.response_mask.to(self.device),
+                self.config.value_clip,
+                self.config.loss_reduction,
+                denominator,
             )
             loss.backward()
             totals["value_loss"] += float(loss.detach())

@@ -9,8 +9,8 @@ does not matter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -100,7 +100,9 @@ def compute_advantages(settings: AdvantageSettings, batch: TrainBatch, group_ids
         if settings.kl_coef:
             if batch.ref_log_probs is None or batch.old_log_probs is None:
                 raise ValueError("--kl-coef needs the reference and old log-probs of the batch")
-            kl = kl_penalty(padded(batch.old_log_probs, lengths), padded(batch.ref_log_probs, lengths), settings.kl_type)
+            kl = kl_penalty(
+                padded(batch.old_log_probs, lengths), padded(batch.ref_log_probs, lengths), settings.kl_type
+            )
         if settings.estimator == "reinforce_plus_plus":
             token_adv = adv.reinforce_plus_plus_returns(final, mask, kl, settings.kl_coef, settings.gamma)
             returns = token_adv

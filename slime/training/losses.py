@@ -66,7 +66,9 @@ def policy_loss(
     clip_frac = (clipped > unclipped).float()
     if eps_clip_c is not None:
         if eps_clip_c <= 1.0:
-            raise ValueError(f"eps_clip_c={eps_clip_c} must be > 1 (dual-clip bound on the ratio for negative advantages)")
+            raise ValueError(
+                f"eps_clip_c={eps_clip_c} must be > 1 (dual-clip bound on the ratio for negative advantages)"
+            )
         dual = torch.minimum(loss, -advantages * eps_clip_c)
         loss = torch.where(advantages < 0, dual, loss)
     if importance_weights is not None:
@@ -128,7 +130,9 @@ def entropy_bonus(entropy: Tensor, mask: Tensor, reduction: str = "token", denom
     return reduce(entropy, mask, reduction, denominator)
 
 
-def truncated_importance_weights(old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor, clip: float = 2.0) -> Tensor:
+def truncated_importance_weights(
+    old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor, clip: float = 2.0
+) -> Tensor:
     """TIS: min(pi_old / pi_rollout, clip) per token, no gradient; padding gets weight 0."""
     weights = torch.exp(old_log_probs.float() - rollout_log_probs.float()).clamp(max=clip)
     return (weights * mask.to(weights.dtype)).detach()

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -103,14 +103,31 @@ class MegatronTrainer:
                 (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
         groups = [
             # the flags are megatron's param-group identity (matched on optimizer state load)
-            {"params": decay, "weight_decay": opt_config.weight_decay, "wd_mult": 1.0, "lr_mult": 1.0,
-             "is_expert_parallel": False, "is_decoupled_lr": False},
-            {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0, "lr_mult": 1.0,
-             "is_expert_parallel": False, "is_decoupled_lr": False},
+            {
+                "params": decay,
+                "weight_decay": opt_config.weight_decay,
+                "wd_mult": 1.0,
+                "lr_mult": 1.0,
+                "is_expert_parallel": False,
+                "is_decoupled_lr": False,
+            },
+            {
+                "params": no_decay,
+                "weight_decay": 0.0,
+                "wd_mult": 0.0,
+                "lr_mult": 1.0,
+                "is_expert_parallel": False,
+                "is_decoupled_lr": False,
+            },
         ]
         groups = [g for g in groups if g["params"]]
-        adam = torch.optim.AdamW(groups, lr=opt_config.lr, betas=(opt_config.adam_beta1, opt_config.adam_beta2),
-                                 eps=opt_config.adam_eps, weight_decay=opt_config.weight_decay)
+        adam = torch.optim.AdamW(
+            groups,
+            lr=opt_config.lr,
+            betas=(opt_config.adam_beta1, opt_config.adam_beta2),
+            eps=opt_config.adam_eps,
+            weight_decay=opt_config.weight_decay,
+        )
         optimizer = FP32Optimizer(adam, opt_config, init_state_fn=None)
         scheduler = OptimizerParamScheduler(
             optimizer,
@@ -246,7 +263,9 @@ class MegatronTrainer:
             yield
             return
         if name not in self._snapshots:
-            raise KeyError(f"no weight snapshot {name!r}; call snapshot({name!r}) first (have: {', '.join(self._snapshots) or 'none'})")
+            raise KeyError(
+                f"no weight snapshot {name!r}; call snapshot({name!r}) first (have: {', '.join(self._snapshots) or 'none'})"
+            )
         live = {}
         for n, p in self.model.named_parameters():
             live[n] = p.data
@@ -280,8 +299,14 @@ class MegatronTrainer:
         torch.save(checkpoint.rng_state(), tmp / f"rng_rank{self.layout.rank}.pt")
         if is_rank0 and extra is not None:
             checkpoint.write_extra(tmp, extra)
-        meta = {"tp_size": self.layout.tp_size, "dp_size": self.layout.dp_size, "hf_checkpoint": str(self.config.hf_checkpoint)}
-        return checkpoint.finish_save(root, tmp, step, meta, self.config.keep_last_n, is_rank0, torch.distributed.barrier)
+        meta = {
+            "tp_size": self.layout.tp_size,
+            "dp_size": self.layout.dp_size,
+            "hf_checkpoint": str(self.config.hf_checkpoint),
+        }
+        return checkpoint.finish_save(
+            root, tmp, step, meta, self.config.keep_last_n, is_rank0, torch.distributed.barrier
+        )
 
     def load(self, directory: str | os.PathLike) -> int:
         """Load the newest complete checkpoint under `directory` (or that step folder); returns its step."""
@@ -290,13 +315,17 @@ class MegatronTrainer:
         folder = checkpoint.resolve_checkpoint(directory)
         meta = json.loads((folder / "meta.json").read_text())
         if meta["tp_size"] != self.layout.tp_size:
-            raise ValueError(f"{folder}: saved with tensor_parallel_size={meta['tp_size']}, running with {self.layout.tp_size}")
+            raise ValueError(
+                f"{folder}: saved with tensor_parallel_size={meta['tp_size']}, running with {self.layout.tp_size}"
+            )
         state = torch.load(folder / f"model_tp{self.layout.tp_rank}.pt", weights_only=False)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in state["model"].items():
                 if params[name].shape != tensor.shape:
-                    raise ValueError(f"{folder}: tensor {name} has shape {tuple(tensor.shape)}, model has {tuple(params[name].shape)}")
+                    raise ValueError(
+                        f"{folder}: tensor {name} has shape {tuple(tensor.shape)}, model has {tuple(params[name].shape)}"
+                    )
                 params[name].copy_(tensor)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -60,7 +60,9 @@ class DeepEPTokenDispatcher:
                 f"got {tuple(expert_outputs.shape)}"
             )
         weighted = expert_outputs * weights.unsqueeze(1).to(expert_outputs.dtype)
-        per_token = torch.zeros(received, expert_outputs.shape[1], dtype=expert_outputs.dtype, device=expert_outputs.device)
+        per_token = torch.zeros(
+            received, expert_outputs.shape[1], dtype=expert_outputs.dtype, device=expert_outputs.device
+        )
         per_token = per_token.index_add(0, rows, weighted)
         combined, _ = self._fused_combine(per_token, self.group, handle)
         self._state = None

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort", "error")
-
 
 
 MEMORY_TAGS = ("weights", "kv_cache")  # what release_memory/resume_memory can name, as in SGLang
@@ -47,6 +47,7 @@ def wants_kv_cache(tags: list[str] | None) -> bool:
     if not isinstance(tags, list) or any(t not in MEMORY_TAGS for t in tags):
         raise EngineError(f"memory tags must be a list drawn from {list(MEMORY_TAGS)}, got {tags!r}")
     return "kv_cache" in tags
+
 
 class EngineError(RuntimeError):
     """A one-line, user-facing failure of an engine call (bad request, server gone, ...)."""
@@ -84,7 +85,9 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError naming the field and the value when a parameter is out of range."""
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+        if not (
+            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0
+        ):
             raise ValueError(f"sampling_params.temperature must be a number >= 0, got {self.temperature!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"sampling_params.top_p must be in (0, 1], got {self.top_p!r}")
@@ -195,7 +198,7 @@ class RolloutEngine(ABC):
     def shutdown(self) -> None:
         """Abort what is running and free the engine's resources. Idempotent."""
 
-    def __enter__(self) -> "RolloutEngine":
+    def __enter__(self) -> RolloutEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:

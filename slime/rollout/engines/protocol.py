@@ -13,8 +13,9 @@ response {"text": str, "output_ids": [..], "meta_info": {"id", "finish_reason": 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import fields
-from typing import Any, Callable
+from typing import Any
 
 from slime.rollout.engines.base import GenerateRequest, GenerateResult, SamplingParams
 
@@ -79,9 +80,9 @@ def parse_sampling_params(raw: Any, where: str = "sampling_params") -> SamplingP
         if key in values and not (isinstance(values[key], (int, float)) and not isinstance(values[key], bool)):
             raise ProtocolError(f"{where}.{key} must be a number, got {values[key]!r}")
     try:
-        if "stop_token_ids" in values:
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in values["stop_token_ids"]):
-                raise ValueError(f"{where}.stop_token_ids must be integers")
+        stop_ids = values.get("stop_token_ids", [])
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+            raise ValueError(f"{where}.stop_token_ids must be integers")
         params = SamplingParams(**values)
         params.validate()
     except (TypeError, ValueError) as e:
@@ -155,13 +156,17 @@ def parse_generate_request(
     logprob = _per_item(body.get("return_logprob"), count, "return_logprob", False)
     requests = []
     for i in range(count):
-        where = f"sampling_params[{i}]" if batch and isinstance(body.get("sampling_params"), list) else "sampling_params"
+        where = (
+            f"sampling_params[{i}]" if batch and isinstance(body.get("sampling_params"), list) else "sampling_params"
+        )
         rid = rids[i]
         if rid is not None and not isinstance(rid, str):
             raise ProtocolError(f"rid must be a string, got {rid!r}")
         if rid is not None and batch and not isinstance(body.get("rid"), list):
             rid = f"{rid}-{i}"
-        requests.append(GenerateRequest(rid or new_rid(), prompts[i], parse_sampling_params(params[i], where), bool(logprob[i])))
+        requests.append(
+            GenerateRequest(rid or new_rid(), prompts[i], parse_sampling_params(params[i], where), bool(logprob[i]))
+        )
     return requests, batch
 
 
@@ -198,7 +203,9 @@ def parse_generate_response(payload: Any, rid: str) -> GenerateResult:
     if logprobs is not None:
         # SGLang's entries are (logprob, token_id, text-or-null); the token ids are authoritative here.
         output_ids = [int(entry[1]) for entry in logprobs]
-        output_log_probs: list[float] | None = [float(entry[0]) if entry[0] is not None else -math.inf for entry in logprobs]
+        output_log_probs: list[float] | None = [
+            float(entry[0]) if entry[0] is not None else -math.inf for entry in logprobs
+        ]
     else:
         output_ids = [int(t) for t in payload.get("output_ids") or []]
         output_log_probs = None
@@ -212,7 +219,10 @@ def parse_generate_response(payload: Any, rid: str) -> GenerateResult:
     elif kind == "abort" and reason.get("status_code") in (None, 200) and reason.get("err_type") in (None, "Abort"):
         finish, error = "abort", reason.get("message")
     else:
-        finish, error = "error", (reason.get("message") if isinstance(reason, dict) else None) or f"finish_reason {reason!r}"
+        finish, error = (
+            "error",
+            (reason.get("message") if isinstance(reason, dict) else None) or f"finish_reason {reason!r}",
+        )
     version = meta.get("weight_version")
     return GenerateResult(
         rid=str(meta.get("id", rid)),
@@ -238,7 +248,6 @@ def serialize_named_tensors(named_tensors: list[tuple[str, Any]]) -> str:
     import base64
     import io
     import pickle
-
     from multiprocessing.reduction import ForkingPickler
 
     import torch.multiprocessing  # noqa: F401  (registers torch's tensor reductions with ForkingPickler)
@@ -256,7 +265,6 @@ def deserialize_named_tensors(payload: str | bytes) -> list[tuple[str, Any]]:
     bind 127.0.0.1 only (SGLang's own trust model for this endpoint)."""
     import base64
     import binascii
-
     from multiprocessing.reduction import ForkingPickler
 
     import torch.multiprocessing  # noqa: F401  (registers torch's tensor reductions with ForkingPickler)
@@ -266,6 +274,8 @@ def deserialize_named_tensors(payload: str | bytes) -> list[tuple[str, Any]]:
         value = ForkingPickler.loads(raw)
     except (binascii.Error, ValueError, EOFError) as e:
         raise ProtocolError(f"serialized_named_tensors is not a serialized tensor list: {e}") from None
-    if not isinstance(value, (list, tuple)) or not all(isinstance(item, (list, tuple)) and len(item) == 2 for item in value):
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(item, (list, tuple)) and len(item) == 2 for item in value
+    ):
         raise ProtocolError("serialized_named_tensors must hold a list of (name, tensor) pairs")
     return [(str(name), tensor) for name, tensor in value]

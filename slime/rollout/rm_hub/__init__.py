@@ -12,7 +12,8 @@ import inspect
 import re
 import string
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from slime.rollout.rm_hub.math_answers import answers_match, final_answer
 from slime.types import Sample
@@ -86,8 +87,15 @@ BUILTIN: dict[str, Callable[[str, Any], float]] = {
 }
 
 
-async def score_samples(samples: list[Sample], *, rm_type: str | None, custom_rm: Callable | None, group_rm: bool,
-                        args: Any = None, remote: Any = None) -> list[float | dict[str, float]]:
+async def score_samples(
+    samples: list[Sample],
+    *,
+    rm_type: str | None,
+    custom_rm: Callable | None,
+    group_rm: bool,
+    args: Any = None,
+    remote: Any = None,
+) -> list[float | dict[str, float]]:
     """Rewards for samples (one group when group_rm). Custom beats rm_type when both are given."""
     if custom_rm is not None:
         if group_rm:

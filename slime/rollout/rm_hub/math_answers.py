@@ -34,7 +34,11 @@ def final_answer(text: str) -> str | None:
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed
-    for pattern in (r"answer is[:\s]*\$?([^\n$]+?)\$?\s*(?:\.|$)", r"Answer:\s*\$?([^\n$]+?)\$?\s*$", r"####\s*([^\n]+)"):
+    for pattern in (
+        r"answer is[:\s]*\$?([^\n$]+?)\$?\s*(?:\.|$)",
+        r"Answer:\s*\$?([^\n$]+?)\$?\s*$",
+        r"####\s*([^\n]+)",
+    ):
         matches = re.findall(pattern, text, flags=re.IGNORECASE | re.MULTILINE)
         if matches:
             return matches[-1].strip()

@@ -36,7 +36,9 @@ class RemoteRewardModel:
         async with self._session.post(self.url, json=payload) as resp:
             body = await resp.text()
             if 400 <= resp.status < 500:
-                raise RemoteRewardError(f"reward model at {self.url} rejected the request: HTTP {resp.status}: {body[:200]}")
+                raise RemoteRewardError(
+                    f"reward model at {self.url} rejected the request: HTTP {resp.status}: {body[:200]}"
+                )
             if resp.status >= 500:
                 raise ConnectionError(f"HTTP {resp.status}")
             return json.loads(body)
@@ -44,7 +46,12 @@ class RemoteRewardModel:
     async def score(self, sample: Sample) -> float:
         import aiohttp
 
-        payload = {"prompt": sample.prompt, "response": sample.response, "label": sample.label, "metadata": sample.metadata}
+        payload = {
+            "prompt": sample.prompt,
+            "response": sample.response,
+            "label": sample.label,
+            "metadata": sample.metadata,
+        }
         last_error: Exception | None = None
         for attempt in range(self.max_retries + 1):
             try:
@@ -53,7 +60,7 @@ class RemoteRewardModel:
                 return float(value)
             except RemoteRewardError:
                 raise
-            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, json.JSONDecodeError, KeyError) as exc:
+            except (TimeoutError, aiohttp.ClientError, ConnectionError, json.JSONDecodeError, KeyError) as exc:
                 last_error = exc
                 if attempt < self.max_retries:
                     await asyncio.sleep(self.backoff * (2**attempt) * (0.5 + self._rng.random()))

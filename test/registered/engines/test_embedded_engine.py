@@ -3,6 +3,7 @@ continuous batching, log-probs, seeded sampling, weight updates in place, bad in
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +52,9 @@ def test_prefill_logits_equal_hf_on_a_mixed_length_batch(checkpoints, family):
         tokens = torch.zeros(len(PROMPTS), width, dtype=torch.long)
         for i, p in enumerate(PROMPTS):
             tokens[i, : len(p)] = torch.tensor(p)
-        ours = eng.model.prefill(tokens, torch.tensor([len(p) for p in PROMPTS]), torch.arange(len(PROMPTS)), all_logits=True)
+        ours = eng.model.prefill(
+            tokens, torch.tensor([len(p) for p in PROMPTS]), torch.arange(len(PROMPTS)), all_logits=True
+        )
         for i, p in enumerate(PROMPTS):
             with torch.no_grad():
                 ref = hf(torch.tensor([p])).logits[0]
@@ -67,7 +70,9 @@ def test_greedy_equals_hf_with_more_requests_than_slots(checkpoints, family):
     eng = EmbeddedEngine(path, max_batch_size=3, max_seq_len=64)
     try:
         budgets = [12, 3, 9, 1, 15, 6]
-        results = eng.generate([GenerateRequest(f"r{i}", p, greedy(n)) for i, (p, n) in enumerate(zip(PROMPTS, budgets))])
+        results = eng.generate(
+            [GenerateRequest(f"r{i}", p, greedy(n)) for i, (p, n) in enumerate(zip(PROMPTS, budgets))]
+        )
         for p, n, result in zip(PROMPTS, budgets, results):
             assert result.output_ids == hf_greedy(hf, p, n)
             assert result.finish_reason == "length" and len(result.output_log_probs) == n
@@ -93,13 +98,18 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):
     params = SamplingParams(temperature=1.0, max_new_tokens=12, ignore_eos=True, seed=1234)
     alone = engine.generate([GenerateRequest("s", PROMPTS[0], params)])[0]
     crowd = engine.generate(
-        [GenerateRequest(f"o{i}", p, SamplingParams(temperature=1.0, max_new_tokens=12, ignore_eos=True)) for i, p in enumerate(PROMPTS[1:4])]
+        [
+            GenerateRequest(f"o{i}", p, SamplingParams(temperature=1.0, max_new_tokens=12, ignore_eos=True))
+            for i, p in enumerate(PROMPTS[1:4])
+        ]
         + [GenerateRequest("s", PROMPTS[0], params)]
     )[-1]
     # Same tokens; log-probs equal up to float rounding (matmul blocking depends on the batch size).
     assert alone.output_ids == crowd.output_ids
     assert torch.allclose(torch.tensor(alone.output_log_probs), torch.tensor(crowd.output_log_probs), atol=1e-5)
-    other_seed = engine.generate([GenerateRequest("s", PROMPTS[0], SamplingParams(temperature=1.0, max_new_tokens=12, ignore_eos=True, seed=99))])[0]
+    other_seed = engine.generate(
+        [GenerateRequest("s", PROMPTS[0], SamplingParams(temperature=1.0, max_new_tokens=12, ignore_eos=True, seed=99))]
+    )[0]
     assert other_seed.output_ids != alone.output_ids
 
 
@@ -109,7 +119,14 @@ def test_engine_seed_makes_unseeded_runs_reproducible(checkpoints):
     for _ in range(2):
         eng = EmbeddedEngine(path, max_batch_size=4, max_seq_len=64, seed=7)
         try:
-            runs.append([r.output_ids for r in eng.generate([GenerateRequest(f"u{i}", p, SamplingParams(max_new_tokens=8)) for i, p in enumerate(PROMPTS)])])
+            runs.append(
+                [
+                    r.output_ids
+                    for r in eng.generate(
+                        [GenerateRequest(f"u{i}", p, SamplingParams(max_new_tokens=8)) for i, p in enumerate(PROMPTS)]
+                    )
+                ]
+            )
         finally:
             eng.shutdown()
     assert runs[0] == runs[1]
@@ -136,9 +153,10 @@ def test_eos_stops_unless_ignored(tmp_path):
     # Make the model's EOS the token greedy decoding produces third.
     import json
 
-    config = json.load(open(f"{path}/config.json"))
+    config_path = Path(path) / "config.json"
+    config = json.loads(config_path.read_text())
     config["eos_token_id"] = ref[2]
-    json.dump(config, open(f"{path}/config.json", "w"))
+    config_path.write_text(json.dumps(config))
     eng = EmbeddedEngine(path, max_batch_size=2, max_seq_len=32)
     try:
         stopped, ignored = eng.generate(
@@ -166,8 +184,14 @@ def test_bad_requests_fail_alone(engine, checkpoints):
         ]
     )
     by_rid = {r.rid: r for r in results}
-    assert by_rid["long"].finish_reason == "error" and "longer than the engine's context (max_seq_len 64" in by_rid["long"].error
-    assert by_rid["vocab"].finish_reason == "error" and "token id 100000 outside the vocabulary [0, 320)" in by_rid["vocab"].error
+    assert (
+        by_rid["long"].finish_reason == "error"
+        and "longer than the engine's context (max_seq_len 64" in by_rid["long"].error
+    )
+    assert (
+        by_rid["vocab"].finish_reason == "error"
+        and "token id 100000 outside the vocabulary [0, 320)" in by_rid["vocab"].error
+    )
     assert by_rid["params"].finish_reason == "error" and "top_p" in by_rid["params"].error
     assert by_rid["empty"].finish_reason == "error"
     assert by_rid["stopstr"].finish_reason == "error" and "needs a tokenizer" in by_rid["stopstr"].error
@@ -186,7 +210,9 @@ def test_weight_updates_in_place_bucketed_then_rejected_whole(checkpoints):
         eng.update_weights_from_tensors(items[:half], version=1, finish=False)
         # Nothing applies before the final bucket.
         assert eng.weight_version == 0
-        assert eng.generate([GenerateRequest("a", PROMPTS[0], greedy(8))])[0].output_ids == hf_greedy(hf_a, PROMPTS[0], 8)
+        assert eng.generate([GenerateRequest("a", PROMPTS[0], greedy(8))])[0].output_ids == hf_greedy(
+            hf_a, PROMPTS[0], 8
+        )
         eng.update_weights_from_tensors(items[half:], version=1, finish=True)
         assert eng.weight_version == 1
         assert {n: t.data_ptr() for n, t in eng.named_weights().items()} == pointers  # in place, no rebuild
@@ -201,12 +227,18 @@ def test_weight_updates_in_place_bucketed_then_rejected_whole(checkpoints):
             eng.update_weights_from_tensors([("model.norm.weight", torch.ones(3))], version=2, finish=True)
         with pytest.raises(WeightUpdateError, match="unknown tensor name 'model.layers.9.mlp.up_proj.weight'"):
             eng.update_weights_from_tensors([("model.layers.9.mlp.up_proj.weight", torch.ones(128, 64))], version=2)
-        eng.update_weights_from_tensors([], version=2, finish=True)  # an empty finishing bucket: nothing staged survived
-        assert eng.generate([GenerateRequest("c", PROMPTS[0], greedy(8))])[0].output_ids == hf_greedy(hf_b, PROMPTS[0], 8)
+        eng.update_weights_from_tensors(
+            [], version=2, finish=True
+        )  # an empty finishing bucket: nothing staged survived
+        assert eng.generate([GenerateRequest("c", PROMPTS[0], greedy(8))])[0].output_ids == hf_greedy(
+            hf_b, PROMPTS[0], 8
+        )
 
         eng.update_weights_from_disk(path_a, version=3)
         assert eng.weight_version == 3
-        assert eng.generate([GenerateRequest("d", PROMPTS[0], greedy(8))])[0].output_ids == hf_greedy(hf_a, PROMPTS[0], 8)
+        assert eng.generate([GenerateRequest("d", PROMPTS[0], greedy(8))])[0].output_ids == hf_greedy(
+            hf_a, PROMPTS[0], 8
+        )
         with pytest.raises(WeightUpdateError, match="describes a different model"):
             eng.update_weights_from_disk(checkpoints["llama"][0], version=4)
     finally:

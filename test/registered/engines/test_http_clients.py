@@ -23,9 +23,9 @@ from slime.rollout.engines.embedded.engine import EmbeddedEngine
 from slime.rollout.engines.embedded.server import READY_PREFIX, serve_http
 from slime.rollout.engines.sglang.client import SGLangClient
 from slime.rollout.engines.sglang.launcher import (
+    ServerLaunchError,
     SGLangEngine,
     SGLangServerConfig,
-    ServerLaunchError,
     start_process,
 )
 from slime.testing.ci_register import register_cpu_ci
@@ -107,18 +107,26 @@ def test_bucketed_weight_update_then_rejected_update_keeps_serving(client, model
         assert client.weight_version == 5
         result = client.generate([GenerateRequest("u", PROMPTS[0], greedy(6))])[0]
         assert result.output_ids == hf_greedy(hf_b, PROMPTS[0], 6) and result.weight_version == 5
-        with pytest.raises(WeightUpdateError, match=r"'lm_head.weight' has shape \(2, 2\), the model expects \(320, 64\)"):
+        with pytest.raises(
+            WeightUpdateError, match=r"'lm_head.weight' has shape \(2, 2\), the model expects \(320, 64\)"
+        ):
             client.update_weights_from_tensors([("lm_head.weight", torch.zeros(2, 2))], version=6)
         assert client.weight_version == 5
-        assert client.generate([GenerateRequest("v", PROMPTS[0], greedy(6))])[0].output_ids == hf_greedy(hf_b, PROMPTS[0], 6)
+        assert client.generate([GenerateRequest("v", PROMPTS[0], greedy(6))])[0].output_ids == hf_greedy(
+            hf_b, PROMPTS[0], 6
+        )
     finally:
         client.update_weights_from_disk(models["a"][0], version=0)
-    assert client.generate([GenerateRequest("w", PROMPTS[0], greedy(6))])[0].output_ids == hf_greedy(hf_a, PROMPTS[0], 6)
+    assert client.generate([GenerateRequest("w", PROMPTS[0], greedy(6))])[0].output_ids == hf_greedy(
+        hf_a, PROMPTS[0], 6
+    )
 
 
 def test_too_long_prompt_is_an_error_for_that_request_only(client, models):
     _, hf = models["a"]
-    results = client.generate([GenerateRequest("long", list(range(2, 80)), greedy(3)), GenerateRequest("fine", PROMPTS[1], greedy(3))])
+    results = client.generate(
+        [GenerateRequest("long", list(range(2, 80)), greedy(3)), GenerateRequest("fine", PROMPTS[1], greedy(3))]
+    )
     assert results[0].finish_reason == "error" and "longer than the engine's context" in results[0].error
     assert results[1].output_ids == hf_greedy(hf, PROMPTS[1], 3)
     assert client.health()
@@ -156,32 +164,53 @@ def test_memory_tags_release_only_what_they_name(client, served):
     assert not engine.model.kv_cache_allocated
     client.resume_memory(["kv_cache"])
     assert engine.model.kv_cache_allocated
-    with pytest.raises(EngineError, match=r"memory tags must be a list drawn from \['weights', 'kv_cache'\], got \['gpu'\]"):
+    with pytest.raises(
+        EngineError, match=r"memory tags must be a list drawn from \['weights', 'kv_cache'\], got \['gpu'\]"
+    ):
         client.release_memory(["gpu"])
 
 
 # ---- HTTP only ------------------------------------------------------------------------------------------
 def test_generate_json_shapes(served):
     _, handle = served
-    status, single = post(handle.url + "/generate", {"input_ids": PROMPTS[0], "sampling_params": {"temperature": 0, "max_new_tokens": 3}, "return_logprob": True})
+    status, single = post(
+        handle.url + "/generate",
+        {"input_ids": PROMPTS[0], "sampling_params": {"temperature": 0, "max_new_tokens": 3}, "return_logprob": True},
+    )
     assert status == 200 and set(single) == {"text", "output_ids", "meta_info"}
     meta = single["meta_info"]
     assert meta["finish_reason"]["type"] in ("length", "stop") and meta["prompt_tokens"] == 4
     assert [entry[1] for entry in meta["output_token_logprobs"]] == single["output_ids"]
     assert all(len(entry) == 3 and entry[0] <= 0 for entry in meta["output_token_logprobs"])
     status, batch = post(handle.url + "/generate", {"input_ids": PROMPTS[:2], "sampling_params": {"max_new_tokens": 2}})
-    assert status == 200 and isinstance(batch, list) and len(batch) == 2 and "output_token_logprobs" not in batch[0]["meta_info"]
-    status, text = post(handle.url + "/generate", {"text": "the quick", "sampling_params": {"temperature": 0, "max_new_tokens": 4}})
+    assert (
+        status == 200
+        and isinstance(batch, list)
+        and len(batch) == 2
+        and "output_token_logprobs" not in batch[0]["meta_info"]
+    )
+    status, text = post(
+        handle.url + "/generate", {"text": "the quick", "sampling_params": {"temperature": 0, "max_new_tokens": 4}}
+    )
     assert status == 200 and text["meta_info"]["prompt_tokens"] > 0 and isinstance(text["text"], str)
 
 
 def test_stop_string_over_http(served):
     engine, handle = served
-    status, first = post(handle.url + "/generate", {"text": "one two", "sampling_params": {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}})
+    status, first = post(
+        handle.url + "/generate",
+        {"text": "one two", "sampling_params": {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}},
+    )
     target = first["text"][2:4] if len(first["text"]) >= 4 else None
     if not target or not target.strip():
         pytest.skip("greedy text too short to pick a stop string")
-    status, stopped = post(handle.url + "/generate", {"text": "one two", "sampling_params": {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True, "stop": [target]}})
+    status, stopped = post(
+        handle.url + "/generate",
+        {
+            "text": "one two",
+            "sampling_params": {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True, "stop": [target]},
+        },
+    )
     assert status == 200 and stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": target}
     assert target in engine.tokenizer.decode(stopped["output_ids"])
 
@@ -240,7 +269,11 @@ def test_concurrent_requests_are_batched_and_all_correct(models):
         async with aiohttp.ClientSession() as session:
 
             async def one(i):
-                body = {"input_ids": prompts[i], "sampling_params": {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}, "return_logprob": True}
+                body = {
+                    "input_ids": prompts[i],
+                    "sampling_params": {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True},
+                    "return_logprob": True,
+                }
                 async with session.post(handle.url + "/generate", json=body) as r:
                     return await r.json()
 
@@ -259,7 +292,10 @@ def test_server_subprocess_prints_ready_line_and_serves(models):
     path, hf = models["a"]
     proc = subprocess.Popen(
         [sys.executable, "-m", EMBEDDED_SERVER, "--model", path, "--port", "0", "--max-seq-len", "64"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
     try:
         line = ""
@@ -281,17 +317,37 @@ def test_server_subprocess_prints_ready_line_and_serves(models):
 def test_launcher_readiness_and_failures(models, tmp_path):
     path, hf = models["a"]
     # The launch path SGLang uses, pointed at the embedded server (same CLI: --model-path/--host/--port).
-    config = SGLangServerConfig(model_path=path, launch_module=EMBEDDED_SERVER, startup_timeout_s=120, log_dir=str(tmp_path), env={"OMP_NUM_THREADS": "1"})
+    config = SGLangServerConfig(
+        model_path=path,
+        launch_module=EMBEDDED_SERVER,
+        startup_timeout_s=120,
+        log_dir=str(tmp_path),
+        env={"OMP_NUM_THREADS": "1"},
+    )
     with SGLangEngine(config) as engine:
         assert engine.health()
-        assert engine.generate([GenerateRequest("l", PROMPTS[2], greedy(3))])[0].output_ids == hf_greedy(hf, PROMPTS[2], 3)
+        assert engine.generate([GenerateRequest("l", PROMPTS[2], greedy(3))])[0].output_ids == hf_greedy(
+            hf, PROMPTS[2], 3
+        )
     assert engine.server.process.poll() is not None
 
-    broken = SGLangServerConfig(model_path=str(tmp_path / "missing"), launch_module=EMBEDDED_SERVER, startup_timeout_s=120, log_dir=str(tmp_path))
-    with pytest.raises(ServerLaunchError, match=r"(?s)exited with code 2 before becoming ready.*last lines:.*error: .*no config.json"):
+    broken = SGLangServerConfig(
+        model_path=str(tmp_path / "missing"),
+        launch_module=EMBEDDED_SERVER,
+        startup_timeout_s=120,
+        log_dir=str(tmp_path),
+    )
+    with pytest.raises(
+        ServerLaunchError, match=r"(?s)exited with code 2 before becoming ready.*last lines:.*error: .*no config.json"
+    ):
         SGLangEngine(broken)
 
-    silent = start_process([sys.executable, "-c", "print('loading forever', flush=True); import time; time.sleep(60)"], "http://127.0.0.1:9", str(tmp_path), "silent")
+    silent = start_process(
+        [sys.executable, "-c", "print('loading forever', flush=True); import time; time.sleep(60)"],
+        "http://127.0.0.1:9",
+        str(tmp_path),
+        "silent",
+    )
     with pytest.raises(ServerLaunchError, match=r"(?s)not ready after 2s.*loading forever"):
         silent.wait_ready(2)
     assert silent.process.poll() is not None  # stopped on timeout

@@ -118,7 +118,11 @@ def rid_counter():
 
 def test_parse_single_and_batch_generate_requests():
     reqs, is_batch = parse_generate_request(
-        {"input_ids": [1, 2, 3], "sampling_params": {"temperature": 0.5, "max_new_tokens": 4, "sampling_seed": 7}, "return_logprob": True},
+        {
+            "input_ids": [1, 2, 3],
+            "sampling_params": {"temperature": 0.5, "max_new_tokens": 4, "sampling_seed": 7},
+            "return_logprob": True,
+        },
         None,
         rid_counter(),
     )
@@ -126,7 +130,9 @@ def test_parse_single_and_batch_generate_requests():
     assert reqs[0].sampling_params == SamplingParams(temperature=0.5, max_new_tokens=4, seed=7)
     assert reqs[0].return_logprob and list(reqs[0].input_ids) == [1, 2, 3] and reqs[0].rid == "auto-0"
     reqs, is_batch = parse_generate_request(
-        {"input_ids": [[1], [2, 3]], "sampling_params": [{"top_k": 5}, {"top_k": 2}], "rid": ["a", "b"]}, None, rid_counter()
+        {"input_ids": [[1], [2, 3]], "sampling_params": [{"top_k": 5}, {"top_k": 2}], "rid": ["a", "b"]},
+        None,
+        rid_counter(),
     )
     assert is_batch and [r.rid for r in reqs] == ["a", "b"] and [r.sampling_params.top_k for r in reqs] == [5, 2]
     reqs, _ = parse_generate_request({"text": ["ab", "c"]}, lambda s: [ord(ch) for ch in s], rid_counter())
@@ -155,12 +161,24 @@ def test_bad_generate_requests_name_the_field(body, message):
 
 
 def test_sampling_params_json_round_trip():
-    params = SamplingParams(temperature=0.3, top_p=0.9, top_k=20, min_p=0.05, max_new_tokens=9, stop_token_ids=(4, 5), stop=("\n",), ignore_eos=True, seed=3)
+    params = SamplingParams(
+        temperature=0.3,
+        top_p=0.9,
+        top_k=20,
+        min_p=0.05,
+        max_new_tokens=9,
+        stop_token_ids=(4, 5),
+        stop=("\n",),
+        ignore_eos=True,
+        seed=3,
+    )
     assert parse_sampling_params(sampling_params_to_json(params)) == params
 
 
 def test_response_shape_and_round_trip():
-    result = GenerateResult("r1", [7, 8, 2], [-0.5, -1.0, -0.1], "stop", weight_version=4, prompt_tokens=3, text="ab", matched_stop=2)
+    result = GenerateResult(
+        "r1", [7, 8, 2], [-0.5, -1.0, -0.1], "stop", weight_version=4, prompt_tokens=3, text="ab", matched_stop=2
+    )
     payload = generate_response_json(result)
     assert payload["meta_info"]["finish_reason"] == {"type": "stop", "matched": 2}
     assert payload["meta_info"]["output_token_logprobs"] == [[-0.5, 7, None], [-1.0, 8, None], [-0.1, 2, None]]
@@ -170,14 +188,34 @@ def test_response_shape_and_round_trip():
 
 def test_parse_sglang_shaped_responses():
     # As SGLang's tokenizer manager returns them (logprob entries are (logprob, token id, text)).
-    length = {"text": "x", "meta_info": {"id": "q", "finish_reason": {"type": "length", "length": 2}, "prompt_tokens": 5,
-              "output_token_logprobs": [[-0.25, 11, None], [-2.0, 12, None]], "weight_version": "default"}}
+    length = {
+        "text": "x",
+        "meta_info": {
+            "id": "q",
+            "finish_reason": {"type": "length", "length": 2},
+            "prompt_tokens": 5,
+            "output_token_logprobs": [[-0.25, 11, None], [-2.0, 12, None]],
+            "weight_version": "default",
+        },
+    }
     parsed = parse_generate_response(length, "q")
-    assert (parsed.output_ids, parsed.output_log_probs, parsed.finish_reason, parsed.weight_version) == ([11, 12], [-0.25, -2.0], "length", 0)
-    aborted = {"text": "", "output_ids": [3], "meta_info": {"id": "q", "finish_reason": {"type": "abort", "message": "Abort before prefill"}}}
+    assert (parsed.output_ids, parsed.output_log_probs, parsed.finish_reason, parsed.weight_version) == (
+        [11, 12],
+        [-0.25, -2.0],
+        "length",
+        0,
+    )
+    aborted = {
+        "text": "",
+        "output_ids": [3],
+        "meta_info": {"id": "q", "finish_reason": {"type": "abort", "message": "Abort before prefill"}},
+    }
     parsed = parse_generate_response(aborted, "q")
     assert parsed.finish_reason == "abort" and parsed.output_ids == [3] and parsed.output_log_probs is None
-    bad = {"text": "", "meta_info": {"id": "q", "finish_reason": {"type": "abort", "message": "too long", "status_code": 400}}}
+    bad = {
+        "text": "",
+        "meta_info": {"id": "q", "finish_reason": {"type": "abort", "message": "too long", "status_code": 400}},
+    }
     assert parse_generate_response(bad, "q").finish_reason == "error"
 
 
@@ -204,9 +242,13 @@ def sglang_like_parser():
 
 
 def test_server_argv_uses_the_parser_for_flags_and_types():
-    argv = server_argv({"mem_fraction_static": "0.7", "enable_memory_saver": "true", "tp_size": "2"}, sglang_like_parser())
+    argv = server_argv(
+        {"mem_fraction_static": "0.7", "enable_memory_saver": "true", "tp_size": "2"}, sglang_like_parser()
+    )
     assert argv == ["--mem-fraction-static", "0.7", "--enable-memory-saver", "--tp-size", "2"]
-    with pytest.raises(Exception, match="--sglang-mem-fractoin: the installed sglang has no server option --mem-fractoin"):
+    with pytest.raises(
+        Exception, match="--sglang-mem-fractoin: the installed sglang has no server option --mem-fractoin"
+    ):
         server_argv({"mem_fractoin": "0.7"}, sglang_like_parser())
     with pytest.raises(Exception, match="rejected by sglang: .*invalid int value"):
         server_argv({"tp_size": "two"}, sglang_like_parser())

@@ -60,7 +60,9 @@ def run_update_protocol(engine: SGLangJaxEngine, models):
     result = engine.generate([GenerateRequest("b", PROMPT, greedy(6))])[0]
     assert result.output_ids == hf_greedy(hf_b, PROMPT, 6) and result.weight_version == 1 and engine.weight_version == 1
     serving = engine.serving_path
-    with pytest.raises(WeightUpdateError, match=r"'model.embed_tokens.weight' has shape \(1, 64\), the model expects \(320, 64\)"):
+    with pytest.raises(
+        WeightUpdateError, match=r"'model.embed_tokens.weight' has shape \(1, 64\), the model expects \(320, 64\)"
+    ):
         engine.update_weights_from_tensors([("model.embed_tokens.weight", torch.zeros(1, 64))], version=2)
     with pytest.raises(WeightUpdateError, match="unknown tensor name 'extra.weight'"):
         engine.update_weights_from_tensors([("extra.weight", torch.zeros(1))], version=2)
@@ -90,12 +92,16 @@ def test_reload_protocol_against_a_stand_in_server(models, tmp_path):
         with pytest.raises(WeightUpdateError, match="(?s)reloading from .*broken failed; still serving"):
             engine.update_weights_from_disk(str(broken), version=9)
         assert engine.weight_version == 3 and engine.health()
-        assert engine.generate([GenerateRequest("k", PROMPT, greedy(3))])[0].output_ids == hf_greedy(models["a"][1], PROMPT, 3)
+        assert engine.generate([GenerateRequest("k", PROMPT, greedy(3))])[0].output_ids == hf_greedy(
+            models["a"][1], PROMPT, 3
+        )
     assert engine.server.process.poll() is not None
 
 
 def test_real_sglang_jax_server(models, tmp_path):
     pytest.importorskip("sgl_jax", reason="sglang-jax is installed only in the JAX accelerator image")
-    config = SGLangJaxServerConfig(model_path=models["a"][0], staging_dir=str(tmp_path / "staging"), log_dir=str(tmp_path / "logs"))
+    config = SGLangJaxServerConfig(
+        model_path=models["a"][0], staging_dir=str(tmp_path / "staging"), log_dir=str(tmp_path / "logs")
+    )
     with SGLangJaxEngine(config) as engine:
         run_update_protocol(engine, models)

@@ -18,7 +18,12 @@ register_cuda_ci(est_time=420, suite="base-b-test-1-gpu")
 
 sglang = pytest.importorskip("sglang", reason="needs the GPU image with sglang installed")
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13]]
-SERVER_OPTIONS = {"mem_fraction_static": "0.3", "enable_memory_saver": "true", "disable_cuda_graph": "true", "skip_server_warmup": "true"}
+SERVER_OPTIONS = {
+    "mem_fraction_static": "0.3",
+    "enable_memory_saver": "true",
+    "disable_cuda_graph": "true",
+    "skip_server_warmup": "true",
+}
 
 
 def greedy(n):
@@ -34,7 +39,9 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(models, tmp_path_factory):
-    config = SGLangServerConfig(model_path=models["a"][0], server_options=SERVER_OPTIONS, log_dir=str(tmp_path_factory.mktemp("logs")))
+    config = SGLangServerConfig(
+        model_path=models["a"][0], server_options=SERVER_OPTIONS, log_dir=str(tmp_path_factory.mktemp("logs"))
+    )
     with SGLangEngine(config) as eng:
         yield eng
 
@@ -59,10 +66,14 @@ def test_weight_updates_from_device_tensors_and_disk(engine, models):
     engine.update_weights_from_tensors(device_items[8:], version=1, finish=True)
     engine.end_weight_update()
     assert engine.weight_version == 1
-    assert engine.generate([GenerateRequest("b", PROMPTS[0], greedy(6))])[0].output_ids == hf_greedy(hf_b, PROMPTS[0], 6)
+    assert engine.generate([GenerateRequest("b", PROMPTS[0], greedy(6))])[0].output_ids == hf_greedy(
+        hf_b, PROMPTS[0], 6
+    )
     engine.update_weights_from_disk(models["a"][0], version=2)
     assert engine.weight_version == 2
-    assert engine.generate([GenerateRequest("a", PROMPTS[0], greedy(6))])[0].output_ids == hf_greedy(hf_a, PROMPTS[0], 6)
+    assert engine.generate([GenerateRequest("a", PROMPTS[0], greedy(6))])[0].output_ids == hf_greedy(
+        hf_a, PROMPTS[0], 6
+    )
 
 
 def test_release_and_resume_memory_then_generate(engine, models):

@@ -35,7 +35,15 @@ def train_tokenizer(out_dir: str, vocab_size: int = 256):
     return fast
 
 
-def build_model(family: str, out_dir: str, seed: int = 0, vocab_size: int = 320, tie: bool = False, with_tokenizer: bool = False, **overrides):
+def build_model(
+    family: str,
+    out_dir: str,
+    seed: int = 0,
+    vocab_size: int = 320,
+    tie: bool = False,
+    with_tokenizer: bool = False,
+    **overrides,
+):
     """Build a randomly initialized tiny HF causal LM of `family`, save it to out_dir, return it (fp32, eval)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 

@@ -68,9 +68,13 @@ def test_gpu_machine_with_full_stack_prefers_gpu():
 
 
 def test_gpu_present_but_sglang_missing_falls_back_in_auto_and_fails_when_asked():
-    system = fake_system(modules=CPU_STACK + ("triton",), dists={"torch": "2.13.0"}, dirs={"/dev": ["nvidia0", "nvidiactl"]})
+    system = fake_system(
+        modules=CPU_STACK + ("triton",), dists={"torch": "2.13.0"}, dirs={"/dev": ["nvidia0", "nvidiactl"]}
+    )
     assert select_backend("auto", system).name == "cpu"
-    with pytest.raises(BackendUnavailable, match=r"^--hardware cuda is not usable: missing megatron-core, sglang|missing sglang"):
+    with pytest.raises(
+        BackendUnavailable, match=r"^--hardware cuda is not usable: missing megatron-core, sglang|missing sglang"
+    ):
         select_backend("cuda", system)
 
 
@@ -100,7 +104,9 @@ def test_amd_machine_needs_a_rocm_torch():
 
 
 def test_tpu_vm_with_jax_stack():
-    system = fake_system(modules=("jax", "libtpu", "flax", "sgl_jax"), dirs={"/dev": ["accel0", "accel1", "accel2", "accel3"]})
+    system = fake_system(
+        modules=("jax", "libtpu", "flax", "sgl_jax"), dirs={"/dev": ["accel0", "accel1", "accel2", "accel3"]}
+    )
     backend = select_backend("auto", system)
     assert backend.name == "tpu" and backend.rollout_engine == "sglang_jax"
     without_sglang_jax = fake_system(modules=("jax", "libtpu", "flax"), dirs={"/dev": ["accel0"]})
@@ -127,7 +133,16 @@ def test_slime_env_json_reports_backends_packages_and_extras():
     out = subprocess.run([sys.executable, "-m", "slime.cli", "env", "--json"], capture_output=True, text=True, cwd=REPO)
     report = json.loads(out.stdout)
     assert [b["name"] for b in report["backends"]] == ["cuda", "rocm", "tpu", "cpu"]
-    assert set(report["packages"]) >= {"torch", "megatron-core", "sglang", "sglang-jax", "jax", "ray", "triton", "deep_ep"}
+    assert set(report["packages"]) >= {
+        "torch",
+        "megatron-core",
+        "sglang",
+        "sglang-jax",
+        "jax",
+        "ray",
+        "triton",
+        "deep_ep",
+    }
     assert report["selected"] == "cpu"
     assert report["extras"]["cpu"]["satisfied"] is True
     cuda = next(b for b in report["backends"] if b["name"] == "cuda")

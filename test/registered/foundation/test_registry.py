@@ -45,7 +45,11 @@ def test_parses_all_hardware_and_keywords(tmp_path):
 
 
 def test_attribute_call_form_is_read(tmp_path):
-    path = write(tmp_path, "test_b.py", "from slime.testing import ci_register\nci_register.register_cpu_ci(est_time=1, suite='base-c-test-cpu')\n")
+    path = write(
+        tmp_path,
+        "test_b.py",
+        "from slime.testing import ci_register\nci_register.register_cpu_ci(est_time=1, suite='base-c-test-cpu')\n",
+    )
     assert parse_registrations(path)[0].suite == "base-c-test-cpu"
 
 
@@ -55,7 +59,10 @@ def test_attribute_call_form_is_read(tmp_path):
         ("register_cpu_ci(est_time=3, suite='base-a-test-cpu', nightli=True)", "unknown keyword 'nightli'"),
         ("register_cpu_ci(est_time=SECONDS, suite='base-a-test-cpu')", "est_time= must be a literal"),
         ("register_cpu_ci(est_time=-1, suite='base-a-test-cpu')", "positive number"),
-        ("register_cpu_ci(est_time=3, suite='base-b-test-1-gpu')", "targets cuda, but is registered with register_cpu_ci"),
+        (
+            "register_cpu_ci(est_time=3, suite='base-b-test-1-gpu')",
+            "targets cuda, but is registered with register_cpu_ci",
+        ),
         ("register_cuda_ci(est_time=3, suite='base-a-test-cpu')", "targets cpu"),
         ("register_cpu_ci(est_time=3, suite='fast-cpu')", "must look like"),
         ("register_cpu_ci(est_time=3)", "needs suite="),
@@ -91,11 +98,19 @@ def test_suite_naming_helpers():
     assert suite_hardware("nightly-perf-tpu") == "tpu"
     assert suite_hardware("base-a-test-cpu") == "cpu"
     assert suite_hardware("base-a-test-fpga") is None
-    assert [suite_stage(s) for s in ("base-a-test-cpu", "base-c-test-1-gpu", "nightly-perf-cpu")] == ["A", "C", "nightly"]
+    assert [suite_stage(s) for s in ("base-a-test-cpu", "base-c-test-1-gpu", "nightly-perf-cpu")] == [
+        "A",
+        "C",
+        "nightly",
+    ]
 
 
 def test_select_unknown_suite_lists_known(tmp_path):
-    write(tmp_path, "test_1.py", "register_cpu_ci(est_time=1, suite='base-a-test-cpu')\nregister_cuda_ci(est_time=1, suite='base-a-test-1-gpu')\n")
+    write(
+        tmp_path,
+        "test_1.py",
+        "register_cpu_ci(est_time=1, suite='base-a-test-cpu')\nregister_cuda_ci(est_time=1, suite='base-a-test-1-gpu')\n",
+    )
     regs = collect(tmp_path / "registered")
     with pytest.raises(ValueError, match=r"unknown suite base-z-test-cpu for --hw cpu; known suites: base-a-test-cpu$"):
         select(regs, "cpu", ["base-z-test-cpu"], nightly=False)

@@ -9,8 +9,6 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import pytest
-
 from slime.testing.ci_register import register_cpu_ci
 
 register_cpu_ci(est_time=25, suite="base-a-test-cpu")
@@ -54,9 +52,23 @@ def make_tree(tmp_path: Path, names) -> Path:
 def run(root: Path, *args, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run(
-        [sys.executable, str(RUN_SUITE), "--hw", "cpu", "--suite", "base-a-test-cpu", "--root", str(root),
-         "--isolate-network", "off", *args],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            str(RUN_SUITE),
+            "--hw",
+            "cpu",
+            "--suite",
+            "base-a-test-cpu",
+            "--root",
+            str(root),
+            "--isolate-network",
+            "off",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
 
 
@@ -75,8 +87,15 @@ def test_mixed_tree_continue_on_error(tmp_path):
     junit = tmp_path / "out" / "junit.xml"
     durations = tmp_path / "durations.json"
     proc = run(
-        root, "--continue-on-error", "--timeout-per-file", "8", "--junit-xml", str(junit),
-        "--durations-out", str(durations), env_extra={"PIDFILE": str(pidfile)},
+        root,
+        "--continue-on-error",
+        "--timeout-per-file",
+        "8",
+        "--junit-xml",
+        str(junit),
+        "--durations-out",
+        str(durations),
+        env_extra={"PIDFILE": str(pidfile)},
     )
     out = proc.stdout
     assert proc.returncode == 1, out + proc.stderr
@@ -99,7 +118,12 @@ def test_mixed_tree_continue_on_error(tmp_path):
         "registered/test_hang.py": "timeout",
     }
     measured = json.loads(durations.read_text())
-    assert set(measured) == {"registered/test_pass.py", "registered/test_fail.py", "registered/test_crash.py", "registered/test_hang.py"}
+    assert set(measured) == {
+        "registered/test_pass.py",
+        "registered/test_fail.py",
+        "registered/test_crash.py",
+        "registered/test_hang.py",
+    }
     assert measured["registered/test_hang.py"] >= 8
 
 
@@ -131,7 +155,9 @@ def test_threshold_failure_is_retried_code_error_is_not(tmp_path):
     (root / "test_typo.py").write_text(
         IMPORT + "register_cpu_ci(est_time=1, suite='base-a-test-cpu')\ndef test_t():\n    undefined_name\n"
     )
-    proc = run(root, "--enable-retry", "--max-attempts", "3", "--continue-on-error", env_extra={"COUNTER": str(counter)})
+    proc = run(
+        root, "--enable-retry", "--max-attempts", "3", "--continue-on-error", env_extra={"COUNTER": str(counter)}
+    )
     assert "retrying registered/test_flaky.py (threshold), attempt 2/3" in proc.stdout
     assert "retrying registered/test_typo.py" not in proc.stdout
     assert counter.read_text() == "2"
@@ -143,7 +169,12 @@ def test_list_partition_and_durations_in(tmp_path):
     proc = run(root, "--list", "--auto-partition-size", "2")
     rows = {line.split()[0]: line.split()[2] for line in proc.stdout.splitlines()[1:-1]}
     # est 5,4,3,2 -> shard0: pass(5), hang(2) ; shard1: fail(4), crash(3)
-    assert rows == {"registered/test_pass.py": "0", "registered/test_hang.py": "0", "registered/test_fail.py": "1", "registered/test_crash.py": "1"}
+    assert rows == {
+        "registered/test_pass.py": "0",
+        "registered/test_hang.py": "0",
+        "registered/test_fail.py": "1",
+        "registered/test_crash.py": "1",
+    }
     measured = tmp_path / "d.json"
     measured.write_text(json.dumps({"registered/test_hang.py": 100}))
     proc = run(root, "--list", "--auto-partition-size", "2", "--durations-in", str(measured))
@@ -153,7 +184,11 @@ def test_list_partition_and_durations_in(tmp_path):
 
 def test_unknown_suite_and_bad_registration_are_one_line_errors(tmp_path):
     root = make_tree(tmp_path, ["test_pass.py"])
-    proc = subprocess.run([sys.executable, str(RUN_SUITE), "--hw", "cpu", "--suite", "base-q-test-cpu", "--root", str(root)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(RUN_SUITE), "--hw", "cpu", "--suite", "base-q-test-cpu", "--root", str(root)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown suite base-q-test-cpu for --hw cpu; known suites: base-a-test-cpu"
     (root / "test_bad.py").write_text("register_cpu_ci(est_time=1, suite='base-a-test-cpu', size='big')\n")
@@ -163,7 +198,9 @@ def test_unknown_suite_and_bad_registration_are_one_line_errors(tmp_path):
 
 
 def test_coverage_map_of_repository():
-    proc = subprocess.run([sys.executable, str(RUN_SUITE), "--hw", "cpu", "--coverage-map"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(RUN_SUITE), "--hw", "cpu", "--coverage-map"], capture_output=True, text=True
+    )
     assert proc.returncode == 0
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("| stage | suite | hardware | files |")

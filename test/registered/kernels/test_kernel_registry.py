@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from slime.backends import SystemView, get_backend_class
-from slime.kernels import OpSelectionError, get_op, op_implementations, op_names
-from slime.kernels import logprob
+from slime.kernels import OpSelectionError, get_op, logprob, op_implementations, op_names
 from slime.kernels.registry import impl_importable
 from slime.testing.ci_register import register_cpu_ci
 
@@ -51,11 +50,17 @@ def test_get_op_follows_the_backend_and_can_be_forced():
 
 
 def test_forcing_a_missing_implementation_is_one_line():
-    with pytest.raises(OpSelectionError, match=r"^op 'linear_logprobs_and_entropy' has no 'triton' implementation; "
-                                               r"choose one of: torch$"):
+    with pytest.raises(
+        OpSelectionError,
+        match=r"^op 'linear_logprobs_and_entropy' has no 'triton' implementation; "
+        r"choose one of: torch$",
+    ):
         get_op("linear_logprobs_and_entropy", impl="triton")
-    with pytest.raises(OpSelectionError, match=r"^op 'logprobs_and_entropy' has no 'cpp' implementation; "
-                                               r"choose one of: jax, torch, triton$"):
+    with pytest.raises(
+        OpSelectionError,
+        match=r"^op 'logprobs_and_entropy' has no 'cpp' implementation; "
+        r"choose one of: jax, torch, triton$",
+    ):
         get_op("logprobs_and_entropy", impl="cpp")
     with pytest.raises(OpSelectionError, match=r"^unknown op 'softmax'; registered ops: linear_logprobs_and_entropy"):
         get_op("softmax")

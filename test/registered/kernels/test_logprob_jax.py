@@ -7,12 +7,12 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
-from slime.kernels import KernelInputError, get_op, logprobs_and_entropy  # noqa: E402
-from slime.testing.ci_register import register_cpu_ci  # noqa: E402
+from slime.kernels import KernelInputError, get_op, logprobs_and_entropy
+from slime.testing.ci_register import register_cpu_ci
 
 register_cpu_ci(est_time=14, suite="base-b-test-cpu")
 
@@ -92,6 +92,9 @@ def test_runs_under_jit():
 
 def test_bad_shapes_name_the_op():
     op = get_op("logprobs_and_entropy", impl="jax")
-    with pytest.raises(KernelInputError, match=r"logprobs_and_entropy \(jax\): tokens must be 1-D \[N\] matching "
-                                               r"logits \(2, 5\), got tokens \(3,\)"):
+    with pytest.raises(
+        KernelInputError,
+        match=r"logprobs_and_entropy \(jax\): tokens must be 1-D \[N\] matching "
+        r"logits \(2, 5\), got tokens \(3,\)",
+    ):
         op(jnp.zeros((2, 5)), jnp.zeros(3, dtype=jnp.int32))

@@ -172,26 +172,45 @@ def test_peak_memory_is_one_chunk_not_n_by_v():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: logprobs_and_entropy(torch.zeros(2, 3, 4), torch.zeros(2, dtype=torch.long)),
-         r"logprobs_and_entropy: logits must be 2-D \[N, V\], got shape \(2, 3, 4\)"),
-        (lambda: logprobs_and_entropy(torch.zeros(2, 5), torch.zeros(3, dtype=torch.long)),
-         r"logprobs_and_entropy: tokens must be 1-D \[N\] matching logits \(2, 5\), got tokens \(3,\)"),
-        (lambda: logprobs_and_entropy(torch.zeros(2, 5, dtype=torch.int32), torch.zeros(2, dtype=torch.long)),
-         r"logprobs_and_entropy: logits dtype must be float32, bfloat16 or float16, got torch.int32"),
-        (lambda: logprobs_and_entropy(torch.zeros(2, 5), torch.zeros(2)),
-         r"logprobs_and_entropy: tokens dtype must be int64 or int32, got torch.float32"),
-        (lambda: logprobs_and_entropy(torch.zeros(2, 5), torch.tensor([0, 5])),
-         r"logprobs_and_entropy: token ids must lie in \[0, 5\), got min 0 max 5"),
-        (lambda: logprobs_and_entropy(torch.zeros(2, 5), torch.tensor([0, 1]), temperature=0.0),
-         r"temperature must be > 0"),
-        (lambda: logprobs_and_entropy(torch.zeros(2, 5), torch.tensor([0, 1], device="meta")),
-         r"logprobs_and_entropy: tokens on meta but logits \(2, 5\) on cpu"),
-        (lambda: linear_logprobs_and_entropy(torch.zeros(2, 8), torch.zeros(5, 6), torch.tensor([0, 1])),
-         r"linear_logprobs_and_entropy: weight must be \[V, H\] with H = hidden.shape\[1\]; "
-         r"got hidden \(2, 8\) weight \(5, 6\)"),
-        (lambda: linear_logprobs_and_entropy(torch.zeros(2, 8), torch.zeros(5, 8, dtype=torch.bfloat16),
-                                             torch.tensor([0, 1])),
-         r"linear_logprobs_and_entropy: hidden and weight must share a float dtype"),
+        (
+            lambda: logprobs_and_entropy(torch.zeros(2, 3, 4), torch.zeros(2, dtype=torch.long)),
+            r"logprobs_and_entropy: logits must be 2-D \[N, V\], got shape \(2, 3, 4\)",
+        ),
+        (
+            lambda: logprobs_and_entropy(torch.zeros(2, 5), torch.zeros(3, dtype=torch.long)),
+            r"logprobs_and_entropy: tokens must be 1-D \[N\] matching logits \(2, 5\), got tokens \(3,\)",
+        ),
+        (
+            lambda: logprobs_and_entropy(torch.zeros(2, 5, dtype=torch.int32), torch.zeros(2, dtype=torch.long)),
+            r"logprobs_and_entropy: logits dtype must be float32, bfloat16 or float16, got torch.int32",
+        ),
+        (
+            lambda: logprobs_and_entropy(torch.zeros(2, 5), torch.zeros(2)),
+            r"logprobs_and_entropy: tokens dtype must be int64 or int32, got torch.float32",
+        ),
+        (
+            lambda: logprobs_and_entropy(torch.zeros(2, 5), torch.tensor([0, 5])),
+            r"logprobs_and_entropy: token ids must lie in \[0, 5\), got min 0 max 5",
+        ),
+        (
+            lambda: logprobs_and_entropy(torch.zeros(2, 5), torch.tensor([0, 1]), temperature=0.0),
+            r"temperature must be > 0",
+        ),
+        (
+            lambda: logprobs_and_entropy(torch.zeros(2, 5), torch.tensor([0, 1], device="meta")),
+            r"logprobs_and_entropy: tokens on meta but logits \(2, 5\) on cpu",
+        ),
+        (
+            lambda: linear_logprobs_and_entropy(torch.zeros(2, 8), torch.zeros(5, 6), torch.tensor([0, 1])),
+            r"linear_logprobs_and_entropy: weight must be \[V, H\] with H = hidden.shape\[1\]; "
+            r"got hidden \(2, 8\) weight \(5, 6\)",
+        ),
+        (
+            lambda: linear_logprobs_and_entropy(
+                torch.zeros(2, 8), torch.zeros(5, 8, dtype=torch.bfloat16), torch.tensor([0, 1])
+            ),
+            r"linear_logprobs_and_entropy: hidden and weight must share a float dtype",
+        ),
     ],
 )
 def test_bad_input_is_one_line_naming_op_and_shapes(call, message):

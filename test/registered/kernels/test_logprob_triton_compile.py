@@ -55,7 +55,10 @@ def test_kernels_compile_for_gpu_targets(target, tmp_path, monkeypatch):
     from slime.kernels import logprob_triton
 
     binary = {"cuda": "cubin", "hip": "hsaco"}[target[0]]
-    for kernel, signature in ((logprob_triton._stats_kernel, STATS_SIGNATURE), (logprob_triton._grad_kernel, GRAD_SIGNATURE)):
+    for kernel, signature in (
+        (logprob_triton._stats_kernel, STATS_SIGNATURE),
+        (logprob_triton._grad_kernel, GRAD_SIGNATURE),
+    ):
         source = ASTSource(fn=kernel, signature=signature, constexprs={"BLOCK_V": logprob_triton.MAX_BLOCK_V})
         compiled = triton.compile(source, target=GPUTarget(*target))
         assert len(compiled.asm[binary]) > 0

@@ -39,8 +39,9 @@ def problem(rank):
 
 
 def local_moe(hidden, indices, weights, expert_weights):
-    outputs = torch.einsum("th,thk->tk", hidden.unsqueeze(1).expand(-1, TOP_K, -1).reshape(-1, HIDDEN),
-                           expert_weights[indices.reshape(-1)]).view(TOKENS, TOP_K, HIDDEN)
+    outputs = torch.einsum(
+        "th,thk->tk", hidden.unsqueeze(1).expand(-1, TOP_K, -1).reshape(-1, HIDDEN), expert_weights[indices.reshape(-1)]
+    ).view(TOKENS, TOP_K, HIDDEN)
     return (outputs * weights.unsqueeze(-1)).sum(1)
 
 
@@ -116,8 +117,11 @@ def test_bad_routing_names_the_shapes():
     from slime.kernels.moe_dispatch import AllToAllTokenDispatcher
 
     dispatcher = AllToAllTokenDispatcher(EXPERTS)
-    with pytest.raises(KernelInputError, match=r"moe dispatch: topk_indices and topk_weights must both be \[T, K\] .*"
-                       r"hidden \(6, 8\) topk_indices \(5, 2\) topk_weights \(5, 2\)"):
+    with pytest.raises(
+        KernelInputError,
+        match=r"moe dispatch: topk_indices and topk_weights must both be \[T, K\] .*"
+        r"hidden \(6, 8\) topk_indices \(5, 2\) topk_weights \(5, 2\)",
+    ):
         dispatcher.dispatch(torch.zeros(6, 8), torch.zeros(5, 2, dtype=torch.long), torch.zeros(5, 2))
     with pytest.raises(KernelInputError, match=r"moe dispatch: expert ids must lie in \[0, 4\), got min 0 max 4"):
         dispatcher.dispatch(torch.zeros(1, 8), torch.tensor([[0, 4]]), torch.zeros(1, 2))

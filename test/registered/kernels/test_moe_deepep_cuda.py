@@ -28,7 +28,9 @@ def worker(rank, port, error_dir):
         from slime.kernels.moe_dispatch import AllToAllTokenDispatcher
 
         gen = torch.Generator().manual_seed(7 + rank)
-        experts = (torch.randn(EXPERTS, HIDDEN, HIDDEN, generator=torch.Generator().manual_seed(1)) / 16).cuda().bfloat16()
+        experts = (
+            (torch.randn(EXPERTS, HIDDEN, HIDDEN, generator=torch.Generator().manual_seed(1)) / 16).cuda().bfloat16()
+        )
         hidden = torch.randn(TOKENS, HIDDEN, generator=gen).cuda().bfloat16()
         weights, indices = torch.softmax(torch.randn(TOKENS, EXPERTS, generator=gen), -1).topk(TOP_K, -1)
         weights, indices = weights.cuda(), indices.cuda()

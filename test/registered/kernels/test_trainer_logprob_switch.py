@@ -51,8 +51,13 @@ def worker(rank, store_path, error_dir):
             (before[0] * grads[0] + before[1] * grads[1]).sum().backward()
 
             after_leaf = local.clone().requires_grad_()
-            flat = op(after_leaf.reshape(-1, local_vocab), targets.reshape(-1), tp_group, temperature=temperature,
-                      chunk_size=64)
+            flat = op(
+                after_leaf.reshape(-1, local_vocab),
+                targets.reshape(-1),
+                tp_group,
+                temperature=temperature,
+                chunk_size=64,
+            )
             after = [t.view(BATCH, SEQ) for t in flat]
             (after[0] * grads[0] + after[1] * grads[1]).sum().backward()
 

@@ -66,7 +66,9 @@ def check_linear_form(rank, group):
     torch.testing.assert_close(log_probs, want_lp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(entropy, want_ent, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h.grad, h_ref.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(w_local.grad, w_ref.grad[rank * local_vocab : (rank + 1) * local_vocab], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        w_local.grad, w_ref.grad[rank * local_vocab : (rank + 1) * local_vocab], atol=1e-5, rtol=1e-5
+    )
 
 
 def worker(rank: int, store_path: str, error_dir: str) -> None:

@@ -71,7 +71,9 @@ def rows(out: Path, phase: str = "rl") -> list[dict]:
 
 def dumped(folder: Path) -> list[list[dict]]:
     """The samples of each rollout, from --save-debug-rollout-data."""
-    return [[json.loads(line) for line in path.read_text().splitlines()] for path in sorted(folder.glob("rollout_*.jsonl"))]
+    return [
+        [json.loads(line) for line in path.read_text().splitlines()] for path in sorted(folder.glob("rollout_*.jsonl"))
+    ]
 
 
 def ray_cluster(num_cpus: int = 8):
@@ -84,8 +86,13 @@ def ray_cluster(num_cpus: int = 8):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # the workers import this folder's plugins by dotted path (loop_plugins.<name>)
     path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": path}})
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        configure_logging=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": path}},
+    )
     return ray
 
 

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from slime.rollout.data import DataError, DataSource, load_data_source, prepare_prompts, read_rows
+from slime.rollout.data import DataError, load_data_source, prepare_prompts, read_rows
 from slime.testing.ci_register import register_cpu_ci
 from slime.types import SampleStatus
 
@@ -30,8 +30,18 @@ def write_jsonl(path, rows):
 
 
 def source(path, **kw):
-    defaults = dict(input_key="q", label_key="a", metadata_key=None, apply_chat_template=False, max_prompt_len=None,
-                    n_samples_per_prompt=3, shuffle=False, seed=1, skip_bad_rows=False, log=lambda m: None)
+    defaults = dict(
+        input_key="q",
+        label_key="a",
+        metadata_key=None,
+        apply_chat_template=False,
+        max_prompt_len=None,
+        n_samples_per_prompt=3,
+        shuffle=False,
+        seed=1,
+        skip_bad_rows=False,
+        log=lambda m: None,
+    )
     defaults.update(kw)
     return load_data_source(str(path), CharTokenizer(), **defaults)
 
@@ -42,15 +52,22 @@ def test_jsonl_and_parquet_give_same_rows(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     a, _ = read_rows(tmp_path / "d.jsonl", "q", "a", "meta")
     b, _ = read_rows(tmp_path / "d.parquet", "q", "a", "meta")
-    assert [(r.prompt, r.label, r.metadata) for r in a] == [(r.prompt, r.label, r.metadata) for r in b] == [
-        ("1+1=", 2, {"k": 1}), ("2+2=", 4, {})]
+    assert (
+        [(r.prompt, r.label, r.metadata) for r in a]
+        == [(r.prompt, r.label, r.metadata) for r in b]
+        == [("1+1=", 2, {"k": 1}), ("2+2=", 4, {})]
+    )
 
 
 @pytest.mark.parametrize(
     "bad, message",
-    [("{not json", r"d.jsonl:2: invalid JSON"), (json.dumps({"x": 1}), r"d.jsonl:2: missing --input-key field 'q' \(fields: x\)"),
-     (json.dumps({"q": 5, "a": 1}), r"d.jsonl:2: 'q' must be text"), (json.dumps({"q": "x"}), r"d.jsonl:2: missing --label-key field 'a'"),
-     (json.dumps([1]), r"d.jsonl:2: expected a JSON object")],
+    [
+        ("{not json", r"d.jsonl:2: invalid JSON"),
+        (json.dumps({"x": 1}), r"d.jsonl:2: missing --input-key field 'q' \(fields: x\)"),
+        (json.dumps({"q": 5, "a": 1}), r"d.jsonl:2: 'q' must be text"),
+        (json.dumps({"q": "x"}), r"d.jsonl:2: missing --label-key field 'a'"),
+        (json.dumps([1]), r"d.jsonl:2: expected a JSON object"),
+    ],
 )
 def test_bad_rows_name_file_and_line(tmp_path, bad, message):
     path = write_jsonl(tmp_path / "d.jsonl", [{"q": "ok", "a": 1}, bad])
@@ -69,7 +86,9 @@ def test_unsupported_format_and_missing_file(tmp_path):
 
 
 def test_chat_template_and_length_filter(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"q": [{"role": "user", "content": "hi"}], "a": 1}, {"q": "x" * 50, "a": 2}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"q": [{"role": "user", "content": "hi"}], "a": 1}, {"q": "x" * 50, "a": 2}]
+    )
     rows, _ = read_rows(path, "q", "a")
     dataset = prepare_prompts(rows, CharTokenizer(), apply_chat_template=True, max_prompt_len=30)
     assert [text for text, _, _ in dataset.prompts] == ["<user>hi<assistant>"]

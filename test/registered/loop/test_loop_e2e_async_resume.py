@@ -7,11 +7,21 @@ from slime.testing.ci_register import register_cpu_ci
 
 register_cpu_ci(est_time=65, suite="base-c-test-cpu")
 
-from loop_helpers import dumped, files, rows, run  # noqa: E402,F401 (files: the module's Ray + task fixture)
+from loop_helpers import dumped, rows, run  # noqa: E402
 
 # What must be identical between the uninterrupted and the resumed run, step by step.
-SAME = ("rollout/reward_mean", "rollout/response_length_mean", "rollout/generated_tokens", "train/loss", "train/pg_loss",
-        "train/grad_norm", "train/entropy", "train/lr", "train/step", "weight_version")
+SAME = (
+    "rollout/reward_mean",
+    "rollout/response_length_mean",
+    "rollout/generated_tokens",
+    "train/loss",
+    "train/pg_loss",
+    "train/grad_norm",
+    "train/entropy",
+    "train/lr",
+    "train/step",
+    "weight_version",
+)
 
 
 def test_async_generates_one_step_behind(files, tmp_path):
@@ -24,10 +34,19 @@ def test_async_generates_one_step_behind(files, tmp_path):
 
 
 def test_resume_mid_run_matches_the_uninterrupted_run(files, tmp_path):
-    common = {"num-rollout": 4, "rollout-shuffle": True, "rollout-temperature": 1.0, "use-kl-loss": True, "kl-loss-coef": 0.01}
+    common = {
+        "num-rollout": 4,
+        "rollout-shuffle": True,
+        "rollout-temperature": 1.0,
+        "use-kl-loss": True,
+        "kl-loss-coef": 0.01,
+    }
     full, full_dumps = tmp_path / "full", tmp_path / "full_dumps"
     run(files, full, save=tmp_path / "ckpt", **{"save-interval": 2, "save-debug-rollout-data": full_dumps}, **common)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step_")) == ["step_00000002", "step_00000004"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step_")) == [
+        "step_00000002",
+        "step_00000004",
+    ]
 
     # a run killed after its step-2 checkpoint: same run folder, resumed from that checkpoint
     resumed_root = tmp_path / "resumed_ckpt"
@@ -35,7 +54,14 @@ def test_resume_mid_run_matches_the_uninterrupted_run(files, tmp_path):
     part = tmp_path / "part"
     shutil.copytree(full, part)
     part_dumps = tmp_path / "part_dumps"
-    run(files, part, load=resumed_root, save=resumed_root, **{"save-interval": 2, "save-debug-rollout-data": part_dumps}, **common)
+    run(
+        files,
+        part,
+        load=resumed_root,
+        save=resumed_root,
+        **{"save-interval": 2, "save-debug-rollout-data": part_dumps},
+        **common,
+    )
 
     full_rows, part_rows = rows(full), rows(part)
     assert [r["step"] for r in part_rows] == [0, 1, 2, 3]  # steps 0-1 kept from before the kill, 2-3 re-run
@@ -48,4 +74,3 @@ def test_resume_mid_run_matches_the_uninterrupted_run(files, tmp_path):
         # the engine's log-probs may differ in the last bits: which requests share a prefill batch is timing
         for x, y in zip(a, b):
             assert max(abs(p - q) for p, q in zip(x["rollout_log_probs"], y["rollout_log_probs"])) < 1e-5
-

@@ -5,13 +5,20 @@ from slime.testing.ci_register import register_cpu_ci
 
 register_cpu_ci(est_time=65, suite="base-c-test-cpu")
 
-from loop_helpers import dumped, files, rows, run  # noqa: E402,F401 (files: the module's Ray + task fixture)
+from loop_helpers import dumped, rows, run  # noqa: E402
 
 
 def test_engine_killed_mid_rollout_is_restarted_and_nothing_is_lost_or_doubled(files, tmp_path):
     out, dumps = tmp_path / "run", tmp_path / "dumps"
-    run(files, out, **{"custom-generate-function-path": "loop_plugins.generate_killing_the_engine_once",
-                       "save-debug-rollout-data": dumps, "ci-test": True})
+    run(
+        files,
+        out,
+        **{
+            "custom-generate-function-path": "loop_plugins.generate_killing_the_engine_once",
+            "save-debug-rollout-data": dumps,
+            "ci-test": True,
+        },
+    )
     steps = rows(out)
     assert [r["rollout/engine_restarts"] for r in steps] == [1.0, 0.0, 0.0]
     assert steps[0]["rollout/engine_retries"] >= 1
@@ -28,24 +35,40 @@ def test_engine_killed_mid_rollout_is_restarted_and_nothing_is_lost_or_doubled(f
 
 def test_multi_turn_generate_masks_the_injected_tokens(files, tmp_path):
     out, dumps = tmp_path / "run", tmp_path / "dumps"
-    run(files, out, **{"custom-generate-function-path": "loop_plugins.two_turn_generate", "num-rollout": 2,
-                       "save-debug-rollout-data": dumps, "ci-test": True})
+    run(
+        files,
+        out,
+        **{
+            "custom-generate-function-path": "loop_plugins.two_turn_generate",
+            "num-rollout": 2,
+            "save-debug-rollout-data": dumps,
+            "ci-test": True,
+        },
+    )
     assert len(rows(out)) == 2
     for batch in dumped(dumps):
         for s in batch:
             tool = s["metadata"]["tool_ids"]
-            mask, response = s["loss_mask"], s["tokens"][-s["response_length"]:]
+            mask, response = s["loss_mask"], s["tokens"][-s["response_length"] :]
             first = mask.index(0)  # the first turn's tokens come before the tool output
-            assert 1 <= first <= 2 and mask[first:first + len(tool)] == [0] * len(tool)
-            assert response[first:first + len(tool)] == tool
-            assert s["rollout_log_probs"][first:first + len(tool)] == [0.0] * len(tool)
-            assert all(m == 1 for m in mask[first + len(tool):])
+            assert 1 <= first <= 2 and mask[first : first + len(tool)] == [0] * len(tool)
+            assert response[first : first + len(tool)] == tool
+            assert s["rollout_log_probs"][first : first + len(tool)] == [0.0] * len(tool)
+            assert all(m == 1 for m in mask[first + len(tool) :])
 
 
 def test_dynamic_filter_with_over_sampling_keeps_only_groups_with_spread(files, tmp_path):
     out, dumps = tmp_path / "run", tmp_path / "dumps"
-    run(files, out, **{"dynamic-sampling-filter-path": "slime.rollout.filters.check_reward_nonzero_std",
-                       "over-sampling-batch-size": 6, "num-rollout": 2, "save-debug-rollout-data": dumps})
+    run(
+        files,
+        out,
+        **{
+            "dynamic-sampling-filter-path": "slime.rollout.filters.check_reward_nonzero_std",
+            "over-sampling-batch-size": 6,
+            "num-rollout": 2,
+            "save-debug-rollout-data": dumps,
+        },
+    )
     for batch in dumped(dumps):
         groups = {}
         for s in batch:
@@ -57,9 +80,19 @@ def test_dynamic_filter_with_over_sampling_keeps_only_groups_with_spread(files, 
 
 def test_partial_rollout_returns_unfinished_groups_and_continues_them(files, tmp_path):
     out, dumps = tmp_path / "run", tmp_path / "dumps"
-    run(files, out, **{"custom-rm-path": "loop_plugins.group_rank_reward", "group-rm": True,
-                       "partial-rollout": True, "over-sampling-batch-size": 8, "num-rollout": 3,
-                       "rollout-max-response-len": 4, "save-debug-rollout-data": dumps})
+    run(
+        files,
+        out,
+        **{
+            "custom-rm-path": "loop_plugins.group_rank_reward",
+            "group-rm": True,
+            "partial-rollout": True,
+            "over-sampling-batch-size": 8,
+            "num-rollout": 3,
+            "rollout-max-response-len": 4,
+            "save-debug-rollout-data": dumps,
+        },
+    )
     batches = dumped(dumps)
     indices = [s["index"] for b in batches for s in b]
     assert len(indices) == len(set(indices)) == 48  # a returned group is trained on once, when it completes

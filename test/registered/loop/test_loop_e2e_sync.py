@@ -10,13 +10,21 @@ from slime.testing.ci_register import register_cpu_ci
 
 register_cpu_ci(est_time=90, suite="base-c-test-cpu")
 
-from loop_helpers import dumped, files, rows, run  # noqa: E402,F401 (files: the module's Ray + task fixture)
+from loop_helpers import dumped, rows, run  # noqa: E402
 
 
 def test_grpo_disaggregated_with_evaluation_ci_checks_and_dumps(files, tmp_path):
     out, dumps = tmp_path / "run", tmp_path / "dumps"
-    config, summary = run(files, out, **{"eval-prompt-data": ["heldout", files["test"]], "eval-interval": 2,
-                                         "ci-test": True, "save-debug-rollout-data": dumps})
+    config, summary = run(
+        files,
+        out,
+        **{
+            "eval-prompt-data": ["heldout", files["test"]],
+            "eval-interval": 2,
+            "ci-test": True,
+            "save-debug-rollout-data": dumps,
+        },
+    )
     assert json.loads((out / "config.json").read_text())["rollout"]["rollout_batch_size"] == 4
     steps = rows(out)
     assert [r["step"] for r in steps] == [0, 1, 2]
@@ -38,15 +46,29 @@ def test_grpo_disaggregated_with_evaluation_ci_checks_and_dumps(files, tmp_path)
         groups = {}
         for s in batch:
             groups.setdefault(s["group_index"], []).append(s)
-            assert 1 <= s["response_length"] <= 4 and len(s["loss_mask"]) == len(s["rollout_log_probs"]) == s["response_length"]
+            assert (
+                1 <= s["response_length"] <= 4
+                and len(s["loss_mask"]) == len(s["rollout_log_probs"]) == s["response_length"]
+            )
         assert len(groups) == 4 and all(len(g) == 4 and len({s["prompt"] for s in g}) == 1 for g in groups.values())
     assert summary.evaluations[0][0] == 0 and "eval/heldout/reward_mean" in summary.evaluations[-1][1]
 
 
 def test_colocated_with_two_data_parallel_ranks_and_two_engines(files, tmp_path):
     out, dumps = tmp_path / "run", tmp_path / "dumps"
-    run(files, out, colocate=True, **{"actor-num-gpus-per-node": 2, "rollout-num-gpus": 2, "num-rollout": 2,
-                                      "micro-batch-size": 4, "save-debug-rollout-data": dumps, "ci-test": True})
+    run(
+        files,
+        out,
+        colocate=True,
+        **{
+            "actor-num-gpus-per-node": 2,
+            "rollout-num-gpus": 2,
+            "num-rollout": 2,
+            "micro-batch-size": 4,
+            "save-debug-rollout-data": dumps,
+            "ci-test": True,
+        },
+    )
     steps = rows(out)
     assert len(steps) == 2 and steps[0]["ci/logprob_abs_diff_mean"] < 1e-4
     assert sorted(s["index"] for b in dumped(dumps) for s in b) == list(range(32))
@@ -54,17 +76,39 @@ def test_colocated_with_two_data_parallel_ranks_and_two_engines(files, tmp_path)
 
 def test_tensor_parallel_trainer_matches_the_engine(files, tmp_path):
     out = tmp_path / "run"
-    run(files, out, **{"actor-num-gpus-per-node": 2, "tensor-model-parallel-size": 2, "num-rollout": 2, "ci-test": True,
-                       "use-kl-loss": True, "kl-loss-coef": 0.01})
+    run(
+        files,
+        out,
+        **{
+            "actor-num-gpus-per-node": 2,
+            "tensor-model-parallel-size": 2,
+            "num-rollout": 2,
+            "ci-test": True,
+            "use-kl-loss": True,
+            "kl-loss-coef": 0.01,
+        },
+    )
     steps = rows(out)
     assert steps[0]["ci/logprob_abs_diff_mean"] < 1e-4  # vocab-parallel log-probs == the engine's
-    assert steps[0]["train/kl"] == pytest.approx(0.0, abs=1e-7) and steps[1]["train/kl"] > 0  # reference = step-0 policy
+    assert (
+        steps[0]["train/kl"] == pytest.approx(0.0, abs=1e-7) and steps[1]["train/kl"] > 0
+    )  # reference = step-0 policy
 
 
 def test_ppo_trains_a_critic(files, tmp_path):
     out = tmp_path / "run"
-    run(files, out, **{"advantage-estimator": "ppo", "kl-coef": 0.05, "gamma": 1.0, "lambd": 0.95, "num-rollout": 2,
-                       "normalize-advantages": True})
+    run(
+        files,
+        out,
+        **{
+            "advantage-estimator": "ppo",
+            "kl-coef": 0.05,
+            "gamma": 1.0,
+            "lambd": 0.95,
+            "num-rollout": 2,
+            "normalize-advantages": True,
+        },
+    )
     steps = rows(out)
     assert len(steps) == 2
     for r in steps:

@@ -122,7 +122,10 @@ def test_invariants_pass_and_fail_with_numbers():
     assert metrics["ci/logprob_abs_diff_max"] == pytest.approx(1e-4, rel=1e-3)
     check_first_step(metrics, kl_to_ref=0.0, engine_dtype="float32")
     far = logprob_agreement(trainer, [torch.tensor([-0.5, -1.3]), torch.tensor([-2.0, 0.0])], masks)
-    with pytest.raises(InvariantViolation, match=r"differ from the rollout engine's by 0.1 per token on average \(max 0.3\); expected <= 0.001"):
+    with pytest.raises(
+        InvariantViolation,
+        match=r"differ from the rollout engine's by 0.1 per token on average \(max 0.3\); expected <= 0.001",
+    ):
         check_first_step(far, kl_to_ref=None, engine_dtype="float32")
     with pytest.raises(InvariantViolation, match=r"KL\(policy \|\| reference\) = 0.01"):
         check_first_step(metrics, kl_to_ref=0.01, engine_dtype="float32")
@@ -156,7 +159,19 @@ def test_should_runs_every_interval_and_at_the_end():
 def test_metrics_file_is_rewound_on_resume(tmp_path):
     from slime.run_log import RunLog, read_metrics
 
-    config = parse_config(["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--rm-type", "math", "--output-dir", str(tmp_path), "--no-progress"])
+    config = parse_config(
+        [
+            "--hf-checkpoint",
+            "m",
+            "--prompt-data",
+            "p.jsonl",
+            "--rm-type",
+            "math",
+            "--output-dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     log = RunLog(config)
     log.log(0, {"train/loss": 1.0}, phase="sft")
     for step in range(4):
@@ -189,7 +204,19 @@ class RecordingWandb:
 def test_wandb_plots_each_phase_against_its_own_step(tmp_path):
     from slime.run_log import RunLog
 
-    config = parse_config(["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--rm-type", "math", "--output-dir", str(tmp_path), "--no-progress"])
+    config = parse_config(
+        [
+            "--hf-checkpoint",
+            "m",
+            "--prompt-data",
+            "p.jsonl",
+            "--rm-type",
+            "math",
+            "--output-dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     log = RunLog(config)
     log._wandb, log._wandb_defined = RecordingWandb(), set()
     for step in range(3):
@@ -205,13 +232,42 @@ def test_trainer_config_maps_the_flags():
     from slime.ray.actors import trainer_config
 
     config = parse_config(
-        "--hf-checkpoint m --prompt-data p.jsonl --rm-type math --disable-grpo-std-normalization --calculate-per-token-loss "
-        "--rollout-batch-size 4 --n-samples-per-prompt 4 --global-batch-size 8 --num-rollout 5 --lr-warmup-iters 2 "
-        "--use-dynamic-batch-size --max-tokens-per-gpu 1024 --eps-clip-high 0.28 --rollout-temperature 0.7".split()
+        [
+            "--hf-checkpoint",
+            "m",
+            "--prompt-data",
+            "p.jsonl",
+            "--rm-type",
+            "math",
+            "--disable-grpo-std-normalization",
+            "--calculate-per-token-loss",
+            "--rollout-batch-size",
+            "4",
+            "--n-samples-per-prompt",
+            "4",
+            "--global-batch-size",
+            "8",
+            "--num-rollout",
+            "5",
+            "--lr-warmup-iters",
+            "2",
+            "--use-dynamic-batch-size",
+            "--max-tokens-per-gpu",
+            "1024",
+            "--eps-clip-high",
+            "0.28",
+            "--rollout-temperature",
+            "0.7",
+        ]
     )
     t = trainer_config(config, "actor")
     assert (t.advantage_estimator, t.loss_reduction, t.lr_decay_steps, t.lr_warmup_steps) == ("dr_grpo", "token", 10, 2)
-    assert (t.max_tokens_per_micro_batch, t.micro_batch_size, t.eps_clip_high, t.rollout_temperature) == (1024, None, 0.28, 0.7)
+    assert (t.max_tokens_per_micro_batch, t.micro_batch_size, t.eps_clip_high, t.rollout_temperature) == (
+        1024,
+        None,
+        0.28,
+        0.7,
+    )
     assert trainer_config(config, "critic").seed == t.seed + 1
 
 
@@ -224,20 +280,53 @@ def run_cli(argv, capsys):
 
 
 def test_cli_bad_flags_are_one_line(capsys, tmp_path):
-    code, err = run_cli(["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--rm-type", "math", "--global-batch-size", "7"], capsys)
+    code, err = run_cli(
+        ["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--rm-type", "math", "--global-batch-size", "7"], capsys
+    )
     assert code == 2 and err.count("\n") == 0
-    assert "--rollout-batch-size * --n-samples-per-prompt = 8 * 8 = 64 must be divisible by --global-batch-size 7" in err
+    assert (
+        "--rollout-batch-size * --n-samples-per-prompt = 8 * 8 = 64 must be divisible by --global-batch-size 7" in err
+    )
     code, err = run_cli(["--hf-checkpoint", str(tmp_path), "--prompt-data", "p.jsonl", "--rm-type", "math"], capsys)
-    assert code == 2 and err == f"error: --hf-checkpoint {tmp_path}: no config.json there (expected a HuggingFace model folder)"
+    assert (
+        code == 2
+        and err == f"error: --hf-checkpoint {tmp_path}: no config.json there (expected a HuggingFace model folder)"
+    )
     (tmp_path / "config.json").write_text("{}")
-    code, err = run_cli(["--hf-checkpoint", str(tmp_path), "--prompt-data", str(tmp_path / "none.jsonl"), "--rm-type", "math"], capsys)
+    code, err = run_cli(
+        ["--hf-checkpoint", str(tmp_path), "--prompt-data", str(tmp_path / "none.jsonl"), "--rm-type", "math"], capsys
+    )
     assert code == 2 and err == f"error: --prompt-data {tmp_path / 'none.jsonl'}: no such file"
     (tmp_path / "p.jsonl").write_text("{}")
-    code, err = run_cli(["--hf-checkpoint", str(tmp_path), "--prompt-data", str(tmp_path / "p.jsonl"), "--rm-type", "math",
-                         "--custom-generate-function-path", "no_such_module.generate"], capsys)
-    assert code == 2 and err.startswith("error: --custom-generate-function-path 'no_such_module.generate': cannot import module")
-    code, err = run_cli(["--hf-checkpoint", str(tmp_path), "--prompt-data", str(tmp_path / "p.jsonl"), "--rm-type", "math",
-                         "--load", str(tmp_path)], capsys)
+    code, err = run_cli(
+        [
+            "--hf-checkpoint",
+            str(tmp_path),
+            "--prompt-data",
+            str(tmp_path / "p.jsonl"),
+            "--rm-type",
+            "math",
+            "--custom-generate-function-path",
+            "no_such_module.generate",
+        ],
+        capsys,
+    )
+    assert code == 2 and err.startswith(
+        "error: --custom-generate-function-path 'no_such_module.generate': cannot import module"
+    )
+    code, err = run_cli(
+        [
+            "--hf-checkpoint",
+            str(tmp_path),
+            "--prompt-data",
+            str(tmp_path / "p.jsonl"),
+            "--rm-type",
+            "math",
+            "--load",
+            str(tmp_path),
+        ],
+        capsys,
+    )
     assert code == 2 and err == f"error: --load {tmp_path}: no complete checkpoint (expected step_NNNNNNNN/meta.json)"
 
 

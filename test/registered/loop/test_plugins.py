@@ -34,17 +34,43 @@ def served(tmp_path_factory):
 
 
 def config_for(files, *extra):
-    return parse_config(["--hf-checkpoint", str(files["model"]), "--prompt-data", str(files["train"]), "--rm-type", "arithmetic",
-                         "--rollout-max-response-len", "4", "--rollout-batch-size", "2", "--n-samples-per-prompt", "4",
-                         "--global-batch-size", "8", *extra])
+    return parse_config(
+        [
+            "--hf-checkpoint",
+            str(files["model"]),
+            "--prompt-data",
+            str(files["train"]),
+            "--rm-type",
+            "arithmetic",
+            "--rollout-max-response-len",
+            "4",
+            "--rollout-batch-size",
+            "2",
+            "--n-samples-per-prompt",
+            "4",
+            "--global-batch-size",
+            "8",
+            *extra,
+        ]
+    )
 
 
 def source(files, tokenizer, n=4):
     from slime.rollout.data import load_data_source
 
-    return load_data_source(str(files["train"]), tokenizer, input_key="prompt", label_key="label", metadata_key=None,
-                            apply_chat_template=False, max_prompt_len=None, n_samples_per_prompt=n, shuffle=False, seed=0,
-                            skip_bad_rows=False)
+    return load_data_source(
+        str(files["train"]),
+        tokenizer,
+        input_key="prompt",
+        label_key="label",
+        metadata_key=None,
+        apply_chat_template=False,
+        max_prompt_len=None,
+        n_samples_per_prompt=n,
+        shuffle=False,
+        seed=0,
+        skip_bad_rows=False,
+    )
 
 
 def run(coro):
@@ -75,7 +101,9 @@ def test_batched_group_generation_equals_one_request_per_sample(served):
     group_a, group_b = run(both())
     assert [s.tokens for s in group_a] == [s.tokens for s in group_b]  # seeded per sample: batching changes nothing
     for a, b in zip(group_a, group_b):  # other rows in the batch change matmul rounding, not the sampled tokens
-        torch.testing.assert_close(torch.tensor(a.rollout_log_probs), torch.tensor(b.rollout_log_probs), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(a.rollout_log_probs), torch.tensor(b.rollout_log_probs), atol=1e-5, rtol=0
+        )
     assert len({tuple(s.tokens) for s in group_a}) > 1  # and the samples of a group differ from each other
 
 
@@ -122,8 +150,16 @@ def test_partial_rollout_returns_aborted_groups_with_their_tokens(served):
     from slime.rollout.rollout import generate_rollout
 
     files, url, tokenizer, engine = served
-    config = config_for(files, "--partial-rollout", "--over-sampling-batch-size", "6", "--rollout-max-response-len", "200",
-                        "--custom-rm-path", "loop_plugins.parity_reward")
+    config = config_for(
+        files,
+        "--partial-rollout",
+        "--over-sampling-batch-size",
+        "6",
+        "--rollout-max-response-len",
+        "200",
+        "--custom-rm-path",
+        "loop_plugins.parity_reward",
+    )
     data = source(files, tokenizer)
     loaded = plugins.load_rollout_plugins(config)
 
@@ -134,8 +170,15 @@ def test_partial_rollout_returns_aborted_groups_with_their_tokens(served):
 
     async def go():
         ctx = RolloutContext(config, tokenizer, [url])
-        first = await generate_rollout(ctx, data, num_groups=2, generate_fn=two_fast_groups, reward=loaded.reward,
-                                       over_sampling_groups=6, partial_rollout=True)
+        first = await generate_rollout(
+            ctx,
+            data,
+            num_groups=2,
+            generate_fn=two_fast_groups,
+            reward=loaded.reward,
+            over_sampling_groups=6,
+            partial_rollout=True,
+        )
         returned = [[(s.status, s.response_length) for s in g] for g in data.buffer]
         returned_ids = [g[0].group_index for g in data.buffer]
         second = await generate_rollout(ctx, data, num_groups=2, generate_fn=loaded.generate_fn, reward=loaded.reward)
@@ -160,10 +203,19 @@ def test_each_plugin_kind_resolves_and_bad_paths_name_their_flag(served):
     from slime.rollout.filters import check_reward_nonzero_std
 
     files = served[0]
-    loaded = plugins.load_rollout_plugins(config_for(
-        files, "--custom-generate-function-path", "loop_plugins.two_turn_generate", "--custom-rm-path", "loop_plugins.parity_reward",
-        "--dynamic-sampling-filter-path", "slime.rollout.filters.check_reward_nonzero_std",
-        "--rollout-function-path", "test_plugins.rollout_contract"))
+    loaded = plugins.load_rollout_plugins(
+        config_for(
+            files,
+            "--custom-generate-function-path",
+            "loop_plugins.two_turn_generate",
+            "--custom-rm-path",
+            "loop_plugins.parity_reward",
+            "--dynamic-sampling-filter-path",
+            "slime.rollout.filters.check_reward_nonzero_std",
+            "--rollout-function-path",
+            "test_plugins.rollout_contract",
+        )
+    )
     assert loaded.filter_fn is check_reward_nonzero_std and loaded.rollout_fn is rollout_contract
     assert loaded.reward.custom_rm.__name__ == "parity_reward"
     for flag, path, message in [
@@ -189,7 +241,10 @@ def test_custom_advantage_function_contract():
     from slime.training.batch import TrainBatch
     from slime.training.experience import AdvantageSettings
 
-    samples = [Sample(tokens=[1, 2, 3], response_length=1, reward=1.0, index=0), Sample(tokens=[1, 2, 3, 4], response_length=2, reward=0.0, index=1)]
+    samples = [
+        Sample(tokens=[1, 2, 3], response_length=1, reward=1.0, index=0),
+        Sample(tokens=[1, 2, 3, 4], response_length=2, reward=0.0, index=1),
+    ]
     flag = "--custom-advantage-function-path"
     batch = TrainBatch.from_samples(samples, 0)
     fill_advantages(AdvantageSettings(), batch, [0, 0], load_function("loop_plugins.constant_advantage", flag, 3))
@@ -202,8 +257,12 @@ def test_custom_advantage_function_contract():
     assert builtin.advantages[0].tolist() == pytest.approx([0.7071], abs=1e-3)
 
     broken = TrainBatch.from_samples(samples, 0)
-    with pytest.raises(PluginError, match=r"one_value_per_sample_advantage: batch.advantages\[1\] must have shape \(2,\), got \(1,\)"):
-        fill_advantages(AdvantageSettings(), broken, [0, 0], load_function("loop_plugins.one_value_per_sample_advantage", flag, 3))
+    with pytest.raises(
+        PluginError, match=r"one_value_per_sample_advantage: batch.advantages\[1\] must have shape \(2,\), got \(1,\)"
+    ):
+        fill_advantages(
+            AdvantageSettings(), broken, [0, 0], load_function("loop_plugins.one_value_per_sample_advantage", flag, 3)
+        )
 
 
 def test_group_reward_with_the_wrong_count_is_a_clear_error():

@@ -20,9 +20,21 @@ def test_last_boxed_handles_nesting_and_picks_last():
 
 @pytest.mark.parametrize(
     "raw, canonical",
-    [("0.5", "1/2"), (r"\frac{1}{2}", "1/2"), (r"\dfrac12", "1/2"), ("1/2", "1/2"), ("1,000", "1000"),
-     ("$42$", "42"), ("42.", "42"), ("x = 7", "7"), (r"90^\circ", "90"), (r"\text{12 cm}", "12"), ("-3/6", "-1/2"),
-     ("2.50", "5/2"), ("abc", "abc")],
+    [
+        ("0.5", "1/2"),
+        (r"\frac{1}{2}", "1/2"),
+        (r"\dfrac12", "1/2"),
+        ("1/2", "1/2"),
+        ("1,000", "1000"),
+        ("$42$", "42"),
+        ("42.", "42"),
+        ("x = 7", "7"),
+        (r"90^\circ", "90"),
+        (r"\text{12 cm}", "12"),
+        ("-3/6", "-1/2"),
+        ("2.50", "5/2"),
+        ("abc", "abc"),
+    ],
 )
 def test_normalize_answer(raw, canonical):
     assert normalize_answer(raw) == canonical
@@ -78,7 +90,10 @@ def test_score_samples_custom_and_group():
 
     assert asyncio.run(rm_hub.score_samples(samples, rm_type=None, custom_rm=per_sample, group_rm=False)) == [1.0, 0.0]
     assert asyncio.run(rm_hub.score_samples(samples, rm_type=None, custom_rm=per_group, group_rm=True)) == [0.0, 10.0]
-    assert asyncio.run(rm_hub.score_samples(samples, rm_type="arithmetic", custom_rm=None, group_rm=False)) == [1.0, 0.0]
+    assert asyncio.run(rm_hub.score_samples(samples, rm_type="arithmetic", custom_rm=None, group_rm=False)) == [
+        1.0,
+        0.0,
+    ]
     with pytest.raises(ValueError, match="unknown --rm-type 'nope'"):
         asyncio.run(rm_hub.score_samples(samples, rm_type="nope", custom_rm=None, group_rm=False))
     with pytest.raises(ValueError, match="returned 1 rewards for 2 samples"):

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_hf import init_rank, make_tiny_model, run_ranks, tiny_config
 
 from slime.testing.ci_register import register_cpu_ci
-
-from tiny_hf import init_rank, make_tiny_model, run_ranks, tiny_config
 
 register_cpu_ci(est_time=50, suite="base-b-test-cpu")
 
@@ -91,7 +90,10 @@ def test_tp_not_dividing_heads_gives_the_numbers():
     from slime.models import bridge_class_for
 
     config = tiny_config("qwen3", num_attention_heads=6, num_key_value_heads=3)
-    with pytest.raises(ValueError, match=r"^tensor_parallel_size=2 must divide num_attention_heads=6 and num_key_value_heads=3 of qwen3 config$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^tensor_parallel_size=2 must divide num_attention_heads=6 and num_key_value_heads=3 of qwen3 config$",
+    ):
         bridge_class_for(config)(config, tensor_parallel_size=2)
 
 

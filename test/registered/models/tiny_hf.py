@@ -45,7 +45,9 @@ def train_tokenizer(folder: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>").save_pretrained(str(folder))
 
 
-def make_tiny_model(family: str, folder: Path, seed: int = 0, tie: bool | None = None, tokenizer: bool = False, **overrides):
+def make_tiny_model(
+    family: str, folder: Path, seed: int = 0, tie: bool | None = None, tokenizer: bool = False, **overrides
+):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)

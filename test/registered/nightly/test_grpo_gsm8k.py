@@ -43,4 +43,6 @@ def test_grpo_raises_gsm8k_accuracy(tmp_path):
     train(parse_config(flags))
     evals = [r["eval/gsm8k/reward_mean"] for r in read_metrics(tmp_path / "run") if r.get("phase") == "eval"]
     gain = sum(evals[-2:]) / len(evals[-2:]) - evals[0]
-    assert gain >= THRESHOLDS["min_gain"] - THRESHOLDS["allowed_float"], f"GSM8K accuracy went {evals[0]:.1%} -> {evals[-1]:.1%}"
+    assert gain >= THRESHOLDS["min_gain"] - THRESHOLDS["allowed_float"], (
+        f"GSM8K accuracy went {evals[0]:.1%} -> {evals[-1]:.1%}"
+    )

@@ -26,10 +26,15 @@ def test_benchmarks_pass_the_gate(tmp_path):
     hardware = select_backend("auto").name
     out = Path(os.environ.get("SLIME_NIGHTLY_OUT") or tmp_path) / "perf"
     history = os.environ.get("SLIME_NIGHTLY_HISTORY") or str(out / "history.jsonl")
-    done = subprocess.run([sys.executable, "-m", "release", "perf", "--hardware", hardware, "--out", str(out), "--history", history],
-                          cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "release", "perf", "--hardware", hardware, "--out", str(out), "--history", history],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     print(done.stdout)
     summary = out / "report" / "summary.md"
-    assert done.returncode == 0, f"gate exit code {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}\n" + (
-        summary.read_text() if summary.is_file() else ""
+    assert done.returncode == 0, (
+        f"gate exit code {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}\n"
+        + (summary.read_text() if summary.is_file() else "")
     )

@@ -25,8 +25,12 @@ def test_quickstart_reaches_the_stored_heldout_accuracy(tmp_path):
     before, after = summary["heldout_accuracy_after_sft"], summary["heldout_accuracy_after_rl"]
     if os.environ.get("SLIME_NIGHTLY_OUT"):
         report_accuracy(Path(os.environ["SLIME_NIGHTLY_OUT"]) / "accuracy", before, after)
-    assert before <= THRESHOLDS["after_sft_max"] + THRESHOLDS["allowed_float"], f"SFT alone already reached {before:.1%}"
-    assert after - before >= THRESHOLDS["min_gain"] - THRESHOLDS["allowed_float"], f"RL raised accuracy only {before:.1%} -> {after:.1%}"
+    assert before <= THRESHOLDS["after_sft_max"] + THRESHOLDS["allowed_float"], (
+        f"SFT alone already reached {before:.1%}"
+    )
+    assert after - before >= THRESHOLDS["min_gain"] - THRESHOLDS["allowed_float"], (
+        f"RL raised accuracy only {before:.1%} -> {after:.1%}"
+    )
     assert after >= THRESHOLDS["after_rl_min"] - THRESHOLDS["allowed_float"], (
         f"held-out accuracy after RL {after:.1%} (last three: {summary['heldout_accuracy_last_three']}) is below "
         f"{THRESHOLDS['after_rl_min']:.0%} - {THRESHOLDS['allowed_float']:.0%}"
@@ -36,8 +40,10 @@ def test_quickstart_reaches_the_stored_heldout_accuracy(tmp_path):
 def report_accuracy(out: Path, before: float, after: float) -> None:
     from release import nightly, perf
 
-    figures = [("accuracy.quickstart.heldout_after_rl", after, "fraction", True),
-               ("accuracy.quickstart.heldout_after_sft", before, "fraction", True)]
+    figures = [
+        ("accuracy.quickstart.heldout_after_rl", after, "fraction", True),
+        ("accuracy.quickstart.heldout_after_sft", before, "fraction", True),
+    ]
     records = out / "records.jsonl"
     perf.write_records(perf.to_records(figures, "cpu", *perf.night()), records)
     history = os.environ.get("SLIME_NIGHTLY_HISTORY")

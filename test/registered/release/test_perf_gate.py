@@ -48,7 +48,10 @@ def test_a_drop_beyond_twice_the_band_fails_at_once():
 def test_lower_is_better_metrics_and_drift_against_the_trailing_mean():
     history = nights([1.0, 1.0, 1.0], name="loop.seconds_per_step", higher=False)
     assert judge(rec(1.05, "2026-11-20", "loop.seconds_per_step", False), Baseline(1.0, 0.1), history).status == "ok"
-    assert judge(rec(1.3, "2026-11-20", "loop.seconds_per_step", False), Baseline(1.0, 0.1), history).status == "regression"
+    assert (
+        judge(rec(1.3, "2026-11-20", "loop.seconds_per_step", False), Baseline(1.0, 0.1), history).status
+        == "regression"
+    )
     # inside the baseline band, yet well off the recent nights: reported as drifting
     fast = nights([0.7, 0.7, 0.7, 0.7], name="loop.seconds_per_step", higher=False)
     drift = judge(rec(1.08, "2026-11-20", "loop.seconds_per_step", False), Baseline(1.0, 0.1), fast)
@@ -118,7 +121,9 @@ def test_report_lists_regressions_first_and_draws_the_history(tmp_path):
     history = nights([100, 100, 100])
     tonight = rec(60, "2026-11-20")
     verdicts = [judge(rec(99, "2026-11-20", "other.metric"), Baseline(100, 0.1), []), judge(tonight, BASE, history)]
-    summary = perf_report.write_report(tmp_path, "cpu", verdicts, [perf.Failure("loop", "infra", "timed out")], history + [tonight])
+    summary = perf_report.write_report(
+        tmp_path, "cpu", verdicts, [perf.Failure("loop", "infra", "timed out")], history + [tonight]
+    )
     text = summary.read_text()
     assert text.index("loop.completions_per_s") < text.index("other.metric")
     assert "REGRESSION" in text and "- **loop** (infra): timed out" in text

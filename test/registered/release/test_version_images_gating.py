@@ -129,8 +129,12 @@ def test_image_tags_refuse_bad_input(args, message):
 
 def env_report(selected, available=True, version="0.2.0"):
     return json.dumps(
-        {"slime": version, "selected": selected, "selection_error": "" if selected else "no GPU",
-         "backends": [{"name": "cuda", "available": available, "reason": "" if available else "no NVIDIA GPU"}]}
+        {
+            "slime": version,
+            "selected": selected,
+            "selection_error": "" if selected else "no GPU",
+            "backends": [{"name": "cuda", "available": available, "reason": "" if available else "no NVIDIA GPU"}],
+        }
     )
 
 
@@ -192,7 +196,9 @@ def test_plan_jobs_one_per_suite_with_lpt_shards():
         ("stage-c-cpu", 4, 5),
     ]
     assert [j.job_id for j in plan_jobs(regs, nightly=True)] == ["nightly-perf-cpu"]
-    assert shard_count([10.0] * 3, "cpu") == 1 and shard_count([2000.0] * 20, "cpu") == 8 and shard_count([], "cpu") == 0
+    assert (
+        shard_count([10.0] * 3, "cpu") == 1 and shard_count([2000.0] * 20, "cpu") == 8 and shard_count([], "cpu") == 0
+    )
 
 
 def job(name, status="completed", conclusion="success"):

@@ -30,7 +30,9 @@ register_cpu_ci(est_time=45, suite="base-c-test-cpu")
 
 REPO = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
-VERSION = compute_version(GitState(None, 1, "0" * 40, False), "nightly", declared_version(REPO), datetime.date(2025, 3, 4))
+VERSION = compute_version(
+    GitState(None, 1, "0" * 40, False), "nightly", declared_version(REPO), datetime.date(2025, 3, 4)
+)
 
 
 def free_port() -> int:
@@ -51,7 +53,9 @@ def wheel_from_installed(dist_name: str, out_dir: Path) -> Path:
     site = Path(dist.locate_file(""))
     metadata = next(f for f in dist.files if f.name == "METADATA" and f.parent.name.endswith(".dist-info"))
     info = site / metadata.parent
-    tags = [line.split(":", 1)[1].strip() for line in (info / "WHEEL").read_text().splitlines() if line.startswith("Tag:")]
+    tags = [
+        line.split(":", 1)[1].strip() for line in (info / "WHEEL").read_text().splitlines() if line.startswith("Tag:")
+    ]
     name = dist.metadata["Name"].replace("-", "_")
     wheel = out_dir / f"{name}-{dist.version}-{tags[0]}.whl"
     skip = {"INSTALLER", "REQUESTED", "direct_url.json", "RECORD"}
@@ -59,7 +63,11 @@ def wheel_from_installed(dist_name: str, out_dir: Path) -> Path:
     with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as archive:
         for file in dist.files or []:
             rel = file.as_posix()
-            if rel.startswith("..") or "__pycache__" in rel or (rel.startswith(info.name + "/") and Path(rel).name in skip):
+            if (
+                rel.startswith("..")
+                or "__pycache__" in rel
+                or (rel.startswith(info.name + "/") and Path(rel).name in skip)
+            ):
                 continue
             data = (site / rel).read_bytes()
             archive.writestr(rel, data)
@@ -97,9 +105,23 @@ def index(tmp_path_factory):
     htpasswd.save()
     port = free_port()
     server = subprocess.Popen(
-        [str(BIN / "pypi-server"), "run", "-i", "127.0.0.1", "-p", str(port), "-P", str(root / "htpasswd"),
-         "-a", "update", "--disable-fallback", str(packages)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        [
+            str(BIN / "pypi-server"),
+            "run",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-P",
+            str(root / "htpasswd"),
+            "-a",
+            "update",
+            "--disable-fallback",
+            str(packages),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
@@ -153,7 +175,10 @@ def test_upload_refusals_and_success(dists, index):
 
     cli = subprocess.run(
         [sys.executable, "-m", "release", "publish", "--repository-url", url, str(dists.wheel)],
-        cwd=REPO, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if not k.startswith("TWINE_")},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("TWINE_")},
     )
     assert cli.returncode == 2 and cli.stderr.strip().count("\n") == 0 and "credentials missing" in cli.stderr
 
@@ -164,12 +189,16 @@ def test_install_from_the_index_only_and_run_slime_env(dists, index, tmp_path):
     publish([dists.wheel, dists.sdist], url, url + "/simple/", True, environ=right)
     # slime's own dependencies, packed from this venv's installed copies and served by the index
     for dependency in ("numpy", "packaging"):
-        assert wheel_from_installed(dependency, packages).name.startswith(f"{dependency}-{installed_version(dependency)}-")
+        assert wheel_from_installed(dependency, packages).name.startswith(
+            f"{dependency}-{installed_version(dependency)}-"
+        )
 
     venv, env = tmp_path / "fresh", clean_pip_env(tmp_path)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--retries", "0", "--index-url", f"{url}/simple/"]
-    listed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "config", "list"], capture_output=True, text=True, env=env)
+    listed = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "config", "list"], capture_output=True, text=True, env=env
+    )
     assert "global.extra-index-url=''" in listed.stdout and "global.find-links=''" in listed.stdout, listed.stdout
     extra = subprocess.run([*pip, "--dry-run", f"slime[cpu]=={VERSION}"], capture_output=True, text=True, env=env)
     # no public index behind this one: the [cpu] stack is not found
@@ -177,8 +206,9 @@ def test_install_from_the_index_only_and_run_slime_env(dists, index, tmp_path):
 
     installed = subprocess.run([*pip, f"slime=={VERSION}"], capture_output=True, text=True, env=env)
     assert installed.returncode == 0, installed.stderr[-1500:]
-    env_run = subprocess.run([str(venv / "bin" / "slime"), "env", "--json"], capture_output=True, text=True,
-                             env=env, cwd=tmp_path)
+    env_run = subprocess.run(
+        [str(venv / "bin" / "slime"), "env", "--json"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     report = json.loads(env_run.stdout)
     assert report["slime"] == VERSION
     assert [b["name"] for b in report["backends"]] == ["cuda", "rocm", "tpu", "cpu"]

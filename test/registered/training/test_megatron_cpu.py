@@ -12,7 +12,7 @@ import torch
 from slime.testing.ci_register import register_cpu_ci
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from tiny_hf import run_ranks  # noqa: E402
+from tiny_hf import run_ranks
 
 register_cpu_ci(est_time=32, suite="base-b-test-cpu")
 
@@ -62,7 +62,9 @@ def train_plain_megatron(rank, world, port):
     )  # fmt: skip
     model = GPTModel(config, get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"), vocab_size=64,
                      max_sequence_length=32, position_embedding_type="rope")  # fmt: skip
-    optimizer = FP32Optimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), OptimizerConfig(lr=1e-2, clip_grad=1.0), None)
+    optimizer = FP32Optimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-2), OptimizerConfig(lr=1e-2, clip_grad=1.0), None
+    )
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(16).expand(4, 16)
     losses, norms = [], []

@@ -10,7 +10,7 @@ import torch
 from slime.testing.ci_register import register_cpu_ci
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from tiny_hf import init_rank, make_tiny_model, run_ranks  # noqa: E402
+from tiny_hf import init_rank, make_tiny_model, run_ranks
 
 register_cpu_ci(est_time=75, suite="base-b-test-cpu")
 
@@ -164,10 +164,14 @@ def sft_and_critic(rank, world, port, folder):
     from slime.training.critic import CriticTrainer
 
     backend, layout = init_rank(rank, world, port, world)
-    policy = PolicyTrainer(trainer_config(folder, world, lr=5e-3, lr_warmup_steps=0, lr_decay_style="constant"), backend)
+    policy = PolicyTrainer(
+        trainer_config(folder, world, lr=5e-3, lr_warmup_steps=0, lr_decay_style="constant"), backend
+    )
     batch = local_batch(layout)
     sft = [policy.sft_step(batch)["loss"] for _ in range(4)]
-    critic = CriticTrainer(trainer_config(folder, world, lr=5e-3, lr_warmup_steps=0, lr_decay_style="constant"), backend)
+    critic = CriticTrainer(
+        trainer_config(folder, world, lr=5e-3, lr_warmup_steps=0, lr_decay_style="constant"), backend
+    )
     values = critic.compute_values(batch)
     mask = torch.nn.utils.rnn.pad_sequence(batch.loss_masks, batch_first=True)
     padded_values = torch.nn.utils.rnn.pad_sequence(values, batch_first=True)
@@ -193,11 +197,21 @@ def passthrough_run(rank, world, port, folder):
     from slime.training.actor import PolicyTrainer
 
     backend, _ = init_rank(rank, world, port, 1)
-    trainer = PolicyTrainer(trainer_config(folder, 1, megatron_overrides=(("adam_eps", 1e-5), ("hidden_dropout", 0.25), ("barrier_with_L1_time", False))), backend)
-    return {"hidden_dropout": trainer.model.config.hidden_dropout,
-            "eps": [g["eps"] for g in trainer.optimizer.param_groups], "clip": trainer.optimizer.config.clip_grad,
-            # a field of both config classes reaches both
-            "barrier": (trainer.model.config.barrier_with_L1_time, trainer.optimizer.config.barrier_with_L1_time)}
+    trainer = PolicyTrainer(
+        trainer_config(
+            folder,
+            1,
+            megatron_overrides=(("adam_eps", 1e-5), ("hidden_dropout", 0.25), ("barrier_with_L1_time", False)),
+        ),
+        backend,
+    )
+    return {
+        "hidden_dropout": trainer.model.config.hidden_dropout,
+        "eps": [g["eps"] for g in trainer.optimizer.param_groups],
+        "clip": trainer.optimizer.config.clip_grad,
+        # a field of both config classes reaches both
+        "barrier": (trainer.model.config.barrier_with_L1_time, trainer.optimizer.config.barrier_with_L1_time),
+    }
 
 
 def test_megatron_passthrough_flags_reach_the_model_and_the_optimizer(model_dir):

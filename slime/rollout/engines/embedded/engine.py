@@ -18,8 +18,8 @@ import logging
 import os
 import threading
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 
@@ -111,7 +111,9 @@ class EmbeddedEngine(RolloutEngine):
         seed: int = 0,
     ):
         if max_batch_size < 1 or max_seq_len < 2:
-            raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size} and {max_seq_len}")
+            raise ValueError(
+                f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size} and {max_seq_len}"
+            )
         self.model_path = hf_checkpoint_dir
         self.spec = DecoderSpec.from_checkpoint(hf_checkpoint_dir)
         self.model = ServingModel(self.spec, max_batch_size, max_seq_len, device, dtype)
@@ -297,7 +299,9 @@ class EmbeddedEngine(RolloutEngine):
         group: list[_Sequence] = []
         for seq in admitted + [None]:  # None flushes the last group
             longest = max((len(s.prompt) for s in group), default=0)
-            if seq is not None and (not group or max(longest, len(seq.prompt)) * (len(group) + 1) <= PREFILL_TOKEN_BUDGET):
+            if seq is not None and (
+                not group or max(longest, len(seq.prompt)) * (len(group) + 1) <= PREFILL_TOKEN_BUDGET
+            ):
                 group.append(seq)
                 continue
             device = self.model.device
@@ -322,11 +326,15 @@ class EmbeddedEngine(RolloutEngine):
         positions = [s.next_position if s is not None else self.model.scratch_position for s in rows]
         attend_len = max(s.next_position for s in running) + 1
         device = self.model.device
-        logits = self.model.decode(torch.tensor(tokens, device=device), torch.tensor(positions, device=device), num_rows, attend_len)
+        logits = self.model.decode(
+            torch.tensor(tokens, device=device), torch.tensor(positions, device=device), num_rows, attend_len
+        )
         ids, log_probs = self._sample(logits, rows)
         return self._append(running, [ids[s.slot] for s in running], [log_probs[s.slot] for s in running])
 
-    def _append(self, seqs: list[_Sequence], ids: list[int], log_probs: list[float]) -> list[tuple[_Sequence, GenerateResult]]:
+    def _append(
+        self, seqs: list[_Sequence], ids: list[int], log_probs: list[float]
+    ) -> list[tuple[_Sequence, GenerateResult]]:
         finished = []
         for seq, token, log_prob in zip(seqs, ids, log_probs):
             seq.output_ids.append(token)
@@ -361,10 +369,18 @@ class EmbeddedEngine(RolloutEngine):
                 heapq.heappush(self._free_slots, seq.slot)
             seq.slot = -1
         return self._result(
-            seq.request, seq.output_ids, seq.log_probs, reason, error=error, prompt_tokens=len(seq.prompt), matched=seq.matched_stop
+            seq.request,
+            seq.output_ids,
+            seq.log_probs,
+            reason,
+            error=error,
+            prompt_tokens=len(seq.prompt),
+            matched=seq.matched_stop,
         )
 
-    def _result(self, request, output_ids, log_probs, reason, error=None, prompt_tokens=0, matched=None) -> GenerateResult:
+    def _result(
+        self, request, output_ids, log_probs, reason, error=None, prompt_tokens=0, matched=None
+    ) -> GenerateResult:
         return GenerateResult(
             rid=request.rid,
             output_ids=list(output_ids),
@@ -425,7 +441,9 @@ class EmbeddedEngine(RolloutEngine):
         with self._model_lock:
             running = self.num_running()
             if running:
-                raise EngineError(f"release_memory needs an idle engine, but {running} request(s) are running; abort them first")
+                raise EngineError(
+                    f"release_memory needs an idle engine, but {running} request(s) are running; abort them first"
+                )
             self.model.free_kv_cache()
 
     def resume_memory(self, tags: list[str] | None = None) -> None:
@@ -477,7 +495,9 @@ class EmbeddedEngine(RolloutEngine):
             except ValueError as e:
                 raise WeightUpdateError(str(e)) from None
             if spec != self.spec:
-                raise WeightUpdateError(f"{path}: its config.json describes a different model than the one being served ({self.model_path})")
+                raise WeightUpdateError(
+                    f"{path}: its config.json describes a different model than the one being served ({self.model_path})"
+                )
             tensors = read_checkpoint_tensors(path)
             checked = validate_named_tensors(self.model, tensors.items())
             missing = missing_names(self.model, (n for n, _ in checked))

@@ -53,7 +53,7 @@ class DecoderSpec:
     eos_token_ids: tuple[int, ...]
 
     @staticmethod
-    def from_hf_config(config: dict, source: str = "config.json") -> "DecoderSpec":
+    def from_hf_config(config: dict, source: str = "config.json") -> DecoderSpec:
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelConfigError(
@@ -63,7 +63,9 @@ class DecoderSpec:
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ModelConfigError(f"{source}: rope_type {rope_type!r} is not supported by the embedded engine (only 'default')")
+            raise ModelConfigError(
+                f"{source}: rope_type {rope_type!r} is not supported by the embedded engine (only 'default')"
+            )
         rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
         if config.get("hidden_act", "silu") != "silu":
             raise ModelConfigError(f"{source}: hidden_act {config.get('hidden_act')!r} is not supported (only 'silu')")
@@ -94,7 +96,7 @@ class DecoderSpec:
         )
 
     @staticmethod
-    def from_checkpoint(path: str) -> "DecoderSpec":
+    def from_checkpoint(path: str) -> DecoderSpec:
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise ModelConfigError(f"{path}: no config.json; expected a HuggingFace checkpoint folder")
@@ -150,7 +152,9 @@ class _Layer:
 class ServingModel:
     """Forward passes over a static KV cache. Not an nn.Module: no autograd, no hooks, no module tree."""
 
-    def __init__(self, spec: DecoderSpec, max_slots: int, max_seq_len: int, device: str | torch.device, dtype: torch.dtype):
+    def __init__(
+        self, spec: DecoderSpec, max_slots: int, max_seq_len: int, device: str | torch.device, dtype: torch.dtype
+    ):
         self.spec = spec
         self.device = torch.device(device)
         self.dtype = dtype
@@ -160,7 +164,10 @@ class ServingModel:
         self.final_norm = torch.empty(spec.hidden_size, device=self.device, dtype=dtype)
         self.lm_head = self.embed if spec.tie_word_embeddings else torch.empty_like(self.embed)
         self.layers = [_Layer(spec, self.device, dtype) for _ in range(spec.num_layers)]
-        self.hf_views: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.final_norm}
+        self.hf_views: dict[str, torch.Tensor] = {
+            "model.embed_tokens.weight": self.embed,
+            "model.norm.weight": self.final_norm,
+        }
         if not spec.tie_word_embeddings:
             self.hf_views["lm_head.weight"] = self.lm_head
         for i, layer in enumerate(self.layers):
@@ -232,7 +239,9 @@ class ServingModel:
         """cos and signed sin for positions [B, T] -> [B, T, 1, hd] each (gathered once per forward)."""
         return self.rope_cos[positions].unsqueeze(2), self.rope_sin_signed[positions].unsqueeze(2)
 
-    def _qkv(self, layer: _Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], linear=F.linear) -> tuple[torch.Tensor, ...]:
+    def _qkv(
+        self, layer: _Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], linear=F.linear
+    ) -> tuple[torch.Tensor, ...]:
         """x [B, T, H] -> q [B, nh, T, hd], k and v [B, nkv, T, hd], RoPE applied."""
         spec = self.spec
         b, t, _ = x.shape
@@ -249,13 +258,17 @@ class ServingModel:
         k = self._rotate(k, cos, sin).transpose(1, 2)
         return q, k, v.transpose(1, 2)
 
-    def _mlp_and_residual(self, layer: _Layer, hidden: torch.Tensor, attn: torch.Tensor, linear=F.linear) -> torch.Tensor:
+    def _mlp_and_residual(
+        self, layer: _Layer, hidden: torch.Tensor, attn: torch.Tensor, linear=F.linear
+    ) -> torch.Tensor:
         hidden = hidden + linear(attn, layer.o_weight)
         x = self._rms_norm(hidden, layer.post_attention_norm)
         gate, up = linear(x, layer.gate_up_weight).chunk(2, dim=-1)
         return hidden + linear(F.silu(gate) * up, layer.down_weight)
 
-    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
+    def _decode_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, future: torch.Tensor
+    ) -> torch.Tensor:
         """One query per row: q [n, nh, 1, hd], k/v [n, nkv, S, hd], future [n, 1, 1, S] -> [n, 1, nh*hd].
 
         Written as two batched matmuls over (row, kv head) with the query heads of a group stacked, which
@@ -300,7 +313,9 @@ class ServingModel:
 
     # ---- forward passes ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+    def prefill(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, all_logits: bool = False
+    ) -> torch.Tensor:
         """Run right-padded prompts [B, T] from position 0, fill their cache slots.
 
         Returns logits at each prompt's last token [B, V] (or at every position [B, T, V] with all_logits).

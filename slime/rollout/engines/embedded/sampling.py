@@ -56,7 +56,9 @@ def filtered_log_probs(log_probs: torch.Tensor, params: BatchSampling) -> torch.
     return torch.empty_like(log_probs).scatter_(1, order, sorted_lp)
 
 
-def sample_tokens(logits: torch.Tensor, params: BatchSampling, uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(
+    logits: torch.Tensor, params: BatchSampling, uniform: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [n, V] (fp32) -> (token ids [n], their log-probs [n]).
 
     uniform: U[0, 1) draws [n]; unused (may be None) when every row is greedy.

@@ -26,8 +26,9 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -180,7 +181,9 @@ class EmbeddedServer:
         body = await _json_body(request)
         serialized = body.get("serialized_named_tensors")
         if not isinstance(serialized, list) or not serialized:
-            raise ProtocolError("serialized_named_tensors must be a non-empty list (one entry per tensor-parallel rank)")
+            raise ProtocolError(
+                "serialized_named_tensors must be a non-empty list (one entry per tensor-parallel rank)"
+            )
         if body.get("load_format") not in (None, "direct"):
             raise ProtocolError(f"load_format {body.get('load_format')!r} is not supported by this engine (use null)")
         finish = _require_bool(body, "flush_cache", True)
@@ -202,7 +205,9 @@ class EmbeddedServer:
             await self._run_blocking(self.engine.abort, None)
         version = _parse_version(body, self.engine.weight_version)
         await self._run_blocking(self.engine.update_weights_from_disk, path, version)
-        return web.json_response({"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0})
+        return web.json_response(
+            {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+        )
 
     async def not_supported(self, request: web.Request) -> web.Response:
         return _bad_request(
@@ -313,7 +318,9 @@ def _dtype(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Serve an HF checkpoint with the embedded engine over SGLang's HTTP API.")
+    parser = argparse.ArgumentParser(
+        description="Serve an HF checkpoint with the embedded engine over SGLang's HTTP API."
+    )
     parser.add_argument("--model", "--model-path", dest="model", required=True, help="HF checkpoint folder")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = pick a free port")

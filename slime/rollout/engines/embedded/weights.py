@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -24,14 +24,18 @@ def read_checkpoint_tensors(path: str) -> dict[str, torch.Tensor]:
 
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
-        raise WeightUpdateError(f"{path}: no *.safetensors files (save the checkpoint with save_pretrained(safe_serialization=True))")
+        raise WeightUpdateError(
+            f"{path}: no *.safetensors files (save the checkpoint with save_pretrained(safe_serialization=True))"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         tensors.update(load_file(file))
     return tensors
 
 
-def validate_named_tensors(model: ServingModel, named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+def validate_named_tensors(
+    model: ServingModel, named: Iterable[tuple[str, torch.Tensor]]
+) -> list[tuple[str, torch.Tensor]]:
     """Resolve names and check every shape; raise WeightUpdateError on the first bad tensor (nothing copied)."""
     checked: list[tuple[str, torch.Tensor]] = []
     for name, tensor in named:
@@ -40,7 +44,9 @@ def validate_named_tensors(model: ServingModel, named: Iterable[tuple[str, torch
         target_name = model.resolve_name(name)
         target = model.hf_views.get(target_name)
         if target is None:
-            raise WeightUpdateError(f"weight update rejected: unknown tensor name {name!r} for this {model.spec.model_type} model")
+            raise WeightUpdateError(
+                f"weight update rejected: unknown tensor name {name!r} for this {model.spec.model_type} model"
+            )
         if not isinstance(tensor, torch.Tensor):
             raise WeightUpdateError(f"weight update rejected: {name!r} is a {type(tensor).__name__}, not a tensor")
         if tuple(tensor.shape) != tuple(target.shape):
@@ -48,7 +54,9 @@ def validate_named_tensors(model: ServingModel, named: Iterable[tuple[str, torch
                 f"weight update rejected: {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
             )
         if not (tensor.is_floating_point()):
-            raise WeightUpdateError(f"weight update rejected: {name!r} has dtype {tensor.dtype}, expected a floating-point tensor")
+            raise WeightUpdateError(
+                f"weight update rejected: {name!r} has dtype {tensor.dtype}, expected a floating-point tensor"
+            )
         checked.append((target_name, tensor))
     return checked
 

@@ -11,7 +11,8 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -63,15 +64,21 @@ class SGLangClient(RolloutEngine):
         self.tp_size = tp_size
 
     # ---- plumbing ------------------------------------------------------------------------------------
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None, timeout_s: float | None = None) -> Any:
+    def request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, timeout_s: float | None = None
+    ) -> Any:
         """One blocking call; returns parsed JSON (or text). Raises EngineError with the server's message."""
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as response:
                 text = response.read().decode()
         except urllib.error.HTTPError as e:
-            raise EngineError(f"{self.url}{path}: HTTP {e.code}: {_error_message(e.code, e.read().decode(errors='replace'))}") from None
+            raise EngineError(
+                f"{self.url}{path}: HTTP {e.code}: {_error_message(e.code, e.read().decode(errors='replace'))}"
+            ) from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise EngineError(f"{self.url}{path}: cannot reach the server ({reason})") from None
@@ -105,10 +112,16 @@ class SGLangClient(RolloutEngine):
                         async with session.post(self.url + "/generate", json=generate_payload(request)) as response:
                             text = await response.text()
                             status = response.status
-                    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    except (TimeoutError, aiohttp.ClientError) as e:
                         raise EngineError(f"{self.url}/generate: {type(e).__name__}: {e}") from None
                 if status == 400:  # the request itself was bad: an error for this request only
-                    return GenerateResult(request.rid, [], [] if request.return_logprob else None, "error", error=_error_message(status, text))
+                    return GenerateResult(
+                        request.rid,
+                        [],
+                        [] if request.return_logprob else None,
+                        "error",
+                        error=_error_message(status, text),
+                    )
                 if status != 200:
                     raise EngineError(f"{self.url}/generate: HTTP {status}: {_error_message(status, text)}")
                 try:
@@ -150,7 +163,13 @@ class SGLangClient(RolloutEngine):
         self._post_update("/update_weights_from_disk", {"model_path": path, "weight_version": str(version)})
 
     def init_weights_update_group(
-        self, master_address: str, master_port: int, rank_offset: int, world_size: int, backend: str, group_name: str = "weight_update_group"
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        backend: str,
+        group_name: str = "weight_update_group",
     ) -> None:
         """Join the trainer's broadcast group (backend: the hardware backend's `dist_backend`)."""
         self._post_update(
@@ -166,8 +185,13 @@ class SGLangClient(RolloutEngine):
         )
 
     def update_weights_from_distributed(
-        self, names: list[str], dtypes: list[torch.dtype], shapes: list[tuple[int, ...]], version: int,
-        group_name: str = "weight_update_group", finish: bool = True,
+        self,
+        names: list[str],
+        dtypes: list[torch.dtype],
+        shapes: list[tuple[int, ...]],
+        version: int,
+        group_name: str = "weight_update_group",
+        finish: bool = True,
     ) -> None:
         """Announce one bucket the trainer is about to broadcast in the group (call, then broadcast)."""
         self._post_update(

@@ -22,8 +22,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from slime.rollout.engines.base import EngineError
 from slime.rollout.engines.sglang.client import SGLangClient
@@ -74,7 +74,9 @@ def server_argv(options: Mapping[str, str], parser: argparse.ArgumentParser | No
         option = next((c for c in candidates if c in flags), candidates[0])
         action = flags.get(option)
         if parser is not None and action is None:
-            raise EngineError(f"--sglang-{name.replace('_', '-')}: the installed sglang has no server option {candidates[0]}")
+            raise EngineError(
+                f"--sglang-{name.replace('_', '-')}: the installed sglang has no server option {candidates[0]}"
+            )
         takes_value = action.nargs != 0 if action is not None else str(value).lower() != "true"
         if not takes_value:
             if str(value).lower() in ("true", "1", "yes"):
@@ -86,7 +88,9 @@ def server_argv(options: Mapping[str, str], parser: argparse.ArgumentParser | No
             try:
                 parser.parse_args(["--model-path", "x", *argv])
             except SystemExit:
-                raise EngineError(f"--sglang-* options rejected by sglang: {err.getvalue().strip().splitlines()[-1]}") from None
+                raise EngineError(
+                    f"--sglang-* options rejected by sglang: {err.getvalue().strip().splitlines()[-1]}"
+                ) from None
     return argv
 
 
@@ -150,15 +154,21 @@ class ServerProcess:
             self.process.wait(timeout=grace_s)
 
 
-def start_process(command: list[str], url: str, log_dir: str | None, name: str, env: Mapping[str, str] | None = None) -> ServerProcess:
+def start_process(
+    command: list[str], url: str, log_dir: str | None, name: str, env: Mapping[str, str] | None = None
+) -> ServerProcess:
     log_dir = log_dir or tempfile.mkdtemp(prefix="slime-servers-")
     os.makedirs(log_dir, exist_ok=True)
     log_path = os.path.join(log_dir, f"{name}.log")
-    log = open(log_path, "ab")
+    log = open(log_path, "ab")  # noqa: SIM115 -- the server process writes to it; closed when the server stops
     try:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, start_new_session=True,
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
         )
     finally:
         log.close()  # the child holds its own descriptor
@@ -188,8 +198,16 @@ class SGLangEngine(SGLangClient):
         url = f"http://{config.host}:{port}"
         passthrough = server_argv(config.server_options, parser) if config.server_options else []
         command = [
-            config.python, "-m", config.launch_module,
-            "--model-path", config.model_path, "--host", config.host, "--port", str(port), *passthrough,
+            config.python,
+            "-m",
+            config.launch_module,
+            "--model-path",
+            config.model_path,
+            "--host",
+            config.host,
+            "--port",
+            str(port),
+            *passthrough,
         ]
         self.server = start_process(command, url, config.log_dir, f"sglang-{port}", config.env)
         super().__init__(url, timeout_s=config.request_timeout_s)
@@ -206,13 +224,27 @@ class SGLangEngine(SGLangClient):
         self.server.stop()
 
 
-def launch_router(worker_urls: list[str], host: str = "127.0.0.1", port: int = 0, timeout_s: float = 120.0,
-                  log_dir: str | None = None, extra_args: list[str] | None = None) -> ServerProcess:
+def launch_router(
+    worker_urls: list[str],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    timeout_s: float = 120.0,
+    log_dir: str | None = None,
+    extra_args: list[str] | None = None,
+) -> ServerProcess:
     """Start sglang-router in front of `worker_urls`; returns once it answers /health."""
     port = port or free_port(host)
     command = [
-        sys.executable, "-m", "sglang_router.launch_router",
-        "--host", host, "--port", str(port), "--worker-urls", *worker_urls, *(extra_args or []),
+        sys.executable,
+        "-m",
+        "sglang_router.launch_router",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--worker-urls",
+        *worker_urls,
+        *(extra_args or []),
     ]
     router = start_process(command, f"http://{host}:{port}", log_dir, f"router-{port}")
     router.wait_ready(timeout_s, health_path="/health")

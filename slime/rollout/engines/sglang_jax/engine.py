@@ -25,14 +25,20 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import torch
 
 from slime.rollout.engines.base import GenerateRequest, GenerateResult, WeightUpdateError
 from slime.rollout.engines.sglang.client import SGLangClient
-from slime.rollout.engines.sglang.launcher import ServerLaunchError, ServerProcess, free_port, server_argv, start_process
+from slime.rollout.engines.sglang.launcher import (
+    ServerLaunchError,
+    ServerProcess,
+    free_port,
+    server_argv,
+    start_process,
+)
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -58,7 +64,7 @@ def checkpoint_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
-            for name in f.keys():
+            for name in f:
                 shapes[name] = tuple(f.get_slice(name).get_shape())
     return shapes
 
@@ -110,7 +116,9 @@ class SGLangJaxEngine(SGLangClient):
     def __init__(self, config: SGLangJaxServerConfig, parser: argparse.ArgumentParser | None = None):
         self.config = config
         self.port = config.port or free_port(config.host)
-        self._passthrough = server_argv(config.server_options, parser or _server_parser()) if config.server_options else []
+        self._passthrough = (
+            server_argv(config.server_options, parser or _server_parser()) if config.server_options else []
+        )
         self._serving_path = config.model_path
         self._shapes = checkpoint_tensor_shapes(config.model_path)
         self._staged: dict[str, torch.Tensor] = {}
@@ -121,8 +129,16 @@ class SGLangJaxEngine(SGLangClient):
 
     def _launch(self, model_path: str) -> ServerProcess:
         command = [
-            self.config.python, "-m", self.config.launch_module,
-            "--model-path", model_path, "--host", self.config.host, "--port", str(self.port), *self._passthrough,
+            self.config.python,
+            "-m",
+            self.config.launch_module,
+            "--model-path",
+            model_path,
+            "--host",
+            self.config.host,
+            "--port",
+            str(self.port),
+            *self._passthrough,
         ]
         server = start_process(command, self.url, self.config.log_dir, f"sglang-jax-{self.port}", self.config.env)
         try:
@@ -146,10 +162,14 @@ class SGLangJaxEngine(SGLangClient):
             expected = self._shapes.get(name)
             if expected is None:
                 self._staged.clear()
-                raise WeightUpdateError(f"weight update rejected: unknown tensor name {name!r} (not in {self._serving_path})")
+                raise WeightUpdateError(
+                    f"weight update rejected: unknown tensor name {name!r} (not in {self._serving_path})"
+                )
             if tuple(tensor.shape) != expected:
                 self._staged.clear()
-                raise WeightUpdateError(f"weight update rejected: {name!r} has shape {tuple(tensor.shape)}, the model expects {expected}")
+                raise WeightUpdateError(
+                    f"weight update rejected: {name!r} has shape {tuple(tensor.shape)}, the model expects {expected}"
+                )
         for name, tensor in bucket:
             self._staged[name] = tensor.detach().to("cpu", copy=True)
         if not finish:
@@ -165,7 +185,9 @@ class SGLangJaxEngine(SGLangClient):
         self._staged.clear()
         shapes = checkpoint_tensor_shapes(path)
         if shapes != self._shapes:
-            raise WeightUpdateError(f"{path}: its tensors (names or shapes) differ from the serving checkpoint {self._serving_path}")
+            raise WeightUpdateError(
+                f"{path}: its tensors (names or shapes) differ from the serving checkpoint {self._serving_path}"
+            )
         self._reload(path, version)
 
     def _reload(self, path: str, version: int) -> None:
@@ -174,7 +196,9 @@ class SGLangJaxEngine(SGLangClient):
             self.server = self._launch(path)
         except ServerLaunchError as error:
             self.server = self._launch(self._serving_path)  # keep serving the old weights
-            raise WeightUpdateError(f"reloading from {path} failed; still serving {self._serving_path}: {error}") from None
+            raise WeightUpdateError(
+                f"reloading from {path} failed; still serving {self._serving_path}: {error}"
+            ) from None
         self._serving_path = path
         self._version = int(version)
 
