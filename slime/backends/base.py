@@ -103,6 +103,35 @@ class ProbeResult:
     details: dict[str, str] = field(default_factory=dict)
 
 
+# Weight-sync transports, from trainer to rollout engines. Hardware-neutral names: which one a backend offers
+# is its own business; config validation refuses a transport the selected backend does not list.
+WEIGHT_SYNC_OBJECT_STORE = "object_store"  # HF-named buckets through Ray's object store (any engine, any host)
+WEIGHT_SYNC_BROADCAST = "broadcast"  # a process group from trainer rank 0 to the engines, one broadcast per bucket
+WEIGHT_SYNC_IPC = "ipc"  # device-memory handles to a colocated engine (SGLang's update_weights_from_tensor)
+WEIGHT_SYNC_IN_PROCESS = "in_process"  # engine and trainer share a process: parameters resharded in place
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can run. Config validation refuses combinations outside these before anything
+    starts. In each tuple the first entry is the default that the backend picks when no flag asks."""
+
+    trainer_families: tuple[str, ...]  # "megatron" | "jax"
+    rollout_engines: tuple[str, ...]  # "embedded" | "sglang" | "sglang_jax" | "jax"
+    weight_sync: tuple[str, ...]  # WEIGHT_SYNC_* above
+    moe_dispatchers: tuple[str, ...]  # megatron-core moe_token_dispatcher_type values
+    memory_saver: bool  # engines can release and resume device memory (colocate offload)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "trainer_families": list(self.trainer_families),
+            "rollout_engines": list(self.rollout_engines),
+            "weight_sync": list(self.weight_sync),
+            "moe_dispatchers": list(self.moe_dispatchers),
+            "memory_saver": self.memory_saver,
+        }
+
+
 class Backend(ABC):
     """One hardware target. Subclasses are registered with @register_backend."""
 
@@ -116,6 +145,7 @@ class Backend(ABC):
     kernel_impl: ClassVar[str]  # default kernel implementation family: "torch" | "triton" | "jax"
     docker_image: ClassVar[str]
     ray_device_resource: ClassVar[str] = "GPU"  # the Ray resource that counts one device of this backend
+    capabilities: ClassVar[Capabilities]
     requirements: ClassVar[tuple[Requirement, ...]]
     optional: ClassVar[tuple[Requirement, ...]] = ()  # reported, but not needed to be available
 
@@ -190,6 +220,7 @@ class Backend(ABC):
             "kernel_impl": self.kernel_impl,
             "docker_image": self.docker_image,
             "ray_device_resource": self.ray_device_resource,
+            "capabilities": self.capabilities.describe(),
         }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from slime.backends.base import Backend, Requirement, register_backend
+from slime.backends.base import WEIGHT_SYNC_OBJECT_STORE, Backend, Capabilities, Requirement, register_backend
 
 
 @register_backend
@@ -21,6 +21,13 @@ class CpuBackend(Backend):
     # A "device" is a worker process: a bundle holds one logical CPU, and the local cluster declares as many
     # logical CPUs as the bundles need (Ray's CPU count is a scheduling quota, not a thread count).
     ray_device_resource = "CPU"
+    capabilities = Capabilities(
+        trainer_families=("megatron",),
+        rollout_engines=("embedded",),
+        weight_sync=(WEIGHT_SYNC_OBJECT_STORE,),
+        moe_dispatchers=("alltoall",),
+        memory_saver=False,
+    )
     requirements = (
         Requirement("torch", "torch"),
         Requirement("megatron.core", "megatron-core"),

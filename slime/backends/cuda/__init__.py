@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from slime.backends.base import Backend, Requirement, register_backend, torch_build
+from slime.backends.base import (
+    WEIGHT_SYNC_OBJECT_STORE,
+    Backend,
+    Capabilities,
+    Requirement,
+    register_backend,
+    torch_build,
+)
 
 
 @register_backend
@@ -16,6 +23,13 @@ class CudaBackend(Backend):
     moe_dispatcher = "flex"  # megatron-core's flex dispatcher over DeepEP; falls back to alltoall without it
     kernel_impl = "triton"
     docker_image = "slime:cuda"
+    capabilities = Capabilities(
+        trainer_families=("megatron",),
+        rollout_engines=("sglang", "embedded"),
+        weight_sync=(WEIGHT_SYNC_OBJECT_STORE,),
+        moe_dispatchers=("flex", "alltoall"),
+        memory_saver=True,
+    )
     requirements = (
         Requirement("torch", "torch"),
         Requirement("megatron.core", "megatron-core"),

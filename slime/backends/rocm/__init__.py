@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from slime.backends.base import Backend, Requirement, register_backend, torch_build
+from slime.backends.base import (
+    WEIGHT_SYNC_OBJECT_STORE,
+    Backend,
+    Capabilities,
+    Requirement,
+    register_backend,
+    torch_build,
+)
 
 
 @register_backend
@@ -16,6 +23,13 @@ class RocmBackend(Backend):
     moe_dispatcher = "alltoall"
     kernel_impl = "triton"
     docker_image = "slime:rocm"
+    capabilities = Capabilities(
+        trainer_families=("megatron",),
+        rollout_engines=("sglang", "embedded"),
+        weight_sync=(WEIGHT_SYNC_OBJECT_STORE,),
+        moe_dispatchers=("alltoall",),
+        memory_saver=True,
+    )
     requirements = (
         Requirement("torch", "torch", note="ROCm torch comes from the ROCm wheel index or the slime ROCm image"),
         Requirement("megatron.core", "megatron-core"),

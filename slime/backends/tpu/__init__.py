@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from slime.backends.base import Backend, Requirement, register_backend
+from slime.backends.base import WEIGHT_SYNC_OBJECT_STORE, Backend, Capabilities, Requirement, register_backend
 
 
 @register_backend
@@ -17,6 +17,13 @@ class TpuBackend(Backend):
     kernel_impl = "jax"
     docker_image = "slime:tpu"
     ray_device_resource = "TPU"
+    capabilities = Capabilities(
+        trainer_families=("megatron",),
+        rollout_engines=("sglang_jax",),
+        weight_sync=(WEIGHT_SYNC_OBJECT_STORE,),
+        moe_dispatchers=("alltoall",),
+        memory_saver=False,
+    )
     requirements = (
         Requirement("jax", "jax"),
         Requirement("libtpu", "libtpu"),
