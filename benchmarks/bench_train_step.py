@@ -92,10 +92,11 @@ def hf_step(folder: Path, samples, lr: float):
 
 def slime_steps(folder: Path, samples, lr: float) -> dict:
     from slime.backends import select_backend
+    from slime.net import free_port
     from slime.training.actor import PolicyTrainer
     from slime.training.batch import TrainBatch
     from slime.training.config import TrainerConfig
-    from slime.training.distributed import free_port, init_distributed
+    from slime.training.distributed import init_distributed
 
     backend = select_backend("cpu")
     init_distributed(backend, 0, 1, "127.0.0.1", free_port(), tensor_parallel_size=1)

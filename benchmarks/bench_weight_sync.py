@@ -36,10 +36,11 @@ def main() -> int:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
     from slime.backends import select_backend
+    from slime.net import free_port
     from slime.rollout.engines.embedded.engine import EmbeddedEngine
     from slime.training.actor import PolicyTrainer
     from slime.training.config import TrainerConfig
-    from slime.training.distributed import destroy_distributed, free_port, init_distributed
+    from slime.training.distributed import destroy_distributed, init_distributed
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

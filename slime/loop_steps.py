@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from slime import invariants
 from slime.config import Config
 from slime.plugins import PluginError
 from slime.ray.actors import RunActors, engine_spec
 from slime.ray.cluster import ClusterError, get_all
-from slime.testing import invariants
 from slime.training import checkpoint
 from slime.training.batch import TrainBatch
 from slime.training.experience import AdvantageSettings, compute_advantages

@@ -38,7 +38,7 @@ def one_line(error: BaseException) -> str:
 
 def main(argv: list[str]) -> int:
     from slime.config import build_parser, parse_config
-    from slime.testing.invariants import InvariantViolation
+    from slime.invariants import InvariantViolation
 
     if any(a in ("-h", "--help") for a in argv):
         build_parser().print_help()

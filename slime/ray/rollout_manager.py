@@ -51,8 +51,8 @@ class RolloutManager:
         plugin path reaches the driver as the original exception.)"""
         from transformers import AutoTokenizer
 
+        from slime import plugins
         from slime.backends import select_backend
-        from slime.rollout import plugins
         from slime.rollout.generate import RolloutContext
 
         config = self.config

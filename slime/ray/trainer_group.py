@@ -36,7 +36,7 @@ class TrainerWorker:
     def master_address(self) -> tuple[str, int]:
         import ray
 
-        from slime.training.distributed import free_port
+        from slime.net import free_port
 
         return ray.util.get_node_ip_address(), free_port()
 

@@ -148,6 +148,15 @@ def truncate_to(sample: Sample, response_length: int) -> None:
     sample.status = SampleStatus.PENDING
 
 
+@dataclass
+class GroupCounts:
+    """What happened to the groups drawn for one rollout besides being kept."""
+
+    filtered_out: int = 0  # rejected by the dynamic sampling filter
+    discarded: int = 0  # surplus over-sampled groups, thrown away
+    returned: int = 0  # cut off by a partial rollout, back in the data source with what they have
+
+
 async def generate_rollout(
     ctx: RolloutContext,
     data_source: DataSource,
@@ -162,9 +171,8 @@ async def generate_rollout(
     max_engine_retries: int = 3,
 ) -> RolloutResult:
     params = sampling_params_for(ctx.config)
-    stats = RolloutStats()
+    stats, counts = RolloutStats(), GroupCounts()
     kept: list[list[Sample]] = []
-    filtered_out = discarded = returned = 0
     start = time.monotonic()
 
     async def run_group(group: list[Sample]) -> list[Sample]:
@@ -180,63 +188,72 @@ async def generate_rollout(
         if barren_waves >= MAX_BARREN_WAVES:
             raise RuntimeError(
                 f"the dynamic sampling filter rejected every group of {barren_waves} generation waves in a row "
-                f"({filtered_out} groups); check --dynamic-sampling-filter-path and the reward"
+                f"({counts.filtered_out} groups); check --dynamic-sampling-filter-path and the reward"
             )
         kept_before = len(kept)
-        wave = over_sampling_groups or (num_groups - len(kept))
-        groups = data_source.get_groups(wave)
-        pending = {asyncio.ensure_future(run_group(g)) for g in groups}
-        try:
-            while pending and len(kept) < num_groups:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    group = task.result()
-                    if len(kept) >= num_groups:
-                        discarded += 1
-                    elif filter_fn is None or filter_fn(ctx, group):
-                        kept.append(group)
-                    else:
-                        filtered_out += 1
-        except BaseException:
-            for task in pending:
-                task.cancel()
-            raise
+        groups = data_source.get_groups(over_sampling_groups or (num_groups - len(kept)))
+        pending = await collect_wave(ctx, [run_group(g) for g in groups], kept, num_groups, filter_fn, counts)
         barren_waves = 0 if len(kept) > kept_before else barren_waves + 1
         if pending:
-            # Enough groups are kept: stop the rest rather than wait for responses that would be thrown away
-            # (a partial rollout keeps what they generated so far for the next step).
-            await ctx.abort_all()
-            leftovers = sorted(
-                await asyncio.gather(*pending), key=lambda g: g[0].group_index
-            )  # deterministic buffer order
-            for group in leftovers:
-                if partial_rollout and any(s.status is SampleStatus.ABORTED for s in group):
-                    data_source.add_back([group], keep_partial=True)
-                    returned += 1
-                else:
-                    discarded += 1
+            await stop_surplus(ctx, data_source, pending, partial_rollout, counts)
 
     # Groups finish in whatever order the engines serve them; the batch is ordered by group so that the
     # trainer sees the same batch (and the same split over data-parallel ranks) on every run.
     kept.sort(key=lambda g: g[0].group_index)
+    return RolloutResult(kept, rollout_metrics(ctx, kept, stats, counts, time.monotonic() - start))
+
+
+async def collect_wave(ctx, group_runs, kept, num_groups, filter_fn, counts: GroupCounts) -> set[asyncio.Future]:
+    """Keep finished groups that pass the filter until the batch is full; returns the groups still running."""
+    pending = {asyncio.ensure_future(run) for run in group_runs}
+    try:
+        while pending and len(kept) < num_groups:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                group = task.result()
+                if len(kept) >= num_groups:
+                    counts.discarded += 1
+                elif filter_fn is None or filter_fn(ctx, group):
+                    kept.append(group)
+                else:
+                    counts.filtered_out += 1
+    except BaseException:
+        for task in pending:
+            task.cancel()
+        raise
+    return pending
+
+
+async def stop_surplus(ctx, data_source: DataSource, pending, partial_rollout: bool, counts: GroupCounts) -> None:
+    """Enough groups are kept: stop the rest rather than wait for responses that would be thrown away (a
+    partial rollout keeps what they generated so far for the next step)."""
+    await ctx.abort_all()
+    leftovers = sorted(await asyncio.gather(*pending), key=lambda g: g[0].group_index)  # deterministic order
+    for group in leftovers:
+        if partial_rollout and any(s.status is SampleStatus.ABORTED for s in group):
+            data_source.add_back([group], keep_partial=True)
+            counts.returned += 1
+        else:
+            counts.discarded += 1
+
+
+def rollout_metrics(ctx, kept, stats: RolloutStats, counts: GroupCounts, elapsed: float) -> dict[str, float]:
     samples = [s for g in kept for s in g]
-    elapsed = time.monotonic() - start
     rewards = [s.scalar_reward(ctx.config.rollout.reward_key) for s in samples]
     lengths = [s.response_length for s in samples]
-    metrics = {
+    return {
         "rollout/reward_mean": sum(rewards) / len(rewards),
         "rollout/response_length_mean": sum(lengths) / len(lengths),
         "rollout/response_length_max": float(max(lengths)),
         "rollout/truncated_fraction": sum(s.status is SampleStatus.TRUNCATED for s in samples) / len(samples),
-        "rollout/groups_filtered_out": float(filtered_out),
-        "rollout/groups_discarded": float(discarded),
-        "rollout/groups_returned_partial": float(returned),
+        "rollout/groups_filtered_out": float(counts.filtered_out),
+        "rollout/groups_discarded": float(counts.discarded),
+        "rollout/groups_returned_partial": float(counts.returned),
         "rollout/engine_retries": float(stats.engine_retries),
         "rollout/failed_samples": float(sum(s.status is SampleStatus.FAILED for s in samples)),
         "rollout/generated_tokens": float(stats.generated_tokens),
         "rollout/tokens_per_s": stats.generated_tokens / elapsed if elapsed > 0 else 0.0,
     }
-    return RolloutResult(kept, metrics)
 
 
 async def evaluate(

@@ -1,5 +1,5 @@
 """Plugins the end-to-end tests name by dotted path (`loop_plugins.<name>`): each follows the contract in
-slime/rollout/plugins.py and runs inside the rollout manager's Ray actor."""
+slime/plugins.py and runs inside the rollout manager's Ray actor."""
 
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ def test_settings_refuse_kl_shaping_with_group_estimators():
 
 # ---- --ci-test invariants -----------------------------------------------------------------------------
 def test_invariants_pass_and_fail_with_numbers():
-    from slime.testing.invariants import InvariantViolation, check_first_step, check_ranges, logprob_agreement
+    from slime.invariants import InvariantViolation, check_first_step, check_ranges, logprob_agreement
 
     masks = [torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0])]
     trainer = [torch.tensor([-0.5, -1.0]), torch.tensor([-2.0, 99.0])]  # the masked 99 is never looked at

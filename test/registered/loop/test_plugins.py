@@ -145,7 +145,8 @@ def test_an_engine_failure_mid_sample_is_rolled_back_and_retried_once(served):
 
 
 def test_partial_rollout_returns_aborted_groups_with_their_tokens(served):
-    from slime.rollout import generate, plugins
+    from slime import plugins
+    from slime.rollout import generate
     from slime.rollout.generate import RolloutContext
     from slime.rollout.rollout import generate_rollout
 
@@ -198,8 +199,8 @@ def test_partial_rollout_returns_aborted_groups_with_their_tokens(served):
 
 
 def test_each_plugin_kind_resolves_and_bad_paths_name_their_flag(served):
+    from slime import plugins
     from slime.plugins import PluginError
-    from slime.rollout import plugins
     from slime.rollout.filters import check_reward_nonzero_std
 
     files = served[0]

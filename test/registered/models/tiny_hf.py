@@ -78,7 +78,7 @@ def _entry(rank, world, port, fn, args, queue):
 
 def run_ranks(fn, world: int, *args, timeout: float = 240.0) -> list:
     """Run fn(rank, world, port, *args) in `world` spawned processes; return results in rank order."""
-    from slime.training.distributed import free_port
+    from slime.net import free_port
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

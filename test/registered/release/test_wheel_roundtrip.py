@@ -9,7 +9,6 @@ proves pip had no public index to fall back to; the wheel's metadata is checked 
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from passlib.apache import HtpasswdFile
 from release.build import build, inspect_sdist, inspect_wheel, read_wheel, twine_check
 from release.publish import PublishError, publish
 from release.version import GitState, compute_version, declared_version
+from slime.net import free_port
 from slime.testing.ci_register import register_cpu_ci
 
 register_cpu_ci(est_time=45, suite="base-c-test-cpu")
@@ -33,12 +33,6 @@ BIN = Path(sys.executable).parent
 VERSION = compute_version(
     GitState(None, 1, "0" * 40, False), "nightly", declared_version(REPO), datetime.date(2025, 3, 4)
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wheel_from_installed(dist_name: str, out_dir: Path) -> Path:

@@ -14,7 +14,6 @@ import contextlib
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from slime.net import free_port
 from slime.rollout.engines.base import EngineError
 from slime.rollout.engines.sglang.client import SGLangClient
 
@@ -34,12 +34,6 @@ RESERVED_SERVER_OPTIONS = ("model_path", "host", "port")
 
 class ServerLaunchError(EngineError):
     """A server did not become ready; the message ends with its last log lines."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _sglang_parser() -> argparse.ArgumentParser | None:
