@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from slime.backends import Backend, select_backend
-from slime.config import Config, ConfigError, check_paths
+from slime.backends import Backend
+from slime.config import Config
 from slime.loop_steps import (
     describe_start,
     dump_rollout,
@@ -25,6 +25,7 @@ from slime.loop_steps import (
     sync_weights,
     train_on_rollout,
 )
+from slime.preflight import CheckedRun, check_run
 from slime.ray.actors import start_actors
 from slime.run_log import RunLog
 
@@ -38,37 +39,32 @@ class RunSummary:
     checkpoint: str | None = None
 
 
-def train(config: Config, backend: Backend | None = None) -> RunSummary:
+def train(config: Config, backend: Backend | None = None, checked: CheckedRun | None = None) -> RunSummary:
+    """Run `config`; `checked` is its start-up check (`slime.preflight.check_run`), done here when not given."""
     import ray
-    from transformers import AutoConfig, AutoTokenizer
 
     from slime.plugins import load_function
-    from slime.rollout.plugins import load_rollout_plugins
 
-    check_paths(config)
-    load_rollout_plugins(config)  # a bad plugin path fails here, naming its flag, before Ray starts
+    checked = checked or check_run(config, backend)  # every user mistake fails here, before Ray starts
+    backend = checked.backend
     advantage_fn = None
     if config.algorithm.custom_advantage_function_path:
         advantage_fn = load_function(
             config.algorithm.custom_advantage_function_path, "--custom-advantage-function-path", 3
         )
-    backend = backend or select_backend(config.cluster.hardware)
-    if config.cluster.rollout_num_gpus_per_engine != 1:
-        # An engine actor is placed on one bundle (one device), and tensor-parallel SGLang servers would also need
-        # --tp-size and one weight payload per rank: not wired yet, so refuse rather than run on one device.
-        raise ConfigError("--rollout-num-gpus-per-engine must be 1 for now: each engine runs on one device")
     config.write(config.logging.output_dir)
-    tokenizer = AutoTokenizer.from_pretrained(config.checkpoint.hf_checkpoint)
-    vocab_size = AutoConfig.from_pretrained(config.checkpoint.hf_checkpoint).vocab_size  # may exceed len(tokenizer)
-    run = start_actors(config, backend)
+    tokenizer, vocab_size = checked.model.tokenizer, checked.model.vocab_size  # vocab may exceed len(tokenizer)
+    run = start_actors(config, backend, checked.data)
     try:
         rollout, colocate, is_async = run.rollout, config.cluster.colocate, config.train.async_rollout
         start, version = load_checkpoint(config, run) if config.checkpoint.load else (0, 0)
         log = RunLog(config, start)
-        log.message(describe_start(config, backend, start))
+        log.message(describe_start(config, backend, start) + checked.data_counts())
+        for note in checked.notes:
+            log.message(note)
         summary = RunSummary(config.logging.output_dir, start)
         if start == 0 and config.train.sft_warmup_steps:
-            sft_warmup(config, run, tokenizer, log)
+            sft_warmup(config, run, tokenizer, log, checked)
         if start == 0 and needs_reference(config):
             run.actor.snapshot("ref")
         if start > 0 or config.train.sft_warmup_steps:
@@ -120,6 +116,8 @@ def train(config: Config, backend: Backend | None = None) -> RunSummary:
             metrics["perf/step_time"] = time.perf_counter() - step_start
             metrics["perf/completions_per_s"] = len(samples) / metrics["perf/step_time"]
             metrics["weight_version"] = float(version)
+            if step == start:  # rows the start-up check skipped (--skip-bad-rows) or dropped (too long)
+                metrics.update(checked.data.metrics())
             log.log(step, metrics)
             summary.last_metrics = metrics
 

@@ -6,9 +6,11 @@ import importlib
 import inspect
 from collections.abc import Callable
 
+from slime.errors import FlagError
 
-class PluginError(ValueError):
-    pass
+
+class PluginError(FlagError):
+    """A plugin path (a flag's value) that cannot be imported or called as its contract says."""
 
 
 def load_function(path: str, flag: str, expected_params: int | None = None) -> Callable:

@@ -22,8 +22,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from slime.errors import FlagError, ModelError
 
-class CheckpointMismatch(ValueError):
+
+class CheckpointMismatch(ModelError):
     """One-line, user-facing: a checkpoint tensor is missing, unexpected, or has the wrong shape."""
 
 
@@ -88,17 +90,18 @@ class GPTBridge:
                 f"{family}: num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}"
             )
         if heads % tp or groups % tp:
-            raise ValueError(
-                f"tensor_parallel_size={tp} must divide num_attention_heads={heads} and "
-                f"num_key_value_heads={groups} of {cfg.model_type} config"
+            raise FlagError(
+                f"--tensor-model-parallel-size {tp} must divide num_attention_heads={heads} and "
+                f"num_key_value_heads={groups} of the {cfg.model_type} model"
             )
         if cfg.vocab_size % tp:
-            raise ValueError(
-                f"tensor_parallel_size={tp} must divide vocab_size={cfg.vocab_size} of {cfg.model_type} config"
+            raise FlagError(
+                f"--tensor-model-parallel-size {tp} must divide vocab_size={cfg.vocab_size} of the {cfg.model_type} model"
             )
         if cfg.intermediate_size % tp:
-            raise ValueError(
-                f"tensor_parallel_size={tp} must divide intermediate_size={cfg.intermediate_size} of {cfg.model_type} config"
+            raise FlagError(
+                f"--tensor-model-parallel-size {tp} must divide intermediate_size={cfg.intermediate_size} "
+                f"of the {cfg.model_type} model"
             )
         self.rope_inv_freq()  # unsupported rope types fail here, before a model is built
 
@@ -324,8 +327,8 @@ class GPTBridge:
         return list(zip(pm.hf_names, full))
 
     # ---- checkpoint I/O -------------------------------------------------------------------------
-    def load_hf(self, model: torch.nn.Module, hf_checkpoint: str | os.PathLike) -> None:
-        """Copy an HF safetensors checkpoint into `model` (this rank's shards), checking every shape."""
+    def check_hf_tensors(self, hf_checkpoint: str | os.PathLike) -> _SafetensorsFolder:
+        """The checkpoint's tensors, every name and shape checked against config.json (reads headers only)."""
         reader = _SafetensorsFolder(Path(hf_checkpoint))
         expected = self.hf_shapes()
         missing = [name for name in expected if name not in reader.names]
@@ -344,6 +347,11 @@ class GPTBridge:
                 raise CheckpointMismatch(
                     f"{reader.file_of(name)}: tensor {name} has shape {tuple(found)} but config.json implies {tuple(shape)}"
                 )
+        return reader
+
+    def load_hf(self, model: torch.nn.Module, hf_checkpoint: str | os.PathLike) -> None:
+        """Copy an HF safetensors checkpoint into `model` (this rank's shards), checking every shape."""
+        reader = self.check_hf_tensors(hf_checkpoint)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for pm in self.param_maps():
@@ -381,11 +389,16 @@ class _SafetensorsFolder:
 
         files = sorted(folder.glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"{folder}: no *.safetensors files (only safetensors checkpoints are read)")
-        self._handles = {f: safe_open(str(f), framework="pt") for f in files}
+            raise ModelError(f"{folder}: no *.safetensors files (only safetensors checkpoints are read)")
+        self._handles = {}
+        for f in files:
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt")
+            except Exception as exc:  # safetensors raises its own SafetensorError (or OSError) for a damaged file
+                raise ModelError(f"{f}: not a readable safetensors file ({str(exc).strip()[:200]})") from None
         self._where: dict[str, Path] = {}
         for f, handle in self._handles.items():
-            for name in handle:
+            for name in handle.keys():  # noqa: SIM118 -- safetensors handles are not iterable
                 self._where[name] = f
 
     @property
