@@ -321,8 +321,11 @@ def _parse_passthrough(rest: list[str], known_flags: list[str]) -> tuple[dict[st
             megatron_known = _megatron_fields()
         key = name.replace("-", "_")
         if key not in megatron_known:
-            close = difflib.get_close_matches(
-                token.split("=")[0], known_flags + ["--" + k.replace("_", "-") for k in megatron_known], n=1
+            given = token.split("=")[0]
+            candidates = known_flags + ["--" + k.replace("_", "-") for k in megatron_known]
+            # a prefix of a flag (abbreviations are not accepted) is most likely meant as that flag
+            close = [f for f in candidates if f.startswith(given)][:1] or difflib.get_close_matches(
+                given, candidates, n=1
             )
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"unknown flag {token.split('=')[0]}{hint}")

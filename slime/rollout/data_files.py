@@ -138,6 +138,7 @@ def _parquet_items(path: Path) -> Iterator[tuple[str, Any]]:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError variants for a damaged or foreign file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first.split(f"{path}': ", 1)[-1]  # pyarrow repeats the path the message already starts with
         raise DataError(f"{path}: not a readable parquet file ({first})", str(path)) from None
     for i, row in enumerate(table.to_pylist(), 1):
         yield f"{path}:row {i}", row
