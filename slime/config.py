@@ -139,6 +139,9 @@ class TrainConfig:
     use_dynamic_batch_size: bool = opt(False, "pack micro-batches by --max-tokens-per-gpu")
     max_tokens_per_gpu: int | None = opt(None, "token budget per micro-batch")
     tensor_model_parallel_size: int = opt(1, "tensor parallel size of the trainer")
+    make_vocab_size_divisible_by: int = opt(
+        1, "pad the trainer's vocabulary to a multiple of this times the TP size (as Megatron; never exported)"
+    )
     lr: float = opt(1e-6, "peak learning rate")
     min_lr: float = opt(0.0, "final learning rate")
     lr_warmup_iters: int = opt(0, "warmup steps")
@@ -392,6 +395,8 @@ def _check_parallel(config: Config) -> list[str]:
     t, c = config.train, config.cluster
     if t.tensor_model_parallel_size < 1:
         return [f"--tensor-model-parallel-size must be >= 1, got {t.tensor_model_parallel_size}"]
+    if t.make_vocab_size_divisible_by < 1:
+        return [f"--make-vocab-size-divisible-by must be >= 1, got {t.make_vocab_size_divisible_by}"]
     problems = []
     world = c.actor_num_nodes * c.actor_num_gpus_per_node
     if world % t.tensor_model_parallel_size:

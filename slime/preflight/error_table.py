@@ -125,10 +125,10 @@ MISTAKES: tuple[Mistake, ...] = (
         "vocab.json)",
     ),
     Mistake(
-        "model_tp_vocab",
+        "model_feature",
         "model",
-        "a vocabulary that the tensor-parallel size does not divide",
-        "--tensor-model-parallel-size 2 must divide vocab_size=17 of the qwen3 model",
+        "a setting of the family slime does not implement",
+        "{dir}/config.json: qwen3 config: hidden_act='gelu'; only 'silu' (SwiGLU) is supported",
     ),
     # ---- data files ----
     Mistake("data_missing", "data", "a data file that does not exist", "{dir}/none.jsonl: no such file"),

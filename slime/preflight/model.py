@@ -74,7 +74,10 @@ def _check_family(folder: Path, hf: dict, tensor_parallel_size: int):
         hf_config = AutoConfig.from_pretrained(str(folder))
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise ModelError(f"{folder / 'config.json'}: transformers cannot read it ({_first_line(exc)})") from None
-    return bridge_class_for(hf_config)(hf_config, tensor_parallel_size=tensor_parallel_size)
+    try:
+        return bridge_class_for(hf_config)(hf_config, tensor_parallel_size=tensor_parallel_size)
+    except ModelError as exc:  # the bridge's message names the family's setting; say which file it is in
+        raise ModelError(f"{folder / 'config.json'}: {exc}") from None
 
 
 def _check_engine_support(folder: Path, hf: dict, engine_kind: str) -> None:

@@ -15,6 +15,7 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 class TrainerConfig:
     hf_checkpoint: str
     tensor_parallel_size: int = 1
+    make_vocab_size_divisible_by: int = 1  # the trainer pads its vocabulary to a multiple of this * TP
     seed: int = 1234
     # optimizer and schedule
     lr: float = 1e-6
