@@ -100,6 +100,22 @@ def check_run_paths(config: Config) -> None:
         raise FlagError("--rollout-num-gpus-per-engine must be 1 for now: each engine runs on one device")
 
 
+def check_engine_options(config: Config, engine_kind: str) -> list[str]:
+    """--sglang-* pass-through options against the installed SGLang's own parser; a note when they cannot apply."""
+    if not config.sglang:
+        return []
+    if engine_kind != "sglang":
+        return [f"--sglang-* options are ignored: this run's rollout engine is {engine_kind}"]
+    from slime.rollout.engines.base import EngineError
+    from slime.rollout.engines.sglang.launcher import server_argv
+
+    try:
+        server_argv(config.sglang)
+    except EngineError as exc:  # its messages name the --sglang-* flag
+        raise FlagError(str(exc)) from None
+    return []
+
+
 def prepare_data(config: Config, model: ModelFacts) -> PreparedData:
     d, r = config.data, config.rollout
     keys = RowKeys(d.input_key, d.label_key, d.metadata_key)
@@ -132,8 +148,9 @@ def check_run(config: Config, backend=None) -> CheckedRun:
     check_run_paths(config)
     check_plugins(config)
     backend = backend or select_backend(config.cluster.hardware)
+    engine_notes = check_engine_options(config, backend.rollout_engine)
     model = check_model(config, backend.rollout_engine)
     if config.train.sft_warmup_steps and not model.eos_ids:
         raise ModelError(f"--sft-warmup-steps: the model in {model.folder} names no EOS token to end responses with")
     data = prepare_data(config, model)
-    return CheckedRun(config, backend, model, data, model.notes + data_notes(config, data))
+    return CheckedRun(config, backend, model, data, engine_notes + model.notes + data_notes(config, data))

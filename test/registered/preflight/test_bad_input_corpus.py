@@ -213,10 +213,22 @@ def test_good_inputs_pass_and_leftovers_are_counted(tmp_path, model, capsys):
     rows = [*GOOD_ROWS, "{bad", {"prompt": "1" * 60, "label": 1}, {"prompt": "1" * 30, "label": 1}]
     bad = write_jsonl(tmp_path / "mixed.jsonl", rows)
     code = slime_main(
-        ["train", "--check", *argv, "--prompt-data", str(bad), "--skip-bad-rows", "--rollout-max-prompt-len", "20"]
+        [
+            "train",
+            "--check",
+            *argv,
+            "--prompt-data",
+            str(bad),
+            "--skip-bad-rows",
+            "--rollout-max-prompt-len",
+            "20",
+            "--sglang-mem-fraction-static",
+            "0.7",
+        ]
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 0
+    assert err.pop(0) == "note: --sglang-* options are ignored: this run's rollout engine is embedded"
     assert (
         err[0]
         == f"note: {bad}: skipped 1 bad rows (first: {bad}:9: invalid JSON (Expecting property name enclosed in double quotes at column 2))"
