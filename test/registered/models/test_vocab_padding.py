@@ -13,6 +13,7 @@ from slime.testing.ci_register import register_cpu_ci
 register_cpu_ci(est_time=45, suite="base-b-test-cpu")
 
 ODD_VOCAB = 251
+TEMPERATURE = 0.7
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +31,11 @@ def input_ids():
 def run_padded(rank, world, port, folders, multiple):
     from safetensors.torch import load_file
 
+    from slime.kernels import get_op
     from slime.models import bridge_class_for, load_hf_config
     from slime.training.log_probs import vocab_parallel_log_probs_and_entropy
 
-    _, layout = init_rank(rank, world, port, tp=world)
+    backend, layout = init_rank(rank, world, port, tp=world)
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()
@@ -50,6 +52,10 @@ def run_padded(rank, world, port, folders, multiple):
             log_probs, entropy = vocab_parallel_log_probs_and_entropy(
                 logits[:, :-1], ids[:, 1:], layout.tp_rank * local, group
             )
+            trainer_op = get_op("vocab_parallel_logprobs_and_entropy", backend=backend)  # what the actor runs
+            op_lp, op_entropy = trainer_op(
+                logits[:, :-1].reshape(-1, local), ids[:, 1:].reshape(-1), group, temperature=TEMPERATURE
+            )
 
         def gather(t):
             parts = [torch.empty_like(t) for _ in range(world)]
@@ -60,7 +66,7 @@ def run_padded(rank, world, port, folders, multiple):
         exported = dict(bridge.export_hf(model, gather))
         original = load_file(str(Path(folder) / "model.safetensors"))
         exact = sorted(exported) == sorted(original) and all(torch.equal(exported[k], original[k]) for k in original)
-        out[name] = (bridge.padded_vocab_size, full_logits, log_probs, entropy, exact)
+        out[name] = (bridge.padded_vocab_size, full_logits, (log_probs, entropy), (op_lp, op_entropy), exact)
     return out
 
 
@@ -74,14 +80,20 @@ def test_tp2_on_an_odd_vocabulary_matches_transformers(checkpoints, multiple, pa
         ids = input_ids()
         with torch.no_grad():
             expected = hf(ids).logits
-        expected_lp = torch.log_softmax(expected[:, :-1], -1)
-        expected_entropy = -(expected_lp.exp() * expected_lp).sum(-1)
-        expected_lp = expected_lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
         for rank_result in results:
-            size, logits, log_probs, entropy, exact = rank_result[name]
+            size, logits, (log_probs, entropy), (op_lp, op_entropy), exact = rank_result[name]
             assert size == padded and logits.shape[-1] == padded
             assert exact, f"{name}: the export differs from the checkpoint (padding must not leave the trainer)"
             assert (logits[..., :ODD_VOCAB] - expected).abs().max().item() < 1e-5
             assert torch.all(logits[..., ODD_VOCAB:] == -1e4)
-            assert (log_probs - expected_lp).abs().max().item() < 1e-5
-            assert (entropy - expected_entropy).abs().max().item() < 1e-5
+            for temperature, lp, ent in ((1.0, log_probs, entropy), (TEMPERATURE, op_lp, op_entropy)):
+                want_lp, want_entropy = reference(expected, ids, temperature)
+                assert (lp.reshape(want_lp.shape) - want_lp).abs().max().item() < 1e-5
+                assert (ent.reshape(want_entropy.shape) - want_entropy).abs().max().item() < 1e-5
+
+
+def reference(logits, ids, temperature):
+    """transformers' next-token log-probs and entropies at a temperature."""
+    log_softmax = torch.log_softmax(logits[:, :-1] / temperature, -1)
+    entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+    return log_softmax.gather(-1, ids[:, 1:, None]).squeeze(-1), entropy
