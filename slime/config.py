@@ -278,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: a flag is matched only whole (a prefix such as --rollout-engine would otherwise become
     # --rollout-engine-batch-size); an unknown flag goes to the pass-through, which says "did you mean".
     parser = _Parser(
-        prog="slime train", description="RL training with Megatron-core and a rollout engine", allow_abbrev=False
+        prog="slime train",
+        description="RL training with Megatron-core and a rollout engine",
+        epilog="--check: run only the start-up checks (flags, model folder, data files; exit 0 or 2). "
+        "--help-errors: what each mistake prints.",
+        allow_abbrev=False,
     )
     for name, cls in SECTIONS.items():
         _add_section(parser, name, cls)
