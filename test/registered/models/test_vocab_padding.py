@@ -10,7 +10,7 @@ from tiny_hf import init_rank, make_tiny_model, run_ranks
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=45, suite="base-b-test-cpu")
+register_cpu_ci(est_time=50, suite="base-b-test-cpu")
 
 ODD_VOCAB = 251
 TEMPERATURE = 0.7
