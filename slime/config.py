@@ -18,9 +18,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from slime.errors import FlagError
 
-class ConfigError(ValueError):
-    """A user mistake in flags; the message names the flag(s) and the numbers."""
+# A user mistake in flags; the message names the flag(s) and the numbers (the name predates slime.errors).
+ConfigError = FlagError
 
 
 def opt(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None, nargs: str | None = None):
@@ -138,6 +139,9 @@ class TrainConfig:
     use_dynamic_batch_size: bool = opt(False, "pack micro-batches by --max-tokens-per-gpu")
     max_tokens_per_gpu: int | None = opt(None, "token budget per micro-batch")
     tensor_model_parallel_size: int = opt(1, "tensor parallel size of the trainer")
+    make_vocab_size_divisible_by: int = opt(
+        1, "pad the trainer's vocabulary to a multiple of this times the TP size (as Megatron; never exported)"
+    )
     lr: float = opt(1e-6, "peak learning rate")
     min_lr: float = opt(0.0, "final learning rate")
     lr_warmup_iters: int = opt(0, "warmup steps")
@@ -271,7 +275,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="slime train", description="RL training with Megatron-core and a rollout engine")
+    # allow_abbrev=False: a flag is matched only whole (a prefix such as --rollout-engine would otherwise become
+    # --rollout-engine-batch-size); an unknown flag goes to the pass-through, which says "did you mean".
+    parser = _Parser(
+        prog="slime train",
+        description="RL training with Megatron-core and a rollout engine",
+        epilog="--check: run only the start-up checks (flags, model folder, data files; exit 0 or 2). "
+        "--help-errors: what each mistake prints.",
+        allow_abbrev=False,
+    )
     for name, cls in SECTIONS.items():
         _add_section(parser, name, cls)
     return parser
@@ -316,8 +328,11 @@ def _parse_passthrough(rest: list[str], known_flags: list[str]) -> tuple[dict[st
             megatron_known = _megatron_fields()
         key = name.replace("-", "_")
         if key not in megatron_known:
-            close = difflib.get_close_matches(
-                token.split("=")[0], known_flags + ["--" + k.replace("_", "-") for k in megatron_known], n=1
+            given = token.split("=")[0]
+            candidates = known_flags + ["--" + k.replace("_", "-") for k in megatron_known]
+            # a prefix of a flag (abbreviations are not accepted) is most likely meant as that flag
+            close = [f for f in candidates if f.startswith(given)][:1] or difflib.get_close_matches(
+                given, candidates, n=1
             )
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"unknown flag {token.split('=')[0]}{hint}")
@@ -347,67 +362,132 @@ def parse_config(argv: list[str]) -> Config:
 
 
 def validate(config: Config) -> None:
-    """Cross-field checks, each failing with the formula and the numbers."""
-    r, t, c, d = config.rollout, config.train, config.cluster, config.data
+    """Cross-field checks, each failing with the formula and the numbers; all problems in one message."""
     problems: list[str] = []
+    for step in (_check_batches, _check_parallel, _check_algorithm, _check_inputs, _check_sft, _check_rollout):
+        problems += step(config)
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else "; ".join(problems))
+
+
+def _check_batches(config: Config) -> list[str]:
+    r, t = config.rollout, config.train
     samples = r.rollout_batch_size * r.n_samples_per_prompt
     if min(r.rollout_batch_size, r.n_samples_per_prompt, t.global_batch_size, t.num_rollout) < 1:
+        return ["--rollout-batch-size, --n-samples-per-prompt, --global-batch-size and --num-rollout must be >= 1"]
+    problems = []
+    if samples % t.global_batch_size:
         problems.append(
-            "--rollout-batch-size, --n-samples-per-prompt, --global-batch-size and --num-rollout must be >= 1"
+            f"--rollout-batch-size * --n-samples-per-prompt = {r.rollout_batch_size} * {r.n_samples_per_prompt} = "
+            f"{samples} must be divisible by --global-batch-size {t.global_batch_size}"
         )
-    elif samples % t.global_batch_size:
+    if t.use_dynamic_batch_size and not t.max_tokens_per_gpu:
+        problems.append("--use-dynamic-batch-size needs --max-tokens-per-gpu")
+    if t.max_tokens_per_gpu is not None and t.max_tokens_per_gpu < 1:
+        problems.append(f"--max-tokens-per-gpu must be >= 1, got {t.max_tokens_per_gpu}")
+    if t.micro_batch_size < 1:
+        problems.append(f"--micro-batch-size must be >= 1, got {t.micro_batch_size}")
+    if r.over_sampling_batch_size is not None and r.over_sampling_batch_size < r.rollout_batch_size:
         problems.append(
-            f"--rollout-batch-size * --n-samples-per-prompt = {r.rollout_batch_size} * {r.n_samples_per_prompt} = {samples} "
-            f"must be divisible by --global-batch-size {t.global_batch_size}"
+            f"--over-sampling-batch-size {r.over_sampling_batch_size} must be >= --rollout-batch-size "
+            f"{r.rollout_batch_size}"
         )
+    return problems
+
+
+def _check_parallel(config: Config) -> list[str]:
+    t, c = config.train, config.cluster
+    if t.tensor_model_parallel_size < 1:
+        return [f"--tensor-model-parallel-size must be >= 1, got {t.tensor_model_parallel_size}"]
+    if t.make_vocab_size_divisible_by < 1:
+        return [f"--make-vocab-size-divisible-by must be >= 1, got {t.make_vocab_size_divisible_by}"]
+    problems = []
     world = c.actor_num_nodes * c.actor_num_gpus_per_node
     if world % t.tensor_model_parallel_size:
         problems.append(
             f"trainer processes --actor-num-nodes * --actor-num-gpus-per-node = {world} must be divisible by "
             f"--tensor-model-parallel-size {t.tensor_model_parallel_size}"
         )
-    else:
+    elif t.global_batch_size >= 1:
         dp = world // t.tensor_model_parallel_size
         if t.global_batch_size % dp:
             problems.append(f"--global-batch-size {t.global_batch_size} must be divisible by data-parallel size {dp}")
-        elif not t.use_dynamic_batch_size and (t.global_batch_size // dp) % t.micro_batch_size:
+        elif (
+            not t.use_dynamic_batch_size
+            and t.micro_batch_size >= 1
+            and (t.global_batch_size // dp) % t.micro_batch_size
+        ):
             problems.append(
-                f"--global-batch-size / dp = {t.global_batch_size} / {dp} = {t.global_batch_size // dp} must be divisible by "
-                f"--micro-batch-size {t.micro_batch_size}"
+                f"--global-batch-size / dp = {t.global_batch_size} / {dp} = {t.global_batch_size // dp} must be "
+                f"divisible by --micro-batch-size {t.micro_batch_size}"
             )
-    if t.use_dynamic_batch_size and not t.max_tokens_per_gpu:
-        problems.append("--use-dynamic-batch-size needs --max-tokens-per-gpu")
     if c.rollout_num_gpus % c.rollout_num_gpus_per_engine:
         problems.append(
-            f"--rollout-num-gpus {c.rollout_num_gpus} must be divisible by --rollout-num-gpus-per-engine {c.rollout_num_gpus_per_engine}"
+            f"--rollout-num-gpus {c.rollout_num_gpus} must be divisible by --rollout-num-gpus-per-engine "
+            f"{c.rollout_num_gpus_per_engine}"
         )
-    if r.over_sampling_batch_size is not None and r.over_sampling_batch_size < r.rollout_batch_size:
+    if t.async_rollout and c.colocate:
         problems.append(
-            f"--over-sampling-batch-size {r.over_sampling_batch_size} must be >= --rollout-batch-size {r.rollout_batch_size}"
+            "--async overlaps generation with training on separate devices; --colocate shares them: use one"
         )
-    if len(d.eval_prompt_data) % 2:
-        problems.append("--eval-prompt-data takes NAME PATH pairs")
-    if config.algorithm.advantage_estimator in ("grpo", "gspo") and r.n_samples_per_prompt < 2:
-        problems.append(
-            f"--advantage-estimator {config.algorithm.advantage_estimator} needs --n-samples-per-prompt >= 2 (groups)"
-        )
-    if config.algorithm.eps_clip_c is not None and config.algorithm.eps_clip_c <= 1:
-        problems.append(f"--eps-clip-c must be > 1, got {config.algorithm.eps_clip_c}")
-    if config.algorithm.use_kl_loss and config.algorithm.kl_loss_coef <= 0:
+    return problems
+
+
+def _check_algorithm(config: Config) -> list[str]:
+    a, r = config.algorithm, config.rollout
+    problems = []
+    if a.advantage_estimator in ("grpo", "gspo") and r.n_samples_per_prompt < 2:
+        problems.append(f"--advantage-estimator {a.advantage_estimator} needs --n-samples-per-prompt >= 2 (groups)")
+    if a.eps_clip_c is not None and a.eps_clip_c <= 1:
+        problems.append(f"--eps-clip-c must be > 1, got {a.eps_clip_c}")
+    if a.use_kl_loss and a.kl_loss_coef <= 0:
         problems.append("--use-kl-loss needs --kl-loss-coef > 0")
+    if a.kl_coef and a.advantage_estimator in ("grpo", "gspo", "reinforce_plus_plus_baseline"):
+        problems.append(
+            f"--kl-coef (KL as reward shaping) needs --advantage-estimator ppo or reinforce_plus_plus; "
+            f"with {a.advantage_estimator} use --use-kl-loss"
+        )
     if r.rm_type is None and r.custom_rm_path is None:
         problems.append("no reward: give --rm-type or --custom-rm-path")
     if r.rm_type == "remote_rm" and not r.rm_url:
         problems.append("--rm-type remote_rm needs --rm-url")
-    if not config.checkpoint.hf_checkpoint:
+    return problems
+
+
+def _check_inputs(config: Config) -> list[str]:
+    d, k = config.data, config.checkpoint
+    problems = []
+    if not k.hf_checkpoint:
         problems.append("--hf-checkpoint is required")
     if not d.prompt_data:
         problems.append("--prompt-data is required")
+    if len(d.eval_prompt_data) % 2:
+        problems.append("--eval-prompt-data takes NAME PATH pairs")
+    if d.eval_interval is not None and not d.eval_prompt_data:
+        problems.append("--eval-interval needs --eval-prompt-data NAME PATH")
+    if d.eval_interval is not None and d.eval_interval < 1:
+        problems.append(f"--eval-interval must be >= 1, got {d.eval_interval}")
+    if d.rollout_max_prompt_len is not None and d.rollout_max_prompt_len < 1:
+        problems.append(f"--rollout-max-prompt-len must be >= 1, got {d.rollout_max_prompt_len}")
+    if k.keep_last_n is not None and k.keep_last_n < 1:
+        problems.append(f"--keep-last-n must be >= 1, got {k.keep_last_n}")
+    for flag, value in (
+        ("--save-interval", k.save_interval),
+        ("--rollout-max-context-len", config.rollout.rollout_max_context_len),
+    ):
+        if value is not None and value < 1:
+            problems.append(f"{flag} must be >= 1, got {value}")
+    return problems
+
+
+def _check_sft(config: Config) -> list[str]:
+    t, d = config.train, config.data
+    problems = []
     if t.sft_warmup_steps and not t.sft_data:
         problems.append("--sft-warmup-steps needs --sft-data")
     if t.sft_batch_size < 1:
         problems.append(f"--sft-batch-size must be >= 1, got {t.sft_batch_size}")
-    elif t.sft_warmup_steps and t.sft_batch_size % (config.data_parallel_size or 1):
+    elif t.sft_warmup_steps and config.data_parallel_size and t.sft_batch_size % config.data_parallel_size:
         problems.append(
             f"--sft-batch-size {t.sft_batch_size} must be divisible by data-parallel size {config.data_parallel_size}"
         )
@@ -417,45 +497,27 @@ def validate(config: Config) -> None:
         problems.append(f"--sft-eval-set {t.sft_eval_set!r} is not a NAME given to --eval-prompt-data")
     if t.sft_eval_interval < 1:
         problems.append(f"--sft-eval-interval must be >= 1, got {t.sft_eval_interval}")
-    if t.async_rollout and c.colocate:
-        problems.append(
-            "--async overlaps generation with training on separate devices; --colocate shares them: use one"
-        )
-    a = config.algorithm
-    if a.kl_coef and a.advantage_estimator in ("grpo", "gspo", "reinforce_plus_plus_baseline"):
-        problems.append(
-            f"--kl-coef (KL as reward shaping) needs --advantage-estimator ppo or reinforce_plus_plus; with {a.advantage_estimator} use --use-kl-loss"
-        )
-    if d.eval_interval is not None and not d.eval_prompt_data:
-        problems.append("--eval-interval needs --eval-prompt-data NAME PATH")
-    if d.eval_interval is not None and d.eval_interval < 1:
-        problems.append(f"--eval-interval must be >= 1, got {d.eval_interval}")
-    if r.rollout_engine_batch_size < 1:
-        problems.append(f"--rollout-engine-batch-size must be >= 1, got {r.rollout_engine_batch_size}")
-    if problems:
-        raise ConfigError(problems[0] if len(problems) == 1 else "; ".join(problems))
+    return problems
 
 
-def check_paths(config: Config) -> None:
-    """The files the run reads must exist: checked before anything starts, each failure naming its flag."""
-    hf = Path(config.checkpoint.hf_checkpoint)
-    if not (hf / "config.json").is_file():
-        raise ConfigError(f"--hf-checkpoint {hf}: no config.json there (expected a HuggingFace model folder)")
-    files = [("--prompt-data", config.data.prompt_data)] + [
-        ("--eval-prompt-data", path) for _, path in eval_sets(config)
-    ]
-    if config.train.sft_warmup_steps:
-        files.append(("--sft-data", config.train.sft_data))
-    for flag, path in files:
-        if not Path(path).is_file():
-            raise ConfigError(f"{flag} {path}: no such file")
-    if config.checkpoint.load:
-        from slime.training.checkpoint import resolve_checkpoint
-
-        try:
-            resolve_checkpoint(config.checkpoint.load)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"--load {exc}") from None
+def _check_rollout(config: Config) -> list[str]:
+    r = config.rollout
+    problems = []
+    for flag, value in (
+        ("--rollout-engine-batch-size", r.rollout_engine_batch_size),
+        ("--rollout-max-response-len", r.rollout_max_response_len),
+        ("--rollout-concurrency", r.rollout_concurrency),
+        ("--n-samples-per-eval-prompt", r.n_samples_per_eval_prompt),
+    ):
+        if value < 1:
+            problems.append(f"{flag} must be >= 1, got {value}")
+    if r.rollout_temperature < 0:
+        problems.append(f"--rollout-temperature must be >= 0, got {r.rollout_temperature}")
+    if not 0 < r.rollout_top_p <= 1:
+        problems.append(f"--rollout-top-p must be in (0, 1], got {r.rollout_top_p}")
+    if r.rollout_top_k < -1:
+        problems.append(f"--rollout-top-k must be -1 (off) or >= 0, got {r.rollout_top_k}")
+    return problems
 
 
 def eval_sets(config: Config) -> list[tuple[str, str]]:

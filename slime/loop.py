@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from slime.backends import Backend, select_backend
-from slime.config import Config, ConfigError, check_paths
+from slime.backends import Backend
+from slime.config import Config
 from slime.loop_steps import (
     describe_start,
     dump_rollout,
@@ -26,6 +26,7 @@ from slime.loop_steps import (
     sync_weights,
     train_on_rollout,
 )
+from slime.preflight import CheckedRun, check_run
 from slime.ray.actors import RunActors, start_actors
 from slime.run_log import RunLog
 
@@ -43,20 +44,27 @@ class RunSummary:
 class RunInputs:
     """What the loop needs besides the config, all checked before any actor starts."""
 
-    backend: Backend
+    checked: CheckedRun  # the start-up check's findings: backend, model facts, the data as read
     pad_token_id: int
     vocab_size: int  # the model's logits width; may exceed len(tokenizer)
     tokenizer: object
     advantage_fn: object | None  # --custom-advantage-function-path, loaded
 
+    @property
+    def backend(self) -> Backend:
+        return self.checked.backend
 
-def train(config: Config, backend: Backend | None = None) -> RunSummary:
-    inputs = prepare(config, backend)
-    run = start_actors(config, inputs.backend)
+
+def train(config: Config, backend: Backend | None = None, checked: CheckedRun | None = None) -> RunSummary:
+    """Run `config`; `checked` is its start-up check (`slime.preflight.check_run`), done here when not given."""
+    inputs = prepare(config, backend, checked)
+    run = start_actors(config, inputs.backend, inputs.checked.data)
     try:
         start, version = load_checkpoint(config, run) if config.checkpoint.load else (0, 0)
         log = RunLog(config, start)
-        log.message(describe_start(config, inputs.backend, start))
+        log.message(describe_start(config, inputs.backend, start) + inputs.checked.data_counts())
+        for note in inputs.checked.notes:
+            log.message(note)
         summary = RunSummary(config.logging.output_dir, start)
         begin(config, run, inputs, log, summary, start, version)
 
@@ -66,6 +74,8 @@ def train(config: Config, backend: Backend | None = None) -> RunSummary:
             samples, metrics, next_rollout = collect_rollout(config, run, step, next_rollout)
             metrics |= train_phase(config, run, inputs, samples, step, first=step == start)
             metrics |= sync_phase(config, run, step + 1, next_rollout)
+            if step == start:  # rows the start-up check skipped (--skip-bad-rows) or dropped (too long)
+                metrics |= inputs.checked.data.metrics()
             if config.checkpoint.save and should(
                 config.checkpoint.save_interval or config.train.num_rollout, step, config.train.num_rollout
             ):
@@ -84,24 +94,15 @@ def train(config: Config, backend: Backend | None = None) -> RunSummary:
         run.shutdown()
 
 
-def prepare(config: Config, backend: Backend | None) -> RunInputs:
-    """Every check that needs no actor, then the run folder: a mistake fails here, before Ray starts."""
-    from transformers import AutoConfig, AutoTokenizer
+def prepare(config: Config, backend: Backend | None, checked: CheckedRun | None) -> RunInputs:
+    """Every check that needs no actor, then the run folder: a user mistake fails here, before Ray starts."""
+    from slime.plugins import load_advantage_plugin
 
-    from slime.plugins import load_advantage_plugin, load_rollout_plugins
-
-    check_paths(config)
-    load_rollout_plugins(config)  # a bad plugin path fails here, naming its flag
+    checked = checked or check_run(config, backend)  # flags, packages, plugins, model folder, every data file
     advantage_fn = load_advantage_plugin(config)
-    backend = backend or select_backend(config.cluster.hardware)
-    if config.cluster.rollout_num_gpus_per_engine != 1:
-        # An engine actor is placed on one bundle (one device), and tensor-parallel SGLang servers would also need
-        # --tp-size and one weight payload per rank: not wired yet, so refuse rather than run on one device.
-        raise ConfigError("--rollout-num-gpus-per-engine must be 1 for now: each engine runs on one device")
     config.write(config.logging.output_dir)
-    tokenizer = AutoTokenizer.from_pretrained(config.checkpoint.hf_checkpoint)
-    vocab_size = AutoConfig.from_pretrained(config.checkpoint.hf_checkpoint).vocab_size
-    return RunInputs(backend, tokenizer.pad_token_id, vocab_size, tokenizer, advantage_fn)
+    tokenizer = checked.model.tokenizer
+    return RunInputs(checked, tokenizer.pad_token_id, checked.model.vocab_size, tokenizer, advantage_fn)
 
 
 def begin(
@@ -111,7 +112,7 @@ def begin(
     the step-0 evaluation. A resumed run only hands its checkpoint's weights to the engines."""
     fresh = start == 0
     if fresh and config.train.sft_warmup_steps:
-        sft_warmup(config, run, inputs.tokenizer, log)
+        sft_warmup(config, run, inputs.tokenizer, log, inputs.checked)
     if fresh and needs_reference(config):
         run.actor.snapshot("ref")
     if not fresh or config.train.sft_warmup_steps:

@@ -61,28 +61,24 @@ def sync_weights(config: Config, run: RunActors, version: int) -> float:
 
 
 # ---- SFT warm-up --------------------------------------------------------------------------------------
-def sft_samples(config: Config, tokenizer) -> list[Sample]:
-    """Prompt/response rows tokenized as prompt + response + EOS, trained on the response and the EOS. Prompts
-    are rendered as the rollout renders them (chat template, length limit), so SFT and RL see the same text."""
-    from slime.rollout.data import prepare_prompts, read_rows
-
-    d = config.data
-    rows, _ = read_rows(config.train.sft_data, d.input_key, "response", None, d.skip_bad_rows)
-    dataset = prepare_prompts(rows, tokenizer, d.apply_chat_template, d.rollout_max_prompt_len)
+def sft_samples(dataset, tokenizer, eos_id: int) -> list[Sample]:
+    """Prompt/response rows (the start-up check read --sft-data) tokenized as prompt + response + EOS, trained on
+    the response and the EOS. Prompts are rendered as the rollout renders them (chat template, length limit), so
+    SFT and RL see the same text; the EOS is the one the engines stop at (slime.models.eos)."""
     samples = []
     for i, (text, prompt, row) in enumerate(dataset.prompts):
-        response = tokenizer(str(row.label), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        response = tokenizer(str(row.label), add_special_tokens=False)["input_ids"] + [eos_id]
         samples.append(Sample(prompt=text, tokens=prompt + response, response_length=len(response), index=i))
     return samples
 
 
-def sft_warmup(config: Config, run: RunActors, tokenizer, log) -> int:
+def sft_warmup(config: Config, run: RunActors, tokenizer, log, checked) -> int:
     """Supervised steps on --sft-data; with --sft-stop-reward, ends early once the --sft-eval-set reaches it
     (checked every --sft-eval-interval steps, the engines getting the weights first). Returns the steps run."""
     import ray
 
     t = config.train
-    samples = sft_samples(config, tokenizer)
+    samples = sft_samples(checked.data.sft, tokenizer, checked.model.eos_ids[0])
     order: list[int] = []
     rng = random.Random(config.train.seed)
     for step in range(t.sft_warmup_steps):

@@ -17,13 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from slime.errors import FlagError
+
 if TYPE_CHECKING:
     from slime.config import Config
     from slime.rollout.rollout import FilterFn, GenerateFn, RewardSpec
 
 
-class PluginError(ValueError):
-    pass
+class PluginError(FlagError):
+    """A plugin path (a flag's value) that cannot be imported or called as its contract says."""
 
 
 def load_function(path: str, flag: str, expected_params: int | None = None) -> Callable:
@@ -69,7 +71,7 @@ def load_rollout_plugins(config: Config) -> RolloutPlugins:
         generate_fn = load_function(r.custom_generate_function_path, "--custom-generate-function-path", 3)
     custom_rm = load_function(r.custom_rm_path, "--custom-rm-path", 2) if r.custom_rm_path else None
     if r.rm_type is not None and r.rm_type not in (*rm_hub.BUILTIN, "remote_rm"):
-        raise ValueError(f"--rm-type {r.rm_type!r} is not one of: {', '.join([*rm_hub.BUILTIN, 'remote_rm'])}")
+        raise FlagError(f"--rm-type {r.rm_type!r} is not one of: {', '.join([*rm_hub.BUILTIN, 'remote_rm'])}")
     remote = None
     if r.rm_type == "remote_rm":
         from slime.rollout.rm_hub.remote import RemoteRewardModel

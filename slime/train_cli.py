@@ -1,7 +1,9 @@
-"""`slime train ...`: parse and validate the flags, pick the backend, run the loop.
+"""`slime train ...`: parse the flags, check everything the run is given, pick the backend, run the loop.
 
-A user mistake (a flag, a file, a plugin path, a missing package) ends with one line on stderr and exit
-code 2; a --ci-test invariant violation with exit code 3; anything else is a bug and keeps its traceback.
+`slime train --check` stops after the checks (exit 0). `slime train --help-errors` prints what each kind of
+mistake prints. A user mistake (`slime.errors.UserError`: a flag, a data file, the model folder, a missing
+package) ends with one line on stderr and exit code 2, also when a Ray worker raised it; a --ci-test
+invariant violation ends with exit code 3; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,58 +12,43 @@ import sys
 
 EXIT_USAGE = 2
 EXIT_INVARIANT = 3
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from slime.backends import BackendUnavailable
-    from slime.config import ConfigError
-    from slime.plugins import PluginError
-    from slime.ray.cluster import ClusterError
-    from slime.rollout.data import DataError
-    from slime.rollout.engines.base import EngineError
-
-    return (ConfigError, DataError, PluginError, BackendUnavailable, ClusterError, EngineError, FileNotFoundError)
-
-
-def root_cause(error: BaseException) -> BaseException:
-    """The exception a Ray worker raised, out of Ray's wrapper (RayTaskError carries it as .cause)."""
-    seen = 0
-    while seen < 8 and getattr(error, "cause", None) is not None and isinstance(error.cause, BaseException):
-        error, seen = error.cause, seen + 1
-    return error
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+CHECK_FLAG = "--check"
+HELP_ERRORS_FLAG = "--help-errors"
 
 
 def main(argv: list[str]) -> int:
-    from slime.config import build_parser, parse_config
-    from slime.invariants import InvariantViolation
+    from slime.config import build_parser
 
     if any(a in ("-h", "--help") for a in argv):
         build_parser().print_help()
         return 0
-    try:
-        config = parse_config(argv)
-        from slime import loop
+    if HELP_ERRORS_FLAG in argv:
+        from slime.preflight.error_table import render_table
 
-        summary = loop.train(config)
+        print(render_table())
+        return 0
+    check_only = CHECK_FLAG in argv
+    argv = [a for a in argv if a != CHECK_FLAG]
+    try:
+        return _run(argv, check_only)
     except BaseException as raised:
-        error = root_cause(raised)
-        if isinstance(error, InvariantViolation):
-            print(f"error: {one_line(error)}", file=sys.stderr)
-            return EXIT_INVARIANT
-        if isinstance(error, user_errors()) or (
-            isinstance(error, ValueError) and type(error) is ValueError and _is_flag_message(error)
-        ):
-            print(f"error: {one_line(error)}", file=sys.stderr)
-            return EXIT_USAGE
-        if isinstance(raised, KeyboardInterrupt):
-            print("interrupted", file=sys.stderr)
-            return 130
-        raise
+        return _exit_code(raised)
+
+
+def _run(argv: list[str], check_only: bool) -> int:
+    from slime.config import parse_config
+    from slime.preflight import check_run
+
+    config = parse_config(argv)
+    checked = check_run(config)
+    if check_only:
+        for line in checked.notes:
+            print(f"note: {line}", file=sys.stderr)
+        print(checked.describe(), file=sys.stderr)
+        return 0
+    from slime import loop
+
+    summary = loop.train(config, checked.backend, checked)
     print(
         f"done: run folder {summary.output_dir}" + (f", checkpoint {summary.checkpoint}" if summary.checkpoint else ""),
         file=sys.stderr,
@@ -69,6 +56,19 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _is_flag_message(error: ValueError) -> bool:
-    """ValueErrors our own validators raise name a flag (--something)."""
-    return str(error).lstrip().startswith("--") or " --" in str(error)
+def _exit_code(raised: BaseException) -> int:
+    """Exit code for what ended the run, with its one line printed; re-raises a bug (traceback kept)."""
+    from slime.errors import one_line, unwrap, user_error_in
+    from slime.invariants import InvariantViolation
+
+    user_error = user_error_in(raised)
+    if user_error is not None:
+        print(f"error: {one_line(user_error)}", file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(unwrap(raised), InvariantViolation):
+        print(f"error: {one_line(unwrap(raised))}", file=sys.stderr)
+        return EXIT_INVARIANT
+    if isinstance(raised, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+    raise raised

@@ -15,11 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from slime.errors import UserError
+
 # auto-detection order: the most specific accelerator wins; cpu is always last and always available.
 DETECTION_ORDER: tuple[str, ...] = ("cuda", "rocm", "tpu", "cpu")
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(UserError, RuntimeError):
     """Raised with a one-line, user-facing message naming what to install."""
 
 

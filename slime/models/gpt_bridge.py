@@ -22,8 +22,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from slime.errors import FlagError, ModelError
 
-class CheckpointMismatch(ValueError):
+
+class CheckpointMismatch(ModelError):
     """One-line, user-facing: a checkpoint tensor is missing, unexpected, or has the wrong shape."""
 
 
@@ -36,8 +38,11 @@ def load_hf_config(hf_checkpoint: str | os.PathLike):
     return AutoConfig.from_pretrained(str(path))
 
 
-# How a megatron parameter is split across tensor-parallel ranks.
+# How a megatron parameter is split across tensor-parallel ranks (VOCAB: rows of the padded vocabulary).
 REPLICATED, ROWS, COLUMNS, QKV, GATE_UP = "replicated", "rows", "columns", "qkv", "gate_up"
+VOCAB = "vocab"
+# The logit of a padding id: exp() of it is 0 in every float dtype, and it stays finite after / temperature.
+PADDED_LOGIT = -1e4
 
 
 @dataclass(frozen=True)
@@ -55,11 +60,43 @@ class GPTBridge:
     qkv_bias: ClassVar[bool] = False
     qk_norm: ClassVar[bool] = False
 
-    def __init__(self, hf_config, tensor_parallel_size: int = 1, tensor_parallel_rank: int = 0):
+    def __init__(
+        self,
+        hf_config,
+        tensor_parallel_size: int = 1,
+        tensor_parallel_rank: int = 0,
+        make_vocab_size_divisible_by: int = 1,
+    ):
         self.hf_config = hf_config
         self.tp_size = tensor_parallel_size
         self.tp_rank = tensor_parallel_rank
+        self.vocab_multiple = make_vocab_size_divisible_by
         self._validate()
+
+    # ---- vocabulary padding -------------------------------------------------------------------
+    # As Megatron pads (--make-vocab-size-divisible-by): the trainer's embedding and output layer hold
+    # padded_vocab_size rows, a multiple of the multiple times the TP size, so every rank gets an equal slice.
+    # The extra rows are zero, their logits are masked out of the softmax, and they never leave the trainer:
+    # HF export and weight sync cut them off.
+    @property
+    def padded_vocab_size(self) -> int:
+        step = self.vocab_multiple * self.tp_size
+        return -(-self.hf_config.vocab_size // step) * step
+
+    def _pad_vocab_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        extra = self.padded_vocab_size - tensor.shape[0]
+        return tensor if extra == 0 else torch.cat([tensor, tensor.new_zeros(extra, *tensor.shape[1:])])
+
+    def _mask_padded_logits(self, module, inputs, output):
+        """Forward hook on the output layer: this rank's logits of padded ids become very negative (finite, so
+        that entropy's p * log p stays 0 rather than NaN), so softmax and log-probs equal the unpadded model's."""
+        logits, bias = output
+        local = logits.shape[-1]
+        first_padded = self.hf_config.vocab_size - self.tp_rank * local
+        if first_padded >= local:
+            return output
+        ids = torch.arange(local, device=logits.device)
+        return logits.masked_fill(ids >= max(first_padded, 0), PADDED_LOGIT), bias
 
     # ---- config -------------------------------------------------------------------------------
     @property
@@ -88,17 +125,16 @@ class GPTBridge:
                 f"{family}: num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}"
             )
         if heads % tp or groups % tp:
-            raise ValueError(
-                f"tensor_parallel_size={tp} must divide num_attention_heads={heads} and "
-                f"num_key_value_heads={groups} of {cfg.model_type} config"
+            raise FlagError(
+                f"--tensor-model-parallel-size {tp} must divide num_attention_heads={heads} and "
+                f"num_key_value_heads={groups} of the {cfg.model_type} model"
             )
-        if cfg.vocab_size % tp:
-            raise ValueError(
-                f"tensor_parallel_size={tp} must divide vocab_size={cfg.vocab_size} of {cfg.model_type} config"
-            )
+        if self.vocab_multiple < 1:
+            raise FlagError(f"--make-vocab-size-divisible-by must be >= 1, got {self.vocab_multiple}")
         if cfg.intermediate_size % tp:
-            raise ValueError(
-                f"tensor_parallel_size={tp} must divide intermediate_size={cfg.intermediate_size} of {cfg.model_type} config"
+            raise FlagError(
+                f"--tensor-model-parallel-size {tp} must divide intermediate_size={cfg.intermediate_size} "
+                f"of the {cfg.model_type} model"
             )
         self.rope_inv_freq()  # unsupported rope types fail here, before a model is built
 
@@ -171,7 +207,7 @@ class GPTBridge:
         model = GPTModel(
             config=self.transformer_config(**config_overrides),
             transformer_layer_spec=layer_spec,
-            vocab_size=cfg.vocab_size,
+            vocab_size=self.padded_vocab_size,
             max_sequence_length=cfg.max_position_embeddings,
             share_embeddings_and_output_weights=self.tied_embeddings,
             position_embedding_type="rope",
@@ -179,6 +215,8 @@ class GPTBridge:
         with torch.no_grad():
             model.rotary_pos_emb.inv_freq = self.rope_inv_freq()
         self._mark_tensor_parallel(model)
+        if self.padded_vocab_size != cfg.vocab_size:
+            model.output_layer.register_forward_hook(self._mask_padded_logits)
         return model
 
     def _mark_tensor_parallel(self, model) -> None:
@@ -197,7 +235,7 @@ class GPTBridge:
 
     # ---- the name map -------------------------------------------------------------------------
     def param_maps(self) -> list[ParamMap]:
-        maps = [ParamMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), ROWS)]
+        maps = [ParamMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB)]
         for i in range(self.hf_config.num_hidden_layers):
             hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
             attn = hf + "self_attn."
@@ -230,7 +268,7 @@ class GPTBridge:
                 ]
         maps.append(ParamMap("decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED))
         if not self.tied_embeddings:
-            maps.append(ParamMap("output_layer.weight", ("lm_head.weight",), ROWS))
+            maps.append(ParamMap("output_layer.weight", ("lm_head.weight",), VOCAB))
         return maps
 
     def hf_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -292,6 +330,8 @@ class GPTBridge:
             return hf_tensors[0]
         if pm.split == ROWS:
             return hf_tensors[0].chunk(tp, dim=0)[rank]
+        if pm.split == VOCAB:
+            return self._pad_vocab_rows(hf_tensors[0]).chunk(tp, dim=0)[rank]
         if pm.split == COLUMNS:
             return hf_tensors[0].chunk(tp, dim=1)[rank]
         if pm.split == QKV:
@@ -312,6 +352,8 @@ class GPTBridge:
             full = [shards[0]]
         elif pm.split == ROWS:
             full = [joined(shards, 0)]
+        elif pm.split == VOCAB:  # padding rows never leave the trainer
+            full = [joined(shards, 0)[: self.hf_config.vocab_size]]
         elif pm.split == COLUMNS:
             full = [joined(shards, 1)]
         elif pm.split == QKV:
@@ -324,8 +366,8 @@ class GPTBridge:
         return list(zip(pm.hf_names, full))
 
     # ---- checkpoint I/O -------------------------------------------------------------------------
-    def load_hf(self, model: torch.nn.Module, hf_checkpoint: str | os.PathLike) -> None:
-        """Copy an HF safetensors checkpoint into `model` (this rank's shards), checking every shape."""
+    def check_hf_tensors(self, hf_checkpoint: str | os.PathLike) -> _SafetensorsFolder:
+        """The checkpoint's tensors, every name and shape checked against config.json (reads headers only)."""
         reader = _SafetensorsFolder(Path(hf_checkpoint))
         expected = self.hf_shapes()
         missing = [name for name in expected if name not in reader.names]
@@ -344,6 +386,11 @@ class GPTBridge:
                 raise CheckpointMismatch(
                     f"{reader.file_of(name)}: tensor {name} has shape {tuple(found)} but config.json implies {tuple(shape)}"
                 )
+        return reader
+
+    def load_hf(self, model: torch.nn.Module, hf_checkpoint: str | os.PathLike) -> None:
+        """Copy an HF safetensors checkpoint into `model` (this rank's shards), checking every shape."""
+        reader = self.check_hf_tensors(hf_checkpoint)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for pm in self.param_maps():
@@ -381,8 +428,13 @@ class _SafetensorsFolder:
 
         files = sorted(folder.glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"{folder}: no *.safetensors files (only safetensors checkpoints are read)")
-        self._handles = {f: safe_open(str(f), framework="pt") for f in files}
+            raise ModelError(f"{folder}: no *.safetensors files (only safetensors checkpoints are read)")
+        self._handles = {}
+        for f in files:
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt")
+            except Exception as exc:  # safetensors raises its own SafetensorError (or OSError) for a damaged file
+                raise ModelError(f"{f}: not a readable safetensors file ({str(exc).strip()[:200]})") from None
         self._where: dict[str, Path] = {}
         for f, handle in self._handles.items():
             for name in handle.keys():  # noqa: SIM118 -- safetensors handles are not iterable

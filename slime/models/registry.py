@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from slime.errors import ModelError
+
 if TYPE_CHECKING:
     from slime.models.gpt_bridge import GPTBridge
 
 _BRIDGES: dict[str, type[GPTBridge]] = {}
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(ModelError):
     """One-line, user-facing: the model family (or a feature of it) slime cannot convert."""
 
 

@@ -28,6 +28,7 @@ def trainer_config(config: Config, role: str) -> TrainerConfig:
     return TrainerConfig(
         hf_checkpoint=config.checkpoint.hf_checkpoint,
         tensor_parallel_size=t.tensor_model_parallel_size,
+        make_vocab_size_divisible_by=t.make_vocab_size_divisible_by,
         seed=t.seed + (1 if role == "critic" else 0),
         lr=t.lr,
         min_lr=t.min_lr,
@@ -109,7 +110,9 @@ class RunActors:
             ray.shutdown()
 
 
-def start_actors(config: Config, backend: Backend) -> RunActors:
+def start_actors(config: Config, backend: Backend, data=None) -> RunActors:
+    """`data`: the prompt sets as the start-up check read them (slime.preflight.PreparedData), handed to the
+    rollout manager so no file is read twice (None: it reads them itself)."""
     import ray
 
     from slime.ray.rollout_manager import RolloutManager
@@ -128,7 +131,7 @@ def start_actors(config: Config, backend: Backend) -> RunActors:
         run.rollout = (
             ray.remote(RolloutManager)
             .options(num_cpus=0, max_concurrency=64)
-            .remote(config, backend.name, run.placement_group, layout.rollout, engine_spec(config, backend))
+            .remote(config, backend.name, run.placement_group, layout.rollout, engine_spec(config, backend), data)
         )
         engines_ready = run.rollout.start.remote()  # engines load while the trainers build
         run.actor = TrainerGroup("actor", trainer_config(config, "actor"), backend, run.placement_group, layout.actor)

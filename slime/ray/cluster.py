@@ -13,12 +13,13 @@ import os
 from dataclasses import dataclass
 
 from slime.backends import Backend
+from slime.errors import UserError
 
 # Fraction of a device each side takes when colocated: both fit in one bundle together.
 COLOCATED_SHARE = 0.4
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """The cluster cannot host the run (too few devices, cannot connect); the message says what to change."""
 
 

@@ -34,7 +34,9 @@ class _Engine:
 class RolloutManager:
     """Wrapped by ray.remote(...) in the loop. All methods are coroutines on the actor's event loop."""
 
-    def __init__(self, config: Config, hardware: str, placement_group, slots: tuple[Slot, ...], spec: EngineSpec):
+    def __init__(
+        self, config: Config, hardware: str, placement_group, slots: tuple[Slot, ...], spec: EngineSpec, data=None
+    ):
         self.config = config
         self.hardware = hardware
         self.placement_group = placement_group
@@ -45,6 +47,7 @@ class RolloutManager:
         self._weights: tuple[list, int] = ([], 0)  # last update's bucket refs and version, for restarted engines
         self._recover_lock = asyncio.Lock()
         self._data_before: dict[int, dict] = {}
+        self._prepared = data  # slime.preflight.PreparedData: the data files as the start-up check read them
 
     async def start(self) -> list[dict]:
         """Load the prompt sets and plugins, start the engines. (Here, not in __init__, so that a bad dataset or
@@ -58,11 +61,23 @@ class RolloutManager:
         config = self.config
         self.backend = select_backend(self.hardware)
         self.tokenizer = AutoTokenizer.from_pretrained(config.checkpoint.hf_checkpoint)
-        self.data = _load_prompts(config, config.data.prompt_data, config.rollout.n_samples_per_prompt, self.tokenizer)
+        prepared = self._prepared
+        self.data = _load_prompts(
+            config, config.data.prompt_data, config.rollout.n_samples_per_prompt, self.tokenizer,
+            prepared=prepared.prompts if prepared else None,
+        )  # fmt: skip
         self.eval_data = {
-            name: _load_prompts(config, path, config.rollout.n_samples_per_eval_prompt, self.tokenizer, shuffle=False)
+            name: _load_prompts(
+                config,
+                path,
+                config.rollout.n_samples_per_eval_prompt,
+                self.tokenizer,
+                shuffle=False,
+                prepared=prepared.evals[name] if prepared else None,
+            )  # fmt: skip
             for name, path in eval_sets(config)
         }
+        self._prepared = None  # the DataSources hold it now
         self.plugins = plugins.load_rollout_plugins(config)
         self.ctx = RolloutContext(config, self.tokenizer, [])
         self.engines = list(await asyncio.gather(*(self._start_engine(slot) for slot in self.slots)))
@@ -185,7 +200,7 @@ class RolloutManager:
         ray.kill(engine.actor, no_restart=True)
 
 
-def _load_prompts(config: Config, path: str, n: int, tokenizer, shuffle: bool | None = None):
+def _load_prompts(config: Config, path: str, n: int, tokenizer, shuffle: bool | None = None, prepared=None):
     from slime.rollout.data import load_data_source
 
     d = config.data
@@ -193,5 +208,5 @@ def _load_prompts(config: Config, path: str, n: int, tokenizer, shuffle: bool | 
         path, tokenizer, input_key=d.input_key, label_key=d.label_key, metadata_key=d.metadata_key,
         apply_chat_template=d.apply_chat_template, max_prompt_len=d.rollout_max_prompt_len, n_samples_per_prompt=n,
         shuffle=d.rollout_shuffle if shuffle is None else shuffle, seed=d.rollout_seed, skip_bad_rows=d.skip_bad_rows,
-        log=logger.warning,
+        log=logger.warning, prepared=prepared,
     )  # fmt: skip

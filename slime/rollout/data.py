@@ -2,98 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from slime.errors import DataError
+from slime.rollout.data_files import PromptRow, read_rows, row_error
 from slime.types import Sample, SampleStatus
 
-
-class DataError(ValueError):
-    """A malformed dataset; the message starts with file:line."""
-
-
-@dataclass(frozen=True)
-class PromptRow:
-    prompt: str | list[dict[str, str]]
-    label: Any
-    metadata: dict[str, Any]
-    where: str  # file:line, for messages
-
-
-def _check_row(row: Any, where: str, input_key: str, label_key: str | None, metadata_key: str | None) -> PromptRow:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if input_key not in row:
-        raise DataError(
-            f"{where}: missing --input-key field {input_key!r} (fields: {', '.join(sorted(row)) or 'none'})"
-        )
-    prompt = row[input_key]
-    if isinstance(prompt, list):
-        for message in prompt:
-            if not (isinstance(message, dict) and "role" in message and "content" in message):
-                raise DataError(f"{where}: chat prompt entries need 'role' and 'content'")
-    elif not isinstance(prompt, str):
-        raise DataError(f"{where}: {input_key!r} must be text or a list of chat messages, got {type(prompt).__name__}")
-    if label_key is not None and label_key not in row:
-        raise DataError(f"{where}: missing --label-key field {label_key!r}")
-    metadata = row.get(metadata_key, {}) if metadata_key else {}
-    if metadata is None:
-        metadata = {}
-    if not isinstance(metadata, dict):
-        raise DataError(f"{where}: --metadata-key field {metadata_key!r} must be an object")
-    return PromptRow(prompt, row.get(label_key) if label_key else None, dict(metadata), where)
-
-
-def read_rows(
-    path: str | Path,
-    input_key: str = "prompt",
-    label_key: str | None = "label",
-    metadata_key: str | None = None,
-    skip_bad_rows: bool = False,
-) -> tuple[list[PromptRow], list[str]]:
-    """Rows of a .jsonl or .parquet file, and the problems of skipped rows (empty unless skip_bad_rows)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    rows: list[PromptRow] = []
-    skipped: list[str] = []
-
-    def take(raw: Any, where: str) -> None:
-        try:
-            rows.append(_check_row(raw, where, input_key, label_key, metadata_key))
-        except DataError as exc:
-            if not skip_bad_rows:
-                raise
-            skipped.append(str(exc))
-
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, raw in enumerate(pq.read_table(path).to_pylist(), 1):
-            take(raw, f"{path}:row {i}")
-    elif path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    if not skip_bad_rows:
-                        raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-                    skipped.append(f"{where}: invalid JSON")
-                    continue
-                take(raw, where)
-    else:
-        raise DataError(f"{path}: unsupported format {path.suffix!r}; use .jsonl or .parquet")
-    if not rows:
-        raise DataError(f"{path}: no usable rows" + (f" ({len(skipped)} skipped)" if skipped else ""))
-    return rows, skipped
+__all__ = ["DataError", "PromptRow", "read_rows"]  # re-exported: readers live in slime.rollout.data_files
 
 
 @dataclass
@@ -106,11 +24,72 @@ class DataState:
 
 @dataclass
 class PromptDataset:
-    """Prompts already rendered and tokenized, with the rows that were dropped for length."""
+    """Prompts already rendered and tokenized, with what was left out: prompts over --rollout-max-prompt-len
+    (dropped, as documented; the first one's location kept for the message) and, under --skip-bad-rows, the
+    problems of the rows skipped."""
 
     prompts: list[tuple[str, list[int], PromptRow]]
     dropped_too_long: int = 0
+    first_dropped: str | None = None
     skipped_bad: list[str] = field(default_factory=list)
+
+    def summary(self, path: str, max_prompt_len: int | None) -> list[str]:
+        """The lines a run prints about this file at start (nothing when every row was used)."""
+        lines = []
+        if self.skipped_bad:
+            lines.append(f"{path}: skipped {len(self.skipped_bad)} bad rows (first: {self.skipped_bad[0]})")
+        if self.dropped_too_long:
+            lines.append(
+                f"{path}: dropped {self.dropped_too_long} prompts longer than --rollout-max-prompt-len "
+                f"{max_prompt_len} tokens (first: {self.first_dropped})"
+            )
+        return lines
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    """Token limits a prompt must meet: over max_prompt_len it is dropped; a prompt that leaves no room for
+    max_response_len new tokens in the engine's context is an error (it would fail inside the engine)."""
+
+    max_prompt_len: int | None = None
+    max_response_len: int = 0
+    max_context: int | None = None
+
+
+def render_text(row: PromptRow, tokenizer: Any, apply_chat_template: bool) -> str:
+    if isinstance(row.prompt, list) and not apply_chat_template:
+        raise row_error(row.where, "chat-message prompts need --apply-chat-template")
+    if not apply_chat_template:
+        return row.prompt
+    messages = row.prompt if isinstance(row.prompt, list) else [{"role": "user", "content": row.prompt}]
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # the template is the model's own Jinja code: any error it raises is the row's
+        raise row_error(row.where, f"the chat template failed on this prompt ({_first_line(exc)})") from None
+
+
+def encode_text(row: PromptRow, text: str, tokenizer: Any) -> list[int]:
+    try:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    except Exception as exc:  # e.g. a character outside a vocabulary without an unknown token
+        raise row_error(row.where, f"the tokenizer cannot encode this prompt ({_first_line(exc)})") from None
+    if not ids:
+        raise row_error(row.where, "the prompt is empty")
+    return ids
+
+
+def _encode_all(texts: list[str], tokenizer: Any) -> list[list[int]] | None:
+    """All texts in one call (a fast tokenizer encodes a batch many times faster than row by row); None when
+    some text cannot be encoded, so that the caller finds which, row by row."""
+    try:
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    except Exception:  # located per row by the caller
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def prepare_prompts(
@@ -118,25 +97,55 @@ def prepare_prompts(
     tokenizer: Any,
     apply_chat_template: bool,
     max_prompt_len: int | None,
+    limits: PromptLimits | None = None,
+    skip_bad_rows: bool = False,
 ) -> PromptDataset:
-    prompts = []
-    dropped = 0
+    limits = limits or PromptLimits(max_prompt_len=max_prompt_len)
+    dataset = PromptDataset([])
+    texts: list[str | DataError] = []
     for row in rows:
-        if apply_chat_template:
-            messages = row.prompt if isinstance(row.prompt, list) else [{"role": "user", "content": row.prompt}]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        elif isinstance(row.prompt, list):
-            raise DataError(f"{row.where}: chat-message prompts need --apply-chat-template")
-        else:
-            text = row.prompt
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if max_prompt_len is not None and len(ids) > max_prompt_len:
-            dropped += 1
+        try:
+            texts.append(render_text(row, tokenizer, apply_chat_template))
+        except DataError as exc:
+            texts.append(exc)
+    batch = _encode_all([t for t in texts if isinstance(t, str)], tokenizer)
+    next_encoded = 0
+    for row, text in zip(rows, texts, strict=True):
+        try:
+            if isinstance(text, DataError):
+                raise text
+            ids = batch[next_encoded] if batch is not None else encode_text(row, text, tokenizer)
+            next_encoded += 1
+            if not ids:
+                raise row_error(row.where, "the prompt is empty")
+            if max_prompt_len is not None and len(ids) > max_prompt_len:
+                dataset.dropped_too_long += 1
+                dataset.first_dropped = dataset.first_dropped or row.where
+                continue
+            if limits.max_context is not None and len(ids) + limits.max_response_len > limits.max_context:
+                raise row_error(
+                    row.where,
+                    f"prompt of {len(ids)} tokens + --rollout-max-response-len {limits.max_response_len} exceeds "
+                    f"the engine context of {limits.max_context} tokens (--rollout-max-context-len); "
+                    "set --rollout-max-prompt-len to drop such prompts",
+                )
+        except DataError as exc:
+            if not skip_bad_rows:
+                raise
+            dataset.skipped_bad.append(str(exc))
             continue
-        prompts.append((text, list(ids), row))
-    if not prompts:
-        raise DataError(f"every prompt is longer than --rollout-max-prompt-len {max_prompt_len}")
-    return PromptDataset(prompts, dropped)
+        dataset.prompts.append((text, ids, row))
+    if not dataset.prompts:
+        where = rows[0].where.rpartition(":")[0] if rows else "data"
+        reason = (
+            f"every prompt is longer than --rollout-max-prompt-len {max_prompt_len}"
+            if dataset.dropped_too_long
+            else "no usable rows"
+        )
+        raise DataError(
+            f"{where}: {reason}" + (f" (first skipped: {dataset.skipped_bad[0]})" if dataset.skipped_bad else ""), where
+        )
+    return dataset
 
 
 class DataSource:
@@ -254,6 +263,21 @@ def sample_from_dict(d: dict[str, Any]) -> Sample:
     return Sample(**{**d, "status": SampleStatus(d["status"])})
 
 
+def load_prompt_file(
+    path: str,
+    tokenizer: Any,
+    keys: Any,
+    apply_chat_template: bool,
+    limits: PromptLimits,
+    skip_bad_rows: bool,
+) -> PromptDataset:
+    """Read, check, render and tokenize one data file (keys: a data_files.RowKeys)."""
+    rows, skipped = read_rows(path, keys.input_key, keys.label_key, keys.metadata_key, skip_bad_rows)
+    dataset = prepare_prompts(rows, tokenizer, apply_chat_template, limits.max_prompt_len, limits, skip_bad_rows)
+    dataset.skipped_bad = skipped + dataset.skipped_bad
+    return dataset
+
+
 def load_data_source(
     path: str,
     tokenizer: Any,
@@ -268,12 +292,17 @@ def load_data_source(
     seed: int,
     skip_bad_rows: bool,
     log: Callable[[str], None] = print,
+    prepared: PromptDataset | None = None,
 ) -> DataSource:
-    rows, skipped = read_rows(path, input_key, label_key, metadata_key, skip_bad_rows)
-    dataset = prepare_prompts(rows, tokenizer, apply_chat_template, max_prompt_len)
-    dataset.skipped_bad = skipped
-    if skipped:
-        log(f"{path}: skipped {len(skipped)} malformed rows (first: {skipped[0]})")
-    if dataset.dropped_too_long:
-        log(f"{path}: dropped {dataset.dropped_too_long} prompts longer than {max_prompt_len} tokens")
+    """A DataSource over `path`; `prepared` is the same file as the start-up check already read it (the
+    check reads every file once, and the rollout uses what it read)."""
+    from slime.rollout.data_files import RowKeys
+
+    dataset = prepared
+    if dataset is None:
+        keys = RowKeys(input_key, label_key, metadata_key)
+        limits = PromptLimits(max_prompt_len=max_prompt_len)
+        dataset = load_prompt_file(path, tokenizer, keys, apply_chat_template, limits, skip_bad_rows)
+        for line in dataset.summary(path, max_prompt_len):
+            log(line)
     return DataSource(dataset, n_samples_per_prompt, shuffle, seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from slime.errors import FlagError
 from slime.training.losses import KL_KINDS, REDUCTIONS
 
 ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "gspo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
@@ -14,6 +15,7 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 class TrainerConfig:
     hf_checkpoint: str
     tensor_parallel_size: int = 1
+    make_vocab_size_divisible_by: int = 1  # the trainer pads its vocabulary to a multiple of this * TP
     seed: int = 1234
     # optimizer and schedule
     lr: float = 1e-6
@@ -49,28 +51,31 @@ class TrainerConfig:
     megatron_overrides: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
+        """Each field is fed by a `slime train` flag; messages name that flag (the CLI checks them first)."""
+
         def one_of(flag: str, value, allowed) -> None:
             if value not in allowed:
-                raise ValueError(f"--{flag.replace('_', '-')} {value!r} is not one of: {', '.join(allowed)}")
+                raise FlagError(f"{flag} {value!r} is not one of: {', '.join(allowed)}")
 
-        one_of("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
-        one_of("kl_loss_type", self.kl_loss_type, KL_KINDS)
-        one_of("loss_reduction", self.loss_reduction, REDUCTIONS)
-        one_of("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        one_of("--advantage-estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        one_of("--kl-loss-type", self.kl_loss_type, KL_KINDS)
+        one_of("loss reduction (--calculate-per-token-loss)", self.loss_reduction, REDUCTIONS)
+        one_of("--lr-decay-style", self.lr_decay_style, LR_DECAY_STYLES)
         if self.tensor_parallel_size < 1:
-            raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+            raise FlagError(f"--tensor-model-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.lr_decay_steps <= self.lr_warmup_steps and self.lr_decay_style != "constant":
-            raise ValueError(
-                f"--lr-decay-steps {self.lr_decay_steps} must exceed --lr-warmup-steps {self.lr_warmup_steps}"
+            raise FlagError(
+                f"--lr-warmup-iters {self.lr_warmup_steps} must be below the optimizer steps of the run "
+                f"({self.lr_decay_steps}: --num-rollout times the steps per rollout)"
             )
         if self.eps_clip_c is not None and self.eps_clip_c <= 1.0:
-            raise ValueError(f"--eps-clip-c {self.eps_clip_c} must be > 1")
+            raise FlagError(f"--eps-clip-c {self.eps_clip_c} must be > 1")
         if self.keep_last_n is not None and self.keep_last_n < 1:
-            raise ValueError(f"--keep-last-n must be >= 1, got {self.keep_last_n}")
+            raise FlagError(f"--keep-last-n must be >= 1, got {self.keep_last_n}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
+            raise FlagError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
         if self.max_tokens_per_micro_batch < 1:
-            raise ValueError(f"--max-tokens-per-micro-batch must be >= 1, got {self.max_tokens_per_micro_batch}")
+            raise FlagError(f"--max-tokens-per-gpu must be >= 1, got {self.max_tokens_per_micro_batch}")
 
     @property
     def ratio_type(self) -> str:

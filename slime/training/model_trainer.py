@@ -60,7 +60,9 @@ class MegatronTrainer:
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.dp_group = parallel_state.get_data_parallel_group()
         self.hf_config = load_hf_config(config.hf_checkpoint)
-        self.bridge = bridge_class_for(self.hf_config)(self.hf_config, self.layout.tp_size, self.layout.tp_rank)
+        self.bridge = bridge_class_for(self.hf_config)(
+            self.hf_config, self.layout.tp_size, self.layout.tp_rank, config.make_vocab_size_divisible_by
+        )
         self.model = self.bridge.build_model(**self._overrides("transformer"))
         self.bridge.load_hf(self.model, config.hf_checkpoint)
         self._attach_head()

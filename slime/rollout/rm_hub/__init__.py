@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from slime.errors import FlagError
 from slime.rollout.rm_hub.math_answers import answers_match, final_answer
 from slime.types import Sample
 
@@ -109,6 +110,6 @@ async def score_samples(
     if rm_type == "remote_rm":
         return await asyncio.gather(*(remote.score(s) for s in samples))
     if rm_type not in BUILTIN:
-        raise ValueError(f"unknown --rm-type {rm_type!r}; built in: {', '.join([*BUILTIN, 'remote_rm'])}")
+        raise FlagError(f"unknown --rm-type {rm_type!r}; built in: {', '.join([*BUILTIN, 'remote_rm'])}")
     fn = BUILTIN[rm_type]
     return [fn(s.response, s.label) for s in samples]

@@ -82,6 +82,7 @@ def test_tensor_parallel_trainer_matches_the_engine(files, tmp_path):
         **{
             "actor-num-gpus-per-node": 2,
             "tensor-model-parallel-size": 2,
+            "make-vocab-size-divisible-by": 3,  # vocabulary 16 padded to 18: the padded path, checked vs the engine
             "num-rollout": 2,
             "ci-test": True,
             "use-kl-loss": True,

@@ -293,10 +293,6 @@ def test_cli_bad_flags_are_one_line(capsys, tmp_path):
         and err == f"error: --hf-checkpoint {tmp_path}: no config.json there (expected a HuggingFace model folder)"
     )
     (tmp_path / "config.json").write_text("{}")
-    code, err = run_cli(
-        ["--hf-checkpoint", str(tmp_path), "--prompt-data", str(tmp_path / "none.jsonl"), "--rm-type", "math"], capsys
-    )
-    assert code == 2 and err == f"error: --prompt-data {tmp_path / 'none.jsonl'}: no such file"
     (tmp_path / "p.jsonl").write_text("{}")
     code, err = run_cli(
         [
@@ -330,14 +326,15 @@ def test_cli_bad_flags_are_one_line(capsys, tmp_path):
     assert code == 2 and err == f"error: --load {tmp_path}: no complete checkpoint (expected step_NNNNNNNN/meta.json)"
 
 
-def test_root_cause_unwraps_ray_errors():
-    from slime.train_cli import one_line, root_cause
+def test_user_errors_are_found_by_type_through_wrappers():
+    from slime.errors import DataError, one_line, user_error_in
 
-    class Wrapper(Exception):
+    class Wrapper(Exception):  # the shape of Ray's RayTaskError: the worker's exception as .cause
         def __init__(self, cause):
             super().__init__("wrapped")
             self.cause = cause
 
-    inner = ValueError("--x is wrong\nmore lines")
-    assert root_cause(Wrapper(Wrapper(inner))) is inner
-    assert one_line(inner) == "--x is wrong"
+    inner = DataError("d.jsonl:3: invalid JSON\nmore lines", "d.jsonl", 3)
+    assert user_error_in(Wrapper(Wrapper(inner))) is inner
+    assert one_line(inner) == "d.jsonl:3: invalid JSON"
+    assert user_error_in(Wrapper(ValueError("--x looks like a flag but is a bug"))) is None

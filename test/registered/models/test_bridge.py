@@ -87,12 +87,14 @@ def test_unsupported_family_lists_supported_ones():
 
 
 def test_tp_not_dividing_heads_gives_the_numbers():
+    from slime.errors import FlagError
     from slime.models import bridge_class_for
 
     config = tiny_config("qwen3", num_attention_heads=6, num_key_value_heads=3)
     with pytest.raises(
-        ValueError,
-        match=r"^tensor_parallel_size=2 must divide num_attention_heads=6 and num_key_value_heads=3 of qwen3 config$",
+        FlagError,
+        match=r"^--tensor-model-parallel-size 2 must divide num_attention_heads=6 and num_key_value_heads=3 "
+        r"of the qwen3 model$",
     ):
         bridge_class_for(config)(config, tensor_parallel_size=2)
 

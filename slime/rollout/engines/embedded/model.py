@@ -10,12 +10,15 @@ with HF within float32 rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from slime.errors import ModelError
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 
@@ -30,7 +33,7 @@ def packed_gemm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(ModelError):
     """The checkpoint's config.json describes something this model cannot serve (one line, names the field)."""
 
 
@@ -101,7 +104,12 @@ class DecoderSpec:
         if not os.path.isfile(config_path):
             raise ModelConfigError(f"{path}: no config.json; expected a HuggingFace checkpoint folder")
         with open(config_path) as f:
-            return DecoderSpec.from_hf_config(json.load(f), source=config_path)
+            spec = DecoderSpec.from_hf_config(json.load(f), source=config_path)
+        if not spec.eos_token_ids:  # config.json leaves it null: generation_config.json or the tokenizer names it
+            from slime.models.eos import resolve_eos
+
+            spec = dataclasses.replace(spec, eos_token_ids=resolve_eos(path).ids)
+        return spec
 
 
 class _Layer:
