@@ -46,6 +46,12 @@ class ClusterConfig:
     colocate: bool = opt(False, "trainer and rollout share devices; each offloads while the other runs")
     hardware: str = opt("auto", "auto or a backend name from `slime env` (auto: the first available, in a fixed order)")
     ray_address: str | None = opt(None, "connect to an existing Ray cluster instead of starting one")
+    weight_sync: str = opt(
+        "auto",
+        "trainer -> engine weight transport: object_store, broadcast (process group), ipc (device handles, "
+        "--colocate), in_process; auto = the backend's default for the placement",
+        choices=("auto", "object_store", "broadcast", "ipc", "in_process"),
+    )
 
 
 @dataclass(frozen=True)
@@ -417,6 +423,8 @@ def validate(config: Config) -> None:
         problems.append(f"--sft-eval-set {t.sft_eval_set!r} is not a NAME given to --eval-prompt-data")
     if t.sft_eval_interval < 1:
         problems.append(f"--sft-eval-interval must be >= 1, got {t.sft_eval_interval}")
+    if c.weight_sync == "ipc" and not c.colocate:
+        problems.append("--weight-sync ipc hands device memory to an engine on the same device: it needs --colocate")
     if t.async_rollout and c.colocate:
         problems.append(
             "--async overlaps generation with training on separate devices; --colocate shares them: use one"

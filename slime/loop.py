@@ -26,6 +26,7 @@ from slime.loop_steps import (
     train_on_rollout,
 )
 from slime.ray.actors import start_actors
+from slime.ray.weight_sync import resolve_weight_sync
 from slime.run_log import RunLog
 
 
@@ -57,10 +58,11 @@ def train(config: Config, backend: Backend | None = None) -> RunSummary:
         # An engine actor is placed on one bundle (one device), and tensor-parallel SGLang servers would also need
         # --tp-size and one weight payload per rank: not wired yet, so refuse rather than run on one device.
         raise ConfigError("--rollout-num-gpus-per-engine must be 1 for now: each engine runs on one device")
+    weight_sync = resolve_weight_sync(config, backend)  # a transport the backend lacks fails before Ray starts
     config.write(config.logging.output_dir)
     tokenizer = AutoTokenizer.from_pretrained(config.checkpoint.hf_checkpoint)
     vocab_size = AutoConfig.from_pretrained(config.checkpoint.hf_checkpoint).vocab_size  # may exceed len(tokenizer)
-    run = start_actors(config, backend)
+    run = start_actors(config, backend, weight_sync)
     try:
         rollout, colocate, is_async = run.rollout, config.cluster.colocate, config.train.async_rollout
         start, version = load_checkpoint(config, run) if config.checkpoint.load else (0, 0)

@@ -89,6 +89,7 @@ class RunActors:
     rollout: Any  # the RolloutManager actor handle
     placement_group: Any
     started_ray: bool
+    weight_sync: str = "object_store"  # the transport resolved before start (slime.ray.weight_sync)
 
     def shutdown(self) -> None:
         """Stop whatever was started (also after a failed start), then Ray itself if this run started it."""
@@ -109,7 +110,7 @@ class RunActors:
             ray.shutdown()
 
 
-def start_actors(config: Config, backend: Backend) -> RunActors:
+def start_actors(config: Config, backend: Backend, weight_sync: str = "object_store") -> RunActors:
     import ray
 
     from slime.ray.rollout_manager import RolloutManager
@@ -122,7 +123,7 @@ def start_actors(config: Config, backend: Backend) -> RunActors:
         actor_devices, critic_devices, rollout_devices, c.rollout_num_gpus_per_engine, c.colocate
     )
     started = cluster.connect(backend, layout.num_bundles, c.ray_address)
-    run = RunActors(None, None, None, None, started)
+    run = RunActors(None, None, None, None, started, weight_sync)
     try:
         run.placement_group = cluster.create_placement_group(backend, layout)
         run.rollout = (
@@ -137,6 +138,8 @@ def start_actors(config: Config, backend: Backend) -> RunActors:
                 "critic", trainer_config(config, "critic"), backend, run.placement_group, layout.critic
             )
         ray.get(engines_ready)
+        if weight_sync != "object_store":  # the trainer sends to the engines itself; restarts fetch from it
+            ray.get(run.rollout.set_weight_source.remote(run.actor.workers, config.train.weight_update_bucket_mb << 20))
     except BaseException:
         run.shutdown()
         raise
