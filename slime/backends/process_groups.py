@@ -11,6 +11,7 @@ import datetime
 
 # The collective libraries a weight group may use, by the `backend` string of SGLang's request.
 GROUP_BACKENDS = ("gloo", "nccl")
+DEFAULT_GROUP_BACKEND = "nccl"  # what SGLang's InitWeightsUpdateGroupReqInput assumes when `backend` is absent
 
 
 class GroupError(RuntimeError):

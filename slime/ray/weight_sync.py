@@ -6,7 +6,7 @@ Transports (`Capabilities.weight_sync`, `--weight-sync`):
 - broadcast: SGLang's distributed update. Trainer rank 0 and every engine form one process group
   (`/init_weights_update_group`, rank 0 = trainer, engine i = rank i + 1); per bucket, rank 0 announces names,
   dtypes and shapes (`/update_weights_from_distributed`, answered once the engine has the bucket) and
-  broadcasts the tensors in the same order. No copy through the host on GPUs (NCCL); gloo on CPU.
+  broadcasts the tensors in the same order, device to device with the backend's collective library (gloo on CPU).
 - ipc: colocated engines only. Each trainer rank hands the engine on its own device handles to the exported
   tensors (`/update_weights_from_tensor`, SGLang's serialization); the engine copies from the trainer's memory.
 Every call is bounded: the HTTP calls by the client's timeout, the collectives by the group's. A failed or

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from slime.backends.process_groups import GroupError, broadcast, open_group
+from slime.backends.process_groups import DEFAULT_GROUP_BACKEND, GroupError, broadcast, open_group
 from slime.rollout.engines.base import EngineError, WeightUpdateError
 from slime.rollout.engines.protocol import ProtocolError
 
@@ -71,7 +71,7 @@ class WeightGroups:
 
     def init_group(self, body: dict[str, Any]) -> None:
         name = _field(body, "group_name", str, DEFAULT_GROUP)
-        backend = _field(body, "backend", str, "nccl")
+        backend = _field(body, "backend", str, DEFAULT_GROUP_BACKEND)
         address = _field(body, "master_address", str)
         port, rank, world = (_field(body, key, int) for key in ("master_port", "rank_offset", "world_size"))
         if not 0 < rank < world:
