@@ -2,12 +2,13 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_weight_sync.py --out bench_weight_sync.json
 
-"push" is what the loop does every step minus the object store: the Megatron trainer exports its weights as
+"push" is what the loop does every step with weight sync "object_store", minus the object store itself: the Megatron trainer exports its weights as
 HF-named full tensors in buckets (`hf_weight_buckets`), and the engine takes them inside a begin/end update
 (`update_weights_from_tensors`: validate, copy into its fused buffers). "plain copy" copies the same bytes
 into preallocated tensors of the same shapes (`dst.copy_(src)` per tensor): the floor any sync has to pay.
 The engine's packed decode weights (MKL reorder, x86 hosts) are derived from the weights and rebuilt on the
 first decode after an update; that cost is reported apart ("repack"), since the trainer does not wait for it.
+"broadcast" is weight sync "broadcast" end to end (sender, gloo group, the engine's HTTP endpoints).
 Times are the median of --repeats runs after one warm-up; the goal is push <= 2x plain.
 """
 
@@ -23,6 +24,21 @@ from pathlib import Path
 
 import torch
 from bench_train_step import SIZES, build_checkpoint  # the same Qwen3 sizes as the trainer benchmark
+
+
+def broadcast_sync(trainer, engine, bucket_mb: int):
+    """Weight sync "broadcast" as the loop runs it, minus Ray: the trainer's export through the sender's gloo
+    group into the engine's HTTP server (both in this process, the server on its own threads)."""
+    from slime.ray.weight_sync import BroadcastSender
+    from slime.rollout.engines.embedded.server import serve_http
+
+    handle = serve_http(engine)
+    sender = BroadcastSender("gloo", "127.0.0.1", timeout_s=120)
+
+    def run(version: int) -> None:
+        sender.send([handle.url], trainer.hf_weight_buckets(bucket_mb << 20), version)
+
+    return run
 
 
 def main() -> int:
@@ -76,6 +92,8 @@ def main() -> int:
         push_s, plain_s = statistics.median(timed(push)), statistics.median(timed(plain))
         repack_s = statistics.median(timed(lambda _: engine.model.pack_for_decode()))
         assert engine.weight_version == args.repeats
+        broadcast_s = statistics.median(timed(broadcast_sync(trainer, engine, args.bucket_mb)))
+        assert engine.weight_version == args.repeats
         engine.shutdown()
         destroy_distributed()
 
@@ -90,9 +108,12 @@ def main() -> int:
         "repack_s": repack_s,
         "push_and_repack_over_plain": (push_s + repack_s) / plain_s,
         "push_gb_s": nbytes / push_s / 1e9,
+        "broadcast_s": broadcast_s,
+        "broadcast_over_push": broadcast_s / push_s,
         "threads": torch.get_num_threads(),
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"broadcast (gloo, HTTP-announced buckets) {broadcast_s * 1000:.1f} ms, {broadcast_s / push_s:.2f}x the push")
     print(
         f"weight sync {args.size} ({params / 1e6:.1f}M params, {nbytes / 2**20:.0f} MiB): push {push_s * 1000:.1f} ms, "
         f"plain copy {plain_s * 1000:.1f} ms, ratio {push_s / plain_s:.2f}x (goal <= 2x); deferred repack {repack_s * 1000:.1f} ms"
