@@ -3,7 +3,7 @@ refused in one line before anything starts."""
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=3, suite="base-a-test-cpu")
+register_cpu_ci(est_time=6, suite="base-a-test-cpu")
 
 import pytest  # noqa: E402
 
