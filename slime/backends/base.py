@@ -199,8 +199,8 @@ class Backend(ABC):
     def memory_allocated(self) -> int:
         return 0
 
-    def serialize_ipc_tensors(self, named_tensors: list) -> str:
-        """Device tensors -> SGLang's `serialized_named_tensors` entry holding memory handles (weight sync "ipc");
+    def serialize_ipc_tensors(self, payload: object) -> str:
+        """A bucket of device tensors -> SGLang's `serialized_named_tensors` entry of memory handles (weight sync "ipc");
         only backends that list "ipc" in their capabilities implement it."""
         raise NotImplementedError(f"the {self.name} backend has no device-memory handles (weight sync 'ipc')")
 

@@ -7,8 +7,9 @@ Transports (`Capabilities.weight_sync`, `--weight-sync`):
   (`/init_weights_update_group`, rank 0 = trainer, engine i = rank i + 1); per bucket, rank 0 announces names,
   dtypes and shapes (`/update_weights_from_distributed`, answered once the engine has the bucket) and
   broadcasts the tensors in the same order, device to device with the backend's collective library (gloo on CPU).
-- ipc: colocated engines only. Each trainer rank hands the engine on its own device handles to the exported
-  tensors (`/update_weights_from_tensor`, SGLang's serialization); the engine copies from the trainer's memory.
+- ipc: colocated engines only. Each trainer rank flattens each bucket into one device tensor and hands the engine
+  on its own device a handle to it (`/update_weights_from_tensor`, load_format "flattened_bucket", SGLang's
+  serialization); the engine copies from the trainer's memory.
 Every call is bounded: the HTTP calls by the client's timeout, the collectives by the group's. A failed or
 timed-out update raises WeightSyncError naming the engine and the version; the group is dropped and formed
 again at the next update, and the engines keep serving the weights they had (the embedded engine stages
@@ -31,6 +32,7 @@ from slime.backends.base import (
 from slime.backends.process_groups import GroupError, broadcast, open_group
 from slime.config import Config, ConfigError
 from slime.rollout.engines.base import EngineError
+from slime.rollout.engines.protocol import FLATTENED_BUCKET, flatten_bucket
 from slime.rollout.engines.sglang.client import SGLangClient
 
 GROUP_NAME = "slime_weight_sync"
@@ -178,7 +180,8 @@ def send_ipc(backend: Backend, url: str, buckets: Iterable[list], version: int, 
     try:
         for bucket, last in with_last(buckets):
             # the bucket's tensors stay referenced until the engine has answered (it reads them through the handles)
-            client.update_weights_from_serialized([backend.serialize_ipc_tensors(bucket)], version, finish=last)
+            payload = backend.serialize_ipc_tensors(flatten_bucket(bucket))
+            client.update_weights_from_serialized([payload], version, finish=last, load_format=FLATTENED_BUCKET)
     except EngineError as e:
         drain(buckets)
         raise WeightSyncError(f"weight update to version {version} failed at {url}: {e}") from None

@@ -1,7 +1,7 @@
 """CUDA-IPC handles for SGLang's `/update_weights_from_tensor` (colocated trainer and engine on one GPU).
 
 SGLang reads `serialized_named_tensors[tp_rank]` with its MultiprocessingSerializer: base64 of a
-ForkingPickler pickle of [(name, tensor)]. A CUDA tensor pickles as torch's `rebuild_cuda_tensor` with an IPC
+ForkingPickler pickle of [(name, tensor)], or of one flattened bucket (load_format "flattened_bucket"). A CUDA tensor pickles as torch's `rebuild_cuda_tensor` with an IPC
 handle, so the engine maps the trainer's memory without a copy. torch writes the sender's device *index* into
 that call; the engine sees other visible devices than the trainer, so SGLang's receiving side also accepts the
 device's UUID in that slot (sglang.srt.utils.patch_torch) and maps it back to its own index. This pickler
@@ -40,12 +40,13 @@ class _UuidPickler(ForkingPickler):
         return NotImplemented
 
 
-def serialize_ipc_named_tensors(named_tensors: list[tuple[str, object]]) -> str:
-    """[(name, device tensor)] -> the base64 string SGLang expects for one tensor-parallel rank.
+def serialize_ipc_named_tensors(payload: object) -> str:
+    """A bucket holding device tensors ([(name, tensor)] or a flattened bucket dict) -> the base64 string SGLang
+    expects for one tensor-parallel rank.
 
     The tensors must stay alive until the engine has answered: the handles point at their memory."""
     import torch.multiprocessing  # noqa: F401  (registers torch's reductions with ForkingPickler)
 
     buffer = io.BytesIO()
-    _UuidPickler(buffer, pickle.HIGHEST_PROTOCOL).dump([(name, t.contiguous()) for name, t in named_tensors])
+    _UuidPickler(buffer, pickle.HIGHEST_PROTOCOL).dump(payload)
     return base64.b64encode(buffer.getvalue()).decode("ascii")

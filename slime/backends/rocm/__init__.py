@@ -70,10 +70,10 @@ class RocmBackend(Backend):
 
         torch.cuda.empty_cache()
 
-    def serialize_ipc_tensors(self, named_tensors: list) -> str:
+    def serialize_ipc_tensors(self, payload: object) -> str:
         from slime.backends.cuda.ipc import serialize_ipc_named_tensors
 
-        return serialize_ipc_named_tensors(named_tensors)
+        return serialize_ipc_named_tensors(payload)
 
     def memory_allocated(self) -> int:
         import torch

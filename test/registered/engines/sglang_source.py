@@ -178,3 +178,25 @@ def server_args_parser(root: Path) -> argparse.ArgumentParser:
             parser.add_argument(*names, **options)
         return parser
     raise AssertionError("sglang.srt.server_args has no add_cli_args")
+
+
+def unpickler_rules(root: Path) -> tuple[set[str], set[tuple[str, str]]]:
+    """(ALLOWED_MODULE_PREFIXES, DENY_CLASSES) of SGLang's SafeUnpickler, which reads serialized_named_tensors."""
+    for node in ast.walk(_tree(root, "srt/utils/common.py")):
+        if isinstance(node, ast.ClassDef) and node.name == "SafeUnpickler":
+            values = {
+                target.id: ast.literal_eval(statement.value)
+                for statement in node.body
+                if isinstance(statement, ast.Assign)
+                for target in statement.targets
+                if isinstance(target, ast.Name)
+            }
+            return set(values["ALLOWED_MODULE_PREFIXES"]), set(values["DENY_CLASSES"])
+    raise AssertionError("sglang.srt.utils.common has no SafeUnpickler")
+
+
+def dataclass_fields(root: Path, relative: str, name: str) -> list[str]:
+    for node in _tree(root, relative).body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return [s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)]
+    raise AssertionError(f"{relative} has no class {name}")

@@ -242,6 +242,30 @@ def test_invalid_fields_get_400_and_the_server_keeps_serving(served, path, body,
     assert status == 200
 
 
+def test_flattened_bucket_payload_updates_the_served_engine(served, models):
+    """SGLang's load_format "flattened_bucket" (the format the ipc transport sends, here with host memory)."""
+    import base64
+    import pickle
+
+    from slime.rollout.engines.protocol import FLATTENED_BUCKET, flatten_bucket
+
+    engine, handle = served
+    _, hf_b = models["b"]
+    client = SGLangClient(handle.url, timeout_s=60)
+    items = list(hf_b.state_dict().items())
+    client.begin_weight_update()
+    for i, part in enumerate((items[:7], items[7:])):
+        payload = base64.b64encode(pickle.dumps(flatten_bucket(part))).decode()
+        client.update_weights_from_serialized([payload], 9, finish=i == 1, load_format=FLATTENED_BUCKET)
+    client.end_weight_update()
+    try:
+        assert client.weight_version == 9
+        [result] = client.generate([GenerateRequest("f", PROMPTS[0], greedy(6))])
+        assert result.output_ids == hf_greedy(hf_b, PROMPTS[0], 6)
+    finally:
+        client.update_weights_from_disk(models["a"][0], version=0)
+
+
 def test_model_info_and_weight_version(served):
     _, handle = served
     info = json.load(urllib.request.urlopen(handle.url + "/get_model_info", timeout=10))

@@ -159,3 +159,41 @@ def test_a_drifted_body_is_refused():
         "UpdateWeightsFromDistributedReqInput requires 'shapes'",
     ]
     assert sglang_source.accepts(types["PauseGenerationReqInput"], {"mode": "later"})
+
+
+def sglang_unpickle(payload: str):
+    """Load a payload under SGLang's SafeUnpickler rules (its allow-list and deny-list, read from its source)."""
+    import base64
+    import io
+    import pickle
+
+    allowed, denied = sglang_source.unpickler_rules(ROOT)
+
+    class RuleUnpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            assert (module, name) not in denied and any((module + ".").startswith(p) for p in allowed), (
+                f"SGLang's unpickler refuses {module}.{name}"
+            )
+            return super().find_class(module, name)
+
+    return RuleUnpickler(io.BytesIO(base64.b64decode(payload))).load()
+
+
+def test_tensor_payloads_pass_sglang_unpickler_and_match_its_bucket_format():
+    import base64
+    import pickle
+
+    from slime.rollout.engines.protocol import flatten_bucket, serialize_named_tensors, unflatten_bucket
+
+    named = [("a.weight", torch.randn(3, 4)), ("b.bias", torch.arange(5, dtype=torch.bfloat16))]
+    loaded = sglang_unpickle(serialize_named_tensors(named))
+    assert [n for n, _ in loaded] == ["a.weight", "b.bias"] and all(
+        torch.equal(x, y) for (_, x), (_, y) in zip(loaded, named)
+    )
+    bucket = sglang_unpickle(base64.b64encode(pickle.dumps(flatten_bucket(named))).decode())
+    # SGLang rebuilds FlattenedTensorMetadata from these attributes (model_runner._update_weights_from_flattened_bucket)
+    fields = sglang_source.dataclass_fields(ROOT, "srt/weight_sync/tensor_bucket.py", "FlattenedTensorMetadata")
+    assert sorted(vars(bucket["metadata"][0])) == sorted(fields)
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(unflatten_bucket(bucket), named))
+    runner = (ROOT / "srt/model_executor/model_runner.py").read_text()
+    assert '"flattened_bucket"' in runner and 'flattened_tensor_bucket_dict["flattened_tensor"]' in runner

@@ -50,3 +50,16 @@ def test_ipc_needs_colocate():
 def test_the_last_bucket_is_marked():
     assert list(with_last([[1], [2], [3]])) == [([1], False), ([2], False), ([3], True)]
     assert list(with_last([])) == []
+
+
+def test_ipc_payload_round_trips_a_flattened_bucket():
+    """The ipc serializer's pickler on host tensors (its device-UUID rewrite needs a GPU: test_weight_sync_gpu.py)."""
+    import torch
+
+    from slime.backends.cuda.ipc import serialize_ipc_named_tensors
+    from slime.rollout.engines.protocol import FLATTENED_BUCKET, deserialize_payload, flatten_bucket
+
+    named = [("w", torch.randn(2, 3)), ("b", torch.arange(4, dtype=torch.bfloat16)), ("s", torch.tensor(1.5))]
+    back = deserialize_payload(serialize_ipc_named_tensors(flatten_bucket(named)), FLATTENED_BUCKET)
+    assert [n for n, _ in back] == ["w", "b", "s"]
+    assert all(x.dtype == y.dtype and torch.equal(x, y) for (_, x), (_, y) in zip(back, named))

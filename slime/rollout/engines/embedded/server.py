@@ -35,8 +35,9 @@ from slime.rollout.engines.base import EngineError, GenerateResult
 from slime.rollout.engines.embedded.distributed import DEFAULT_GROUP, DEFAULT_TIMEOUT_S, WeightGroups
 from slime.rollout.engines.embedded.engine import EmbeddedEngine
 from slime.rollout.engines.protocol import (
+    FLATTENED_BUCKET,
     ProtocolError,
-    deserialize_named_tensors,
+    deserialize_payload,
     generate_response_json,
     parse_generate_request,
 )
@@ -186,13 +187,16 @@ class EmbeddedServer:
             raise ProtocolError(
                 "serialized_named_tensors must be a non-empty list (one entry per tensor-parallel rank)"
             )
-        if body.get("load_format") not in (None, "direct"):
-            raise ProtocolError(f"load_format {body.get('load_format')!r} is not supported by this engine (use null)")
+        load_format = body.get("load_format")
+        if load_format not in (None, "direct", FLATTENED_BUCKET):
+            raise ProtocolError(
+                f"load_format {load_format!r} is not supported by this engine (use null or {FLATTENED_BUCKET})"
+            )
         finish = _require_bool(body, "flush_cache", True)
         if _require_bool(body, "abort_all_requests", False):
             await self._run_blocking(self.engine.abort, None)
         version = _parse_version(body, self.engine.weight_version)
-        named = deserialize_named_tensors(serialized[0])  # one rank: the embedded engine is not sharded
+        named = deserialize_payload(serialized[0], load_format)  # one rank: the embedded engine is not sharded
         await self._run_blocking(lambda: self.engine.update_weights_from_tensors(named, version, finish=finish))
         return web.json_response({"success": True, "message": "Succeeded to update model weights."})
 
