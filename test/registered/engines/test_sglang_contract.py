@@ -197,3 +197,14 @@ def test_tensor_payloads_pass_sglang_unpickler_and_match_its_bucket_format():
     assert all(torch.equal(x, y) for (_, x), (_, y) in zip(unflatten_bucket(bucket), named))
     runner = (ROOT / "srt/model_executor/model_runner.py").read_text()
     assert '"flattened_bucket"' in runner and 'flattened_tensor_bucket_dict["flattened_tensor"]' in runner
+
+
+def test_embedded_server_routes_are_sglang_routes():
+    """The embedded engine imitates SGLang's HTTP API: every route it serves must exist in SGLang with that method."""
+    from slime.rollout.engines.embedded.server import EmbeddedServer
+
+    routes = sglang_source.routes(ROOT)
+    served = {(r.method, r.resource.canonical) for r in EmbeddedServer(None).app.router.routes() if r.method != "HEAD"}
+    assert len(served) > 15
+    for method, path in sorted(served):
+        assert path in routes and method in routes[path].methods, f"embedded {method} {path} is not an SGLang route"

@@ -86,9 +86,8 @@ class EmbeddedServer:
         self.app = web.Application(client_max_size=1 << 31, middlewares=[self._errors])
         post, get = self.app.router.add_post, self.app.router.add_get
         post("/generate", self.generate)
-        for path in ("/health", "/health_generate"):
+        for path in ("/health", "/health_generate"):  # GET only, as in SGLang (the contract test checks methods)
             get(path, self.health)
-            post(path, self.health)
         get("/get_model_info", self.model_info)
         get("/get_weight_version", self.weight_version)
         get("/get_server_info", self.server_info)
