@@ -128,6 +128,7 @@ def test_every_route_the_client_calls_exists_with_its_method(sent):
 def test_every_request_body_is_accepted_by_sglang_request_types(sent):
     routes, types = sglang_source.routes(ROOT), sglang_source.request_types(ROOT)
     for _, path, body in sent:
+        assert path in routes, f"sglang has no route {path}"
         request_type = routes[path].request_type
         if request_type is None:
             assert not body, f"{path} takes no body in sglang, the client sends {body}"
@@ -139,7 +140,7 @@ def test_every_request_body_is_accepted_by_sglang_request_types(sent):
 def test_sampling_params_and_tensor_payload_match_sglang(sent):
     names = sglang_source.sampling_param_names(ROOT)
     [generate] = [body for _, path, body in sent if path == "/generate"]
-    assert set(generate["sampling_params"]) <= names
+    assert set(generate["sampling_params"]) <= names, f"unknown to sglang: {set(generate['sampling_params']) - names}"
     [distributed] = [body for _, path, body in sent if path == "/update_weights_from_distributed"]
     assert distributed["dtypes"] == ["bfloat16"] and all(
         hasattr(torch, d) for d in distributed["dtypes"]
