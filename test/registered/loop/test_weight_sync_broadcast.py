@@ -1,11 +1,11 @@
 """Weight sync "broadcast" (SGLang's distributed update) end to end over gloo: the protocol between the
 trainer-side sender and the embedded engine's HTTP endpoints (group setup, bucket metadata, broadcast,
-version bump, a rejected update, timeouts on either side), then the real loop with an engine killed and
-restarted mid-rollout, which must still serve the newest weights."""
+version bump, a rejected update, timeouts on either side), then the real loop, with each transport, with an
+engine killed and restarted mid-rollout, which must still serve the newest weights."""
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=60, suite="base-c-test-cpu")
+register_cpu_ci(est_time=75, suite="base-c-test-cpu")
 
 import json  # noqa: E402
 import time  # noqa: E402
@@ -112,13 +112,14 @@ def test_trainer_times_out_when_an_engine_does_not_receive(served):
     assert sender.group is None and engines[1].weight_version == 0 and engines[1].health()
 
 
-def test_loop_with_broadcast_restarts_a_killed_engine_with_the_newest_weights(files, tmp_path):
+@pytest.mark.parametrize("transport", ["broadcast", "object_store"])
+def test_loop_restarts_a_killed_engine_with_the_newest_weights(files, tmp_path, transport):
     out, dumps = tmp_path / "run", tmp_path / "dumps"
     run(
         files,
         out,
         **{
-            "weight-sync": "broadcast",
+            "weight-sync": transport,
             "rollout-num-gpus": 2,
             "custom-generate-function-path": "loop_plugins.generate_killing_the_last_engine_in_rollout_1",
             "save-debug-rollout-data": dumps,

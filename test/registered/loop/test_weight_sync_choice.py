@@ -21,9 +21,9 @@ def choose(hardware: str, *flags: str) -> str:
 @pytest.mark.parametrize(
     "hardware, flags, transport",
     [
-        ("cpu", (), "object_store"),
-        ("cpu", ("--weight-sync", "broadcast"), "broadcast"),
-        ("cpu", ("--colocate",), "object_store"),
+        ("cpu", (), "broadcast"),
+        ("cpu", ("--weight-sync", "object_store"), "object_store"),
+        ("cpu", ("--colocate",), "broadcast"),
         ("cuda", (), "broadcast"),
         ("cuda", ("--colocate",), "ipc"),
         ("rocm", ("--colocate",), "ipc"),
@@ -36,7 +36,7 @@ def test_default_and_override(hardware, flags, transport):
 
 
 def test_a_transport_the_backend_lacks_is_one_line():
-    with pytest.raises(ConfigError, match=r"^--weight-sync ipc: the cpu backend offers object_store, broadcast$"):
+    with pytest.raises(ConfigError, match=r"^--weight-sync ipc: the cpu backend offers broadcast, object_store$"):
         choose("cpu", "--colocate", "--weight-sync", "ipc")
     with pytest.raises(ConfigError, match=r"^--weight-sync broadcast: the tpu backend offers object_store$"):
         choose("tpu", "--weight-sync", "broadcast")
