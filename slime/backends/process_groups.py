@@ -18,17 +18,39 @@ class GroupError(RuntimeError):
     """A weight group could not be formed or a collective on it failed (timeout, peer gone)."""
 
 
+def host_store(world_size: int, timeout_s: float):
+    """Rank 0's rendezvous store on a port the system picks (no race for a "free" port); returns (store, port).
+    It does not wait here for the other ranks: they are told the port first, then everyone opens the group."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        store = dist.TCPStore("0.0.0.0", 0, world_size, True, timeout=timeout, wait_for_workers=False)
+    except RuntimeError as e:
+        raise GroupError(f"weight group store did not start: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    return store, store.port
+
+
 def open_group(
-    backend: str, master_address: str, master_port: int, rank: int, world_size: int, group_name: str, timeout_s: float
+    backend: str,
+    master_address: str,
+    master_port: int,
+    rank: int,
+    world_size: int,
+    group_name: str,
+    timeout_s: float,
+    store=None,
 ):
-    """Join (rank > 0) or host (rank 0) the group; returns once all `world_size` members have joined."""
+    """Join (rank > 0) or host (rank 0, with the store from host_store) the group; returns once all `world_size`
+    members have joined."""
     import torch.distributed as dist
 
     if backend not in GROUP_BACKENDS:
         raise GroupError(f"weight group backend {backend!r} is not one of {', '.join(GROUP_BACKENDS)}")
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timeout=timeout)
+        if store is None:
+            store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timeout=timeout)
         prefixed = dist.PrefixStore(group_name, store)
         if backend == "gloo":
             return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)

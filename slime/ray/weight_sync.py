@@ -29,7 +29,7 @@ from slime.backends.base import (
     WEIGHT_SYNC_OBJECT_STORE,
     Backend,
 )
-from slime.backends.process_groups import GroupError, broadcast, open_group
+from slime.backends.process_groups import GroupError, broadcast, host_store, open_group
 from slime.config import Config, ConfigError
 from slime.rollout.engines.base import EngineError
 from slime.rollout.engines.protocol import FLATTENED_BUCKET, flatten_bucket
@@ -103,10 +103,9 @@ class BroadcastSender:
     def connect(self, urls: list[str]) -> None:
         if self.group is not None and urls == self.urls:
             return
-        from slime.training.distributed import free_port
-
         self.group, self.urls = None, []
-        world, port = len(urls) + 1, free_port()
+        world = len(urls) + 1
+        store, port = host_store(world, self.timeout_s)
         clients = self._clients(urls)
         with ThreadPoolExecutor(len(clients)) as pool:
             joins = [
@@ -114,7 +113,9 @@ class BroadcastSender:
                 for i, c in enumerate(clients)
             ]  # fmt: skip
             try:
-                group = open_group(self.dist_backend, self.address, port, 0, world, self.group_name, self.timeout_s)
+                group = open_group(
+                    self.dist_backend, self.address, port, 0, world, self.group_name, self.timeout_s, store
+                )
             except GroupError as e:
                 failed = [f"{c.url}: {f.exception()}" for c, f in zip(clients, joins) if f.exception() is not None]
                 raise WeightSyncError(f"{e}{'; ' + '; '.join(failed) if failed else ''}") from None
