@@ -53,8 +53,14 @@ def sync_weights(config: Config, run: RunActors, version: int) -> float:
     start = time.perf_counter()
     bucket_bytes = config.train.weight_update_bucket_mb << 20
     if run.weight_sync != "object_store":
+        from slime.ray.weight_sync import WeightSyncError
+
         urls = ray.get(run.rollout.engine_urls.remote())
-        run.actor.push_weights(run.weight_sync, urls, version, bucket_bytes, WEIGHT_UPDATE_TIMEOUT_S)
+        try:
+            run.actor.push_weights(run.weight_sync, urls, version, bucket_bytes, WEIGHT_UPDATE_TIMEOUT_S)
+        except WeightSyncError as e:  # raised in a trainer actor: one line, without the remote traceback
+            cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+            raise ClusterError(f"weight sync ({run.weight_sync}): {cause}") from None
         ray.get(run.rollout.weights_pushed.remote(version))
         return time.perf_counter() - start
     refs = run.actor.publish_weights(bucket_bytes)
