@@ -128,22 +128,20 @@ class BroadcastSender:
         """Broadcast every bucket to every engine as weight `version`; returns seconds."""
         start = time.perf_counter()
         buckets = iter(buckets)
+        clients = self._clients(urls)
         try:
             self.connect(urls)
-        except WeightSyncError:
-            drain(buckets)
-            raise
-        clients = self._clients(urls)
-        for client in clients:
-            client.begin_weight_update()
-        try:
+            for client in clients:
+                client.begin_weight_update()
             with ThreadPoolExecutor(len(clients)) as pool:
                 for bucket, last in with_last(buckets):
                     self._send_bucket(pool, clients, bucket, version, last)
-        except BaseException:
+        except EngineError as e:  # WeightSyncError included
             self.group, self.urls = None, []  # formed again at the next update
             drain(buckets)
-            raise
+            if isinstance(e, WeightSyncError):
+                raise
+            raise WeightSyncError(f"weight update to version {version} failed: {e}") from None
         finally:
             _end_updates(clients)
         return time.perf_counter() - start
@@ -177,8 +175,8 @@ def send_ipc(backend: Backend, url: str, buckets: Iterable[list], version: int, 
     start = time.perf_counter()
     buckets = iter(buckets)
     client = SGLangClient(url, timeout_s=timeout_s)
-    client.begin_weight_update()
     try:
+        client.begin_weight_update()
         for bucket, last in with_last(buckets):
             # the bucket's tensors stay referenced until the engine has answered (it reads them through the handles)
             payload = backend.serialize_ipc_tensors(flatten_bucket(bucket))

@@ -112,6 +112,17 @@ def test_trainer_times_out_when_an_engine_does_not_receive(served):
     assert sender.group is None and engines[1].weight_version == 0 and engines[1].health()
 
 
+def test_an_unreachable_engine_fails_the_update_within_the_timeout(served):
+    engines, urls = served
+    sender = BroadcastSender("gloo", "127.0.0.1", TIMEOUT_S)
+    gone = "http://127.0.0.1:9"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(WeightSyncError, match=r"did not form.*http://127.0.0.1:9: .*cannot reach the server"):
+        sender.send([urls[0], gone], [new_weights(engines[0], 0.5)], version=4)
+    assert time.monotonic() - start < 10 * TIMEOUT_S and sender.group is None
+    assert engines[0].weight_version == 0 and engines[0].health()
+
+
 @pytest.mark.parametrize("transport", ["broadcast", "object_store"])
 def test_loop_restarts_a_killed_engine_with_the_newest_weights(files, tmp_path, transport):
     out, dumps = tmp_path / "run", tmp_path / "dumps"
