@@ -5,7 +5,7 @@ engine killed and restarted mid-rollout, which must still serve the newest weigh
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=100, suite="base-c-test-cpu")
+register_cpu_ci(est_time=80, suite="base-c-test-cpu")
 
 import json  # noqa: E402
 import time  # noqa: E402
