@@ -39,6 +39,7 @@ def main() -> int:
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--num-layers", type=int, default=6)
     p.add_argument("--out", default="bench_loop.json")
+    p.add_argument("--weight-sync", default="auto", help="the run's --weight-sync (auto: the backend's default)")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -55,7 +56,7 @@ def main() -> int:
             "--num-rollout", str(args.steps), "--rollout-batch-size", str(args.prompts), "--n-samples-per-prompt",
             str(args.samples), "--global-batch-size", str(n), "--micro-batch-size", str(n), "--rollout-max-response-len",
             str(args.max_new_tokens), "--rollout-engine-batch-size", str(n), "--lr", "1e-5", "--output-dir",
-            str(root / "run"), "--no-progress",
+            str(root / "run"), "--no-progress", "--weight-sync", args.weight_sync,
         ]  # fmt: skip
         loop.train(parse_config(flags))
         steps = [r for r in read_metrics(root / "run") if r.get("phase") == "rl"][args.warmup :]
@@ -69,6 +70,7 @@ def main() -> int:
         "completions_per_step": n,
         "max_new_tokens": args.max_new_tokens,
         "steps_measured": len(steps),
+        "weight_sync": args.weight_sync,
         "seconds_per_step": median("perf/step_time"),
         "completions_per_s": n / median("perf/step_time"),
         "generated_tokens_per_step": median("rollout/generated_tokens"),

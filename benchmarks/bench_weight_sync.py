@@ -2,12 +2,14 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_weight_sync.py --out bench_weight_sync.json
 
-"push" is what the loop does every step minus the object store: the Megatron trainer exports its weights as
+"push" is what the loop does every step with weight sync "object_store", minus the object store itself: the Megatron trainer exports its weights as
 HF-named full tensors in buckets (`hf_weight_buckets`), and the engine takes them inside a begin/end update
 (`update_weights_from_tensors`: validate, copy into its fused buffers). "plain copy" copies the same bytes
 into preallocated tensors of the same shapes (`dst.copy_(src)` per tensor): the floor any sync has to pay.
 The engine's packed decode weights (MKL reorder, x86 hosts) are derived from the weights and rebuilt on the
 first decode after an update; that cost is reported apart ("repack"), since the trainer does not wait for it.
+"broadcast" is weight sync "broadcast" end to end (sender, gloo group, the engine's HTTP endpoints);
+--object-store adds weight sync "object_store" (put by the trainer, get by the engine; starts Ray).
 Times are the median of --repeats runs after one warm-up; the goal is push <= 2x plain.
 """
 
@@ -25,12 +27,46 @@ import torch
 from bench_train_step import SIZES, build_checkpoint  # the same Qwen3 sizes as the trainer benchmark
 
 
+def broadcast_sync(trainer, engine, bucket_mb: int):
+    """Weight sync "broadcast" as the loop runs it, minus Ray: the trainer's export through the sender's gloo
+    group into the engine's HTTP server (both in this process, the server on its own threads)."""
+    from slime.ray.weight_sync import BroadcastSender
+    from slime.rollout.engines.embedded.server import serve_http
+
+    handle = serve_http(engine)
+    sender = BroadcastSender("gloo", "127.0.0.1", timeout_s=120)
+
+    def run(version: int) -> None:
+        sender.send([handle.url], trainer.hf_weight_buckets(bucket_mb << 20), version)
+
+    return run
+
+
+def object_store_sync(trainer, engine, bucket_mb: int):
+    """Weight sync "object_store" as the loop runs it, in one process: host copies put in Ray's object store by
+    the trainer, fetched and applied by the engine (needs Ray: run in a private network namespace)."""
+    import ray
+
+    def run(version: int) -> None:
+        refs = [
+            ray.put([(name, t.detach().to("cpu", copy=True)) for name, t in bucket])
+            for bucket in trainer.hf_weight_buckets(bucket_mb << 20)
+        ]
+        engine.begin_weight_update()
+        for i, ref in enumerate(refs):
+            engine.update_weights_from_tensors(ray.get(ref), version, finish=i == len(refs) - 1)
+        engine.end_weight_update()
+
+    return run
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="30M", choices=list(SIZES))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bucket-mb", type=int, default=512)
     p.add_argument("--out", default="bench_weight_sync.json")
+    p.add_argument("--object-store", action="store_true", help="also time the object-store transport (starts Ray)")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -77,6 +113,15 @@ def main() -> int:
         push_s, plain_s = statistics.median(timed(push)), statistics.median(timed(plain))
         repack_s = statistics.median(timed(lambda _: engine.model.pack_for_decode()))
         assert engine.weight_version == args.repeats
+        broadcast_s = statistics.median(timed(broadcast_sync(trainer, engine, args.bucket_mb)))
+        assert engine.weight_version == args.repeats
+        object_store_s = None
+        if args.object_store:
+            import ray
+
+            ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+            object_store_s = statistics.median(timed(object_store_sync(trainer, engine, args.bucket_mb)))
+            ray.shutdown()
         engine.shutdown()
         destroy_distributed()
 
@@ -91,9 +136,17 @@ def main() -> int:
         "repack_s": repack_s,
         "push_and_repack_over_plain": (push_s + repack_s) / plain_s,
         "push_gb_s": nbytes / push_s / 1e9,
+        "broadcast_s": broadcast_s,
+        "broadcast_over_push": broadcast_s / push_s,
+        "object_store_s": object_store_s,
         "threads": torch.get_num_threads(),
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"broadcast (gloo, HTTP-announced buckets) {broadcast_s * 1000:.1f} ms, {broadcast_s / push_s:.2f}x the push")
+    if object_store_s is not None:
+        print(
+            f"object store (put + get + apply) {object_store_s * 1000:.1f} ms, {object_store_s / push_s:.2f}x the push"
+        )
     print(
         f"weight sync {args.size} ({params / 1e6:.1f}M params, {nbytes / 2**20:.0f} MiB): push {push_s * 1000:.1f} ms, "
         f"plain copy {plain_s * 1000:.1f} ms, ratio {push_s / plain_s:.2f}x (goal <= 2x); deferred repack {repack_s * 1000:.1f} ms"

@@ -47,6 +47,12 @@ class ClusterConfig:
     colocate: bool = opt(False, "trainer and rollout share devices; each offloads while the other runs")
     hardware: str = opt("auto", "auto or a backend name from `slime env` (auto: the first available, in a fixed order)")
     ray_address: str | None = opt(None, "connect to an existing Ray cluster instead of starting one")
+    weight_sync: str = opt(
+        "auto",
+        "trainer -> engine weight transport: object_store, broadcast (process group), ipc (device handles, "
+        "--colocate), in_process; auto = the backend's default for the placement",
+        choices=("auto", "object_store", "broadcast", "ipc", "in_process"),
+    )
 
 
 @dataclass(frozen=True)
@@ -426,6 +432,8 @@ def _check_parallel(config: Config) -> list[str]:
             f"--rollout-num-gpus {c.rollout_num_gpus} must be divisible by --rollout-num-gpus-per-engine "
             f"{c.rollout_num_gpus_per_engine}"
         )
+    if c.weight_sync == "ipc" and not c.colocate:
+        problems.append("--weight-sync ipc hands device memory to an engine on the same device: it needs --colocate")
     if t.async_rollout and c.colocate:
         problems.append(
             "--async overlaps generation with training on separate devices; --colocate shares them: use one"

@@ -28,6 +28,7 @@ from slime.loop_steps import (
 )
 from slime.preflight import CheckedRun, check_run
 from slime.ray.actors import RunActors, start_actors
+from slime.ray.weight_sync import resolve_weight_sync
 from slime.run_log import RunLog
 
 
@@ -49,6 +50,7 @@ class RunInputs:
     vocab_size: int  # the model's logits width; may exceed len(tokenizer)
     tokenizer: object
     advantage_fn: object | None  # --custom-advantage-function-path, loaded
+    weight_sync: str  # the transport trainer -> engines (slime.ray.weight_sync)
 
     @property
     def backend(self) -> Backend:
@@ -58,7 +60,7 @@ class RunInputs:
 def train(config: Config, backend: Backend | None = None, checked: CheckedRun | None = None) -> RunSummary:
     """Run `config`; `checked` is its start-up check (`slime.preflight.check_run`), done here when not given."""
     inputs = prepare(config, backend, checked)
-    run = start_actors(config, inputs.backend, inputs.checked.data)
+    run = start_actors(config, inputs.backend, inputs.checked.data, inputs.weight_sync)
     try:
         start, version = load_checkpoint(config, run) if config.checkpoint.load else (0, 0)
         log = RunLog(config, start)
@@ -100,9 +102,10 @@ def prepare(config: Config, backend: Backend | None, checked: CheckedRun | None)
 
     checked = checked or check_run(config, backend)  # flags, packages, plugins, model folder, every data file
     advantage_fn = load_advantage_plugin(config)
+    weight_sync = resolve_weight_sync(config, checked.backend)  # a transport the backend lacks fails here
     config.write(config.logging.output_dir)
     tokenizer = checked.model.tokenizer
-    return RunInputs(checked, tokenizer.pad_token_id, checked.model.vocab_size, tokenizer, advantage_fn)
+    return RunInputs(checked, tokenizer.pad_token_id, checked.model.vocab_size, tokenizer, advantage_fn, weight_sync)
 
 
 def begin(

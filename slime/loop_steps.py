@@ -46,11 +46,24 @@ def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
 
 # ---- weights ------------------------------------------------------------------------------------------
 def sync_weights(config: Config, run: RunActors, version: int) -> float:
-    """Trainer -> engines: HF-named tensor buckets through the object store. Returns seconds."""
+    """Trainer -> engines by the run's transport (slime.ray.weight_sync): HF-named tensor buckets through the
+    object store, or sent by the trainer straight to the engines (broadcast / ipc). Returns seconds."""
     import ray
 
     start = time.perf_counter()
-    refs = run.actor.publish_weights(config.train.weight_update_bucket_mb << 20)
+    bucket_bytes = config.train.weight_update_bucket_mb << 20
+    if run.weight_sync != "object_store":
+        from slime.ray.weight_sync import WeightSyncError
+
+        urls = ray.get(run.rollout.engine_urls.remote())
+        try:
+            run.actor.push_weights(run.weight_sync, urls, version, bucket_bytes, WEIGHT_UPDATE_TIMEOUT_S)
+        except WeightSyncError as e:  # raised in a trainer actor: one line, without the remote traceback
+            cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+            raise ClusterError(f"weight sync ({run.weight_sync}): {cause}") from None
+        ray.get(run.rollout.weights_pushed.remote(version))
+        return time.perf_counter() - start
+    refs = run.actor.publish_weights(bucket_bytes)
     try:
         ray.get(run.rollout.update_weights.remote(refs, version), timeout=WEIGHT_UPDATE_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:

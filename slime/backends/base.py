@@ -201,6 +201,11 @@ class Backend(ABC):
     def memory_allocated(self) -> int:
         return 0
 
+    def serialize_ipc_tensors(self, payload: object) -> str:
+        """A bucket of device tensors -> SGLang's `serialized_named_tensors` entry of memory handles (weight sync "ipc");
+        only backends that list "ipc" in their capabilities implement it."""
+        raise NotImplementedError(f"the {self.name} backend has no device-memory handles (weight sync 'ipc')")
+
     def ray_cluster_options(self, devices_needed: int) -> dict[str, object]:
         """Extra `ray.init` arguments when slime starts a local Ray cluster that must hold `devices_needed`
         placement-group bundles (Ray detects accelerators itself; the CPU backend overrides this)."""

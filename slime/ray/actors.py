@@ -90,6 +90,7 @@ class RunActors:
     rollout: Any  # the RolloutManager actor handle
     placement_group: Any
     started_ray: bool
+    weight_sync: str = "object_store"  # the transport resolved before start (slime.ray.weight_sync)
 
     def shutdown(self) -> None:
         """Stop whatever was started (also after a failed start), then Ray itself if this run started it."""
@@ -110,9 +111,10 @@ class RunActors:
             ray.shutdown()
 
 
-def start_actors(config: Config, backend: Backend, data=None) -> RunActors:
+def start_actors(config: Config, backend: Backend, data=None, weight_sync: str = "object_store") -> RunActors:
     """`data`: the prompt sets as the start-up check read them (slime.preflight.PreparedData), handed to the
-    rollout manager so no file is read twice (None: it reads them itself)."""
+    rollout manager so no file is read twice (None: it reads them itself). `weight_sync`: the transport
+    (slime.ray.weight_sync.resolve_weight_sync)."""
     import ray
 
     from slime.ray.rollout_manager import RolloutManager
@@ -125,7 +127,7 @@ def start_actors(config: Config, backend: Backend, data=None) -> RunActors:
         actor_devices, critic_devices, rollout_devices, c.rollout_num_gpus_per_engine, c.colocate
     )
     started = cluster.connect(backend, layout.num_bundles, c.ray_address)
-    run = RunActors(None, None, None, None, started)
+    run = RunActors(None, None, None, None, started, weight_sync)
     try:
         run.placement_group = cluster.create_placement_group(backend, layout)
         run.rollout = (
@@ -140,6 +142,8 @@ def start_actors(config: Config, backend: Backend, data=None) -> RunActors:
                 "critic", trainer_config(config, "critic"), backend, run.placement_group, layout.critic
             )
         ray.get(engines_ready)
+        if weight_sync != "object_store":  # the trainer sends to the engines itself; restarts fetch from it
+            ray.get(run.rollout.set_weight_source.remote(run.actor.workers, config.train.weight_update_bucket_mb << 20))
     except BaseException:
         run.shutdown()
         raise

@@ -3,8 +3,10 @@ filters, evaluation, and engine fault tolerance.
 
 Engines live in their own actors (EngineWorker) and are reached over SGLang's HTTP API for generation.
 When a request finds its engine gone, `recover()` restarts every dead engine in its old placement slot,
-loads the newest weights into it (the buckets of the last update stay referenced here for that), and the
-failed requests are retried from where their sample stood: nothing is lost, nothing counted twice.
+loads the newest weights into it, and the failed requests are retried from where their sample stood: nothing
+is lost, nothing counted twice. The newest weights: with weight sync "object_store" the buckets of the last
+update stay referenced here; with "broadcast" / "ipc" (sent by the trainer straight to the engines) the
+trainer publishes them to the object store once more, for the restarted engine only.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class RolloutManager:
         self.engines: list[_Engine] = []
         self.restarts = 0
         self._weights: tuple[list, int] = ([], 0)  # last update's bucket refs and version, for restarted engines
+        self._weight_source: tuple[list, int] | None = None  # (trainer workers, bucket bytes): transports without refs
         self._recover_lock = asyncio.Lock()
         self._data_before: dict[int, dict] = {}
         self._prepared = data  # slime.preflight.PreparedData: the data files as the start-up check read them
@@ -115,12 +118,31 @@ class RolloutManager:
                 logger.warning("rollout engine %d (pid %d) is gone; restarting it", i, self.engines[i].pid)
                 await self._stop(self.engines[i], timeout_s=10)  # a hung worker may still own a server process
                 engine = await self._start_engine(self.slots[i])
-                refs, version = self._weights
+                refs, version = await self._newest_weights()
                 if refs:
                     await engine.actor.update_weights.remote(refs, version)
                 self.engines[i] = engine
                 self.restarts += 1
             self.ctx.set_urls([e.url for e in self.engines])
+
+    async def _newest_weights(self) -> tuple[list, int]:
+        refs, version = self._weights
+        if refs or version == 0 or self._weight_source is None:
+            return refs, version
+        workers, bucket_bytes = self._weight_source  # every rank takes part in the tensor-parallel gathers
+        published = await asyncio.gather(*(w.publish_weights.remote(bucket_bytes) for w in workers))
+        return published[0], version
+
+    def engine_urls(self) -> list[str]:
+        return [e.url for e in self.engines]
+
+    def set_weight_source(self, trainer_workers: list, bucket_bytes: int) -> None:
+        """Transports that bypass this actor ("broadcast", "ipc"): where a restarted engine gets the weights."""
+        self._weight_source = (list(trainer_workers), bucket_bytes)
+
+    def weights_pushed(self, version: int) -> None:
+        """The trainer sent `version` to every engine itself (no refs kept here)."""
+        self._weights = ([], version)
 
     async def update_weights(self, bucket_refs: list, version: int) -> float:
         """Push weight buckets to every engine; returns the slowest engine's seconds."""

@@ -32,6 +32,7 @@ class TrainerWorker:
         self.role, self.config, self.rank, self.world_size = role, config, rank, world_size
         self.backend = select_backend(hardware)
         self.trainer: Any = None
+        self._sender: Any = None  # weight sync "broadcast": the group to the engines, kept between updates
 
     def master_address(self) -> tuple[str, int]:
         import ray
@@ -92,6 +93,32 @@ class TrainerWorker:
                 # (one copy, whether the parameters live on the host or on a device)
                 refs.append(ray.put([(name, tensor.detach().to("cpu", copy=True)) for name, tensor in bucket]))
         return refs
+
+    def broadcast_weights(self, urls: list[str], version: int, bucket_bytes: int, timeout_s: float) -> float:
+        """Weight sync "broadcast": rank 0 sends every bucket to the engines at `urls` through one process group
+        (the other ranks take part in the tensor-parallel gathers). Returns seconds on rank 0."""
+        from slime.ray.weight_sync import BroadcastSender, drain
+
+        buckets = self.trainer.hf_weight_buckets(bucket_bytes)
+        if self.rank != 0:
+            drain(buckets)
+            return 0.0
+        if self._sender is None or self._sender.timeout_s != timeout_s:
+            import ray
+
+            address = ray.util.get_node_ip_address()
+            self._sender = BroadcastSender(self.backend.dist_backend, address, timeout_s)
+        return self._sender.send(urls, buckets, version)
+
+    def ipc_weights(self, urls: list[str], version: int, bucket_bytes: int, timeout_s: float) -> float:
+        """Weight sync "ipc": rank r hands device-memory handles to the colocated engine r (same device)."""
+        from slime.ray.weight_sync import drain, send_ipc
+
+        buckets = self.trainer.hf_weight_buckets(bucket_bytes)
+        if self.rank >= len(urls):
+            drain(buckets)
+            return 0.0
+        return send_ipc(self.backend, urls[self.rank], buckets, version, timeout_s)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def save(self, root: str, step: int, extra: dict | None) -> str:
@@ -190,6 +217,11 @@ class TrainerGroup:
 
     def publish_weights(self, bucket_bytes: int) -> list:
         return self._call("publish_weights", bucket_bytes)[0]
+
+    def push_weights(self, transport: str, urls: list[str], version: int, bucket_bytes: int, timeout_s: float) -> float:
+        """Weight sync "broadcast" or "ipc" to the engines at `urls`; returns the slowest rank's seconds."""
+        method = {"broadcast": "broadcast_weights", "ipc": "ipc_weights"}[transport]
+        return max(self._call(method, urls, version, bucket_bytes, timeout_s))
 
     def snapshot(self, name: str) -> None:
         self._call("snapshot", name)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from slime.backends.base import (
+    WEIGHT_SYNC_BROADCAST,
+    WEIGHT_SYNC_IPC,
     WEIGHT_SYNC_OBJECT_STORE,
     Backend,
     Capabilities,
@@ -26,7 +28,7 @@ class CudaBackend(Backend):
     capabilities = Capabilities(
         trainer_families=("megatron",),
         rollout_engines=("sglang", "embedded"),
-        weight_sync=(WEIGHT_SYNC_OBJECT_STORE,),
+        weight_sync=(WEIGHT_SYNC_BROADCAST, WEIGHT_SYNC_IPC, WEIGHT_SYNC_OBJECT_STORE),
         moe_dispatchers=("flex", "alltoall"),
         memory_saver=True,
     )
@@ -74,6 +76,11 @@ class CudaBackend(Backend):
         import torch
 
         torch.cuda.empty_cache()
+
+    def serialize_ipc_tensors(self, payload: object) -> str:
+        from slime.backends.cuda.ipc import serialize_ipc_named_tensors
+
+        return serialize_ipc_named_tensors(payload)
 
     def memory_allocated(self) -> int:
         import torch

@@ -260,9 +260,52 @@ def serialize_named_tensors(named_tensors: list[tuple[str, Any]]) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def deserialize_named_tensors(payload: str | bytes) -> list[tuple[str, Any]]:
-    """Inverse of serialize_named_tensors. Unpickling runs code from the payload: this is why the servers
-    bind 127.0.0.1 only (SGLang's own trust model for this endpoint)."""
+# SGLang's load_format for one flattened tensor per bucket: {"flattened_tensor": uint8 tensor, "metadata": [..]},
+# each metadata entry with name, shape, dtype, start_idx, end_idx, numel (byte offsets into the flat tensor).
+# One tensor means one device-memory handle per bucket instead of one per weight.
+FLATTENED_BUCKET = "flattened_bucket"
+
+
+def flatten_bucket(named_tensors: list[tuple[str, Any]]) -> dict[str, Any]:
+    """[(name, tensor)] -> SGLang's flattened bucket. The metadata entries are SimpleNamespaces: SGLang reads them
+    by attribute, and its unpickler admits the `types` module (a class of our own would be refused)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    parts, metadata, start = [], [], 0
+    for name, tensor in named_tensors:
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        end = start + flat.numel()
+        metadata.append(
+            SimpleNamespace(
+                name=name, shape=tensor.shape, dtype=tensor.dtype, start_idx=start, end_idx=end, numel=flat.numel()
+            )
+        )
+        parts.append(flat)
+        start = end
+    return {"flattened_tensor": torch.cat(parts), "metadata": metadata}
+
+
+def unflatten_bucket(bucket: Any) -> list[tuple[str, Any]]:
+    """Inverse of flatten_bucket (views into the flat tensor)."""
+    if not isinstance(bucket, dict) or not {"flattened_tensor", "metadata"} <= set(bucket):
+        raise ProtocolError("a flattened_bucket payload must hold a dict with flattened_tensor and metadata")
+    flat = bucket["flattened_tensor"]
+    try:
+        return [(str(m.name), flat[m.start_idx : m.end_idx].view(m.dtype).reshape(m.shape)) for m in bucket["metadata"]]
+    except (AttributeError, RuntimeError, TypeError) as e:
+        raise ProtocolError(f"flattened_bucket metadata does not describe its tensor: {e}") from None
+
+
+def deserialize_payload(payload: str | bytes, load_format: str | None) -> list[tuple[str, Any]]:
+    """One `serialized_named_tensors` entry in either of SGLang's formats -> [(name, tensor)]."""
+    if load_format == FLATTENED_BUCKET:
+        return unflatten_bucket(_unpickle(payload))
+    return deserialize_named_tensors(payload)
+
+
+def _unpickle(payload: str | bytes) -> Any:
     import base64
     import binascii
     from multiprocessing.reduction import ForkingPickler
@@ -271,9 +314,15 @@ def deserialize_named_tensors(payload: str | bytes) -> list[tuple[str, Any]]:
 
     try:
         raw = base64.b64decode(payload, validate=True) if isinstance(payload, str) else payload
-        value = ForkingPickler.loads(raw)
+        return ForkingPickler.loads(raw)
     except (binascii.Error, ValueError, EOFError) as e:
         raise ProtocolError(f"serialized_named_tensors is not a serialized tensor list: {e}") from None
+
+
+def deserialize_named_tensors(payload: str | bytes) -> list[tuple[str, Any]]:
+    """Inverse of serialize_named_tensors. Unpickling runs code from the payload: this is why the servers
+    bind 127.0.0.1 only (SGLang's own trust model for this endpoint)."""
+    value = _unpickle(payload)
     if not isinstance(value, (list, tuple)) or not all(
         isinstance(item, (list, tuple)) and len(item) == 2 for item in value
     ):

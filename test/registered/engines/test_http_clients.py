@@ -227,7 +227,8 @@ def test_stop_string_over_http(served):
         ("/update_weights_from_tensor", {"serialized_named_tensors": ["@@"]}, "not a serialized tensor list"),
         ("/update_weights_from_disk", {"model_path": "/nonexistent"}, "no config.json"),
         ("/update_weights_from_disk", {"model_path": 3}, "model_path must be a folder path"),
-        ("/update_weights_from_distributed", {"names": []}, "not supported by the embedded engine"),
+        ("/update_weights_from_distributed", {"names": ["x"], "dtypes": ["float32"], "shapes": [[1]]}, "not set up"),
+        ("/update_weights_from_distributed", {"names": ["x"], "dtypes": ["int4"], "shapes": [[1]]}, "not one of"),
         ("/pause_generation", {"mode": "later"}, "mode must be one of"),
         ("/abort_request", {"abort_all": "yes"}, "abort_all must be true or false"),
     ],
@@ -239,6 +240,30 @@ def test_invalid_fields_get_400_and_the_server_keeps_serving(served, path, body,
     assert urllib.request.urlopen(handle.url + "/health", timeout=10).status == 200
     status, ok = post(handle.url + "/generate", {"input_ids": [5], "sampling_params": {"max_new_tokens": 1}})
     assert status == 200
+
+
+def test_flattened_bucket_payload_updates_the_served_engine(served, models):
+    """SGLang's load_format "flattened_bucket" (the format the ipc transport sends, here with host memory)."""
+    import base64
+    import pickle
+
+    from slime.rollout.engines.protocol import FLATTENED_BUCKET, flatten_bucket
+
+    engine, handle = served
+    _, hf_b = models["b"]
+    client = SGLangClient(handle.url, timeout_s=60)
+    items = list(hf_b.state_dict().items())
+    client.begin_weight_update()
+    for i, part in enumerate((items[:7], items[7:])):
+        payload = base64.b64encode(pickle.dumps(flatten_bucket(part))).decode()
+        client.update_weights_from_serialized([payload], 9, finish=i == 1, load_format=FLATTENED_BUCKET)
+    client.end_weight_update()
+    try:
+        assert client.weight_version == 9
+        [result] = client.generate([GenerateRequest("f", PROMPTS[0], greedy(6))])
+        assert result.output_ids == hf_greedy(hf_b, PROMPTS[0], 6)
+    finally:
+        client.update_weights_from_disk(models["a"][0], version=0)
 
 
 def test_model_info_and_weight_version(served):

@@ -28,6 +28,19 @@ async def generate_killing_the_engine_once(ctx, sample: Sample, sampling_params:
     return await default_generate(ctx, sample, sampling_params)
 
 
+async def generate_killing_the_last_engine_in_rollout_1(ctx, sample: Sample, sampling_params: dict) -> Sample:
+    """As above, for the last engine and in the second rollout (4 x 4 samples per rollout), so the engine that
+    replaces it must be given weights newer than the checkpoint it starts from."""
+    global _killed
+    if not _killed and sample.index == 16 + KILL_AT_SAMPLE:
+        _killed = True
+        session = await ctx.session()
+        async with session.get(ctx.urls[-1] + "/get_server_info") as response:
+            pid = (await response.json())["pid"]
+        os.kill(pid, signal.SIGKILL)
+    return await default_generate(ctx, sample, sampling_params)
+
+
 INJECTED = "+0="  # the "tool output" appended between the two turns: never trained on
 
 

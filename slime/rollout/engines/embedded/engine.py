@@ -487,6 +487,11 @@ class EmbeddedEngine(RolloutEngine):
                     copy_into_model(self.model, staged)
                     self._weight_version = int(version)
 
+    def discard_pending_update(self) -> None:
+        """Drop the buckets staged so far (an update that cannot finish); the serving weights are untouched."""
+        with self._update_lock:
+            self._pending_update.clear()
+
     def update_weights_from_disk(self, path: str, version: int) -> None:
         with self._update_lock:
             self._pending_update.clear()

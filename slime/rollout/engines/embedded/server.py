@@ -11,9 +11,8 @@ executor so the event loop keeps answering /health. Binds 127.0.0.1 unless told 
 
 Endpoints: /generate, /health, /health_generate, /get_model_info, /get_weight_version, /flush_cache,
 /update_weights_from_tensor, /update_weights_from_disk, /pause_generation, /continue_generation,
-/abort_request, /release_memory_occupation, /resume_memory_occupation. Distributed weight updates
-(/init_weights_update_group, /update_weights_from_distributed) answer 400: the embedded engine takes
-tensors over HTTP or a folder instead.
+/abort_request, /release_memory_occupation, /resume_memory_occupation, and SGLang's distributed weight update
+(/init_weights_update_group, /update_weights_from_distributed, /destroy_weights_update_group; distributed.py).
 """
 
 from __future__ import annotations
@@ -33,10 +32,12 @@ from typing import Any
 from aiohttp import web
 
 from slime.rollout.engines.base import EngineError, GenerateResult
+from slime.rollout.engines.embedded.distributed import DEFAULT_GROUP, DEFAULT_TIMEOUT_S, WeightGroups
 from slime.rollout.engines.embedded.engine import EmbeddedEngine
 from slime.rollout.engines.protocol import (
+    FLATTENED_BUCKET,
     ProtocolError,
-    deserialize_named_tensors,
+    deserialize_payload,
     generate_response_json,
     parse_generate_request,
 )
@@ -79,14 +80,14 @@ def _require_bool(body: dict[str, Any], key: str, default: bool) -> bool:
 
 
 class EmbeddedServer:
-    def __init__(self, engine: EmbeddedEngine):
+    def __init__(self, engine: EmbeddedEngine, weight_group_timeout_s: float = DEFAULT_TIMEOUT_S):
         self.engine = engine
+        self.groups = WeightGroups(engine, weight_group_timeout_s)
         self.app = web.Application(client_max_size=1 << 31, middlewares=[self._errors])
         post, get = self.app.router.add_post, self.app.router.add_get
         post("/generate", self.generate)
-        for path in ("/health", "/health_generate"):
+        for path in ("/health", "/health_generate"):  # GET only, as in SGLang (the contract test checks methods)
             get(path, self.health)
-            post(path, self.health)
         get("/get_model_info", self.model_info)
         get("/get_weight_version", self.weight_version)
         get("/get_server_info", self.server_info)
@@ -95,8 +96,9 @@ class EmbeddedServer:
             post(path, self.flush_cache)
         post("/update_weights_from_tensor", self.update_from_tensor)
         post("/update_weights_from_disk", self.update_from_disk)
-        post("/init_weights_update_group", self.not_supported)
-        post("/update_weights_from_distributed", self.not_supported)
+        post("/init_weights_update_group", self.init_group)
+        post("/update_weights_from_distributed", self.update_from_distributed)
+        post("/destroy_weights_update_group", self.destroy_group)
         post("/pause_generation", self.pause)
         post("/continue_generation", self.resume)
         post("/abort_request", self.abort)
@@ -184,13 +186,16 @@ class EmbeddedServer:
             raise ProtocolError(
                 "serialized_named_tensors must be a non-empty list (one entry per tensor-parallel rank)"
             )
-        if body.get("load_format") not in (None, "direct"):
-            raise ProtocolError(f"load_format {body.get('load_format')!r} is not supported by this engine (use null)")
+        load_format = body.get("load_format")
+        if load_format not in (None, "direct", FLATTENED_BUCKET):
+            raise ProtocolError(
+                f"load_format {load_format!r} is not supported by this engine (use null or {FLATTENED_BUCKET})"
+            )
         finish = _require_bool(body, "flush_cache", True)
         if _require_bool(body, "abort_all_requests", False):
             await self._run_blocking(self.engine.abort, None)
         version = _parse_version(body, self.engine.weight_version)
-        named = deserialize_named_tensors(serialized[0])  # one rank: the embedded engine is not sharded
+        named = deserialize_payload(serialized[0], load_format)  # one rank: the embedded engine is not sharded
         await self._run_blocking(lambda: self.engine.update_weights_from_tensors(named, version, finish=finish))
         return web.json_response({"success": True, "message": "Succeeded to update model weights."})
 
@@ -209,10 +214,24 @@ class EmbeddedServer:
             {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
         )
 
-    async def not_supported(self, request: web.Request) -> web.Response:
-        return _bad_request(
-            f"{request.path} is not supported by the embedded engine; use /update_weights_from_tensor or /update_weights_from_disk"
-        )
+    async def init_group(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        await self._run_blocking(self.groups.init_group, body)
+        return web.json_response({"success": True, "message": "Succeeded to initialize custom process group."})
+
+    async def update_from_distributed(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        if _require_bool(body, "abort_all_requests", False):
+            await self._run_blocking(self.engine.abort, None)
+        version = _parse_version(body, self.engine.weight_version)
+        await self._run_blocking(self.groups.receive, body, version)
+        return web.json_response({"success": True, "message": "Succeeded to update parameter online."})
+
+    async def destroy_group(self, request: web.Request) -> web.Response:
+        name = (await _json_body(request)).get("group_name", DEFAULT_GROUP)
+        if not self.groups.destroy(str(name)):
+            return _bad_request(f"weight group {name!r} does not exist")
+        return web.json_response({"success": True, "message": "Succeeded to destroy custom process group."})
 
     async def pause(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
@@ -278,12 +297,15 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_http(engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 0) -> ServerHandle:
-    """Serve `engine` on a background thread; port 0 picks a free port. Returns once it accepts requests."""
+def serve_http(
+    engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 0, weight_group_timeout_s: float = DEFAULT_TIMEOUT_S
+) -> ServerHandle:
+    """Serve `engine` on a background thread; port 0 picks a free port. Returns once it accepts requests.
+    `weight_group_timeout_s` bounds every collective of a distributed weight update."""
     sock = _bind(host, port)
     bound_port = sock.getsockname()[1]
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(EmbeddedServer(engine).app, access_log=None)
+    runner = web.AppRunner(EmbeddedServer(engine, weight_group_timeout_s).app, access_log=None)
     started = threading.Event()
     failure: list[BaseException] = []
 

@@ -149,11 +149,18 @@ class SGLangClient(RolloutEngine):
         ones applied; the trainer treats any WeightUpdateError as fatal for that step.
         """
         payload = serialize_named_tensors(list(named_tensors))
+        self.update_weights_from_serialized([payload] * self.tp_size, version, finish)
+
+    def update_weights_from_serialized(
+        self, payloads: list[str], version: int, finish: bool = True, load_format: str | None = None
+    ) -> None:
+        """One bucket already serialized (one entry per tensor-parallel rank), e.g. device-memory handles of a
+        flattened bucket (load_format "flattened_bucket")."""
         self._post_update(
             "/update_weights_from_tensor",
             {
-                "serialized_named_tensors": [payload] * self.tp_size,
-                "load_format": None,
+                "serialized_named_tensors": payloads,
+                "load_format": load_format,
                 "flush_cache": finish,
                 "weight_version": str(version),
             },

@@ -183,6 +183,23 @@ class SGLangServerConfig:
     python: str = sys.executable
 
 
+def server_command(config: SGLangServerConfig, port: int, parser: argparse.ArgumentParser | None = None) -> list[str]:
+    """The server's command line: interpreter, module, then the arguments SGLang's ServerArgs parser reads."""
+    passthrough = server_argv(config.server_options, parser) if config.server_options else []
+    return [
+        config.python,
+        "-m",
+        config.launch_module,
+        "--model-path",
+        config.model_path,
+        "--host",
+        config.host,
+        "--port",
+        str(port),
+        *passthrough,
+    ]
+
+
 class SGLangEngine(SGLangClient):
     """Starts one SGLang server and is its client. Use as a context manager or call shutdown()."""
 
@@ -190,19 +207,7 @@ class SGLangEngine(SGLangClient):
         self.config = config
         port = config.port or free_port(config.host)
         url = f"http://{config.host}:{port}"
-        passthrough = server_argv(config.server_options, parser) if config.server_options else []
-        command = [
-            config.python,
-            "-m",
-            config.launch_module,
-            "--model-path",
-            config.model_path,
-            "--host",
-            config.host,
-            "--port",
-            str(port),
-            *passthrough,
-        ]
+        command = server_command(config, port, parser)
         self.server = start_process(command, url, config.log_dir, f"sglang-{port}", config.env)
         super().__init__(url, timeout_s=config.request_timeout_s)
         try:

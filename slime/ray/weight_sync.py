@@ -1,0 +1,189 @@
+"""Trainer -> engines weight sync: which transport a run uses, and the trainer-side senders.
+
+Transports (`Capabilities.weight_sync`, `--weight-sync`):
+- object_store: rank 0 puts HF-named buckets in Ray's object store; each engine worker fetches and applies them.
+  Works for any engine on any host; the rollout manager keeps the last update's refs for restarted engines.
+- broadcast: SGLang's distributed update. Trainer rank 0 and every engine form one process group
+  (`/init_weights_update_group`, rank 0 = trainer, engine i = rank i + 1); per bucket, rank 0 announces names,
+  dtypes and shapes (`/update_weights_from_distributed`, answered once the engine has the bucket) and
+  broadcasts the tensors in the same order, device to device with the backend's collective library (gloo on CPU).
+- ipc: colocated engines only. Each trainer rank flattens each bucket into one device tensor and hands the engine
+  on its own device a handle to it (`/update_weights_from_tensor`, load_format "flattened_bucket", SGLang's
+  serialization); the engine copies from the trainer's memory.
+Every call is bounded: the HTTP calls by the client's timeout, the collectives by the group's. A failed or
+timed-out update raises WeightSyncError naming the engine and the version; the group is dropped and formed
+again at the next update, and the engines keep serving the weights they had (the embedded engine stages
+buckets and applies them at the last one; SGLang applies buckets as they arrive).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from slime.backends.base import (
+    WEIGHT_SYNC_BROADCAST,
+    WEIGHT_SYNC_IN_PROCESS,
+    WEIGHT_SYNC_IPC,
+    WEIGHT_SYNC_OBJECT_STORE,
+    Backend,
+)
+from slime.backends.process_groups import GroupError, broadcast, host_store, open_group
+from slime.config import Config, ConfigError
+from slime.rollout.engines.base import EngineError
+from slime.rollout.engines.protocol import FLATTENED_BUCKET, flatten_bucket
+from slime.rollout.engines.sglang.client import SGLangClient
+
+GROUP_NAME = "slime_weight_sync"
+# Transports the loop drives; in_process belongs to the in-process JAX engines, which wire their own.
+LOOP_TRANSPORTS = (WEIGHT_SYNC_OBJECT_STORE, WEIGHT_SYNC_BROADCAST, WEIGHT_SYNC_IPC)
+
+
+class WeightSyncError(EngineError):
+    """A weight update that did not complete; the message names the transport, the engine and the version."""
+
+
+def resolve_weight_sync(config: Config, backend: Backend) -> str:
+    """The run's transport: --weight-sync if given (it must be one the backend offers), else ipc when colocated
+    and offered, else the backend's first. Called before Ray starts; a refusal is one line."""
+    offered = backend.capabilities.weight_sync
+    asked = config.cluster.weight_sync
+    if asked == "auto":
+        if config.cluster.colocate and WEIGHT_SYNC_IPC in offered:
+            return WEIGHT_SYNC_IPC
+        return offered[0]
+    if asked not in offered:
+        raise ConfigError(f"--weight-sync {asked}: the {backend.name} backend offers {', '.join(offered)}")
+    if asked == WEIGHT_SYNC_IN_PROCESS or asked not in LOOP_TRANSPORTS:
+        raise ConfigError(
+            f"--weight-sync {asked} is for in-process engines; this loop runs engines in their own actors"
+        )
+    return asked
+
+
+def with_last(buckets: Iterable[list]) -> Iterator[tuple[list, bool]]:
+    """(bucket, is_last) pairs: the last bucket carries SGLang's flush_cache=true and publishes the version."""
+    iterator = iter(buckets)
+    current = next(iterator, None)
+    while current is not None:
+        following = next(iterator, None)
+        yield current, following is None
+        current = following
+
+
+def drain(buckets: Iterable[list]) -> None:
+    """Finish a bucket iterator after a failure: its tensor-parallel gathers are collectives the other ranks
+    are also running, so rank 0 must take part in all of them even when it sends nothing more."""
+    for _ in buckets:
+        pass
+
+
+def _end_updates(clients: list[SGLangClient]) -> None:
+    for client in clients:
+        try:
+            client.end_weight_update()
+        except EngineError:  # the engine is gone: the rollout manager restarts it with the newest weights
+            pass
+
+
+class BroadcastSender:
+    """Trainer rank 0's side of the broadcast transport. The group is kept between updates and formed again
+    when the engines change (a restart gives a new URL) or after a failure."""
+
+    def __init__(self, dist_backend: str, address: str, timeout_s: float, group_name: str = GROUP_NAME):
+        self.dist_backend, self.address, self.timeout_s, self.group_name = dist_backend, address, timeout_s, group_name
+        self.group = None
+        self.urls: list[str] = []
+
+    def _clients(self, urls: list[str]) -> list[SGLangClient]:
+        # HTTP waits longer than the collectives, so a stuck broadcast is reported by the engine, not cut off.
+        return [SGLangClient(url, timeout_s=self.timeout_s + 30.0) for url in urls]
+
+    def connect(self, urls: list[str]) -> None:
+        if self.group is not None and urls == self.urls:
+            return
+        self.group, self.urls = None, []
+        world = len(urls) + 1
+        store, port = host_store(world, self.timeout_s)
+        clients = self._clients(urls)
+        with ThreadPoolExecutor(len(clients)) as pool:
+            joins = [
+                pool.submit(c.init_weights_update_group, self.address, port, i + 1, world, self.dist_backend, self.group_name)
+                for i, c in enumerate(clients)
+            ]  # fmt: skip
+            try:
+                group = open_group(
+                    self.dist_backend, self.address, port, 0, world, self.group_name, self.timeout_s, store
+                )
+            except GroupError as e:
+                failed = [f"{c.url}: {f.exception()}" for c, f in zip(clients, joins) if f.exception() is not None]
+                raise WeightSyncError(f"{e}{'; ' + '; '.join(failed) if failed else ''}") from None
+            for client, join in zip(clients, joins):
+                if join.exception() is not None:
+                    raise WeightSyncError(f"{client.url}: joining weight group failed: {join.exception()}")
+        self.group, self.urls = group, list(urls)
+
+    def send(self, urls: list[str], buckets: Iterable[list], version: int) -> float:
+        """Broadcast every bucket to every engine as weight `version`; returns seconds."""
+        start = time.perf_counter()
+        buckets = iter(buckets)
+        clients = self._clients(urls)
+        try:
+            self.connect(urls)
+            for client in clients:
+                client.begin_weight_update()
+            with ThreadPoolExecutor(len(clients)) as pool:
+                for bucket, last in with_last(buckets):
+                    self._send_bucket(pool, clients, bucket, version, last)
+        except EngineError as e:  # WeightSyncError included
+            self.group, self.urls = None, []  # formed again at the next update
+            drain(buckets)
+            if isinstance(e, WeightSyncError):
+                raise
+            raise WeightSyncError(f"weight update to version {version} failed: {e}") from None
+        finally:
+            _end_updates(clients)
+        return time.perf_counter() - start
+
+    def _send_bucket(self, pool, clients: list[SGLangClient], bucket: list, version: int, last: bool) -> None:
+        names = [name for name, _ in bucket]
+        tensors = [t.detach().contiguous() for _, t in bucket]
+        if self.dist_backend == "gloo":
+            tensors = [t.cpu() for t in tensors]
+        dtypes, shapes = [t.dtype for t in tensors], [tuple(t.shape) for t in tensors]
+        announced = [
+            pool.submit(c.update_weights_from_distributed, names, dtypes, shapes, version, self.group_name, last)
+            for c in clients
+        ]
+        try:
+            broadcast(self.group, tensors, src=0)
+        except GroupError as e:
+            answers = [f"{c.url}: {f.exception()}" for c, f in zip(clients, announced) if f.exception() is not None]
+            raise WeightSyncError(
+                f"weight update to version {version} failed: {e}{'; ' + '; '.join(answers) if answers else ''}"
+            ) from None
+        for client, answer in zip(clients, announced):
+            if answer.exception() is not None:
+                raise WeightSyncError(
+                    f"weight update to version {version} failed at {client.url}: {answer.exception()}"
+                )
+
+
+def send_ipc(backend: Backend, url: str, buckets: Iterable[list], version: int, timeout_s: float) -> float:
+    """Hand each bucket to the colocated engine at `url` as device-memory handles; returns seconds."""
+    start = time.perf_counter()
+    buckets = iter(buckets)
+    client = SGLangClient(url, timeout_s=timeout_s)
+    try:
+        client.begin_weight_update()
+        for bucket, last in with_last(buckets):
+            # the bucket's tensors stay referenced until the engine has answered (it reads them through the handles)
+            payload = backend.serialize_ipc_tensors(flatten_bucket(bucket))
+            client.update_weights_from_serialized([payload], version, finish=last, load_format=FLATTENED_BUCKET)
+    except EngineError as e:
+        drain(buckets)
+        raise WeightSyncError(f"weight update to version {version} failed at {url}: {e}") from None
+    finally:
+        _end_updates([client])
+    return time.perf_counter() - start
