@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from slime.backends import Backend, select_backend
+from slime.backends.capability_check import require_capabilities
 from slime.config import Config, ConfigError, check_paths
 from slime.loop_steps import (
     describe_start,
@@ -53,6 +54,7 @@ def train(config: Config, backend: Backend | None = None) -> RunSummary:
             config.algorithm.custom_advantage_function_path, "--custom-advantage-function-path", 3
         )
     backend = backend or select_backend(config.cluster.hardware)
+    require_capabilities(config, backend)  # an impossible combination fails here, before Ray starts
     if config.cluster.rollout_num_gpus_per_engine != 1:
         # An engine actor is placed on one bundle (one device), and tensor-parallel SGLang servers would also need
         # --tp-size and one weight payload per rank: not wired yet, so refuse rather than run on one device.

@@ -125,6 +125,11 @@ def scheduling(group, slot: Slot, backend: Backend) -> dict:
 
     strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=slot.bundle_index)
     resource = backend.ray_device_resource
+    if slot.share < 1 and not backend.fractional_devices:
+        raise ClusterError(
+            f"--colocate shares each device between trainer and engine, but Ray gives {resource} only in whole units "
+            f"on --hardware {backend.name}; run without --colocate"
+        )
     if resource == "CPU":
         return {"scheduling_strategy": strategy, "num_cpus": slot.share}
     options: dict = {"scheduling_strategy": strategy, "num_cpus": 0.1}
@@ -133,6 +138,34 @@ def scheduling(group, slot: Slot, backend: Backend) -> dict:
     else:
         options["resources"] = {resource: slot.share}
     return options
+
+
+def assigned_device_ids(backend: Backend) -> list[str]:
+    """Node-local ids of the devices Ray assigned to the calling actor ([] for a CPU-only worker)."""
+    import ray
+
+    return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get(backend.ray_device_resource, [])]
+
+
+def bind_worker_devices(backend: Backend) -> int:
+    """First thing a worker does: restrict itself to the devices Ray assigned it (see Backend.bind_devices);
+    returns its local device index, which is what torch calls the device (0 when one is visible)."""
+    return backend.bind_devices(assigned_device_ids(backend))
+
+
+def device_report(backend: Backend) -> dict:
+    """What this worker was given and what it will use: the placement tests compare these with the plan."""
+    import ray
+
+    variable = backend.visible_devices_env
+    return {
+        "node_ip": ray.util.get_node_ip_address(),
+        "assigned": assigned_device_ids(backend),
+        "visible": os.environ.get(variable) if variable else None,
+        "device_index": backend.device_index,
+        "torch_device": backend.torch_device(),
+        "pid": os.getpid(),
+    }
 
 
 def get_all(refs: list, timeout_s: float | None = None, what: str = "call") -> list:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from slime.backends.base import (
     WEIGHT_SYNC_OBJECT_STORE,
-    Backend,
     Capabilities,
     Requirement,
     register_backend,
     torch_build,
 )
+from slime.backends.torch_gpu import TorchGpuBackend
 
 
 @register_backend
-class CudaBackend(Backend):
+class CudaBackend(TorchGpuBackend):
     name = "cuda"
     extra = "cuda"
     torch_device_type = "cuda"
@@ -59,23 +59,3 @@ class CudaBackend(Backend):
 
     def moe_dispatcher_for_run(self) -> str:
         return "flex" if self.system.has_module("deep_ep") else "alltoall"
-
-    def setup_process(self, local_rank: int = 0) -> None:
-        import torch
-
-        torch.cuda.set_device(local_rank)
-
-    def synchronize(self) -> None:
-        import torch
-
-        torch.cuda.synchronize()
-
-    def empty_cache(self) -> None:
-        import torch
-
-        torch.cuda.empty_cache()
-
-    def memory_allocated(self) -> int:
-        import torch
-
-        return int(torch.cuda.memory_allocated())
