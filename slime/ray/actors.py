@@ -89,7 +89,7 @@ def run_layout(config: Config) -> cluster.Layout:
     critic_devices = c.actor_num_nodes * c.critic_num_gpus_per_node if needs_critic(config) else 0
     rollout_devices = min(c.rollout_num_gpus, actor_devices) if c.colocate else c.rollout_num_gpus
     return cluster.plan_layout(
-        actor_devices, critic_devices, rollout_devices, c.rollout_num_gpus_per_engine, c.colocate
+        actor_devices, critic_devices, rollout_devices, c.rollout_num_gpus_per_engine, c.colocate, c.actor_num_nodes
     )
 
 
@@ -98,7 +98,7 @@ class RunActors:
     actor: TrainerGroup
     critic: TrainerGroup | None
     rollout: Any  # the RolloutManager actor handle
-    placement_group: Any
+    placement_group: cluster.Placement | None
     started_ray: bool
 
     def shutdown(self) -> None:
@@ -115,7 +115,7 @@ class RunActors:
             if group is not None:
                 group.shutdown()
         if self.placement_group is not None:
-            ray.util.remove_placement_group(self.placement_group)
+            self.placement_group.remove()
         if self.started_ray:
             ray.shutdown()
 

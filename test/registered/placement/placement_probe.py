@@ -65,7 +65,7 @@ def place(config: Config, backend: Backend) -> Placed:
         for ws in workers.values():
             for w in ws:
                 ray.kill(w)
-        ray.util.remove_placement_group(group)
+        group.remove()
     return Placed(layout, {k: v for k, v in reports.items() if v}, master)
 
 

@@ -76,4 +76,4 @@ def test_two_nodes(two_nodes, hardware, case):
     per_node = config.cluster.actor_num_gpus_per_node
     for node in nodes:
         ranks = [i for i, r in enumerate(actor) if r["node_ip"] == node]
-        assert len(ranks) in (0, per_node), f"--actor-num-gpus-per-node {per_node}, node {node} holds ranks {ranks}"
+        assert len(ranks) % per_node == 0, f"--actor-num-gpus-per-node {per_node}, node {node} holds ranks {ranks}"
