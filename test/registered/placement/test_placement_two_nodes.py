@@ -13,7 +13,7 @@ from placement_probe import case_config, check_devices, place
 from slime.backends import backend_for_worker
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=60, suite="base-b-test-cpu")
+register_cpu_ci(est_time=70, suite="base-b-test-cpu")
 
 SECOND_NODE = "127.0.0.2"
 DEVICES_PER_NODE = 3
