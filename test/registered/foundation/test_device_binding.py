@@ -10,7 +10,7 @@ from slime.backends.capability_check import check_against_capabilities, require_
 from slime.config import ConfigError, parse_config
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=6, suite="base-a-test-cpu")
+register_cpu_ci(est_time=10, suite="base-a-test-cpu")
 
 BASE = ["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--rm-type", "math"]
 
@@ -81,3 +81,27 @@ def test_capability_check_refuses_impossible_runs_in_one_line():
     with pytest.raises(ConfigError) as error:
         require_capabilities(colocate, tpu)
     assert "\n" not in str(error.value)
+
+
+def test_train_refuses_before_ray_starts(tmp_path):
+    """loop.train checks the config against the backend right after selecting it: no Ray, no workers."""
+    import ray
+
+    from slime.loop import train
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "1+1=", "label": 2}\n')
+    colocated = parse_config(
+        [
+            "--hf-checkpoint",
+            str(tmp_path),
+            "--prompt-data",
+            str(tmp_path / "p.jsonl"),
+            "--rm-type",
+            "math",
+            "--colocate",
+        ]
+    )
+    with pytest.raises(ConfigError, match="--colocate puts trainer and engine processes on one device"):
+        train(colocated, backend_for_worker("tpu"))
+    assert not ray.is_initialized()
