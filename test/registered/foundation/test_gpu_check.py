@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from slime.backends.cuda.gpu_check import no_gpu_reason
-from slime.testing.ci_register import register_cpu_ci
+from slime.testing.ci_register import register_cpu_ci, register_cuda_ci
 
 register_cpu_ci(est_time=30, suite="base-b-test-cpu")
+register_cuda_ci(est_time=240, suite="base-b-test-1-gpu")
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
@@ -58,3 +59,17 @@ def test_sections_run_on_the_host(tmp_path):
     assert sections["megatron_float32"]["step_changed_log_probs_by"] > 0
     assert sections["embedded_engine"]["log_probs_vs_hf_max_abs_diff"] < 1e-4
     assert sections["env"]["report"]["selected"] == "cpu"
+
+
+def test_full_check_on_the_gpu(tmp_path):
+    """On a GPU runner: the real check, every section ok (the JAX hook may still be unbuilt)."""
+    if (reason := no_gpu_reason()) is not None:
+        pytest.skip(reason)
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "slime.backends.cuda.gpu_check", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    failed = {k: v.get("error") or v for k, v in report["sections"].items() if v.get("ok") is False}
+    assert proc.returncode == 0 and not failed, failed
