@@ -12,6 +12,7 @@ ranks on one node and the fourth on another: a TP pair split across nodes.)
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 from slime.backends import Backend
@@ -96,10 +97,14 @@ class Placement:
     where: tuple[tuple[int, int], ...]  # layout bundle index -> (group index, bundle index in that group)
 
     def remove(self) -> None:
-        import ray
+        _remove(self.groups)
 
-        for group in self.groups:
-            ray.util.remove_placement_group(group)
+
+def _remove(groups) -> None:
+    import ray
+
+    for group in groups:
+        ray.util.remove_placement_group(group)
 
 
 def ray_env(backend: Backend) -> dict[str, str]:
@@ -146,20 +151,30 @@ def create_placement_group(backend: Backend, layout: Layout, timeout_s: float = 
     bundle = {resource: 1} if resource == "CPU" else {resource: 1, "CPU": 1}
     in_node_groups = {i for group in layout.node_groups for i in group}
     rest = tuple(i for i in range(layout.num_bundles) if i not in in_node_groups)
-    members = [(g, "STRICT_PACK") for g in layout.node_groups] + ([(rest, "PACK")] if rest else [])
-    groups = tuple(placement_group([dict(bundle) for _ in g], strategy=strategy) for g, strategy in members)
-    where = {index: (gi, bi) for gi, (g, _) in enumerate(members) for bi, index in enumerate(g)}
-    placement = Placement(groups, tuple(where[i] for i in range(layout.num_bundles)))
-    ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups), timeout=timeout_s)
-    if len(ready) < len(groups):
-        available = ray.available_resources().get(resource, 0)
-        placement.remove()
-        per_node = max((len(g) for g in layout.node_groups), default=0)
-        raise ClusterError(
-            f"the run needs {layout.num_bundles} bundles of {bundle} (actor + critic + rollout devices, {per_node} "
-            f"of them on each trainer node) but the cluster has {available:g} {resource} free; lower "
-            "--actor-num-gpus-per-node / --rollout-num-gpus or use --colocate"
+    # Trainer nodes first, and only then the rest: reserved together, the engines' PACK group could take one
+    # device on each node and leave no node with room for a whole trainer node.
+    phases = [[(g, "STRICT_PACK") for g in layout.node_groups], [(rest, "PACK")] if rest else []]
+    members: list[tuple[tuple[int, ...], str]] = []
+    groups: list = []
+    deadline = time.monotonic() + timeout_s
+    for phase in phases:
+        new = [placement_group([dict(bundle) for _ in g], strategy=strategy) for g, strategy in phase]
+        members += phase
+        groups += new
+        ready, _ = ray.wait(
+            [g.ready() for g in new], num_returns=len(new), timeout=max(0.0, deadline - time.monotonic())
         )
+        if len(ready) < len(new):
+            _remove(groups)
+            available = ray.available_resources().get(resource, 0)
+            per_node = max((len(g) for g in layout.node_groups), default=0)
+            raise ClusterError(
+                f"the run needs {layout.num_bundles} bundles of {bundle} (actor + critic + rollout devices, {per_node} "
+                f"of them on each trainer node) but the cluster has {available:g} {resource} free; lower "
+                "--actor-num-gpus-per-node / --rollout-num-gpus or use --colocate"
+            )
+    where = {index: (gi, bi) for gi, (g, _) in enumerate(members) for bi, index in enumerate(g)}
+    placement = Placement(tuple(groups), tuple(where[i] for i in range(layout.num_bundles)))
     return placement
 
 
@@ -219,8 +234,6 @@ def device_report(backend: Backend) -> dict:
 def get_all(refs: list, timeout_s: float | None = None, what: str = "call") -> list:
     """`ray.get` of several refs that fails as soon as any of them fails: a collective whose one rank died
     must not leave the driver waiting on the ranks still blocked in it. A timeout is a ClusterError."""
-    import time
-
     import ray
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s

@@ -36,6 +36,7 @@ class Placed:
     layout: cluster.Layout
     reports: dict[str, list[dict]]  # "actor" | "critic" | "engine" -> one report per rank / engine
     master: tuple[str, int]  # the address rank 0 offers for the process group
+    bundle_nodes: dict[int, str]  # layout bundle index -> IP of the node Ray reserved it on
 
     def bundles(self) -> list[tuple[int, dict]]:
         slots = {"actor": self.layout.actor, "critic": self.layout.critic, "engine": self.layout.rollout}
@@ -61,12 +62,22 @@ def place(config: Config, backend: Backend) -> Placed:
         workers["engine"] = [place_engine_worker(spec, backend, group, slot) for slot in layout.rollout]
         reports = {role: ray.get([w.devices.remote() for w in ws], timeout=120) for role, ws in workers.items()}
         master = tuple(ray.get(workers["actor"][0].master_address.remote(), timeout=60))
+        bundle_nodes = reserved_nodes(group)
     finally:
         for ws in workers.values():
             for w in ws:
                 ray.kill(w)
         group.remove()
-    return Placed(layout, {k: v for k, v in reports.items() if v}, master)
+    return Placed(layout, {k: v for k, v in reports.items() if v}, master, bundle_nodes)
+
+
+def reserved_nodes(placement: cluster.Placement) -> dict[int, str]:
+    """Where Ray reserved each of the layout's bundles, from its own placement-group table."""
+    import ray
+
+    ip_of = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    tables = [ray.util.placement_group_table(g)["bundles_to_node_id"] for g in placement.groups]
+    return {index: ip_of[tables[g][b]] for index, (g, b) in enumerate(placement.where)}
 
 
 def check_devices(placed: Placed, backend: Backend) -> None:
@@ -78,6 +89,7 @@ def check_devices(placed: Placed, backend: Backend) -> None:
         assert r["visible"] == r["assigned"][0], f"{backend.visible_devices_env}={r['visible']}, assigned {r}"
         assert r["device_index"] == 0, r
         assert r["torch_device"] == f"{backend.torch_device_type}:0", r
+        assert r["node_ip"] == placed.bundle_nodes[bundle], f"bundle {bundle} is on {placed.bundle_nodes[bundle]}: {r}"
         device = (r["node_ip"], tuple(r["assigned"]))
         assert device_of_bundle.setdefault(bundle, device) == device, f"bundle {bundle} spans two devices"
     devices = list(device_of_bundle.values())
