@@ -13,7 +13,7 @@ from slime.backends.capability_check import check_against_capabilities
 from slime.ray import actors, cluster
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=180, suite="base-b-test-cpu")
+register_cpu_ci(est_time=200, suite="base-b-test-cpu")
 
 ACCELERATORS = ("cuda", "rocm", "tpu")
 
