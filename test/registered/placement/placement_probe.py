@@ -14,13 +14,13 @@ from slime.ray.trainer_group import place_trainer_workers
 
 BASE_FLAGS = ["--prompt-data", "p.jsonl", "--rm-type", "math", "--rollout-max-context-len", "64"]
 
-# Every placement the loop makes: name -> flags.
+# Every placement the loop makes, in few cases (each costs a Ray worker per rank and engine): disaggregated
+# (all but colocate), --colocate, DP=2 (colocate, critic), TP=2, a critic, several engines. name -> flags.
 CASES: dict[str, str] = {
-    "disaggregated": "--actor-num-gpus-per-node 1 --rollout-num-gpus 1",
     "colocate_dp2": "--actor-num-gpus-per-node 2 --rollout-num-gpus 2 --colocate --sglang-enable-memory-saver",
-    "dp2": "--actor-num-gpus-per-node 2 --rollout-num-gpus 1",
     "tp2": "--actor-num-gpus-per-node 2 --tensor-model-parallel-size 2 --rollout-num-gpus 1",
-    "critic": "--advantage-estimator ppo --actor-num-gpus-per-node 2 --critic-num-gpus-per-node 2 --rollout-num-gpus 2",
+    "critic_dp2": "--advantage-estimator ppo --actor-num-gpus-per-node 2 --critic-num-gpus-per-node 2 "
+    "--rollout-num-gpus 2",
     "engines4": "--actor-num-gpus-per-node 1 --rollout-num-gpus 4",
 }
 

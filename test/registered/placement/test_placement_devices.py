@@ -13,7 +13,7 @@ from slime.backends.capability_check import check_against_capabilities
 from slime.ray import actors, cluster
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=200, suite="base-b-test-cpu")
+register_cpu_ci(est_time=120, suite="base-b-test-cpu")
 
 ACCELERATORS = ("cuda", "rocm", "tpu")
 
@@ -38,6 +38,8 @@ def test_each_worker_sees_its_own_device(ray_cluster, hardware, case):
     if config.cluster.colocate and not backend.fractional_devices:
         pytest.skip("refused before Ray starts: test_colocate_refused_where_devices_are_whole")
     placed = place(config, backend)
+    # rocm: Ray, not detecting AMD GPUs here, sets only CUDA_VISIBLE_DEVICES, so HIP_VISIBLE_DEVICES (checked as the
+    # backend's variable) equal to the assigned id proves the worker's own mapping
     check_devices(placed, backend)
     layout = actors.run_layout(config)
     assert [len(placed.reports.get(r, [])) for r in ("actor", "critic", "engine")] == [
@@ -46,16 +48,6 @@ def test_each_worker_sees_its_own_device(ray_cluster, hardware, case):
     if config.cluster.colocate:  # engine e shares the device of trainer rank e
         for e, engine in enumerate(placed.reports["engine"]):
             assert engine["assigned"] == placed.reports["actor"][e]["assigned"]
-
-
-def test_rocm_maps_assigned_ids_to_hip(ray_cluster):
-    """Ray, not detecting AMD GPUs here, sets only CUDA_VISIBLE_DEVICES; the ROCm backend's worker sets HIP's."""
-    backend = backend_for_worker("rocm")
-    placed = place(case_config(CASES["dp2"]), backend)
-    for report in placed.reports["actor"] + placed.reports["engine"]:
-        assert report["visible"] == report["assigned"][0]  # HIP_VISIBLE_DEVICES, set from Ray's ids
-    ids = sorted(r["assigned"][0] for r in placed.reports["actor"] + placed.reports["engine"])
-    assert len(set(ids)) == 3
 
 
 def test_colocate_refused_where_devices_are_whole(ray_cluster):
