@@ -3,7 +3,8 @@
 
 Each file under test/registered/ declares its suites with register_<hw>_ci(...) calls (see
 slime/testing/ci_register.py); this script reads them with `ast`, partitions, and runs each file with
-pytest in its own process group. The last line is always `N passed, N failed[, N skipped]`.
+pytest in its own process group. The last line is always `N passed, N failed, N skipped`; a file whose tests all skipped counts as skipped,
+and a nightly or accelerator suite in which no test executed fails.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from slime.testing.runner import (  # noqa: E402
     FileResult,
     become_subreaper,
     network_isolation_available,
+    nothing_executed,
     run_file,
     summary_line,
     write_junit,
@@ -107,75 +109,39 @@ def coverage_map(registrations: list[Registration]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    root = args.root.resolve()
-    base = REPO if root.is_relative_to(REPO) else root.parent  # paths are shown relative to this
-    try:
-        registrations = collect(root, base)
-    except RegistrationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.coverage_map:
-        print(coverage_map(registrations))
-        if not args.suite and not args.stage:
-            return 0
+def add_stage_suites(args: argparse.Namespace, registrations: list[Registration]) -> None:
+    """A --stage adds every suite of that stage registered on --hw to args.suite."""
     for suite in sorted({r.suite for r in registrations if r.hw == args.hw and suite_stage(r.suite) in args.stage}):
         if suite not in args.suite:
             args.suite.append(suite)
-    if args.stage and not args.suite:
-        print(f"no suites of stage {','.join(args.stage)} registered for --hw {args.hw}")
-        print(summary_line([]))
-        return 0
-    try:
-        selected = select(registrations, args.hw, args.suite, args.nightly)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
 
-    weights = weights_for(selected, args.durations_in)
-    shards = lpt_partition(weights, args.auto_partition_size)
+
+def print_listing(selected: list[Registration], weights: dict[str, float], shards: list, size: int) -> None:
     shard_of = {path: i for i, shard in enumerate(shards) for path in shard}
-    by_path = {r.path: r for r in selected}
-    mine = [by_path[p] for p in shards[args.auto_partition_id]]
+    width = max([len(r.path) for r in selected] + [4])
+    print(f"{'file':<{width}}  {'est_time':>8}  shard")
+    for r in sorted(selected, key=lambda r: (shard_of[r.path], -weights[r.path], r.path)):
+        flag = f"  (disabled: {r.disabled})" if r.disabled else ""
+        print(f"{r.path:<{width}}  {weights[r.path]:>8.0f}  {shard_of[r.path]}{flag}")
+    print(f"{len(selected)} files, {size} shards, balance {balance(weights, shards):.3f}")
 
-    if args.list:
-        width = max([len(r.path) for r in selected] + [4])
-        print(f"{'file':<{width}}  {'est_time':>8}  shard")
-        for r in sorted(selected, key=lambda r: (shard_of[r.path], -weights[r.path], r.path)):
-            flag = f"  (disabled: {r.disabled})" if r.disabled else ""
-            print(f"{r.path:<{width}}  {weights[r.path]:>8.0f}  {shard_of[r.path]}{flag}")
-        print(f"{len(selected)} files, {args.auto_partition_size} shards, balance {balance(weights, shards):.3f}")
-        return 0
 
-    isolate = args.isolate_network == "on" or (args.isolate_network == "auto" and network_isolation_available())
-    if args.isolate_network == "on" and not network_isolation_available():
-        print("error: --isolate-network on needs root, `unshare` and `ip` (iproute2)", file=sys.stderr)
-        return 2
-    become_subreaper()
+def child_env(isolate: bool) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     env["SLIME_TEST_NETWORK_ISOLATED"] = "1" if isolate else "0"
+    return env
 
-    label = ",".join(args.suite)
-    print(
-        f"suite {label} on {args.hw}: {len(mine)} of {len(selected)} files in shard "
-        f"{args.auto_partition_id + 1}/{args.auto_partition_size}, network isolation {'on' if isolate else 'off'}",
-        flush=True,
-    )
+
+def run_files(args, mine: list[Registration], weights: dict[str, float], base: Path, isolate: bool) -> list[FileResult]:
+    """Run each file in turn, printing begin/end lines; stops at the first failure unless told otherwise."""
+    env = child_env(isolate)
     results: list[FileResult] = []
-    suite_start = time.monotonic()
     for i, reg in enumerate(mine, 1):
         print(f"[{i}/{len(mine)}] begin {reg.path} (est {weights[reg.path]:.0f}s)", flush=True)
-        result = run_file(
-            reg,
-            base,
-            args.timeout_per_file,
-            env,
-            max_attempts=args.max_attempts if args.enable_retry else 1,
-            isolate_network=isolate,
-        )
+        attempts = args.max_attempts if args.enable_retry else 1
+        result = run_file(reg, base, args.timeout_per_file, env, max_attempts=attempts, isolate_network=isolate)
         results.append(result)
         detail = ""
         if result.status == "failed":
@@ -191,19 +157,73 @@ def main(argv: list[str] | None = None) -> int:
         if result.status == "failed" and not args.continue_on_error:
             print("stopping at the first failure (use --continue-on-error to run the rest)", flush=True)
             break
+    return results
 
+
+def report(args, results: list[FileResult], weights: dict[str, float], seconds: float, label: str) -> None:
     print(f"\n{'file':<60} {'status':>8} {'seconds':>8} {'est':>6} {'tries':>5}")
     for r in results:
         print(
             f"{r.registration.path:<60} {r.status:>8} {r.elapsed:>8.1f} {weights[r.registration.path]:>6.0f} {r.attempts:>5}"
         )
-    print(f"total {time.monotonic() - suite_start:.1f}s")
+    print(f"total {seconds:.1f}s")
     if args.junit_xml:
         write_junit(results, args.junit_xml, label)
     if args.durations_out:
         args.durations_out.parent.mkdir(parents=True, exist_ok=True)
         measured = {r.registration.path: round(r.elapsed, 3) for r in results if r.status != "skipped"}
         args.durations_out.write_text(json.dumps(measured, indent=2, sort_keys=True) + "\n")
+
+
+def must_execute(args: argparse.Namespace) -> bool:
+    """Nightly and accelerator suites exist to prove something ran on their hardware: all-skipped is a failure."""
+    return args.hw != "cpu" or args.nightly or any(suite_stage(s) == "nightly" for s in args.suite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = args.root.resolve()
+    base = REPO if root.is_relative_to(REPO) else root.parent  # paths are shown relative to this
+    try:
+        registrations = collect(root, base)
+        if args.coverage_map:
+            print(coverage_map(registrations))
+            if not args.suite and not args.stage:
+                return 0
+        add_stage_suites(args, registrations)
+        if not args.suite:
+            print(f"no suites of stage {','.join(args.stage)} registered for --hw {args.hw}")
+            print(summary_line([]))
+            return 0
+        selected = select(registrations, args.hw, args.suite, args.nightly)
+    except (RegistrationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    weights = weights_for(selected, args.durations_in)
+    shards = lpt_partition(weights, args.auto_partition_size)
+    if args.list:
+        print_listing(selected, weights, shards, args.auto_partition_size)
+        return 0
+    by_path = {r.path: r for r in selected}
+    mine = [by_path[p] for p in shards[args.auto_partition_id]]
+    isolate = args.isolate_network == "on" or (args.isolate_network == "auto" and network_isolation_available())
+    if args.isolate_network == "on" and not network_isolation_available():
+        print("error: --isolate-network on needs root, `unshare` and `ip` (iproute2)", file=sys.stderr)
+        return 2
+    become_subreaper()
+    label = ",".join(args.suite)
+    print(
+        f"suite {label} on {args.hw}: {len(mine)} of {len(selected)} files in shard "
+        f"{args.auto_partition_id + 1}/{args.auto_partition_size}, network isolation {'on' if isolate else 'off'}",
+        flush=True,
+    )
+    start = time.monotonic()
+    results = run_files(args, mine, weights, base, isolate)
+    report(args, results, weights, time.monotonic() - start, label)
+    if must_execute(args) and mine and nothing_executed(results):
+        print(f"error: no test executed in {label} on --hw {args.hw}: every file skipped or was disabled", flush=True)
+        print(summary_line(results), flush=True)
+        return 1
     print(summary_line(results), flush=True)
     return 1 if any(r.status == "failed" for r in results) else 0
 

@@ -11,7 +11,7 @@ import importlib.metadata
 import importlib.util
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -147,12 +147,15 @@ class Backend(ABC):
     kernel_impl: ClassVar[str]  # default kernel implementation family: "torch" | "triton" | "jax"
     docker_image: ClassVar[str]
     ray_device_resource: ClassVar[str] = "GPU"  # the Ray resource that counts one device of this backend
+    # Ray may hand two actors a fraction of one device (colocate); Ray's TPU accounting takes whole chips only.
+    fractional_devices: ClassVar[bool] = True
     capabilities: ClassVar[Capabilities]
     requirements: ClassVar[tuple[Requirement, ...]]
     optional: ClassVar[tuple[Requirement, ...]] = ()  # reported, but not needed to be available
 
     def __init__(self, system: SystemView | None = None):
         self.system = system or SystemView.real()
+        self.device_index = 0  # this process's device among those it can see (set by bind_devices/setup_process)
 
     # ---- detection -------------------------------------------------------------------------------
     def missing(self) -> list[str]:
@@ -183,11 +186,44 @@ class Backend(ABC):
         return f"pip install 'slime[{self.extra}]'"
 
     # ---- runtime (these may import the stack; call only after selection) --------------------------
-    def torch_device(self, local_rank: int = 0) -> str:
-        return self.torch_device_type if self.torch_device_type == "cpu" else f"{self.torch_device_type}:{local_rank}"
+    def torch_device(self, local_rank: int | None = None) -> str:
+        """The torch device of local index `local_rank` (default: the one this process was bound to)."""
+        index = self.device_index if local_rank is None else local_rank
+        return self.torch_device_type if self.torch_device_type == "cpu" else f"{self.torch_device_type}:{index}"
 
     def setup_process(self, local_rank: int = 0) -> None:
-        """Called once per worker process after selection, before any model is built."""
+        """Called once per worker process after selection, before any model is built. `local_rank` is the
+        device's index among the devices this process sees (0 under Ray, which shows each actor only its own)."""
+        self.device_index = local_rank
+
+    # ---- devices a scheduler assigned ----------------------------------------------------------------
+    def device_env(self, assigned_ids: Sequence[str]) -> dict[str, str]:
+        """Variables that restrict this process to the node-local device ids a scheduler (Ray) assigned it.
+        Ray sets the backend's variable itself when it recognises the hardware; setting it again is harmless."""
+        if not assigned_ids or self.visible_devices_env is None:
+            return {}
+        return {self.visible_devices_env: ",".join(assigned_ids)}
+
+    def local_device_index(self, assigned_ids: Sequence[str], environ: dict[str, str]) -> int:
+        """Index, among the devices visible under `environ`, of the first assigned device (0 when one is visible)."""
+        if not assigned_ids or self.visible_devices_env is None:
+            return 0
+        visible = environ.get(self.visible_devices_env)
+        if visible is None:  # nothing restricts visibility: the node-local id is the index
+            return int(assigned_ids[0])
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        if assigned_ids[0] not in ids:
+            raise BackendUnavailable(
+                f"device {assigned_ids[0]} was assigned to this process but {self.visible_devices_env}={visible} hides it"
+            )
+        return ids.index(assigned_ids[0])
+
+    def bind_devices(self, assigned_ids: Sequence[str]) -> int:
+        """Restrict this (fresh, device-untouched) process to `assigned_ids`; returns and remembers its local
+        device index. Call before the device stack initialises."""
+        os.environ.update(self.device_env(assigned_ids))
+        self.device_index = self.local_device_index(assigned_ids, dict(os.environ))
+        return self.device_index
 
     def prepare_megatron(self) -> None:
         """Make megatron-core usable on this hardware (only the CPU backend needs anything here)."""
@@ -227,6 +263,7 @@ class Backend(ABC):
             "kernel_impl": self.kernel_impl,
             "docker_image": self.docker_image,
             "ray_device_resource": self.ray_device_resource,
+            "fractional_devices": self.fractional_devices,
             "capabilities": self.capabilities.describe(),
         }
 
@@ -263,6 +300,13 @@ def get_backend_class(name: str) -> type[Backend]:
 def probe_all(system: SystemView | None = None) -> list[ProbeResult]:
     system = system or SystemView.real()
     return [get_backend_class(n)(system).probe() for n in backend_names()]
+
+
+def backend_for_worker(name: str) -> Backend:
+    """The backend the driver selected, rebuilt in a worker process by name without probing: the driver
+    already checked it, and a worker may not see the devices (Ray hides them until assignment) or may run
+    on a node without the driver's view."""
+    return get_backend_class(name)(SystemView.real())
 
 
 def select_backend(hardware: str = "auto", system: SystemView | None = None) -> Backend:

@@ -50,6 +50,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="warm up only on problems without a carry: the carry is then a skill only the reward teaches",
     )
+    p.add_argument(
+        "--colocate",
+        action="store_true",
+        help="trainer and engine share one device, steps in turn (no --async): the one-device GPU nightly",
+    )
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more `slime train` flags after --")
     return p.parse_args(argv)
 
@@ -88,6 +93,10 @@ def train_flags(args: argparse.Namespace, folder: Path, files: dict[str, Path]) 
         "--sft-eval-set": "val",
         "--output-dir": folder / "run",
     }
+    if args.colocate:
+        del flags["--async"]
+        flags["--colocate"] = None
+        flags["--sglang-enable-memory-saver"] = None  # engines that release memory while the trainer runs
     argv: list[str] = []
     for flag, value in flags.items():
         argv.append(flag)

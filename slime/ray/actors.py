@@ -83,12 +83,23 @@ def needs_critic(config: Config) -> bool:
     return config.algorithm.advantage_estimator == "ppo"
 
 
+def run_layout(config: Config) -> cluster.Layout:
+    """Which bundle each trainer rank, critic rank and engine of this run goes to."""
+    c = config.cluster
+    actor_devices = c.actor_num_nodes * c.actor_num_gpus_per_node
+    critic_devices = c.actor_num_nodes * c.critic_num_gpus_per_node if needs_critic(config) else 0
+    rollout_devices = min(c.rollout_num_gpus, actor_devices) if c.colocate else c.rollout_num_gpus
+    return cluster.plan_layout(
+        actor_devices, critic_devices, rollout_devices, c.rollout_num_gpus_per_engine, c.colocate, c.actor_num_nodes
+    )
+
+
 @dataclass
 class RunActors:
     actor: TrainerGroup
     critic: TrainerGroup | None
     rollout: Any  # the RolloutManager actor handle
-    placement_group: Any
+    placement_group: cluster.Placement | None
     started_ray: bool
     weight_sync: str = "object_store"  # the transport resolved before start (slime.ray.weight_sync)
 
@@ -106,7 +117,7 @@ class RunActors:
             if group is not None:
                 group.shutdown()
         if self.placement_group is not None:
-            ray.util.remove_placement_group(self.placement_group)
+            self.placement_group.remove()
         if self.started_ray:
             ray.shutdown()
 
@@ -119,14 +130,8 @@ def start_actors(config: Config, backend: Backend, data=None, weight_sync: str =
 
     from slime.ray.rollout_manager import RolloutManager
 
-    c = config.cluster
-    actor_devices = c.actor_num_nodes * c.actor_num_gpus_per_node
-    critic_devices = c.actor_num_nodes * c.critic_num_gpus_per_node if needs_critic(config) else 0
-    rollout_devices = min(c.rollout_num_gpus, actor_devices) if c.colocate else c.rollout_num_gpus
-    layout = cluster.plan_layout(
-        actor_devices, critic_devices, rollout_devices, c.rollout_num_gpus_per_engine, c.colocate
-    )
-    started = cluster.connect(backend, layout.num_bundles, c.ray_address)
+    layout = run_layout(config)
+    started = cluster.connect(backend, layout.num_bundles, config.cluster.ray_address)
     run = RunActors(None, None, None, None, started, weight_sync)
     try:
         run.placement_group = cluster.create_placement_group(backend, layout)
@@ -137,7 +142,7 @@ def start_actors(config: Config, backend: Backend, data=None, weight_sync: str =
         )
         engines_ready = run.rollout.start.remote()  # engines load while the trainers build
         run.actor = TrainerGroup("actor", trainer_config(config, "actor"), backend, run.placement_group, layout.actor)
-        if critic_devices:
+        if layout.critic:
             run.critic = TrainerGroup(
                 "critic", trainer_config(config, "critic"), backend, run.placement_group, layout.critic
             )

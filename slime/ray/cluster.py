@@ -3,13 +3,16 @@
 One placement group per run holds a bundle per device, in this order: actor devices, then critic devices
 (PPO), then rollout devices. With --colocate the rollout engines reuse the actor's bundles (each side takes
 a fraction of the bundle's device and offloads while the other runs), so the group is only as large as the
-trainer. Bundles are packed onto as few nodes as possible: adjacent trainer ranks share a node, which is
-what tensor parallelism wants.
+trainer. Each trainer node's bundles (--actor-num-gpus-per-node actor ranks; the critic's likewise) are one Ray
+placement group with STRICT_PACK, so adjacent ranks - a tensor-parallel group - never straddle two nodes; the
+engines' bundles are one PACK group. (A single PACK group for everything, as before, let Ray put three trainer
+ranks on one node and the fourth on another: a TP pair split across nodes.)
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 from slime.backends import Backend
@@ -40,12 +43,19 @@ class Layout:
     critic: tuple[Slot, ...]
     rollout: tuple[Slot, ...]  # one slot per engine (the engine's first device)
     devices_per_engine: int
+    node_groups: tuple[tuple[int, ...], ...] = ()  # bundle indices that must share one node (a trainer node each)
 
 
 def plan_layout(
-    actor_devices: int, critic_devices: int, rollout_devices: int, devices_per_engine: int, colocate: bool
+    actor_devices: int,
+    critic_devices: int,
+    rollout_devices: int,
+    devices_per_engine: int,
+    colocate: bool,
+    actor_nodes: int = 1,
 ) -> Layout:
     """Pure bundle arithmetic, unit-tested: see the module docstring for the order."""
+    nodes = _trainer_node_groups(actor_devices, critic_devices, actor_nodes)
     if rollout_devices % devices_per_engine:
         raise ClusterError(
             f"--rollout-num-gpus {rollout_devices} is not a multiple of --rollout-num-gpus-per-engine {devices_per_engine}"
@@ -61,10 +71,41 @@ def plan_layout(
                 f"must be <= the trainer's {actor_devices}"
             )
         rollout = tuple(Slot(e * devices_per_engine, share) for e in range(engines))
-        return Layout(actor_devices + critic_devices, actor, critic, rollout, devices_per_engine)
+        return Layout(actor_devices + critic_devices, actor, critic, rollout, devices_per_engine, nodes)
     first = actor_devices + critic_devices
     rollout = tuple(Slot(first + e * devices_per_engine, 1.0) for e in range(engines))
-    return Layout(first + rollout_devices, actor, critic, rollout, devices_per_engine)
+    return Layout(first + rollout_devices, actor, critic, rollout, devices_per_engine, nodes)
+
+
+def _trainer_node_groups(actor_devices: int, critic_devices: int, actor_nodes: int) -> tuple[tuple[int, ...], ...]:
+    """The bundles of each trainer node: actor ranks [n*per, (n+1)*per), then the critic's the same way."""
+    groups: list[tuple[int, ...]] = []
+    for first, count in ((0, actor_devices), (actor_devices, critic_devices)):
+        if count % actor_nodes:
+            raise ClusterError(f"{count} trainer processes do not split evenly over --actor-num-nodes {actor_nodes}")
+        per_node = count // actor_nodes
+        groups += [
+            tuple(range(first + n * per_node, first + (n + 1) * per_node)) for n in range(actor_nodes) if per_node
+        ]
+    return tuple(groups)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The run's Ray placement groups and where each of the layout's bundles lives in them."""
+
+    groups: tuple  # ray PlacementGroup objects (they pickle, so actors can place workers too)
+    where: tuple[tuple[int, int], ...]  # layout bundle index -> (group index, bundle index in that group)
+
+    def remove(self) -> None:
+        _remove(self.groups)
+
+
+def _remove(groups) -> None:
+    import ray
+
+    for group in groups:
+        ray.util.remove_placement_group(group)
 
 
 def ray_env(backend: Backend) -> dict[str, str]:
@@ -101,31 +142,58 @@ def connect(backend: Backend, devices_needed: int, address: str | None = None, l
     return True
 
 
-def create_placement_group(backend: Backend, layout: Layout, timeout_s: float = 120.0):
-    """One bundle per device ({resource: 1, CPU: 1} on accelerators). Fails with the numbers when it cannot fit."""
+def create_placement_group(backend: Backend, layout: Layout, timeout_s: float = 120.0) -> Placement:
+    """One bundle per device ({resource: 1, CPU: 1} on accelerators): a STRICT_PACK group per trainer node, a PACK
+    group for the rest. Fails with the numbers when the cluster cannot hold them."""
     import ray
     from ray.util.placement_group import placement_group
 
     resource = backend.ray_device_resource
     bundle = {resource: 1} if resource == "CPU" else {resource: 1, "CPU": 1}
-    group = placement_group([dict(bundle) for _ in range(layout.num_bundles)], strategy="PACK")
-    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
-    if not ready:
-        available = ray.available_resources().get(resource, 0)
-        ray.util.remove_placement_group(group)
-        raise ClusterError(
-            f"the run needs {layout.num_bundles} bundles of {bundle} (actor + critic + rollout devices) but the cluster "
-            f"has {available:g} {resource} free; lower --actor-num-gpus-per-node / --rollout-num-gpus or use --colocate"
+    in_node_groups = {i for group in layout.node_groups for i in group}
+    rest = tuple(i for i in range(layout.num_bundles) if i not in in_node_groups)
+    # Trainer nodes first, and only then the rest: reserved together, the engines' PACK group could take one
+    # device on each node and leave no node with room for a whole trainer node.
+    phases = [[(g, "STRICT_PACK") for g in layout.node_groups], [(rest, "PACK")] if rest else []]
+    members: list[tuple[tuple[int, ...], str]] = []
+    groups: list = []
+    deadline = time.monotonic() + timeout_s
+    for phase in phases:
+        new = [placement_group([dict(bundle) for _ in g], strategy=strategy) for g, strategy in phase]
+        members += phase
+        groups += new
+        ready, _ = ray.wait(
+            [g.ready() for g in new], num_returns=len(new), timeout=max(0.0, deadline - time.monotonic())
         )
-    return group
+        if len(ready) < len(new):
+            _remove(groups)
+            available = ray.available_resources().get(resource, 0)
+            per_node = max((len(g) for g in layout.node_groups), default=0)
+            raise ClusterError(
+                f"the run needs {layout.num_bundles} bundles of {bundle} (actor + critic + rollout devices, {per_node} "
+                f"of them on each trainer node) but the cluster has {available:g} {resource} free; lower "
+                "--actor-num-gpus-per-node / --rollout-num-gpus or use --colocate"
+            )
+    where = {index: (gi, bi) for gi, (g, _) in enumerate(members) for bi, index in enumerate(g)}
+    placement = Placement(tuple(groups), tuple(where[i] for i in range(layout.num_bundles)))
+    return placement
 
 
-def scheduling(group, slot: Slot, backend: Backend) -> dict:
-    """`.options(...)` for an actor placed in `slot` of the placement group."""
+def scheduling(placement: Placement | None, slot: Slot, backend: Backend) -> dict:
+    """`.options(...)` for an actor placed in `slot` of the run's placement."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=slot.bundle_index)
     resource = backend.ray_device_resource
+    if slot.share < 1 and not backend.fractional_devices:
+        raise ClusterError(
+            f"--colocate shares each device between trainer and engine, but Ray gives {resource} only in whole units "
+            f"on --hardware {backend.name}; run without --colocate"
+        )
+    assert placement is not None
+    group, index = placement.where[slot.bundle_index]
+    strategy = PlacementGroupSchedulingStrategy(
+        placement_group=placement.groups[group], placement_group_bundle_index=index
+    )
     if resource == "CPU":
         return {"scheduling_strategy": strategy, "num_cpus": slot.share}
     options: dict = {"scheduling_strategy": strategy, "num_cpus": 0.1}
@@ -136,11 +204,37 @@ def scheduling(group, slot: Slot, backend: Backend) -> dict:
     return options
 
 
+def assigned_device_ids(backend: Backend) -> list[str]:
+    """Node-local ids of the devices Ray assigned to the calling actor ([] for a CPU-only worker)."""
+    import ray
+
+    return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get(backend.ray_device_resource, [])]
+
+
+def bind_worker_devices(backend: Backend) -> int:
+    """First thing a worker does: restrict itself to the devices Ray assigned it (see Backend.bind_devices);
+    returns its local device index, which is what torch calls the device (0 when one is visible)."""
+    return backend.bind_devices(assigned_device_ids(backend))
+
+
+def device_report(backend: Backend) -> dict:
+    """What this worker was given and what it will use: the placement tests compare these with the plan."""
+    import ray
+
+    variable = backend.visible_devices_env
+    return {
+        "node_ip": ray.util.get_node_ip_address(),
+        "assigned": assigned_device_ids(backend),
+        "visible": os.environ.get(variable) if variable else None,
+        "device_index": backend.device_index,
+        "torch_device": backend.torch_device(),
+        "pid": os.getpid(),
+    }
+
+
 def get_all(refs: list, timeout_s: float | None = None, what: str = "call") -> list:
     """`ray.get` of several refs that fails as soon as any of them fails: a collective whose one rank died
     must not leave the driver waiting on the ranks still blocked in it. A timeout is a ClusterError."""
-    import time
-
     import ray
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s

@@ -35,7 +35,7 @@ def start_engine(spec: EngineSpec, backend):
         from slime.rollout.engines.embedded.server import serve_http
 
         engine = EmbeddedEngine(
-            spec.hf_checkpoint, backend.torch_device(0), spec.max_batch_size, spec.max_seq_len,
+            spec.hf_checkpoint, backend.torch_device(), spec.max_batch_size, spec.max_seq_len,
             getattr(torch, spec.dtype), spec.seed,
         )  # fmt: skip
         server = serve_http(engine, "127.0.0.1", 0)
@@ -56,15 +56,36 @@ def start_engine(spec: EngineSpec, backend):
     raise ValueError(f"unknown rollout engine kind {spec.kind!r}")
 
 
+def place_engine_worker(spec: EngineSpec, backend, placement_group, slot):
+    """An EngineWorker actor in `slot` of the run's placement group; `start()` it to load the engine."""
+    import ray
+
+    from slime.ray.cluster import scheduling
+
+    return ray.remote(EngineWorker).options(**scheduling(placement_group, slot, backend)).remote(spec, backend.name)
+
+
 class EngineWorker:
     """Wrapped by ray.remote in the rollout manager; one per engine."""
 
     def __init__(self, spec: EngineSpec, hardware: str):
-        from slime.backends import select_backend
+        from slime.backends import backend_for_worker
+        from slime.ray.cluster import bind_worker_devices
 
-        backend = select_backend(hardware)
-        backend.setup_process(0)
-        self.engine, self.url, self._stop_server = start_engine(spec, backend)
+        self.spec = spec
+        self.backend = backend_for_worker(hardware)  # the driver selected it; a worker does not probe again
+        bind_worker_devices(self.backend)  # before the engine touches the device stack
+
+    def devices(self) -> dict:
+        from slime.ray.cluster import device_report
+
+        return device_report(self.backend)
+
+    def start(self) -> dict:
+        """Start the engine (and its server) on this worker's device; returns `info()`."""
+        self.backend.setup_process(self.backend.device_index)
+        self.engine, self.url, self._stop_server = start_engine(self.spec, self.backend)
+        return self.info()
 
     def info(self) -> dict:
         return {"url": self.url, "pid": os.getpid(), "weight_version": self.engine.weight_version}

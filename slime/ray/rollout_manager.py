@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from slime.config import Config, eval_sets
-from slime.ray.cluster import Slot, scheduling
-from slime.ray.engine_worker import EngineSpec, EngineWorker
+from slime.ray.cluster import Slot
+from slime.ray.engine_worker import EngineSpec, place_engine_worker
 from slime.types import Sample
 
 logger = logging.getLogger(__name__)
@@ -58,11 +58,11 @@ class RolloutManager:
         from transformers import AutoTokenizer
 
         from slime import plugins
-        from slime.backends import select_backend
+        from slime.backends import backend_for_worker
         from slime.rollout.generate import RolloutContext
 
         config = self.config
-        self.backend = select_backend(self.hardware)
+        self.backend = backend_for_worker(self.hardware)  # selected (and probed) by the driver
         self.tokenizer = AutoTokenizer.from_pretrained(config.checkpoint.hf_checkpoint)
         prepared = self._prepared
         self.data = _load_prompts(
@@ -89,14 +89,8 @@ class RolloutManager:
 
     # ---- engines ------------------------------------------------------------------------------------
     async def _start_engine(self, slot: Slot) -> _Engine:
-        import ray
-
-        actor = (
-            ray.remote(EngineWorker)
-            .options(**scheduling(self.placement_group, slot, self.backend))
-            .remote(self.spec, self.backend.name)
-        )
-        info = await actor.info.remote()
+        actor = place_engine_worker(self.spec, self.backend, self.placement_group, slot)
+        info = await actor.start.remote()
         return _Engine(actor, info["url"], info["pid"])
 
     def engine_info(self) -> list[dict]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slime.backends import Backend
-from slime.ray.cluster import Slot, get_all, scheduling
+from slime.ray.cluster import Slot, bind_worker_devices, device_report, get_all, scheduling
 from slime.training.batch import TrainBatch
 from slime.training.config import TrainerConfig
 
@@ -23,16 +23,20 @@ class TrainerWorker:
     def __init__(self, role: str, config: TrainerConfig, hardware: str, rank: int, world_size: int):
         import warnings
 
-        from slime.backends import select_backend
+        from slime.backends import backend_for_worker
 
         # megatron-core announces each optional fused-kernel package it did not find, once per process
         warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (is|are) not installed")
         warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
         self.role, self.config, self.rank, self.world_size = role, config, rank, world_size
-        self.backend = select_backend(hardware)
+        self.backend = backend_for_worker(hardware)  # the driver selected it; a worker does not probe again
+        bind_worker_devices(self.backend)  # before anything touches the device stack
         self.trainer: Any = None
         self._sender: Any = None  # weight sync "broadcast": the group to the engines, kept between updates
+
+    def devices(self) -> dict:
+        return device_report(self.backend)
 
     def master_address(self) -> tuple[str, int]:
         import ray
@@ -48,7 +52,7 @@ class TrainerWorker:
 
         layout = init_distributed(
             self.backend, self.rank, self.world_size, master_addr, master_port,
-            tensor_parallel_size=self.config.tensor_parallel_size, seed=self.config.seed,
+            local_rank=self.backend.device_index, tensor_parallel_size=self.config.tensor_parallel_size, seed=self.config.seed,
         )  # fmt: skip
         self.trainer = (PolicyTrainer if self.role == "actor" else CriticTrainer)(self.config, self.backend)
         return {
@@ -142,6 +146,21 @@ class TrainerWorker:
         destroy_distributed()
 
 
+def place_trainer_workers(
+    role: str, config: TrainerConfig, backend: Backend, placement_group, slots: tuple[Slot, ...]
+) -> list:
+    """One TrainerWorker actor per slot (rank i in slots[i]); they bind their devices and wait for `init`."""
+    import ray
+
+    worker_class = ray.remote(TrainerWorker)
+    return [
+        worker_class.options(**scheduling(placement_group, slot, backend)).remote(
+            role, config, backend.name, rank, len(slots)
+        )
+        for rank, slot in enumerate(slots)
+    ]
+
+
 @dataclass(frozen=True)
 class RankInfo:
     rank: int
@@ -157,14 +176,8 @@ class TrainerGroup:
     def __init__(self, role: str, config: TrainerConfig, backend: Backend, placement_group, slots: tuple[Slot, ...]):
         import ray
 
-        worker_class = ray.remote(TrainerWorker)
         self.role = role
-        self.workers = [
-            worker_class.options(**scheduling(placement_group, slot, backend)).remote(
-                role, config, backend.name, rank, len(slots)
-            )
-            for rank, slot in enumerate(slots)
-        ]
+        self.workers = place_trainer_workers(role, config, backend, placement_group, slots)
         address, port = ray.get(self.workers[0].master_address.remote())
         self.ranks = [
             RankInfo(**info)

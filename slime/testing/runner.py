@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -98,7 +99,8 @@ def reap_orphans() -> None:
 
 
 def build_command(path: Path, isolate_network: bool) -> list[str]:
-    pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(path)]
+    # -rs: the reason of each skip, so an all-skipped file can say why
+    pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rs", "-p", "no:cacheprovider", str(path)]
     if not isolate_network:
         return pytest_cmd
     # A private network namespace: only loopback exists, so nothing the test starts (Ray, HTTP servers)
@@ -172,6 +174,8 @@ def run_file(
         attempt += 1
         returncode, timed_out, output, elapsed = run_once(path, timeout, env, isolate_network)
         total += elapsed
+        if returncode == 0 and (skip_reason := all_skipped_reason(output)) is not None:
+            return FileResult(reg, "skipped", total, attempt, 0, False, None, output, skip_reason, kinds)
         if returncode == 0:
             return FileResult(reg, "passed", total, attempt, 0, False, None, output, attempt_kinds=kinds)
         if returncode == PYTEST_NO_TESTS:
@@ -183,12 +187,38 @@ def run_file(
         echo(f"  retrying {reg.path} ({kind.value}), attempt {attempt + 1}/{max_attempts}")
 
 
+_OUTCOME = re.compile(r"(\d+) (passed|failed|skipped|xfailed|xpassed|errors?|deselected)\b")
+_SKIP_REASON = re.compile(r"^SKIPPED \[\d+\] [^:]+:\d+: (.*)$", re.MULTILINE)
+
+
+def pytest_outcomes(output: str) -> dict[str, int]:
+    """Counts from pytest's final summary line ("3 passed, 1 skipped in 2.1s"); {} when there is none."""
+    for line in reversed(output.strip().splitlines()):
+        if " in " in line and (found := _OUTCOME.findall(line)):
+            return {kind: int(n) for n, kind in found}
+    return {}
+
+
+def all_skipped_reason(output: str) -> str | None:
+    """For a pytest run that succeeded: the (first) skip reason when no test executed, else None."""
+    counts = pytest_outcomes(output)
+    executed = sum(counts.get(k, 0) for k in ("passed", "failed", "xfailed", "xpassed", "error", "errors"))
+    if executed or not counts.get("skipped"):
+        return None
+    reasons = _SKIP_REASON.findall(output)
+    return f"all {counts['skipped']} tests skipped" + (f": {reasons[0]}" if reasons else "")
+
+
 def summary_line(results: list[FileResult]) -> str:
     passed = sum(r.status == "passed" for r in results)
     failed = sum(r.status == "failed" for r in results)
     skipped = sum(r.status == "skipped" for r in results)
-    line = f"{passed} passed, {failed} failed"
-    return line + (f", {skipped} skipped" if skipped else "")
+    return f"{passed} passed, {failed} failed, {skipped} skipped"
+
+
+def nothing_executed(results: list[FileResult]) -> bool:
+    """No file ran a test (every one skipped, disabled or empty): a green result that proved nothing."""
+    return not any(r.status in ("passed", "failed") for r in results)
 
 
 def write_junit(results: list[FileResult], path: Path, suite_name: str) -> None:

@@ -36,7 +36,9 @@ def init_distributed(
 
     if world_size % tensor_parallel_size:
         raise ValueError(f"world_size={world_size} is not a multiple of tensor_parallel_size={tensor_parallel_size}")
-    backend.setup_process(rank if local_rank is None else local_rank)
+    # The device index counts the devices this process sees, not the job: under Ray each rank sees only its own
+    # (index 0), so the global rank would name a device that is not there. None: the index bound already.
+    backend.setup_process(backend.device_index if local_rank is None else local_rank)
     backend.prepare_megatron()
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(

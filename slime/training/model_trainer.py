@@ -56,7 +56,7 @@ class MegatronTrainer:
                 f"tensor_parallel_size={config.tensor_parallel_size} but the process group was set up with "
                 f"{self.layout.tp_size}; pass the same value to init_distributed"
             )
-        self.device = torch.device(backend.torch_device(self.layout.rank))
+        self.device = torch.device(backend.torch_device())  # the local device this rank was bound to
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.dp_group = parallel_state.get_data_parallel_group()
         self.hf_config = load_hf_config(config.hf_checkpoint)

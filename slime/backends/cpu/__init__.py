@@ -53,6 +53,7 @@ class CpuBackend(Backend):
     def setup_process(self, local_rank: int = 0) -> None:
         import torch
 
+        super().setup_process(local_rank)
         # One intra-op thread per worker: several workers share few cores, and oversubscription
         # measured 2-10x slower on a 2-core box. An explicit OMP_NUM_THREADS still wins.
         threads = int(self.system.environ.get("OMP_NUM_THREADS", "1"))

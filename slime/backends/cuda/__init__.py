@@ -6,16 +6,16 @@ from slime.backends.base import (
     WEIGHT_SYNC_BROADCAST,
     WEIGHT_SYNC_IPC,
     WEIGHT_SYNC_OBJECT_STORE,
-    Backend,
     Capabilities,
     Requirement,
     register_backend,
     torch_build,
 )
+from slime.backends.torch_gpu import TorchGpuBackend
 
 
 @register_backend
-class CudaBackend(Backend):
+class CudaBackend(TorchGpuBackend):
     name = "cuda"
     extra = "cuda"
     torch_device_type = "cuda"
@@ -61,28 +61,3 @@ class CudaBackend(Backend):
 
     def moe_dispatcher_for_run(self) -> str:
         return "flex" if self.system.has_module("deep_ep") else "alltoall"
-
-    def setup_process(self, local_rank: int = 0) -> None:
-        import torch
-
-        torch.cuda.set_device(local_rank)
-
-    def synchronize(self) -> None:
-        import torch
-
-        torch.cuda.synchronize()
-
-    def empty_cache(self) -> None:
-        import torch
-
-        torch.cuda.empty_cache()
-
-    def serialize_ipc_tensors(self, payload: object) -> str:
-        from slime.backends.cuda.ipc import serialize_ipc_named_tensors
-
-        return serialize_ipc_named_tensors(payload)
-
-    def memory_allocated(self) -> int:
-        import torch
-
-        return int(torch.cuda.memory_allocated())

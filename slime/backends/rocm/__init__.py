@@ -6,20 +6,23 @@ from slime.backends.base import (
     WEIGHT_SYNC_BROADCAST,
     WEIGHT_SYNC_IPC,
     WEIGHT_SYNC_OBJECT_STORE,
-    Backend,
     Capabilities,
     Requirement,
     register_backend,
     torch_build,
 )
+from slime.backends.torch_gpu import TorchGpuBackend
 
 
 @register_backend
-class RocmBackend(Backend):
+class RocmBackend(TorchGpuBackend):
     name = "rocm"
     extra = "rocm"
     torch_device_type = "cuda"  # HIP devices appear as torch "cuda" devices
     dist_backend = "nccl"  # torch names RCCL "nccl" on ROCm builds
+    # Ray sets HIP_VISIBLE_DEVICES only when it detects AMD GPUs itself (else, for GPUs declared to it, only
+    # CUDA_VISIBLE_DEVICES); device_env sets it from the ids Ray assigned either way. HIP applies it before
+    # CUDA_VISIBLE_DEVICES; ROCR_VISIBLE_DEVICES stays as the node set it, since Ray's ids count the GPUs it leaves.
     visible_devices_env = "HIP_VISIBLE_DEVICES"
     rollout_engine = "sglang"
     moe_dispatcher = "alltoall"
@@ -54,28 +57,3 @@ class RocmBackend(Backend):
         if self.system.dist_version("torch") is not None and not build.startswith("rocm"):
             return 0, f"installed torch is not a ROCm build ({build or 'default'}); use the ROCm wheel index"
         return count, ""
-
-    def setup_process(self, local_rank: int = 0) -> None:
-        import torch
-
-        torch.cuda.set_device(local_rank)
-
-    def synchronize(self) -> None:
-        import torch
-
-        torch.cuda.synchronize()
-
-    def empty_cache(self) -> None:
-        import torch
-
-        torch.cuda.empty_cache()
-
-    def serialize_ipc_tensors(self, payload: object) -> str:
-        from slime.backends.cuda.ipc import serialize_ipc_named_tensors
-
-        return serialize_ipc_named_tensors(payload)
-
-    def memory_allocated(self) -> int:
-        import torch
-
-        return int(torch.cuda.memory_allocated())

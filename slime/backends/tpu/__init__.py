@@ -17,6 +17,7 @@ class TpuBackend(Backend):
     kernel_impl = "jax"
     docker_image = "slime:tpu"
     ray_device_resource = "TPU"
+    fractional_devices = False  # Ray accepts only whole chip counts (1, 2, 4, 8) for the TPU resource
     capabilities = Capabilities(
         trainer_families=("megatron",),
         rollout_engines=("sglang_jax",),

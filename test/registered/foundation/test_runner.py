@@ -133,7 +133,7 @@ def test_stops_at_first_failure_by_default(tmp_path):
     # LPT order: heaviest first -> pass (5), fail (4), then it stops before empty (1)
     assert proc.returncode == 1
     assert "stopping at the first failure" in proc.stdout
-    assert proc.stdout.strip().splitlines()[-1] == "1 passed, 1 failed"
+    assert proc.stdout.strip().splitlines()[-1] == "1 passed, 1 failed, 0 skipped"
 
 
 def test_no_tests_collected_is_not_a_failure(tmp_path):
@@ -141,6 +141,37 @@ def test_no_tests_collected_is_not_a_failure(tmp_path):
     proc = run(root)
     assert proc.returncode == 0, proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "0 passed, 0 failed, 1 skipped"
+
+
+SKIPS = "import pytest\n\ndef test_needs_gpu():\n    pytest.skip('no GPU here')\n\ndef test_other():\n    pytest.skip('x')\n"
+
+
+def test_all_skipped_file_is_skipped_and_an_all_skipped_nightly_suite_fails(tmp_path):
+    root = tmp_path / "registered"
+    root.mkdir()
+    (root / "test_skips.py").write_text(f"{IMPORT}register_cpu_ci(est_time=1, suite='base-a-test-cpu')\n{SKIPS}")
+    (root / "test_pass.py").write_text(
+        f"{IMPORT}register_cpu_ci(est_time=1, suite='base-a-test-cpu')\n{FILES['test_pass.py'][1]}"
+    )
+    proc = run(root)
+    assert proc.returncode == 0, proc.stdout
+    assert "end registered/test_skips.py: SKIPPED (all 2 tests skipped: no GPU here)" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "1 passed, 0 failed, 1 skipped"
+
+    nightly = tmp_path / "nightly"
+    nightly.mkdir()
+    (nightly / "test_skips.py").write_text(
+        f"{IMPORT}register_cpu_ci(est_time=1, suite='nightly-accuracy-cpu', nightly=True)\n{SKIPS}"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(RUN_SUITE), "--hw", "cpu", "--stage", "nightly", "--nightly", "--root", str(nightly),
+         "--isolate-network", "off"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2].startswith("error: no test executed in nightly-accuracy-cpu on --hw cpu"), lines[-3:]
+    assert lines[-1] == "0 passed, 0 failed, 1 skipped"
 
 
 def test_threshold_failure_is_retried_code_error_is_not(tmp_path):
@@ -161,7 +192,7 @@ def test_threshold_failure_is_retried_code_error_is_not(tmp_path):
     assert "retrying registered/test_flaky.py (threshold), attempt 2/3" in proc.stdout
     assert "retrying registered/test_typo.py" not in proc.stdout
     assert counter.read_text() == "2"
-    assert proc.stdout.strip().splitlines()[-1] == "1 passed, 1 failed"
+    assert proc.stdout.strip().splitlines()[-1] == "1 passed, 1 failed, 0 skipped"
 
 
 def test_list_partition_and_durations_in(tmp_path):
