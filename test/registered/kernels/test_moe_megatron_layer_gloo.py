@@ -2,9 +2,7 @@
 over 2 gloo processes, against the same MoE computed locally from the layer's own router output and gathered
 expert weights: outputs and input gradients. fp32; tolerance 1e-5 absolute / 1e-5 relative.
 
-Needs the CPU compatibility layer to cover megatron's MoE path (the all-to-all dispatcher's side stream and
-device-to-host sync, the router's move of its weight to the current GPU, the missing `te_general_gemm` name
-without Transformer Engine); see the `disabled` reason below.
+Runs through the CPU compatibility layer's MoE redirects (slime/backends/cpu/megatron_compat.py).
 """
 
 import os
@@ -17,11 +15,7 @@ import torch.multiprocessing as mp
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(
-    est_time=30,
-    suite="base-b-test-cpu",
-    disabled="megatron MoE on CPU needs 4 redirects in slime/backends/cpu/megatron_compat.py (issue 6 report)",
-)
+register_cpu_ci(est_time=15, suite="base-b-test-cpu")
 
 WORLD, EXPERTS, TOKENS, HIDDEN, FFN = 2, 4, 6, 16, 32
 TOL = dict(atol=1e-5, rtol=1e-5)
