@@ -54,6 +54,7 @@ class GPTBridge:
 
     qkv_bias: ClassVar[bool] = False
     qk_norm: ClassVar[bool] = False
+    has_experts: ClassVar[bool] = False  # MoE families (slime.models.moe)
 
     def __init__(
         self,

@@ -35,6 +35,8 @@ def is_expert_param(megatron_name: str) -> bool:
 
 @register_bridge("qwen3_moe")
 class Qwen3MoeBridge(Qwen3Bridge):
+    has_experts = True
+
     def _validate(self) -> None:
         cfg = self.hf_config
         if cfg.num_experts % self.ep_size:

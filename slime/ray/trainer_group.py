@@ -47,7 +47,8 @@ class TrainerWorker:
 
         layout = init_distributed(
             self.backend, self.rank, self.world_size, master_addr, master_port,
-            tensor_parallel_size=self.config.tensor_parallel_size, seed=self.config.seed,
+            tensor_parallel_size=self.config.tensor_parallel_size,
+            expert_parallel_size=self.config.expert_parallel_size, seed=self.config.seed,
         )  # fmt: skip
         self.trainer = (PolicyTrainer if self.role == "actor" else CriticTrainer)(self.config, self.backend)
         return {

@@ -73,5 +73,10 @@ class TrainerConfig:
             raise ValueError(f"--max-tokens-per-micro-batch must be >= 1, got {self.max_tokens_per_micro_batch}")
 
     @property
+    def expert_parallel_size(self) -> int:
+        """megatron's own --expert-model-parallel-size, passed through like every TransformerConfig field."""
+        return int(dict(self.megatron_overrides).get("expert_model_parallel_size", 1))
+
+    @property
     def ratio_type(self) -> str:
         return "sequence" if self.advantage_estimator == "gspo" else "token"

@@ -20,7 +20,6 @@ class RocmBackend(Backend):
     dist_backend = "nccl"  # torch names RCCL "nccl" on ROCm builds
     visible_devices_env = "HIP_VISIBLE_DEVICES"
     rollout_engine = "sglang"
-    moe_dispatcher = "alltoall"
     kernel_impl = "triton"
     docker_image = "slime:rocm"
     capabilities = Capabilities(

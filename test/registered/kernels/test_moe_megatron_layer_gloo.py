@@ -1,4 +1,4 @@
-"""A real megatron-core MoE layer with the dispatcher the backend switch picks (all-to-all on CPU), expert-parallel
+"""A real megatron-core MoE layer with the dispatcher the backend picks (all-to-all on CPU), expert-parallel
 over 2 gloo processes, against the same MoE computed locally from the layer's own router output and gathered
 expert weights: outputs and input gradients. fp32; tolerance 1e-5 absolute / 1e-5 relative.
 
@@ -27,7 +27,6 @@ def build_layer():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from slime.backends import select_backend
-    from slime.backends.moe_dispatch import choose_moe_dispatch
 
     config = TransformerConfig(
         num_layers=1,
@@ -40,7 +39,7 @@ def build_layer():
         add_bias_linear=False,
         moe_aux_loss_coeff=0.0,
         use_cpu_initialization=True,
-        **choose_moe_dispatch(select_backend("cpu")).megatron_config(),
+        **select_backend("cpu").moe_dispatch_config(),
     )
     assert config.moe_token_dispatcher_type == "alltoall"
     spec = get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False)
