@@ -289,9 +289,26 @@ def _megatron_fields() -> dict[str, type]:
     known: dict[str, type] = {}
     for cls in (TransformerConfig, OptimizerConfig):
         for f in fields(cls):
-            if f.type in (int, float, bool, str, "int", "float", "bool", "str"):
-                known[f.name] = {"int": int, "float": float, "bool": bool, "str": str}.get(f.type, f.type)
+            kind = _scalar_kind(f.type)
+            if kind is not None:
+                known[f.name] = kind
     return known
+
+
+def _scalar_kind(annotation) -> type | None:
+    """int / float / bool / str for a field a flag can set: the plain type, Optional[X], Union[X, List[X]] (one
+    value from the command line) or a Literal of strings (megatron checks the choice)."""
+    import typing
+
+    scalars = {int: int, float: float, bool: bool, str: str, "int": int, "float": float, "bool": bool, "str": str}
+    if annotation in scalars:
+        return scalars[annotation]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal and args and all(isinstance(a, str) for a in args):
+        return str
+    if origin is typing.Union:
+        return next((scalars[a] for a in args if a in scalars), None)
+    return None
 
 
 def _parse_passthrough(rest: list[str], known_flags: list[str]) -> tuple[dict[str, Any], dict[str, str]]:

@@ -67,6 +67,12 @@ class MegatronTrainer:
         self.bridge.load_hf(self.model, config.hf_checkpoint)
         self._attach_head()
         self.model.to(self.device)
+        self._moe_stats = None
+        if self.bridge.has_experts:
+            from slime.training.moe_metrics import MoeStats
+
+            self._moe_stats = MoeStats(self.model)
+        self._moe_micro_batches = 0
         self.optimizer, self.scheduler = self._build_optimizer()
         self.step = 0
         self._snapshots: dict[str, dict[str, torch.Tensor]] = {}
@@ -185,13 +191,30 @@ class MegatronTrainer:
             for row, (start, n) in enumerate(zip(micro.response_starts, micro.response_lengths))
         ]
 
+    def _micro_batch_groups(self, batch: TrainBatch) -> list[list[int]]:
+        return batch.micro_batch_indices(self.config.max_tokens_per_micro_batch, self.config.micro_batch_size)
+
     def _micro_batches(self, batch: TrainBatch) -> Iterator[list[int]]:
-        groups = batch.micro_batch_indices(self.config.max_tokens_per_micro_batch, self.config.micro_batch_size)
+        groups = self._micro_batch_groups(batch)
         if self.layout.ep_size == 1:
             return iter(groups)
         from slime.training.experts import equal_micro_batches
 
         return equal_micro_batches(self.model, groups, self.device)
+
+    def _moe_step_begin(self, batch: TrainBatch) -> None:
+        """Before a training step of a MoE model: aux-loss gradient scale, fresh counters (no-op for dense)."""
+        if self._moe_stats is None:
+            return
+        count = torch.tensor([len(self._micro_batch_groups(batch))], dtype=torch.int64)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX, group=self.dp_group)
+        self._moe_micro_batches = int(count[0])
+        self._moe_stats.begin_step(self._moe_micro_batches, self.layout.dp_size)
+
+    def _moe_step_metrics(self) -> dict[str, float]:
+        if self._moe_stats is None:
+            return {}
+        return self._moe_stats.end_step(self._moe_micro_batches, self.dp_group)
 
     def global_denominator(self, batch: TrainBatch) -> float:
         """Loss tokens (or samples) in the whole global batch, over all data-parallel ranks."""

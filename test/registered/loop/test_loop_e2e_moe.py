@@ -1,6 +1,7 @@
 """End to end on Ray with a tiny Qwen3-MoE (4 experts, top-2, hidden 32): two trainer processes with megatron's
 --expert-model-parallel-size 2 (tokens cross ranks through the all-to-all dispatcher), the embedded engine serving
-the same MoE, --ci-test (step-0 log-probs of trainer and engine agree), and --save-hf exporting back bit-exactly
+the same MoE, --ci-test (step-0 log-probs of trainer and engine agree), MoE metrics (aux load-balancing loss, router z-loss,
+per-layer expert load imbalance) in metrics.jsonl, and --save-hf exporting back bit-exactly
 (with --lr 0 the weights must come back as they went in, through the expert-parallel gather)."""
 
 import math
@@ -36,6 +37,10 @@ def test_expert_parallel_training_passes_ci_checks_and_exports_exactly(moe_files
             "micro-batch-size": 4,
             "lr": 0.0,
             "ci-test": True,
+            # megatron's own MoE loss flags pass through; their values land in metrics.jsonl
+            "moe-router-load-balancing-type": "aux_loss",
+            "moe-aux-loss-coeff": 0.01,
+            "moe-z-loss-coeff": 0.001,
             "save-hf": hf_out,
         },
     )
@@ -43,6 +48,13 @@ def test_expert_parallel_training_passes_ci_checks_and_exports_exactly(moe_files
     assert [r["step"] for r in steps] == [0, 1]
     assert steps[0]["ci/logprob_abs_diff_mean"] < 1e-4 and steps[0]["ci/logprob_abs_diff_max"] < 1e-3
     assert all(math.isfinite(r["train/grad_norm"]) and r["train/grad_norm"] > 0 for r in steps)
+    for r in steps:
+        assert 0.5 < r["train/moe/load_balancing_loss"] < 4.0  # E * sum(f_e * p_e): 1 when balanced, <= E
+        assert r["train/moe/z_loss"] > 0
+        per_layer = [r[f"train/moe/load_imbalance_layer{i}"] for i in range(2)]
+        assert all(1.0 <= v <= 4.0 for v in per_layer) and r["train/moe/load_imbalance"] == pytest.approx(
+            sum(per_layer) / 2
+        )
     original = load_file(str(moe_files["model"] / "model.safetensors"))
     exported = load_file(str(hf_out / "model.safetensors"))
     assert sorted(exported) == sorted(original)
