@@ -138,6 +138,11 @@ class TrainConfig:
     use_dynamic_batch_size: bool = opt(False, "pack micro-batches by --max-tokens-per-gpu")
     max_tokens_per_gpu: int | None = opt(None, "token budget per micro-batch")
     tensor_model_parallel_size: int = opt(1, "tensor parallel size of the trainer")
+    use_rollout_routing_replay: bool = opt(
+        False,
+        "MoE: the trainer's routers reuse the experts the engine chose for every token (SGLang servers need "
+        "--sglang-enable-return-routed-experts)",
+    )
     lr: float = opt(1e-6, "peak learning rate")
     min_lr: float = opt(0.0, "final learning rate")
     lr_warmup_iters: int = opt(0, "warmup steps")

@@ -53,7 +53,7 @@ class RolloutManager:
 
         from slime.backends import select_backend
         from slime.rollout import plugins
-        from slime.rollout.generate import RolloutContext
+        from slime.rollout.generate import RolloutContext, routed_experts_wanted
 
         config = self.config
         self.backend = select_backend(self.hardware)
@@ -64,7 +64,7 @@ class RolloutManager:
             for name, path in eval_sets(config)
         }
         self.plugins = plugins.load_rollout_plugins(config)
-        self.ctx = RolloutContext(config, self.tokenizer, [])
+        self.ctx = RolloutContext(config, self.tokenizer, [], return_routed_experts=routed_experts_wanted(config))
         self.engines = list(await asyncio.gather(*(self._start_engine(slot) for slot in self.slots)))
         self.ctx.set_urls([e.url for e in self.engines])
         return self.engine_info()

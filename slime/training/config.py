@@ -43,6 +43,7 @@ class TrainerConfig:
     loss_reduction: str = "token"
     rollout_temperature: float = 1.0
     value_clip: float = 0.2  # critic
+    use_rollout_routing_replay: bool = False  # MoE: routers reuse the engine's experts (slime.training.routing_replay)
     # checkpoints
     keep_last_n: int | None = None
     # megatron-core TransformerConfig / OptimizerConfig fields passed through from the command line

@@ -67,11 +67,13 @@ class MegatronTrainer:
         self.bridge.load_hf(self.model, config.hf_checkpoint)
         self._attach_head()
         self.model.to(self.device)
-        self._moe_stats = None
+        self._moe_stats = self._routing = None
         if self.bridge.has_experts:
             from slime.training.moe_metrics import MoeStats
+            from slime.training.routing_replay import RoutingReplay
 
             self._moe_stats = MoeStats(self.model)
+            self._routing = RoutingReplay(self.model.config.moe_router_topk, config.use_rollout_routing_replay)
         self._moe_micro_batches = 0
         self.optimizer, self.scheduler = self._build_optimizer()
         self.step = 0
@@ -90,8 +92,11 @@ class MegatronTrainer:
                 f"{self.config.hf_checkpoint}: MoE models train at --tensor-model-parallel-size 1 (megatron needs "
                 "sequence parallelism for MoE x TP, which slime's local layers lack); use --expert-model-parallel-size"
             )
+        from megatron.core.transformer.moe.router_replay import RouterReplay
+
+        RouterReplay.clear_global_router_replay_instances()  # megatron keeps them process-wide, one per router
         dispatch = self.backend.moe_dispatch_config(expert_comm_ranks=self.layout.tp_size * self.layout.ep_size)
-        return {**dispatch, **self._overrides("transformer")}
+        return {**dispatch, "moe_enable_routing_replay": True, **self._overrides("transformer")}
 
     def _overrides(self, kind: str) -> dict:
         """The pass-through fields of megatron's TransformerConfig ("transformer") or OptimizerConfig ("optimizer");
@@ -177,8 +182,15 @@ class MegatronTrainer:
 
     # ---- forward helpers ----------------------------------------------------------------------
     def _forward(self, micro: MicroBatch) -> torch.Tensor:
-        """Model output [rows, seq, out] for this rank (vocab slice for the policy, 1 for the critic)."""
-        return self.model(micro.input_ids.to(self.device), micro.position_ids.to(self.device), None)
+        """Model output [rows, seq, out] for this rank (vocab slice for the policy, 1 for the critic); MoE
+        micro-batches with the engine's routed experts replay (or record) them."""
+
+        def run():
+            return self.model(micro.input_ids.to(self.device), micro.position_ids.to(self.device), None)
+
+        if self._routing is None or micro.routed_experts is None:
+            return run()
+        return self._routing.forward(self.model, micro, run)
 
     @staticmethod
     def _responses(micro: MicroBatch, per_position: torch.Tensor, shift: int) -> list[torch.Tensor]:
@@ -214,7 +226,8 @@ class MegatronTrainer:
     def _moe_step_metrics(self) -> dict[str, float]:
         if self._moe_stats is None:
             return {}
-        return self._moe_stats.end_step(self._moe_micro_batches, self.dp_group)
+        metrics = self._moe_stats.end_step(self._moe_micro_batches, self.dp_group)
+        return {**metrics, **self._routing.step_metrics(self.dp_group)}
 
     def global_denominator(self, batch: TrainBatch) -> float:
         """Loss tokens (or samples) in the whole global batch, over all data-parallel ranks."""
