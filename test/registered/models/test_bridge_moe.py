@@ -10,12 +10,14 @@ from tiny_hf import init_rank, make_tiny_model, run_ranks
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=40, suite="base-b-test-cpu")
+register_cpu_ci(est_time=70, suite="base-b-test-cpu")
 
 VARIANTS = {
     "topk_normed_untied": dict(seed=3),
-    "topk_raw_tied_mixed": dict(seed=4, tie=True, norm_topk_prob=False, decoder_sparse_step=2, num_hidden_layers=3),
-    "mlp_only_layer0": dict(seed=5, mlp_only_layers=[0]),
+    # layers 1 and 3 sparse by the step, layer 3 dense again by mlp_only_layers: only layer 1 has experts
+    "topk_raw_tied_mixed": dict(
+        seed=4, tie=True, norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[3], num_hidden_layers=4
+    ),
 }
 
 
@@ -83,6 +85,8 @@ def test_moe_logits_match_transformers_and_export_is_exact(checkpoints, tp, ep):
 def test_expert_parallel_size_must_divide_experts(checkpoints):
     from slime.models import bridge_class_for, load_hf_config
 
+    mixed = load_hf_config(checkpoints["topk_raw_tied_mixed"])
+    assert bridge_class_for(mixed)(mixed).sparse_layers() == [False, True, False, False]
     config = load_hf_config(checkpoints["topk_normed_untied"])
     with pytest.raises(ValueError, match="expert_model_parallel_size=3 must divide num_experts=4"):
         bridge_class_for(config)(config, 1, 0, 3, 0)

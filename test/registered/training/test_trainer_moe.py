@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from test_trainer import make_samples, trainer_config
 from tiny_hf import init_rank, make_tiny_model, run_ranks
 
-register_cpu_ci(est_time=45, suite="base-b-test-cpu")
+register_cpu_ci(est_time=60, suite="base-b-test-cpu")
 
 STEPS = 2
 
