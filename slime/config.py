@@ -390,6 +390,9 @@ def validate(config: Config) -> None:
         )
     else:
         dp = world // t.tensor_model_parallel_size
+        ep = int(config.megatron.get("expert_model_parallel_size", 1))
+        if dp % ep:
+            problems.append(f"--expert-model-parallel-size {ep} must divide the data-parallel size {dp}")
         if t.global_batch_size % dp:
             problems.append(f"--global-batch-size {t.global_batch_size} must be divisible by data-parallel size {dp}")
         elif not t.use_dynamic_batch_size and (t.global_batch_size // dp) % t.micro_batch_size:

@@ -90,3 +90,18 @@ def test_expert_parallel_size_must_divide_experts(checkpoints):
     config = load_hf_config(checkpoints["topk_normed_untied"])
     with pytest.raises(ValueError, match="expert_model_parallel_size=3 must divide num_experts=4"):
         bridge_class_for(config)(config, 1, 0, 3, 0)
+
+
+def test_expert_parallel_flag_passes_through_and_is_checked_at_parse_time(checkpoints, tmp_path):
+    from slime.config import ConfigError, parse_config
+    from slime.ray.actors import trainer_config
+
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "1+1=", "label": "2"}\n')
+    flags = ["--hf-checkpoint", checkpoints["topk_normed_untied"], "--prompt-data", str(data), "--rm-type", "math",
+             "--expert-model-parallel-size", "2", "--global-batch-size", "4", "--rollout-batch-size", "4",
+             "--micro-batch-size", "2"]  # fmt: skip
+    with pytest.raises(ConfigError, match="--expert-model-parallel-size 2 must divide the data-parallel size 1"):
+        parse_config(flags)
+    config = parse_config(flags + ["--actor-num-gpus-per-node", "2"])
+    assert trainer_config(config, "actor").expert_parallel_size == 2  # megatron's own flag, to init_distributed
