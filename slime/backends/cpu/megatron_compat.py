@@ -13,7 +13,9 @@ Each redirect keeps megatron's behaviour and changes only where tensors live:
   * GlobalMemoryBuffer.get_tensor (attention's baddbmm scratch) allocates on the current CUDA device.
   * MoE: the router moves its weight to the current CUDA device on first use; the all-to-all dispatcher
     creates a CUDA side stream for its device-to-host copies of the split sizes and syncs on an event;
-    moe_utils names `te_general_gemm` only when Transformer Engine imports.
+    moe_utils names `te_general_gemm` only when Transformer Engine imports; the expert-parallel gathers,
+    reduce-scatters and all-to-alls (and TopKRouter's optional buffers) allocate on
+    `torch.cuda.current_device()`, which answers "cpu" for the duration of those calls only.
 
 The trainer does its own data-parallel gradient all-reduce instead of megatron's DDP wrapper: the
 gradient buffers there are allocated on `torch.cuda.current_device()` at many sites and the
