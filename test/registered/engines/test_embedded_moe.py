@@ -64,3 +64,29 @@ def test_greedy_equals_hf_with_more_requests_than_slots(checkpoint):
             assert result.output_ids == hf_greedy(hf, p, n)
     finally:
         eng.shutdown()
+
+
+def test_routed_experts_over_http_equal_in_process(checkpoint):
+    """The SGLang client asks the embedded server for return_routed_experts and decodes SGLang's base64 payload."""
+    from slime.rollout.engines.embedded.server import serve_http
+    from slime.rollout.engines.sglang.client import SGLangClient
+
+    path, hf = checkpoint
+    layers = sum(
+        1 for i in range(hf.config.num_hidden_layers) if (i + 1) % hf.config.decoder_sparse_step == 0
+    )  # the variants' sparse layers (no mlp_only_layers here)
+    eng = EmbeddedEngine(path, max_batch_size=2, max_seq_len=64)
+    handle = serve_http(eng)
+    try:
+        params = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+        requests = [GenerateRequest(f"h{i}", p, params, return_routed_experts=True) for i, p in enumerate(PROMPTS[:3])]
+        local = eng.generate(requests)
+        remote = SGLangClient(handle.url, timeout_s=60).generate(requests)
+        for prompt, a, b in zip(PROMPTS, local, remote):
+            assert a.routed_experts == b.routed_experts
+            assert len(a.routed_experts) == (len(prompt) + 4 - 1) * layers * hf.config.num_experts_per_tok
+        plain = eng.generate([GenerateRequest("p", PROMPTS[0], params)])[0]
+        assert plain.routed_experts is None  # only when asked
+    finally:
+        handle.stop()
+        eng.shutdown()
