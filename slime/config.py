@@ -148,6 +148,11 @@ class TrainConfig:
     make_vocab_size_divisible_by: int = opt(
         1, "pad the trainer's vocabulary to a multiple of this times the TP size (as Megatron; never exported)"
     )
+    use_rollout_routing_replay: bool = opt(
+        False,
+        "MoE: the trainer's routers reuse the experts the engine chose for every token (SGLang servers need "
+        "--sglang-enable-return-routed-experts)",
+    )
     lr: float = opt(1e-6, "peak learning rate")
     min_lr: float = opt(0.0, "final learning rate")
     lr_warmup_iters: int = opt(0, "warmup steps")
@@ -307,9 +312,26 @@ def _megatron_fields() -> dict[str, type]:
     known: dict[str, type] = {}
     for cls in (TransformerConfig, OptimizerConfig):
         for f in fields(cls):
-            if f.type in (int, float, bool, str, "int", "float", "bool", "str"):
-                known[f.name] = {"int": int, "float": float, "bool": bool, "str": str}.get(f.type, f.type)
+            kind = _scalar_kind(f.type)
+            if kind is not None:
+                known[f.name] = kind
     return known
+
+
+def _scalar_kind(annotation) -> type | None:
+    """int / float / bool / str for a field a flag can set: the plain type, Optional[X], Union[X, List[X]] (one
+    value from the command line) or a Literal of strings (megatron checks the choice)."""
+    import typing
+
+    scalars = {int: int, float: float, bool: bool, str: str, "int": int, "float": float, "bool": bool, "str": str}
+    if annotation in scalars:
+        return scalars[annotation]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal and args and all(isinstance(a, str) for a in args):
+        return str
+    if origin is typing.Union:
+        return next((scalars[a] for a in args if a in scalars), None)
+    return None
 
 
 def _parse_passthrough(rest: list[str], known_flags: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -416,6 +438,9 @@ def _check_parallel(config: Config) -> list[str]:
         )
     elif t.global_batch_size >= 1:
         dp = world // t.tensor_model_parallel_size
+        ep = int(config.megatron.get("expert_model_parallel_size", 1))
+        if dp % ep:
+            problems.append(f"--expert-model-parallel-size {ep} must divide the data-parallel size {dp}")
         if t.global_batch_size % dp:
             problems.append(f"--global-batch-size {t.global_batch_size} must be divisible by data-parallel size {dp}")
         elif (

@@ -143,7 +143,6 @@ class Backend(ABC):
     dist_backend: ClassVar[str]  # torch.distributed backend name
     visible_devices_env: ClassVar[str | None]
     rollout_engine: ClassVar[str]  # "embedded" | "sglang" | "sglang_jax"
-    moe_dispatcher: ClassVar[str]  # megatron-core moe_token_dispatcher_type
     kernel_impl: ClassVar[str]  # default kernel implementation family: "torch" | "triton" | "jax"
     docker_image: ClassVar[str]
     ray_device_resource: ClassVar[str] = "GPU"  # the Ray resource that counts one device of this backend
@@ -186,6 +185,20 @@ class Backend(ABC):
         return f"pip install 'slime[{self.extra}]'"
 
     # ---- runtime (these may import the stack; call only after selection) --------------------------
+    def moe_dispatch_config(self, expert_comm_ranks: int = 2) -> dict[str, object]:
+        """megatron-core TransformerConfig fields for MoE token dispatch on this machine: the first entry of
+        `capabilities.moe_dispatchers` that can run here (packages installed; `expert_comm_ranks` = TP x EP,
+        the ranks tokens travel between). The trainer applies them to MoE models."""
+        for dispatcher in self.capabilities.moe_dispatchers:
+            fields = self._moe_dispatcher_fields(dispatcher, expert_comm_ranks)
+            if fields is not None:
+                return {"moe_token_dispatcher_type": dispatcher, **fields}
+        raise AssertionError(f"{self.name}: no usable MoE dispatcher among {self.capabilities.moe_dispatchers}")
+
+    def _moe_dispatcher_fields(self, dispatcher: str, expert_comm_ranks: int) -> dict[str, object] | None:
+        """Extra TransformerConfig fields for `dispatcher`, or None when it cannot run here."""
+        return {}
+
     def torch_device(self, local_rank: int | None = None) -> str:
         """The torch device of local index `local_rank` (default: the one this process was bound to)."""
         index = self.device_index if local_rank is None else local_rank
@@ -259,7 +272,7 @@ class Backend(ABC):
             "dist_backend": self.dist_backend,
             "visible_devices_env": self.visible_devices_env,
             "rollout_engine": self.rollout_engine,
-            "moe_dispatcher": self.moe_dispatcher,
+            "moe_dispatcher": self.moe_dispatch_config()["moe_token_dispatcher_type"],
             "kernel_impl": self.kernel_impl,
             "docker_image": self.docker_image,
             "ray_device_resource": self.ray_device_resource,

@@ -59,18 +59,24 @@ class GPTBridge:
 
     qkv_bias: ClassVar[bool] = False
     qk_norm: ClassVar[bool] = False
+    has_experts: ClassVar[bool] = False  # MoE families (slime.models.moe)
 
     def __init__(
         self,
         hf_config,
         tensor_parallel_size: int = 1,
         tensor_parallel_rank: int = 0,
+        *,
         make_vocab_size_divisible_by: int = 1,
+        expert_parallel_size: int = 1,
+        expert_parallel_rank: int = 0,
     ):
         self.hf_config = hf_config
         self.tp_size = tensor_parallel_size
         self.tp_rank = tensor_parallel_rank
         self.vocab_multiple = make_vocab_size_divisible_by
+        self.ep_size = expert_parallel_size  # only MoE families use these (slime.models.moe)
+        self.ep_rank = expert_parallel_rank
         self._validate()
 
     # ---- vocabulary padding -------------------------------------------------------------------
@@ -197,16 +203,11 @@ class GPTBridge:
     def build_model(self, **config_overrides):
         """An uninitialised GPTModel for this config and TP rank (call load_hf / load_state after)."""
         from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-        from slime.models.attention import SdpaCoreAttention
 
         cfg = self.hf_config
-        layer_spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=self.qk_norm, normalization="RMSNorm"))
-        layer_spec.submodules.self_attention.submodules.core_attention = SdpaCoreAttention
         model = GPTModel(
             config=self.transformer_config(**config_overrides),
-            transformer_layer_spec=layer_spec,
+            transformer_layer_spec=self.layer_spec(),
             vocab_size=self.padded_vocab_size,
             max_sequence_length=cfg.max_position_embeddings,
             share_embeddings_and_output_weights=self.tied_embeddings,
@@ -218,6 +219,18 @@ class GPTBridge:
         if self.padded_vocab_size != cfg.vocab_size:
             model.output_layer.register_forward_hook(self._mask_padded_logits)
         return model
+
+    def layer_spec(self, num_experts: int | None = None):
+        """megatron's local layer spec (a MoE MLP when `num_experts` is given), attention through SDPA."""
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        from slime.models.attention import SdpaCoreAttention
+
+        spec = copy.deepcopy(
+            get_gpt_layer_local_spec(num_experts=num_experts, qk_layernorm=self.qk_norm, normalization="RMSNorm")
+        )
+        spec.submodules.self_attention.submodules.core_attention = SdpaCoreAttention
+        return spec
 
     def _mark_tensor_parallel(self, model) -> None:
         """Tag sharded parameters the way megatron's initialisers would (skipped with perform_initialization
@@ -404,14 +417,20 @@ class GPTBridge:
                 target.copy_(shard.to(target.dtype))
 
     def export_hf(
-        self, model: torch.nn.Module, gather: Callable[[torch.Tensor], list[torch.Tensor]]
+        self,
+        model: torch.nn.Module,
+        gather: Callable[[torch.Tensor], list[torch.Tensor]],
+        gather_experts: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF-named full tensors; `gather` returns one tensor's shards from all TP ranks (collective)."""
+        """HF-named full tensors; `gather` returns one tensor's shards from all TP ranks (collective);
+        `gather_experts` the same tensor from every expert-parallel rank (MoE families only)."""
         params = dict(model.named_parameters())
         for pm in self.param_maps():
-            local = params[pm.megatron_name].detach()
-            shards = [local] if pm.split == REPLICATED or self.tp_size == 1 else gather(local)
-            yield from self.to_hf(pm, shards)
+            yield from self.to_hf(pm, self._tp_shards(pm, params, gather))
+
+    def _tp_shards(self, pm: ParamMap, params: dict, gather: Callable) -> list[torch.Tensor]:
+        local = params[pm.megatron_name].detach()
+        return [local] if pm.split == REPLICATED or self.tp_size == 1 else gather(local)
 
 
 def _unsupported(message: str):

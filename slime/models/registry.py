@@ -32,7 +32,7 @@ def register_bridge(*model_types: str):
 
 
 def _load_builtin_bridges() -> None:
-    from slime.models import dense  # noqa: F401  (registers llama, qwen2, qwen3)
+    from slime.models import dense, moe  # noqa: F401  (registers llama, qwen2, qwen3; qwen3_moe)
 
 
 def supported_model_types() -> tuple[str, ...]:

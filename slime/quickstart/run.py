@@ -20,6 +20,7 @@ from pathlib import Path
 from slime.quickstart import task
 
 EVAL_NAME = "heldout"
+MOE_EXPERTS = 4
 VAL_SIZE = 200
 
 
@@ -45,6 +46,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument(
+        "--moe",
+        action="store_true",
+        help=f"a tiny Qwen3-MoE ({MOE_EXPERTS} experts, top-2) trained expert-parallel on 2 trainer processes",
+    )
     p.add_argument(
         "--no-carries-in-sft",
         action="store_true",
@@ -97,6 +103,8 @@ def train_flags(args: argparse.Namespace, folder: Path, files: dict[str, Path]) 
         del flags["--async"]
         flags["--colocate"] = None
         flags["--sglang-enable-memory-saver"] = None  # engines that release memory while the trainer runs
+    if args.moe:  # megatron's own flag splits the experts over the two trainer processes
+        flags.update({"--actor-num-gpus-per-node": 2, "--expert-model-parallel-size": 2, "--micro-batch-size": n // 2})
     argv: list[str] = []
     for flag, value in flags.items():
         argv.append(flag)
@@ -147,7 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         "sft": task.write_jsonl(split["sft"], folder / "data" / "sft.jsonl", with_response=True),
         "val": task.write_jsonl(split["val"], folder / "data" / "val.jsonl"),
     }
-    task.build_model(folder / "model", args.seed, hidden_size=args.hidden_size, num_layers=args.num_layers)
+    task.build_model(
+        folder / "model",
+        args.seed,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        experts=MOE_EXPERTS if args.moe else 0,
+    )
     flags = train_flags(args, folder, files)
     parse_config(flags)  # fail here, before Ray starts, on a bad extra flag
     print("slime train " + " ".join(flags), file=sys.stderr)

@@ -63,14 +63,20 @@ def build_tokenizer(folder: Path):
     return fast
 
 
-def build_model(folder: Path, seed: int, hidden_size: int = 128, num_layers: int = 4, vocab_size: int = 16):
-    """A tiny Qwen3 (about 1M parameters at the defaults) saved as safetensors beside the tokenizer."""
+def build_model(
+    folder: Path, seed: int, hidden_size: int = 128, num_layers: int = 4, vocab_size: int = 16, experts: int = 0
+):
+    """A tiny Qwen3 (about 1M parameters at the defaults) saved as safetensors beside the tokenizer; with
+    `experts`, a Qwen3-MoE of that many experts (top-2) in every layer."""
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     tokenizer = build_tokenizer(folder)
     assert len(tokenizer) <= vocab_size, f"tokenizer has {len(tokenizer)} tokens, more than vocab_size {vocab_size}"
-    config = Qwen3Config(
+    config_class, model_class = (Qwen3MoeConfig, Qwen3MoeForCausalLM) if experts else (Qwen3Config, Qwen3ForCausalLM)
+    moe = dict(num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=hidden_size) if experts else {}
+    config = config_class(
+        **moe,
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 3,
@@ -87,6 +93,6 @@ def build_model(folder: Path, seed: int, hidden_size: int = 128, num_layers: int
         torch_dtype="float32",
     )
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
+    model = model_class(config)
     model.save_pretrained(folder, safe_serialization=True)
     return model, tokenizer

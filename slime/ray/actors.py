@@ -29,6 +29,7 @@ def trainer_config(config: Config, role: str) -> TrainerConfig:
         hf_checkpoint=config.checkpoint.hf_checkpoint,
         tensor_parallel_size=t.tensor_model_parallel_size,
         make_vocab_size_divisible_by=t.make_vocab_size_divisible_by,
+        use_rollout_routing_replay=t.use_rollout_routing_replay,
         seed=t.seed + (1 if role == "critic" else 0),
         lr=t.lr,
         min_lr=t.min_lr,

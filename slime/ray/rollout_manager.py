@@ -59,7 +59,7 @@ class RolloutManager:
 
         from slime import plugins
         from slime.backends import backend_for_worker
-        from slime.rollout.generate import RolloutContext
+        from slime.rollout.generate import RolloutContext, routed_experts_wanted
 
         config = self.config
         self.backend = backend_for_worker(self.hardware)  # selected (and probed) by the driver
@@ -82,7 +82,7 @@ class RolloutManager:
         }
         self._prepared = None  # the DataSources hold it now
         self.plugins = plugins.load_rollout_plugins(config)
-        self.ctx = RolloutContext(config, self.tokenizer, [])
+        self.ctx = RolloutContext(config, self.tokenizer, [], return_routed_experts=routed_experts_wanted(config))
         self.engines = list(await asyncio.gather(*(self._start_engine(slot) for slot in self.slots)))
         self.ctx.set_urls([e.url for e in self.engines])
         return self.engine_info()

@@ -52,7 +52,8 @@ class TrainerWorker:
 
         layout = init_distributed(
             self.backend, self.rank, self.world_size, master_addr, master_port,
-            local_rank=self.backend.device_index, tensor_parallel_size=self.config.tensor_parallel_size, seed=self.config.seed,
+            local_rank=self.backend.device_index, tensor_parallel_size=self.config.tensor_parallel_size,
+            expert_parallel_size=self.config.expert_parallel_size, seed=self.config.seed,
         )  # fmt: skip
         self.trainer = (PolicyTrainer if self.role == "actor" else CriticTrainer)(self.config, self.backend)
         return {

@@ -40,6 +40,7 @@ class RolloutContext:
     tokenizer: Any
     urls: list[str]
     request_timeout: float = 600.0
+    return_routed_experts: bool = False  # MoE: ask the engines for every token's experts (routing replay)
     _session: Any = None
     _round_robin: Any = None
     _semaphore: asyncio.Semaphore | None = None
@@ -147,7 +148,25 @@ def _take_output(ctx: RolloutContext, sample: Sample, body: dict[str, Any]) -> S
     sample.response = ctx.tokenizer.decode(sample.response_tokens, skip_special_tokens=True)
     sample.status = _FINISH_TO_STATUS[result.finish_reason]
     sample.weight_version = result.weight_version
+    if result.routed_experts is not None:  # covers the whole sequence so far (earlier turns included)
+        sample.routed_experts = result.routed_experts
     return sample
+
+
+def routed_experts_wanted(config) -> bool:
+    """Ask the engines for routed experts: to replay them (--use-rollout-routing-replay), or, for MoE models
+    under --ci-test, to count the tokens whose experts differ between engine and trainer."""
+    if config.train.use_rollout_routing_replay:
+        return True
+    if not config.logging.ci_test:
+        return False
+    from slime.models import bridge_class_for, load_hf_config
+
+    return bridge_class_for(load_hf_config(config.checkpoint.hf_checkpoint)).has_experts
+
+
+def _routing_field(ctx: RolloutContext) -> dict[str, Any]:
+    return {"return_routed_experts": True} if ctx.return_routed_experts else {}
 
 
 async def generate(ctx: RolloutContext, sample: Sample, sampling_params: dict[str, Any]) -> Sample:
@@ -157,7 +176,7 @@ async def generate(ctx: RolloutContext, sample: Sample, sampling_params: dict[st
         return sample
     rid, input_ids, params = request
     body = await ctx.post_generate(
-        {"rid": rid, "input_ids": input_ids, "sampling_params": params, "return_logprob": True}
+        {"rid": rid, "input_ids": input_ids, "sampling_params": params, "return_logprob": True} | _routing_field(ctx)
     )
     return _take_output(ctx, sample, body)
 
@@ -176,7 +195,7 @@ async def generate_batch(
         "input_ids": [r[1] for _, r in todo],
         "sampling_params": [r[2] for _, r in todo],
         "return_logprob": True,
-    }
+    } | _routing_field(ctx)
     bodies = await ctx.post_generate(payload)
     if not isinstance(bodies, list) or len(bodies) != len(todo):
         raise ValueError(f"batched /generate returned {type(bodies).__name__} for {len(todo)} requests")

@@ -67,6 +67,7 @@ class PolicyTrainer(MegatronTrainer):
             raise ValueError("use_tis is on but some samples have no rollout_log_probs")
         denominator = self.global_denominator(batch)
         self.model.train()
+        self._moe_step_begin(batch)
         totals = {
             "loss": 0.0,
             "pg_loss": 0.0,
@@ -121,6 +122,7 @@ class PolicyTrainer(MegatronTrainer):
         instead of the schedule, which it leaves untouched."""
         denominator = self.global_denominator(batch)
         self.model.train()
+        self._moe_step_begin(batch)
         totals = {"loss": 0.0}
         for indices in self._micro_batches(batch):
             micro = collate(batch, indices)
@@ -139,6 +141,7 @@ class PolicyTrainer(MegatronTrainer):
 
     def _finish_step(self, totals: dict[str, float], batch: TrainBatch, lr: float | None = None) -> dict[str, float]:
         metrics = self._reduce_metrics({**totals, "tokens": float(batch.num_tokens())})
+        metrics.update(self._moe_step_metrics())
         grad_norm, lr = self._optimizer_step(lr)
         metrics.update(grad_norm=grad_norm, lr=lr, step=float(self.step))
         return metrics

@@ -31,6 +31,8 @@ class TrainBatch:
     ref_log_probs: list[Tensor] | None = None
     values: list[Tensor] | None = None
     sample_indices: list[int] = field(default_factory=list)
+    # MoE: per sample, the engine's expert ids (flat int32: tokens but the last x MoE layers x top-k), or None
+    routed_experts: list[Tensor | None] | None = None
 
     @staticmethod
     def from_samples(samples: list[Sample], pad_token_id: int) -> TrainBatch:
@@ -71,6 +73,7 @@ class TrainBatch:
             rewards=rewards,
             pad_token_id=pad_token_id,
             sample_indices=list(range(len(samples))),
+            routed_experts=_routed_experts(samples),
         )
 
     def __len__(self) -> int:
@@ -128,6 +131,7 @@ class TrainBatch:
             ref_log_probs=pick(self.ref_log_probs),
             values=pick(self.values),
             sample_indices=pick(self.sample_indices),
+            routed_experts=pick(self.routed_experts),
         )
 
     def chunks(self, size: int) -> list[TrainBatch]:
@@ -170,9 +174,16 @@ class MicroBatch:
     response_starts: list[int]  # index in input_ids of each sample's first response token
     response_lengths: list[int]
     response_mask: Tensor  # [rows, longest response], loss mask (0 on padding)
+    routed_experts: list[Tensor | None] | None = None  # the engine's expert ids per row (see TrainBatch)
 
     def pad_responses(self, per_sample: list[Tensor]) -> Tensor:
         return pad_rows(per_sample, self.response_mask.shape[1])
+
+
+def _routed_experts(samples: list[Sample]) -> list[Tensor | None] | None:
+    if all(s.routed_experts is None for s in samples):
+        return None
+    return [None if s.routed_experts is None else torch.tensor(s.routed_experts, dtype=torch.int32) for s in samples]
 
 
 def pad_rows(per_sample: list[Tensor], width: int) -> Tensor:
@@ -199,4 +210,5 @@ def collate(batch: TrainBatch, indices: list[int]) -> MicroBatch:
         response_starts=[len(r) - n for r, n in zip(rows, lengths)],
         response_lengths=lengths,
         response_mask=mask,
+        routed_experts=None if batch.routed_experts is None else [batch.routed_experts[i] for i in indices],
     )

@@ -45,6 +45,7 @@ class TrainerConfig:
     loss_reduction: str = "token"
     rollout_temperature: float = 1.0
     value_clip: float = 0.2  # critic
+    use_rollout_routing_replay: bool = False  # MoE: routers reuse the engine's experts (slime.training.routing_replay)
     # checkpoints
     keep_last_n: int | None = None
     # megatron-core TransformerConfig / OptimizerConfig fields passed through from the command line
@@ -76,6 +77,11 @@ class TrainerConfig:
             raise FlagError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
         if self.max_tokens_per_micro_batch < 1:
             raise FlagError(f"--max-tokens-per-gpu must be >= 1, got {self.max_tokens_per_micro_batch}")
+
+    @property
+    def expert_parallel_size(self) -> int:
+        """megatron's own --expert-model-parallel-size, passed through like every TransformerConfig field."""
+        return int(dict(self.megatron_overrides).get("expert_model_parallel_size", 1))
 
     @property
     def ratio_type(self) -> str:

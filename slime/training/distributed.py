@@ -18,6 +18,10 @@ class ParallelLayout:
     tp_size: int
     dp_rank: int
     dp_size: int
+    ep_rank: int = 0  # expert-parallel rank and size (MoE); dense models keep 1
+    ep_size: int = 1
+    expert_dp_rank: int = 0  # data-parallel rank and size among the ranks that hold the same experts
+    expert_dp_size: int = 1
 
 
 def init_distributed(
@@ -27,15 +31,22 @@ def init_distributed(
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
     tensor_parallel_size: int = 1,
+    expert_parallel_size: int = 1,
     local_rank: int | None = None,
     timeout_s: float = 600.0,
     seed: int = 1234,
 ) -> ParallelLayout:
-    """Join the job's process group and build megatron's TP/DP groups (TP ranks are adjacent)."""
+    """Join the job's process group and build megatron's TP/DP (and expert-parallel) groups (TP ranks are
+    adjacent; the expert-parallel group is carved out of the data-parallel ranks, as megatron does)."""
     from megatron.core import parallel_state
 
     if world_size % tensor_parallel_size:
         raise ValueError(f"world_size={world_size} is not a multiple of tensor_parallel_size={tensor_parallel_size}")
+    if (world_size // tensor_parallel_size) % expert_parallel_size:
+        raise ValueError(
+            f"--expert-model-parallel-size {expert_parallel_size} must divide the data-parallel size "
+            f"{world_size // tensor_parallel_size} (world_size={world_size} / tensor_parallel_size={tensor_parallel_size})"
+        )
     # The device index counts the devices this process sees, not the job: under Ray each rank sees only its own
     # (index 0), so the global rank would name a device that is not there. None: the index bound already.
     backend.setup_process(backend.device_index if local_rank is None else local_rank)
@@ -49,7 +60,9 @@ def init_distributed(
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel_size, expert_model_parallel_size=expert_parallel_size
+        )
     seed_everything(seed)
     return current_layout()
 
@@ -72,6 +85,10 @@ def current_layout() -> ParallelLayout:
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        ep_size=parallel_state.get_expert_model_parallel_world_size(),
+        expert_dp_rank=parallel_state.get_expert_data_parallel_rank(),
+        expert_dp_size=parallel_state.get_expert_data_parallel_world_size(),
     )
 
 

@@ -61,12 +61,25 @@ class MegatronTrainer:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.hf_config = load_hf_config(config.hf_checkpoint)
         self.bridge = bridge_class_for(self.hf_config)(
-            self.hf_config, self.layout.tp_size, self.layout.tp_rank, config.make_vocab_size_divisible_by
+            self.hf_config,
+            self.layout.tp_size,
+            self.layout.tp_rank,
+            make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
+            expert_parallel_size=self.layout.ep_size,
+            expert_parallel_rank=self.layout.ep_rank,
         )
-        self.model = self.bridge.build_model(**self._overrides("transformer"))
+        self.model = self.bridge.build_model(**self._model_overrides())
         self.bridge.load_hf(self.model, config.hf_checkpoint)
         self._attach_head()
         self.model.to(self.device)
+        self._moe_stats = self._routing = None
+        if self.bridge.has_experts:
+            from slime.training.moe_metrics import MoeStats
+            from slime.training.routing_replay import RoutingReplay
+
+            self._moe_stats = MoeStats(self.model)
+            self._routing = RoutingReplay(self.model.config.moe_router_topk, config.use_rollout_routing_replay)
+        self._moe_micro_batches = 0
         self.optimizer, self.scheduler = self._build_optimizer()
         self.step = 0
         self._snapshots: dict[str, dict[str, torch.Tensor]] = {}
@@ -74,6 +87,21 @@ class MegatronTrainer:
     # ---- construction -------------------------------------------------------------------------
     def _attach_head(self) -> None:
         """Hook for the critic, which replaces the LM head with a value head."""
+
+    def _model_overrides(self) -> dict:
+        """Pass-through TransformerConfig fields; for MoE models the backend's token dispatcher first (a flag wins)."""
+        if not self.bridge.has_experts:
+            return self._overrides("transformer")
+        if self.layout.tp_size > 1:
+            raise ValueError(
+                f"{self.config.hf_checkpoint}: MoE models train at --tensor-model-parallel-size 1 (megatron needs "
+                "sequence parallelism for MoE x TP, which slime's local layers lack); use --expert-model-parallel-size"
+            )
+        from megatron.core.transformer.moe.router_replay import RouterReplay
+
+        RouterReplay.clear_global_router_replay_instances()  # megatron keeps them process-wide, one per router
+        dispatch = self.backend.moe_dispatch_config(expert_comm_ranks=self.layout.tp_size * self.layout.ep_size)
+        return {**dispatch, "moe_enable_routing_replay": True, **self._overrides("transformer")}
 
     def _overrides(self, kind: str) -> dict:
         """The pass-through fields of megatron's TransformerConfig ("transformer") or OptimizerConfig ("optimizer");
@@ -130,7 +158,18 @@ class MegatronTrainer:
             eps=opt_config.adam_eps,
             weight_decay=opt_config.weight_decay,
         )
-        optimizer = FP32Optimizer(adam, opt_config, init_state_fn=None)
+        if self.layout.ep_size > 1:
+            from slime.training.experts import ExpertParallelFP32Optimizer, expert_param_ids
+
+            optimizer = ExpertParallelFP32Optimizer(
+                adam,
+                opt_config,
+                expert_param_ids(self.model),
+                self.layout.dp_rank == 0,
+                self.layout.expert_dp_rank == 0,
+            )
+        else:
+            optimizer = FP32Optimizer(adam, opt_config, init_state_fn=None)
         scheduler = OptimizerParamScheduler(
             optimizer,
             init_lr=0.0 if cfg.lr_warmup_steps > 0 else opt_config.lr,
@@ -148,8 +187,15 @@ class MegatronTrainer:
 
     # ---- forward helpers ----------------------------------------------------------------------
     def _forward(self, micro: MicroBatch) -> torch.Tensor:
-        """Model output [rows, seq, out] for this rank (vocab slice for the policy, 1 for the critic)."""
-        return self.model(micro.input_ids.to(self.device), micro.position_ids.to(self.device), None)
+        """Model output [rows, seq, out] for this rank (vocab slice for the policy, 1 for the critic); MoE
+        micro-batches with the engine's routed experts replay (or record) them."""
+
+        def run():
+            return self.model(micro.input_ids.to(self.device), micro.position_ids.to(self.device), None)
+
+        if self._routing is None or micro.routed_experts is None:
+            return run()
+        return self._routing.forward(self.model, micro, run)
 
     @staticmethod
     def _responses(micro: MicroBatch, per_position: torch.Tensor, shift: int) -> list[torch.Tensor]:
@@ -162,8 +208,31 @@ class MegatronTrainer:
             for row, (start, n) in enumerate(zip(micro.response_starts, micro.response_lengths))
         ]
 
-    def _micro_batches(self, batch: TrainBatch) -> list[list[int]]:
+    def _micro_batch_groups(self, batch: TrainBatch) -> list[list[int]]:
         return batch.micro_batch_indices(self.config.max_tokens_per_micro_batch, self.config.micro_batch_size)
+
+    def _micro_batches(self, batch: TrainBatch) -> Iterator[list[int]]:
+        groups = self._micro_batch_groups(batch)
+        if self.layout.ep_size == 1:
+            return iter(groups)
+        from slime.training.experts import equal_micro_batches
+
+        return equal_micro_batches(self.model, groups, self.device)
+
+    def _moe_step_begin(self, batch: TrainBatch) -> None:
+        """Before a training step of a MoE model: aux-loss gradient scale, fresh counters (no-op for dense)."""
+        if self._moe_stats is None:
+            return
+        count = torch.tensor([len(self._micro_batch_groups(batch))], dtype=torch.int64)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX, group=self.dp_group)
+        self._moe_micro_batches = int(count[0])
+        self._moe_stats.begin_step(self._moe_micro_batches, self.layout.dp_size)
+
+    def _moe_step_metrics(self) -> dict[str, float]:
+        if self._moe_stats is None:
+            return {}
+        metrics = self._moe_stats.end_step(self._moe_micro_batches, self.dp_group)
+        return {**metrics, **self._routing.step_metrics(self.dp_group)}
 
     def global_denominator(self, batch: TrainBatch) -> float:
         """Loss tokens (or samples) in the whole global batch, over all data-parallel ranks."""
@@ -181,6 +250,11 @@ class MegatronTrainer:
                 torch.distributed.all_reduce(flat, group=self.tp_group)
                 for grad, reduced in zip(partial, _unflatten_dense_tensors(flat, partial)):
                     grad.copy_(reduced)
+        if self.layout.ep_size > 1:
+            from slime.training.experts import reduce_expert_parallel_grads
+
+            reduce_expert_parallel_grads(self.model, self.dp_group)
+            return
         if self.layout.dp_size == 1:
             return
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -287,7 +361,9 @@ class MegatronTrainer:
         step = self.step if step is None else step
         is_rank0 = self.layout.rank == 0
         tmp = checkpoint.begin_save(root, step, is_rank0, torch.distributed.barrier)
-        if self.layout.dp_rank == 0:
+        # one writer per distinct set of weights: DP rank 0, or with split experts each expert rank's first replica
+        writes = self.layout.expert_dp_rank == 0 if self.layout.ep_size > 1 else self.layout.dp_rank == 0
+        if writes:
             torch.save(
                 {
                     "model": {n: p.detach().clone() for n, p in self.model.named_parameters()},
@@ -296,7 +372,7 @@ class MegatronTrainer:
                     "step": self.step,
                     "snapshots": self._snapshots,
                 },
-                tmp / f"model_tp{self.layout.tp_rank}.pt",
+                tmp / self._model_file(),
             )
         torch.save(checkpoint.rng_state(), tmp / f"rng_rank{self.layout.rank}.pt")
         if is_rank0 and extra is not None:
@@ -304,6 +380,7 @@ class MegatronTrainer:
         meta = {
             "tp_size": self.layout.tp_size,
             "dp_size": self.layout.dp_size,
+            "ep_size": self.layout.ep_size,
             "hf_checkpoint": str(self.config.hf_checkpoint),
         }
         return checkpoint.finish_save(
@@ -320,7 +397,11 @@ class MegatronTrainer:
             raise ValueError(
                 f"{folder}: saved with tensor_parallel_size={meta['tp_size']}, running with {self.layout.tp_size}"
             )
-        state = torch.load(folder / f"model_tp{self.layout.tp_rank}.pt", weights_only=False)
+        if meta.get("ep_size", 1) != self.layout.ep_size:
+            raise ValueError(
+                f"{folder}: saved with expert_model_parallel_size={meta.get('ep_size', 1)}, running with {self.layout.ep_size}"
+            )
+        state = torch.load(folder / self._model_file(), weights_only=False)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in state["model"].items():
@@ -338,15 +419,27 @@ class MegatronTrainer:
             checkpoint.set_rng_state(torch.load(rng_file, weights_only=False))
         return self.step
 
+    def _model_file(self) -> str:
+        """One file per tensor-parallel rank, and per expert-parallel rank when experts are split."""
+        ep = f"_ep{self.layout.ep_rank}" if self.layout.ep_size > 1 else ""
+        return f"model_tp{self.layout.tp_rank}{ep}.pt"
+
     # ---- HF export ----------------------------------------------------------------------------
     def _gather_tp(self, local: torch.Tensor) -> list[torch.Tensor]:
         shards = [torch.empty_like(local) for _ in range(self.layout.tp_size)]
         torch.distributed.all_gather(shards, local.contiguous(), group=self.tp_group)
         return shards
 
+    def _gather_ep(self, local: torch.Tensor) -> list[torch.Tensor]:
+        from megatron.core import parallel_state
+
+        parts = [torch.empty_like(local) for _ in range(self.layout.ep_size)]
+        torch.distributed.all_gather(parts, local.contiguous(), group=parallel_state.get_expert_model_parallel_group())
+        return parts
+
     def hf_named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full HF-named tensors; a collective: every TP rank must iterate it to the end."""
-        yield from self.bridge.export_hf(self.model, self._gather_tp)
+        """Full HF-named tensors; a collective: every TP (and expert-parallel) rank must iterate it to the end."""
+        yield from self.bridge.export_hf(self.model, self._gather_tp, self._gather_ep)
 
     def hf_weight_buckets(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """HF-named full tensors grouped into lists of at most bucket_bytes (a larger tensor goes alone)."""

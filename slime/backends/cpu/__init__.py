@@ -22,7 +22,6 @@ class CpuBackend(Backend):
     dist_backend = "gloo"
     visible_devices_env = None
     rollout_engine = "embedded"
-    moe_dispatcher = "alltoall"
     kernel_impl = "torch"
     docker_image = "slime:cpu"
     # A "device" is a worker process: a bundle holds one logical CPU, and the local cluster declares as many

@@ -11,6 +11,11 @@ Each redirect keeps megatron's behaviour and changes only where tensors live:
   * Grad-norm / grad-clip / zero-count helpers allocate on "cuda" and assert `torch.cuda.FloatTensor`.
   * FP32Optimizer.__init__ allocates its unit loss scale with device="cuda".
   * GlobalMemoryBuffer.get_tensor (attention's baddbmm scratch) allocates on the current CUDA device.
+  * MoE: the router moves its weight to the current CUDA device on first use; the all-to-all dispatcher
+    creates a CUDA side stream for its device-to-host copies of the split sizes and syncs on an event;
+    moe_utils names `te_general_gemm` only when Transformer Engine imports; the expert-parallel gathers,
+    reduce-scatters and all-to-alls (and TopKRouter's optional buffers) allocate on
+    `torch.cuda.current_device()`, which answers "cpu" for the duration of those calls only.
 
 The trainer does its own data-parallel gradient all-reduce instead of megatron's DDP wrapper: the
 gradient buffers there are allocated on `torch.cuda.current_device()` at many sites and the
@@ -42,6 +47,26 @@ class _CudaFactoriesOnCpu(TorchFunctionMode):
         if device is not None and torch.device(device).type == "cuda":
             kwargs["device"] = "cpu"
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _current_device_is_cpu():
+    """While active, `torch.cuda.current_device()` answers "cpu" (megatron passes it as a `device=`)."""
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = original
+
+
+def _with_cpu_current_device(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _current_device_is_cpu():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _run_on_cpu(fn):
@@ -152,6 +177,48 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
             grad.detach().mul_(clip_coeff)
 
 
+# ---- mixture of experts -------------------------------------------------------------------------
+class _NoStream:
+    """Stands in for the all-to-all dispatcher's device-to-host side stream: on CPU the split sizes already
+    live on the host, so there is nothing to copy or wait for."""
+
+
+def _router_gating(self, input: torch.Tensor) -> torch.Tensor:
+    """megatron's Router.gating without the move of the weight to the current CUDA device."""
+    from megatron.core.transformer.moe.moe_utils import router_gating_linear
+
+    router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(self.config.moe_router_dtype, input.dtype)
+    return router_gating_linear(input, self.weight, self.bias, router_dtype)
+
+
+def _alltoall_host_splits(self, point: str, tokens_per_expert: torch.Tensor | None = None):
+    """megatron's _maybe_dtoh_and_synchronize on CPU: the split sizes become host lists at the same point."""
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, name)
+            if torch.is_tensor(value):
+                setattr(self, name, value.numpy())
+    return tokens_per_expert
+
+
+def _apply_moe() -> None:
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import moe_utils, router, token_dispatcher
+
+    # expert-parallel gathers / all-to-alls allocate their outputs on torch.cuda.current_device()
+    for name in ("_gather_along_last_dim", "_gather_along_first_dim", "_reduce_scatter_along_first_dim"):
+        setattr(mappings, name, _with_cpu_current_device(getattr(mappings, name)))
+    mappings._AllToAll.forward = staticmethod(_with_cpu_current_device(mappings._AllToAll.forward))
+    router.TopKRouter.__init__ = _with_cpu_current_device(router.TopKRouter.__init__)
+
+    if not moe_utils.HAVE_TE:
+        moe_utils.te_general_gemm = None
+    router.Router.gating = _router_gating
+    dispatcher = token_dispatcher.MoEAlltoAllTokenDispatcher
+    dispatcher.cuda_dtoh_stream = _NoStream()
+    dispatcher._maybe_dtoh_and_synchronize = _alltoall_host_splits
+
+
 def apply() -> None:
     """Install the CPU redirects into megatron-core. Safe to call more than once."""
     global _applied
@@ -191,6 +258,7 @@ def apply() -> None:
     clip_grads.count_zeros_fp32 = _run_on_cpu(clip_grads.count_zeros_fp32)
     megatron_optimizer.count_zeros_fp32 = clip_grads.count_zeros_fp32
     megatron_optimizer.FP32Optimizer.__init__ = _run_on_cpu(megatron_optimizer.FP32Optimizer.__init__)
+    _apply_moe()
     _applied = True
 
 

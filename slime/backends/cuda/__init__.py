@@ -22,7 +22,6 @@ class CudaBackend(TorchGpuBackend):
     dist_backend = "nccl"
     visible_devices_env = "CUDA_VISIBLE_DEVICES"
     rollout_engine = "sglang"
-    moe_dispatcher = "flex"  # megatron-core's flex dispatcher over DeepEP; falls back to alltoall without it
     kernel_impl = "triton"
     docker_image = "slime:cuda"
     capabilities = Capabilities(
@@ -59,5 +58,9 @@ class CudaBackend(TorchGpuBackend):
             return 0, f"installed torch is the {build} build; install a CUDA build of torch"
         return count, ""
 
-    def moe_dispatcher_for_run(self) -> str:
-        return "flex" if self.system.has_module("deep_ep") else "alltoall"
+    def _moe_dispatcher_fields(self, dispatcher: str, expert_comm_ranks: int) -> dict[str, object] | None:
+        # megatron's flex dispatcher over DeepEP (it needs TP x EP > 1); otherwise the next entry (all-to-all)
+        if dispatcher == "flex":
+            usable = self.system.has_module("deep_ep") and expert_comm_ranks > 1
+            return {"moe_flex_dispatcher_backend": "deepep"} if usable else None
+        return {}

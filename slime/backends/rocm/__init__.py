@@ -25,7 +25,6 @@ class RocmBackend(TorchGpuBackend):
     # CUDA_VISIBLE_DEVICES; ROCR_VISIBLE_DEVICES stays as the node set it, since Ray's ids count the GPUs it leaves.
     visible_devices_env = "HIP_VISIBLE_DEVICES"
     rollout_engine = "sglang"
-    moe_dispatcher = "alltoall"
     kernel_impl = "triton"
     docker_image = "slime:rocm"
     capabilities = Capabilities(

@@ -13,7 +13,6 @@ class TpuBackend(Backend):
     dist_backend = "xla"
     visible_devices_env = "TPU_VISIBLE_CHIPS"
     rollout_engine = "sglang_jax"
-    moe_dispatcher = "alltoall"
     kernel_impl = "jax"
     docker_image = "slime:tpu"
     ray_device_resource = "TPU"

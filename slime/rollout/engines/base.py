@@ -115,6 +115,7 @@ class GenerateRequest:
     input_ids: tuple[int, ...] | list[int]
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
     return_logprob: bool = True
+    return_routed_experts: bool = False  # MoE: the experts every token was routed to (SGLang's request field)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,9 @@ class GenerateResult:
     prompt_tokens: int = 0
     text: str | None = None
     matched_stop: int | str | None = None  # the stop token id or stop string that ended a "stop" finish
+    # MoE, when asked: expert ids of every token the model ran on (prompt + output but the last token), each
+    # MoE layer, each top-k slot, flattened in that order (SGLang's meta_info["routed_experts"], decoded)
+    routed_experts: list[int] | None = None
 
 
 class RolloutEngine(ABC):

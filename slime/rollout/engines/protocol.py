@@ -7,11 +7,13 @@ request  {"input_ids": [..] | [[..], ..], "text": str | [str], "sampling_params"
 response {"text": str, "output_ids": [..], "meta_info": {"id", "finish_reason": {"type": "stop", "matched": 2}
           | {"type": "length", "length": 64} | {"type": "abort", "message": ..}, "prompt_tokens",
           "completion_tokens", "cached_tokens", "output_token_logprobs": [[logprob, token_id, null], ..],
-          "weight_version": "3"}}   (a list of these for a batch request)
+          "weight_version": "3", "routed_experts": base64 of int32 [len(tokens) - 1, moe layers, top-k]
+          (only with "return_routed_experts": true, as SGLang returns it)}}   (a list of these for a batch request)
 """
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Callable
 from dataclasses import fields
@@ -154,6 +156,7 @@ def parse_generate_request(
     params = _per_item(body.get("sampling_params"), count, "sampling_params", {})
     rids = _per_item(body.get("rid"), count, "rid", None)
     logprob = _per_item(body.get("return_logprob"), count, "return_logprob", False)
+    routed = _per_item(body.get("return_routed_experts"), count, "return_routed_experts", False)
     requests = []
     for i in range(count):
         where = (
@@ -165,7 +168,9 @@ def parse_generate_request(
         if rid is not None and batch and not isinstance(body.get("rid"), list):
             rid = f"{rid}-{i}"
         requests.append(
-            GenerateRequest(rid or new_rid(), prompts[i], parse_sampling_params(params[i], where), bool(logprob[i]))
+            GenerateRequest(
+                rid or new_rid(), prompts[i], parse_sampling_params(params[i], where), bool(logprob[i]), bool(routed[i])
+            )
         )
     return requests, batch
 
@@ -191,6 +196,8 @@ def generate_response_json(result: GenerateResult) -> dict[str, Any]:
     }
     if result.output_log_probs is not None:
         meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(result.output_log_probs, result.output_ids)]
+    if result.routed_experts is not None:
+        meta["routed_experts"] = encode_routed_experts(result.routed_experts)
     return {"text": result.text or "", "output_ids": list(result.output_ids), "meta_info": meta}
 
 
@@ -234,7 +241,20 @@ def parse_generate_response(payload: Any, rid: str) -> GenerateResult:
         prompt_tokens=int(meta.get("prompt_tokens", 0)),
         text=payload.get("text"),
         matched_stop=reason.get("matched") if isinstance(reason, dict) else None,
+        routed_experts=decode_routed_experts(meta["routed_experts"]) if meta.get("routed_experts") else None,
     )
+
+
+def encode_routed_experts(expert_ids: list[int]) -> str:
+    import numpy as np
+
+    return base64.b64encode(np.asarray(expert_ids, dtype="<i4").tobytes()).decode("ascii")
+
+
+def decode_routed_experts(payload: str) -> list[int]:
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(payload), dtype="<i4").tolist()
 
 
 # ---- tensors over HTTP (/update_weights_from_tensor) --------------------------------------------------

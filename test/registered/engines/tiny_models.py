@@ -1,4 +1,4 @@
-"""Tiny real HF checkpoints (Qwen2, Qwen3, Llama) and a locally trained tokenizer, for engine tests."""
+"""Tiny real HF checkpoints (Qwen2, Qwen3, Llama, Qwen3-MoE) and a locally trained tokenizer, for engine tests."""
 
 from __future__ import annotations
 
@@ -61,7 +61,13 @@ def build_model(
         bos_token_id=None,
     )
     common.update(overrides)
-    if family == "qwen3":
+    if family == "qwen3_moe":  # 4 experts, top-2, hidden 32
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        moe = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_experts=4,
+                   num_experts_per_tok=2, norm_topk_prob=True, head_dim=8)  # fmt: skip
+        config, cls = Qwen3MoeConfig(**{**common, **moe, **overrides}), Qwen3MoeForCausalLM
+    elif family == "qwen3":
         config, cls = Qwen3Config(head_dim=16, **common), Qwen3ForCausalLM
     elif family == "qwen2":
         config, cls = Qwen2Config(**common), Qwen2ForCausalLM

@@ -1,10 +1,8 @@
-"""A real megatron-core MoE layer with the dispatcher the backend switch picks (all-to-all on CPU), expert-parallel
+"""A real megatron-core MoE layer with the dispatcher the backend picks (all-to-all on CPU), expert-parallel
 over 2 gloo processes, against the same MoE computed locally from the layer's own router output and gathered
 expert weights: outputs and input gradients. fp32; tolerance 1e-5 absolute / 1e-5 relative.
 
-Needs the CPU compatibility layer to cover megatron's MoE path (the all-to-all dispatcher's side stream and
-device-to-host sync, the router's move of its weight to the current GPU, the missing `te_general_gemm` name
-without Transformer Engine); see the `disabled` reason below.
+Runs through the CPU compatibility layer's MoE redirects (slime/backends/cpu/megatron_compat.py).
 """
 
 import os
@@ -17,11 +15,7 @@ import torch.multiprocessing as mp
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(
-    est_time=30,
-    suite="base-b-test-cpu",
-    disabled="megatron MoE on CPU needs 4 redirects in slime/backends/cpu/megatron_compat.py (issue 6 report)",
-)
+register_cpu_ci(est_time=15, suite="base-b-test-cpu")
 
 WORLD, EXPERTS, TOKENS, HIDDEN, FFN = 2, 4, 6, 16, 32
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -33,7 +27,6 @@ def build_layer():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from slime.backends import select_backend
-    from slime.backends.moe_dispatch import choose_moe_dispatch
 
     config = TransformerConfig(
         num_layers=1,
@@ -46,7 +39,7 @@ def build_layer():
         add_bias_linear=False,
         moe_aux_loss_coeff=0.0,
         use_cpu_initialization=True,
-        **choose_moe_dispatch(select_backend("cpu")).megatron_config(),
+        **select_backend("cpu").moe_dispatch_config(),
     )
     assert config.moe_token_dispatcher_type == "alltoall"
     spec = get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False)

@@ -12,8 +12,10 @@ from slime.config import parse_config
 from slime.quickstart import task
 
 
-def build_task(root: Path, seed: int = 0, hidden_size: int = 32, num_layers: int = 2) -> dict[str, Path]:
-    """The quickstart's "ab+c=" task (train / test / sft jsonl) and a tiny Qwen3 at root/model."""
+def build_task(
+    root: Path, seed: int = 0, hidden_size: int = 32, num_layers: int = 2, experts: int = 0
+) -> dict[str, Path]:
+    """The quickstart's "ab+c=" task (train / test / sft jsonl) and a tiny Qwen3 (-MoE with experts) at root/model."""
     split = task.problems(seed)
     files = {
         "train": task.write_jsonl(split["train"], root / "train.jsonl"),
@@ -21,7 +23,7 @@ def build_task(root: Path, seed: int = 0, hidden_size: int = 32, num_layers: int
         "sft": task.write_jsonl(split["sft"], root / "sft.jsonl", with_response=True),
         "model": root / "model",
     }
-    task.build_model(files["model"], seed, hidden_size=hidden_size, num_layers=num_layers)
+    task.build_model(files["model"], seed, hidden_size=hidden_size, num_layers=num_layers, experts=experts)
     return files
 
 

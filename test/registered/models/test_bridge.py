@@ -83,7 +83,10 @@ def test_unsupported_family_lists_supported_ones():
 
     with pytest.raises(UnsupportedModel) as info:
         bridge_class_for(GPT2Config())
-    assert str(info.value) == "model_type 'gpt2' (GPT2Config) is not supported; supported families: llama, qwen2, qwen3"
+    assert (
+        str(info.value)
+        == "model_type 'gpt2' (GPT2Config) is not supported; supported families: llama, qwen2, qwen3, qwen3_moe"
+    )
 
 
 def test_tp_not_dividing_heads_gives_the_numbers():

@@ -42,7 +42,7 @@ def run_padded(rank, world, port, folders, multiple):
     out = {}
     for name, folder in folders.items():
         config = load_hf_config(folder)
-        bridge = bridge_class_for(config)(config, layout.tp_size, layout.tp_rank, multiple)
+        bridge = bridge_class_for(config)(config, layout.tp_size, layout.tp_rank, make_vocab_size_divisible_by=multiple)
         model = bridge.build_model()
         bridge.load_hf(model, folder)
         ids = input_ids()

@@ -21,6 +21,13 @@ def tiny_config(family: str, tie: bool | None = None, **overrides):
         num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
     )  # fmt: skip
     common.update(overrides)
+    if family == "qwen3_moe":  # 4 experts, top-2; hidden 32
+        from transformers import Qwen3MoeConfig
+
+        moe = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_experts=4,
+                   num_experts_per_tok=2, norm_topk_prob=True, head_dim=8)  # fmt: skip
+        moe = {**common, **moe, **overrides}
+        return Qwen3MoeConfig(tie_word_embeddings=False if tie is None else tie, **moe)
     if family == "qwen3":
         return Qwen3Config(head_dim=16, tie_word_embeddings=True if tie is None else tie, **common)
     if family == "qwen2":
@@ -103,9 +110,11 @@ def run_ranks(fn, world: int, *args, timeout: float = 240.0) -> list:
     return [results[r] for r in range(world)]
 
 
-def init_rank(rank: int, world: int, port: int, tp: int, seed: int = 1234):
+def init_rank(rank: int, world: int, port: int, tp: int, seed: int = 1234, ep: int = 1):
     from slime.backends import select_backend
     from slime.training.distributed import init_distributed
 
     backend = select_backend("cpu")
-    return backend, init_distributed(backend, rank, world, "127.0.0.1", port, tensor_parallel_size=tp, seed=seed)
+    return backend, init_distributed(
+        backend, rank, world, "127.0.0.1", port, tensor_parallel_size=tp, expert_parallel_size=ep, seed=seed
+    )

@@ -12,6 +12,7 @@ between steps; `_cond` guards the queues and slot table. Order: _model_lock befo
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -50,6 +51,11 @@ PREFILL_TOKEN_BUDGET = 16384
 ResultCallback = Callable[[GenerateResult], None]
 
 
+@dataclass
+class _Routes:
+    tensor: torch.Tensor | None = None  # [rows, moe layers, k] of one forward
+
+
 @dataclass(eq=False)
 class _Sequence:
     request: GenerateRequest
@@ -63,6 +69,7 @@ class _Sequence:
     matched_stop: int | str | None = None
     output_ids: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
+    routed: list[torch.Tensor] = field(default_factory=list)  # [tokens, moe layers, k] per forward, when asked
 
     @property
     def next_position(self) -> int:
@@ -311,7 +318,12 @@ class EmbeddedEngine(RolloutEngine):
                 tokens[i, : len(s.prompt)] = torch.tensor(s.prompt, dtype=torch.long)
             lengths = torch.tensor([len(s.prompt) for s in group], device=device)
             slots = torch.tensor([s.slot for s in group], device=device)
-            logits = self.model.prefill(tokens.to(device), lengths, slots)
+            with self._recording_routes(group) as routed:
+                logits = self.model.prefill(tokens.to(device), lengths, slots)
+            if routed.tensor is not None:
+                per_row = routed.tensor.view(len(group), width, *routed.tensor.shape[1:])
+                for i, s in enumerate(group):
+                    s.routed.append(per_row[i, : len(s.prompt)])
             ids, log_probs = self._sample(logits, group)
             finished += self._append(group, ids, log_probs)
             group = [seq] if seq is not None else []
@@ -326,11 +338,30 @@ class EmbeddedEngine(RolloutEngine):
         positions = [s.next_position if s is not None else self.model.scratch_position for s in rows]
         attend_len = max(s.next_position for s in running) + 1
         device = self.model.device
-        logits = self.model.decode(
-            torch.tensor(tokens, device=device), torch.tensor(positions, device=device), num_rows, attend_len
-        )
+        with self._recording_routes(running) as routed:
+            logits = self.model.decode(
+                torch.tensor(tokens, device=device), torch.tensor(positions, device=device), num_rows, attend_len
+            )
+        if routed.tensor is not None:
+            for s in running:
+                s.routed.append(routed.tensor[s.slot : s.slot + 1])
         ids, log_probs = self._sample(logits, rows)
         return self._append(running, [ids[s.slot] for s in running], [log_probs[s.slot] for s in running])
+
+    @contextlib.contextmanager
+    def _recording_routes(self, seqs: list[_Sequence]):
+        """Yields a holder whose tensor, after the forward, is the routed experts [rows, moe layers, k] (rows as
+        the forward laid them out) when a sequence asked for them and the model has MoE layers; else None."""
+        holder: _Routes = _Routes()
+        if not any(s.request.return_routed_experts for s in seqs) or not self.model.spec.sparse_layers:
+            yield holder
+            return
+        self.model.routed_experts = []
+        try:
+            yield holder
+            holder.tensor = torch.stack(self.model.routed_experts, dim=1).to(torch.int32).cpu()
+        finally:
+            self.model.routed_experts = None
 
     def _append(
         self, seqs: list[_Sequence], ids: list[int], log_probs: list[float]
@@ -376,11 +407,15 @@ class EmbeddedEngine(RolloutEngine):
             error=error,
             prompt_tokens=len(seq.prompt),
             matched=seq.matched_stop,
+            routed=seq.routed if seq.request.return_routed_experts else None,
         )
 
     def _result(
-        self, request, output_ids, log_probs, reason, error=None, prompt_tokens=0, matched=None
+        self, request, output_ids, log_probs, reason, error=None, prompt_tokens=0, matched=None, routed=None
     ) -> GenerateResult:
+        # every token fed to the model: prompt + outputs but the last (SGLang's shape: len(tokens) - 1)
+        fed = len(output_ids) + prompt_tokens - 1 if output_ids else 0
+        routed_flat = torch.cat(routed)[:fed].flatten().tolist() if routed else None
         return GenerateResult(
             rid=request.rid,
             output_ids=list(output_ids),
@@ -391,6 +426,7 @@ class EmbeddedEngine(RolloutEngine):
             prompt_tokens=prompt_tokens,
             text=self.tokenizer.decode(output_ids, skip_special_tokens=True) if self.tokenizer is not None else None,
             matched_stop=matched,
+            routed_experts=routed_flat,
         )
 
     def _fail_all(self, message: str) -> list[tuple[_Sequence, GenerateResult]]:

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from slime.errors import ModelError
+from slime.rollout.engines.embedded.moe import SparseMlp
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "qwen3_moe")
 
 
 def packed_gemm_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -54,6 +55,12 @@ class DecoderSpec:
     qk_norm: bool
     max_position_embeddings: int
     eos_token_ids: tuple[int, ...]
+    # mixture of experts (qwen3_moe): which layers are sparse, and their router / expert shapes
+    sparse_layers: tuple[bool, ...] = ()
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
 
     @staticmethod
     def from_hf_config(config: dict, source: str = "config.json") -> DecoderSpec:
@@ -93,9 +100,10 @@ class DecoderSpec:
             rope_theta=float(rope_theta),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
             eos_token_ids=eos_ids,
+            **_moe_fields(config),
         )
 
     @staticmethod
@@ -112,10 +120,27 @@ class DecoderSpec:
         return spec
 
 
+def _moe_fields(config: dict) -> dict:
+    """HF Qwen3MoeDecoderLayer's rule for sparse layers: not in mlp_only_layers, (i + 1) % decoder_sparse_step == 0."""
+    if config.get("model_type") != "qwen3_moe":
+        return {}
+    # hub checkpoints write num_experts; transformers >= 5 saves it as num_local_experts
+    experts = int(config["num_experts"] if "num_experts" in config else config["num_local_experts"])
+    step, dense = int(config.get("decoder_sparse_step", 1)), config.get("mlp_only_layers") or []
+    layers = int(config["num_hidden_layers"])
+    return dict(
+        sparse_layers=tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(layers)),
+        num_experts=experts,
+        num_experts_per_tok=int(config["num_experts_per_tok"]),
+        moe_intermediate_size=int(config["moe_intermediate_size"]),
+        norm_topk_prob=bool(config["norm_topk_prob"]),
+    )
+
+
 class _Layer:
     """One decoder layer's tensors. Fused buffers; HF names are views into them."""
 
-    def __init__(self, spec: DecoderSpec, device: torch.device, dtype: torch.dtype):
+    def __init__(self, spec: DecoderSpec, device: torch.device, dtype: torch.dtype, sparse: bool = False):
         h, hd = spec.hidden_size, spec.head_dim
         self.q_size = spec.num_heads * hd
         self.kv_size = spec.num_kv_heads * hd
@@ -127,8 +152,15 @@ class _Layer:
         self.qkv_weight = empty(qkv_out, h)
         self.qkv_bias = empty(qkv_out) if spec.qkv_bias else None
         self.o_weight = empty(h, self.q_size)
-        self.gate_up_weight = empty(2 * spec.intermediate_size, h)
-        self.down_weight = empty(h, spec.intermediate_size)
+        self.moe = None
+        if sparse:
+            self.moe = SparseMlp(
+                spec.num_experts, spec.num_experts_per_tok, spec.moe_intermediate_size, h, spec.norm_topk_prob,
+                device, dtype,
+            )  # fmt: skip
+        ffn = 0 if sparse else spec.intermediate_size
+        self.gate_up_weight = empty(2 * ffn, h)
+        self.down_weight = empty(h, ffn)
         self.input_norm = empty(h)
         self.post_attention_norm = empty(h)
         self.q_norm = empty(hd) if spec.qk_norm else None
@@ -141,12 +173,15 @@ class _Layer:
             f"{prefix}.self_attn.k_proj.weight": self.qkv_weight[q : q + kv],
             f"{prefix}.self_attn.v_proj.weight": self.qkv_weight[q + kv :],
             f"{prefix}.self_attn.o_proj.weight": self.o_weight,
-            f"{prefix}.mlp.gate_proj.weight": self.gate_up_weight[:intermediate],
-            f"{prefix}.mlp.up_proj.weight": self.gate_up_weight[intermediate:],
-            f"{prefix}.mlp.down_proj.weight": self.down_weight,
             f"{prefix}.input_layernorm.weight": self.input_norm,
             f"{prefix}.post_attention_layernorm.weight": self.post_attention_norm,
         }
+        if self.moe is not None:
+            views.update(self.moe.hf_views(prefix))
+        else:
+            views[f"{prefix}.mlp.gate_proj.weight"] = self.gate_up_weight[:intermediate]
+            views[f"{prefix}.mlp.up_proj.weight"] = self.gate_up_weight[intermediate:]
+            views[f"{prefix}.mlp.down_proj.weight"] = self.down_weight
         if self.qkv_bias is not None:
             views[f"{prefix}.self_attn.q_proj.bias"] = self.qkv_bias[:q]
             views[f"{prefix}.self_attn.k_proj.bias"] = self.qkv_bias[q : q + kv]
@@ -171,7 +206,10 @@ class ServingModel:
         self.embed = torch.empty(spec.vocab_size, spec.hidden_size, device=self.device, dtype=dtype)
         self.final_norm = torch.empty(spec.hidden_size, device=self.device, dtype=dtype)
         self.lm_head = self.embed if spec.tie_word_embeddings else torch.empty_like(self.embed)
-        self.layers = [_Layer(spec, self.device, dtype) for _ in range(spec.num_layers)]
+        sparse = spec.sparse_layers or (False,) * spec.num_layers
+        self.layers = [_Layer(spec, self.device, dtype, sparse[i]) for i in range(spec.num_layers)]
+        # when a list: each forward appends, per sparse layer, the expert ids [tokens, k] it routed to
+        self.routed_experts: list[torch.Tensor] | None = None
         self.hf_views: dict[str, torch.Tensor] = {
             "model.embed_tokens.weight": self.embed,
             "model.norm.weight": self.final_norm,
@@ -271,6 +309,8 @@ class ServingModel:
     ) -> torch.Tensor:
         hidden = hidden + linear(attn, layer.o_weight)
         x = self._rms_norm(hidden, layer.post_attention_norm)
+        if layer.moe is not None:
+            return hidden + layer.moe(x, self.routed_experts)
         gate, up = linear(x, layer.gate_up_weight).chunk(2, dim=-1)
         return hidden + linear(F.silu(gate) * up, layer.down_weight)
 
@@ -309,7 +349,8 @@ class ServingModel:
             return
         weights = [self.lm_head]
         for layer in self.layers:
-            weights += [layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight]
+            weights += [layer.qkv_weight, layer.o_weight]
+            weights += [layer.gate_up_weight, layer.down_weight] if layer.moe is None else []
         for w in weights:
             self._packed[w.data_ptr()] = torch.ops.mkl._mkl_reorder_linear_weight(w, self.max_slots)
 

@@ -32,12 +32,15 @@ from slime.rollout.engines.protocol import (
 
 
 def generate_payload(request: GenerateRequest) -> dict[str, Any]:
-    return {
+    payload = {
         "rid": request.rid,
         "input_ids": list(request.input_ids),
         "sampling_params": sampling_params_to_json(request.sampling_params),
         "return_logprob": request.return_logprob,
     }
+    if request.return_routed_experts:  # SGLang answers it only with --enable-return-routed-experts
+        payload["return_routed_experts"] = True
+    return payload
 
 
 def _error_message(status: int, text: str) -> str:
