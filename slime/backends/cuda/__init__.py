@@ -22,7 +22,7 @@ class CudaBackend(Backend):
     rollout_engine = "sglang"
     moe_dispatcher = "flex"  # megatron-core's flex dispatcher over DeepEP; falls back to alltoall without it
     kernel_impl = "triton"
-    docker_image = "slime:cuda"
+    docker_image = "ghcr.io/slime-rl/slime:latest-cuda"  # release/images.py: image_tags
     capabilities = Capabilities(
         trainer_families=("megatron",),
         rollout_engines=("sglang", "embedded"),

@@ -22,7 +22,7 @@ class RocmBackend(Backend):
     rollout_engine = "sglang"
     moe_dispatcher = "alltoall"
     kernel_impl = "triton"
-    docker_image = "slime:rocm"
+    docker_image = "ghcr.io/slime-rl/slime:latest-rocm"  # release/images.py: image_tags
     capabilities = Capabilities(
         trainer_families=("megatron",),
         rollout_engines=("sglang", "embedded"),

@@ -15,7 +15,7 @@ class TpuBackend(Backend):
     rollout_engine = "sglang_jax"
     moe_dispatcher = "alltoall"
     kernel_impl = "jax"
-    docker_image = "slime:tpu"
+    docker_image = "ghcr.io/slime-rl/slime:latest-tpu"  # release/images.py: image_tags
     ray_device_resource = "TPU"
     capabilities = Capabilities(
         trainer_families=("megatron",),
