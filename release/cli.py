@@ -205,11 +205,10 @@ def _args_perf(p: argparse.ArgumentParser) -> None:
 
 
 def _args_resolve(p: argparse.ArgumentParser) -> None:
-    from release.resolve import PYPI_SIMPLE, STACKS
-
-    p.add_argument("--extra", nargs="+", choices=list(STACKS), help="only these extras (default: all)")
+    # release.resolve needs `packaging`; the parser is built on bare runners too (`release ci`), so no import here
+    p.add_argument("--extra", nargs="+", choices=ALL_HARDWARE, help="only these extras (default: all)")
     p.add_argument("--python", nargs="+", help="only these Python versions, e.g. 3.12 (default: each supported)")
-    p.add_argument("--index-url", default=PYPI_SIMPLE, help="the index to resolve against")
+    p.add_argument("--index-url", default="https://pypi.org/simple/", help="the index to resolve against")
     p.add_argument("--cpu-torch-index", help="extra index with the CPU torch build, e.g. the PyTorch CPU index")
     p.add_argument("--interpreter", action="append", default=[], help="a python3.X with pip (python3.X on PATH)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per pip run")

@@ -39,6 +39,7 @@ PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # pip matches --platform tags literally: a glibc-2.35 x86-64 Linux (Ubuntu 22.04, the images) runs every
 # manylinux tag from 2_17 (= manylinux2014) up.
 X86_64 = (*(f"manylinux_2_{minor}_x86_64" for minor in range(35, 16, -1)), "manylinux2014_x86_64")
+SUPPORTED_PYTHONS = ("3.11", "3.12")  # what pyproject's requires-python admits and CI runs
 MAX_STAND_INS = 6  # more sdist-only dependencies than this in one stack is itself worth a failure
 
 
@@ -407,7 +408,14 @@ def run(repo: Path, extras: list[str] | None, pythons: list[str] | None, options
             if options.cpu_torch_index and target.stack.extra in ("cpu", "tpu"):
                 index.append(options.cpu_torch_index)
             outcomes.append(resolve_target(python, target, wheel, repo / "requirements", index, options))
-    notes = [stack.note for stack in {t.stack.extra: t.stack for t in chosen}.values() if stack.note]
+    stacks = {t.stack.extra: t.stack for t in chosen}.values()
+    notes = [stack.note for stack in stacks if stack.note]
+    notes += [
+        f"{s.extra}: Python {', '.join(sorted(set(SUPPORTED_PYTHONS) - set(s.pythons)))} not supported "
+        "(the extra's markers leave its stack out there; README and `slime env` say so)"
+        for s in stacks
+        if set(SUPPORTED_PYTHONS) - set(s.pythons)
+    ]
     if options.cpu_torch_index:
         notes = [n for n in notes if not n.startswith(("cpu:", "tpu:"))]
     return outcomes, notes
