@@ -67,7 +67,7 @@ STACKS = {
         "cuda",
         "constraints-cuda.txt",
         ("sglang", "sglang-kernel", "flashinfer-python", "torch", "megatron-core", "ray", "transformers"),
-        ("3.12",),
+        ("3.11", "3.12"),
     ),
     "rocm": Stack(
         "rocm",
@@ -143,37 +143,59 @@ def judge(stack: Stack, resolved: dict[str, Resolved], pins: dict[str, Requireme
 
 
 CONFLICT_START = "The conflict is caused by:"
-MISSING_WHEEL = re.compile(r"Could not find a version that satisfies the requirement (\S+)")
-WRONG_PYTHON = re.compile(r"Requires-Python|requires a different Python")
+NO_VERSION = re.compile(
+    r"Could not find a version that satisfies the requirement (?P<req>.+?)(?: \(from (?P<parent>[^()]+)\))?"
+    r" \(from versions: (?P<listed>[^)]*)\)"
+)
 
 
-def explain_pip_failure(stderr: str) -> str:
-    """One line saying why pip could not resolve: the conflict pip names, the package it found no file for."""
-    lines = [line.strip() for line in stderr.splitlines()]
-    if CONFLICT_START in lines:
-        start = lines.index(CONFLICT_START) + 1
-        causes = []
-        for line in lines[start:]:
-            if not line:
-                break
-            causes.append(line)
-        return "conflicting dependencies: " + "; ".join(causes)
-    missing = MISSING_WHEEL.search(stderr)
-    if missing:
-        python_note = " (Requires-Python excludes this Python)" if WRONG_PYTHON.search(stderr) else ""
-        return f"no installable file for {missing.group(1)}{python_note}"
-    errors = [line for line in lines if line.startswith("ERROR:")]
-    return errors[-1] if errors else (lines[-1] if lines else "pip failed without output")
+@dataclass(frozen=True)
+class NoVersion:
+    """pip's "Could not find a version that satisfies the requirement X (from P) (from versions: ...)"."""
+
+    requirement: Requirement
+    parent: str | None
+    listed: tuple[str, ...]  # the versions pip found files for (wheels for this Python and platform)
+
+    @property
+    def fitting_listed(self) -> list[str]:
+        return [v for v in self.listed if self.requirement.specifier.contains(v, prereleases=True)]
 
 
-def missing_requirement(stderr: str) -> Requirement | None:
-    match = MISSING_WHEEL.search(stderr)
+def no_version(output: str) -> NoVersion | None:
+    match = NO_VERSION.search(output)
     if not match:
         return None
     try:
-        return Requirement(match.group(1))
+        req = Requirement(match.group("req").split(";", 1)[0].strip())
     except ValueError:
         return None
+    listed = tuple(v.strip() for v in match.group("listed").split(",") if v.strip() and v.strip() != "none")
+    return NoVersion(req, match.group("parent"), listed)
+
+
+def explain_pip_failure(output: str, pins: dict[str, Requirement] | None = None, constraints: str = "") -> str:
+    """One line saying why pip could not resolve: the conflict pip names, the pin that excludes a requirement,
+    or the package it found no file for."""
+    lines = [line.strip() for line in output.splitlines()]
+    if CONFLICT_START in lines:
+        causes = []
+        for line in lines[lines.index(CONFLICT_START) + 1 :]:
+            if not line or line.startswith("To fix this"):
+                break
+            causes.append(line)
+        return "conflicting dependencies: " + "; ".join(causes)
+    missing = no_version(output)
+    if missing is not None:
+        req, parent = missing.requirement, f" (from {missing.parent})" if missing.parent else ""
+        pin = (pins or {}).get(canonicalize_name(req.name))
+        if missing.fitting_listed and pin is not None and not req.specifier.contains(pinned_version(pin)):
+            return f"{req}{parent} conflicts with {constraints or 'the constraints'}: {pin}"
+        if missing.fitting_listed:
+            return f"{req}{parent} has files, but another requirement or constraint excludes them"
+        return f"no installable file for {req}{parent} on this Python and platform"
+    errors = [line for line in lines if line.startswith("ERROR:")]
+    return errors[-1] if errors else (lines[-1] if lines else "pip failed without output")
 
 
 class _Anchors(html.parser.HTMLParser):
@@ -229,11 +251,13 @@ def stand_in_wheel(folder: Path, name: str, version: str) -> Path:
     return wheel
 
 
-def sdist_stand_in(stderr: str, index_url: str, folder: Path) -> tuple[str, str] | None:
-    """When pip found no wheel for a requirement but the index has an sdist that fits: write its stand-in."""
-    req = missing_requirement(stderr)
-    if req is None:
+def sdist_stand_in(output: str, index_url: str, folder: Path) -> tuple[str, str] | None:
+    """When pip found no wheel that fits a requirement but the index has an sdist that does: write its stand-in.
+    A requirement with fitting wheels that something else excluded is a conflict, not an sdist-only package."""
+    missing = no_version(output)
+    if missing is None or missing.fitting_listed:
         return None
+    req = missing.requirement
     fitting = [v for v in sdist_versions(index_files(index_url, req.name), req.name) if req.specifier.contains(v)]
     if not fitting:
         return None
@@ -294,7 +318,8 @@ def find_interpreters(pythons: set[str], explicit: list[str]) -> dict[str, str]:
 def pip_command(
     python: str, target: Target, wheel: Path, constraints: Path, report: Path, work: Path, index: list[str]
 ) -> list:
-    command = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet"]
+    # not --quiet: pip names the conflicting requirements on its info output
+    command = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--progress-bar", "off"]
     command += ["--report", str(report), "--target", str(work / "target"), "--python-version", target.python]
     command += ["--only-binary=:all:", "--index-url", index[0], "--find-links", str(work / "stand-ins")]
     for extra_index in index[1:]:
@@ -328,9 +353,10 @@ def resolve_target(
                 return outcome
             if result.returncode == 0:
                 break
-            found = sdist_stand_in(result.stderr, index[0], work / "stand-ins")
+            output = result.stdout + result.stderr
+            found = sdist_stand_in(output, index[0], work / "stand-ins")
             if found is None or found[0] in stand_ins:
-                outcome.reasons.append(explain_pip_failure(result.stderr))
+                outcome.reasons.append(explain_pip_failure(output, pins, stack.constraints))
                 outcome.sdist_only = [f"{n} {v}" for n, v in stand_ins.items()]
                 return outcome
             stand_ins[found[0]] = found[1]

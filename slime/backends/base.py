@@ -137,7 +137,7 @@ class Capabilities:
 
 # Extras whose hardware stack needs a newer Python than slime itself: pyproject.toml's markers leave those
 # packages out on older Pythons (test/registered/release/test_install_agreement.py keeps the two in step).
-EXTRA_MIN_PYTHON: dict[str, tuple[int, int]] = {"cuda": (3, 12), "tpu": (3, 12)}
+EXTRA_MIN_PYTHON: dict[str, tuple[int, int]] = {"tpu": (3, 12)}
 
 
 def install_command(extra: str, python: tuple[int, int] | None = None) -> str:

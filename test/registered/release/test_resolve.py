@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from release.cli import COMMANDS, parser
 from release.resolve import (
@@ -20,7 +21,7 @@ from release.resolve import (
     format_table,
     judge,
     judged,
-    missing_requirement,
+    no_version,
     parse_report,
     requirement_pins,
     sdist_stand_in,
@@ -66,21 +67,39 @@ def test_the_cpu_extra_on_312_without_the_megatron_pin_was_a_broken_stack():
     assert reasons == ["megatron-core resolved to 0.19.2, constraints-cpu.txt pins 0.16.1"]
 
 
-def test_the_old_cuda_extra_on_311_resolved_sglang_without_kernels_and_is_refused():
-    """What the issue measured: `sglang>=0.5` unmarked, Python 3.11 -> sglang 0.5.2 and no kernel package."""
+def test_the_old_unpinned_cuda_extra_resolves_a_stack_nobody_chose_and_is_refused():
+    """Recorded for the pre-pin extra (`sglang>=0.5`, no markers) on Python 3.11: pip picked the newest SGLang
+    and with it a torch and kernels that no image or test uses."""
     resolved = parse_report(report("cuda-py3.11-before.json"))
     reasons = judge(STACKS["cuda"], resolved, pins("cuda"))
-    assert "sglang-kernel is not in the resolved set" in reasons
-    assert "flashinfer-python is not in the resolved set" in reasons
-    assert "sglang resolved to 0.5.2, constraints-cuda.txt pins 0.5.10.post1" in reasons
-    assert "sglang without its kernel package (sglang-kernel) is not a working server" in reasons
+    assert "sglang resolved to 0.5.23, constraints-cuda.txt pins 0.5.10.post1" in reasons
+    assert "sglang-kernel resolved to 0.4.10, constraints-cuda.txt pins 0.4.1" in reasons
+    assert "torch resolved to 2.14.1, constraints-cuda.txt pins 2.9.1" in reasons
+    without_kernel = {n: r for n, r in resolved.items() if n != "sglang-kernel"}
+    reasons = judge(STACKS["cuda"], without_kernel, {})
+    assert reasons == [
+        "sglang-kernel is not in the resolved set",
+        "sglang without its kernel package (sglang-kernel) is not a working server",
+    ]
 
 
-def test_a_pip_conflict_is_reported_as_the_conflict_pip_names():
-    why = explain_pip_failure((FIXTURES / "tpu-jax-0.7.2.stderr").read_text())
-    assert why.startswith("conflicting dependencies: ")
-    assert "sglang-jax 0.0.2 depends on jax" in why and "0.7.2" in why, why
-    assert "\n" not in why
+def test_a_pin_that_contradicts_the_extra_is_reported_with_both_sides():
+    """Recorded: constraints-tpu.txt changed to jax==0.7.2 while the [tpu] extra requires jax[tpu]==0.8.3."""
+    output = (FIXTURES / "tpu-jax-pin.out").read_text()
+    pins = {"jax": Requirement("jax==0.7.2")}
+    why = explain_pip_failure(output, pins, "constraints-tpu.txt")
+    assert why == "jax[tpu]==0.8.3 (from slime-rl[tpu]) conflicts with constraints-tpu.txt: jax==0.7.2"
+    # jax has wheels that fit: this is a conflict, never mistaken for an sdist-only package
+    assert sdist_stand_in(output, "http://127.0.0.1:9/simple/", Path("/nonexistent")) is None
+
+
+def test_a_transitive_conflict_is_reported_as_the_conflict_pip_names():
+    """Recorded: numpy==2.3.0 as a constraint against sglang-jax 0.0.2's numpy~=2.2.6."""
+    why = explain_pip_failure((FIXTURES / "tpu-numpy-pin.out").read_text())
+    assert why == (
+        "conflicting dependencies: sglang-jax 0.0.2 depends on numpy~=2.2.6; "
+        "The user requested (constraint) numpy==2.3.0"
+    )
 
 
 def test_an_sdist_only_dependency_is_reported_as_such_not_as_unresolvable():
@@ -100,12 +119,19 @@ def test_jaxlib_must_match_jax():
 
 
 def test_no_wheel_message_names_the_requirement_and_sdist_versions_are_read_from_file_names():
-    stderr = (
+    output = (
         "ERROR: Could not find a version that satisfies the requirement msgpack-python~=0.5.6 (from sglang-jax) "
-        "(from versions: none)\nERROR: No matching distribution found for msgpack-python~=0.5.6\n"
+        "(from versions: 0.5.0)\nERROR: No matching distribution found for msgpack-python~=0.5.6\n"
     )
-    assert str(missing_requirement(stderr)) == "msgpack-python~=0.5.6"
-    assert explain_pip_failure(stderr) == "no installable file for msgpack-python~=0.5.6"
+    missing = no_version(output)
+    assert (str(missing.requirement), missing.parent, missing.listed) == (
+        "msgpack-python~=0.5.6",
+        "sglang-jax",
+        ("0.5.0",),
+    )
+    assert explain_pip_failure(output) == (
+        "no installable file for msgpack-python~=0.5.6 (from sglang-jax) on this Python and platform"
+    )
     names = [
         "msgpack-python-0.5.6.tar.gz",
         "msgpack_python-0.4.8.zip",
@@ -130,7 +156,7 @@ def simple_index(tmp_path):
 
 
 def test_stand_in_wheel_for_the_newest_fitting_sdist(simple_index, tmp_path):
-    stderr = "ERROR: Could not find a version that satisfies the requirement msgpack-python~=0.5.6 (from sglang-jax)"
+    stderr = "Could not find a version that satisfies the requirement msgpack-python~=0.5.6 (from sglang-jax) (from versions: none)"
     folder = tmp_path / "stand-ins"
     folder.mkdir()
     assert sdist_stand_in(stderr, simple_index, folder) == ("msgpack-python", "0.5.6")
@@ -140,7 +166,7 @@ def test_stand_in_wheel_for_the_newest_fitting_sdist(simple_index, tmp_path):
         assert (
             "Name: msgpack-python\nVersion: 0.5.6" in archive.read("msgpack_python-0.5.6.dist-info/METADATA").decode()
         )
-    nothing = "ERROR: Could not find a version that satisfies the requirement msgpack-python>=2 (from x)"
+    nothing = "Could not find a version that satisfies the requirement msgpack-python>=2 (from x) (from versions: none)"
     assert sdist_stand_in(nothing, simple_index, folder) is None  # no sdist fits: a real failure
     assert stand_in_wheel(tmp_path, "A.B", "1.0").name == "a_b-1.0-py3-none-any.whl"
 
@@ -149,13 +175,14 @@ def test_targets_cover_each_extra_on_its_pythons_only():
     assert {(t.stack.extra, t.python) for t in targets(None, None)} == {
         ("cpu", "3.11"),
         ("cpu", "3.12"),
+        ("cuda", "3.11"),
         ("cuda", "3.12"),
         ("rocm", "3.11"),
         ("rocm", "3.12"),
         ("tpu", "3.12"),
     }
     with pytest.raises(ValueError, match="no target matches"):
-        targets(["cuda"], ["3.11"])
+        targets(["tpu"], ["3.11"])
 
 
 def test_every_release_subcommand_carries_its_handler():
