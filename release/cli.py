@@ -1,4 +1,5 @@
-"""python -m release <command>: versions, build/check/publish, image tags and builds, workflow generation, CI steps.
+"""python -m release <command>: versions, build/check/publish, image tags and builds, workflow generation, CI steps,
+and the resolution of every extra (resolve). Each subcommand in COMMANDS carries its arguments and its handler.
 
 Every user mistake ends in one line on stderr and exit status 2; a failed check exits 1.
 """

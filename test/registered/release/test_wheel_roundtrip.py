@@ -26,7 +26,7 @@ from release.publish import PublishError, publish
 from release.version import GitState, compute_version, declared_version
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=45, suite="base-c-test-cpu")
+register_cpu_ci(est_time=60, suite="base-c-test-cpu")
 
 REPO = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
