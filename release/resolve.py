@@ -294,7 +294,7 @@ def pip_environment() -> dict[str, str]:
 
 
 def interpreter_version(executable: str) -> str | None:
-    """ "3.12" for an interpreter that runs and has pip; None otherwise."""
+    """The version ("3.12") of an interpreter that runs and has pip; None otherwise."""
     probe = "import sys, pip; print('%d.%d' % sys.version_info[:2])"
     try:
         result = subprocess.run([executable, "-c", probe], capture_output=True, text=True, timeout=60)
