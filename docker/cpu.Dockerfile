@@ -1,6 +1,6 @@
 # slime for CPU: the embedded rollout engine and Megatron-core on gloo, on a slim Python image.
 # Built by the release and nightly workflows from a wheel in dist/:
-#   docker build -f docker/cpu.Dockerfile --build-arg SLIME_WHEEL=slime-0.1.0-py3-none-any.whl -t slime:cpu .
+#   docker build -f docker/cpu.Dockerfile --build-arg SLIME_WHEEL=slime_rl-0.1.0-py3-none-any.whl -t slime:cpu .
 ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim
 

@@ -1,6 +1,8 @@
-# slime for NVIDIA GPUs: on the official SGLang CUDA image, adding megatron-core, DeepEP and slime.
-#   docker build -f docker/cuda.Dockerfile --build-arg SLIME_WHEEL=slime-0.1.0-py3-none-any.whl -t slime:cuda .
-ARG SGLANG_IMAGE_TAG=v0.5.5-cu129
+# slime for NVIDIA GPUs: on the official SGLang CUDA image (Python 3.12, CUDA 12.9), adding megatron-core,
+# DeepEP and slime. The image's SGLang is the one requirements/constraints-cuda.txt pins (sglang==X gives
+# the tag vX), so installing the [cuda] extra finds torch, sglang and its kernels already there.
+#   docker build -f docker/cuda.Dockerfile --build-arg SLIME_WHEEL=slime_rl-0.1.0-py3-none-any.whl -t slime:cuda .
+ARG SGLANG_IMAGE_TAG=v0.5.10.post1
 FROM lmsysorg/sglang:${SGLANG_IMAGE_TAG}
 
 ARG SLIME_WHEEL

@@ -1,6 +1,7 @@
-# slime for AMD GPUs: on the official SGLang ROCm image, adding megatron-core and slime.
-#   docker build -f docker/rocm.Dockerfile --build-arg SLIME_WHEEL=slime-0.1.0-py3-none-any.whl -t slime:rocm .
-ARG SGLANG_IMAGE_TAG=v0.5.5-rocm700-mi30x
+# slime for AMD GPUs: on the official SGLang ROCm image (ROCm 7.2, MI300-series), adding megatron-core and slime.
+# The image carries the same SGLang release as the CUDA image (requirements/constraints-rocm.txt).
+#   docker build -f docker/rocm.Dockerfile --build-arg SLIME_WHEEL=slime_rl-0.1.0-py3-none-any.whl -t slime:rocm .
+ARG SGLANG_IMAGE_TAG=v0.5.10.post1-rocm720-mi30x
 FROM lmsysorg/sglang:${SGLANG_IMAGE_TAG}
 
 ARG SLIME_WHEEL

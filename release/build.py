@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from release.version import stamp_version
+from slime import DISTRIBUTION
 
 # Extras every wheel must advertise: one per hardware target plus the tool extras.
 REQUIRED_EXTRAS = ("cpu", "cuda", "rocm", "tpu", "test", "release")
@@ -26,6 +27,11 @@ FORBIDDEN_PARTS = ("__pycache__", ".pytest_cache", ".git", ".venv", "node_module
 FORBIDDEN_SUFFIXES = (".pyc", ".pyo", ".orig", ".rej", ".swp", ".log", "~", ".DS_Store")
 # Files a source distribution must carry for `pip install` from it to work.
 SDIST_REQUIRED = ("pyproject.toml", "README.md", "slime/__init__.py")
+
+
+def wheel_prefix() -> str:
+    """How the distribution name starts a wheel or sdist file name (PEP 427/625: `-` becomes `_`)."""
+    return DISTRIBUTION.replace("-", "_")
 
 
 class BuildError(RuntimeError):
@@ -67,8 +73,8 @@ def build(repo: Path, version: str, outdir: Path, python: str = sys.executable) 
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
         raise BuildError("python -m build failed: " + " | ".join(tail))
-    wheels = sorted(outdir.glob(f"slime-{version}-*.whl"))
-    sdists = sorted(outdir.glob(f"slime-{version}.tar.gz"))
+    wheels = sorted(outdir.glob(f"{wheel_prefix()}-{version}-*.whl"))
+    sdists = sorted(outdir.glob(f"{wheel_prefix()}-{version}.tar.gz"))
     if len(wheels) != 1 or len(sdists) != 1:
         raise BuildError(f"expected one wheel and one sdist for {version} in {outdir}, found {wheels + sdists}")
     return Distributions(wheels[0], sdists[0])

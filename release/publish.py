@@ -2,6 +2,9 @@
 
 A version that is already on the index is refused (checked on the index's simple page before any upload, and
 again by the index itself) unless the caller asks to skip existing files, which is how a re-run nightly behaves.
+An index page for our name that lists files our version policy could not have produced (release/version.py:
+is_policy_version) belongs to someone else: publishing there is refused, so a wrong name or index cannot push
+into another project. A first upload (no page yet) is allowed.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from release.version import is_publishable
+from release.version import is_policy_version, is_publishable
+from slime import DISTRIBUTION
 
 CREDENTIAL_VARS = ("TWINE_USERNAME", "TWINE_PASSWORD")
 
@@ -36,7 +40,7 @@ class _Links(html.parser.HTMLParser):
             self.names.append(href.split("#")[0].rsplit("/", 1)[-1])
 
 
-def files_on_index(simple_url: str, project: str = "slime", timeout: float = 30.0) -> list[str]:
+def files_on_index(simple_url: str, project: str = DISTRIBUTION, timeout: float = 30.0) -> list[str]:
     """File names the index lists for `project` (PEP 503 simple page); [] when the project is unknown."""
     url = simple_url.rstrip("/") + f"/{project}/"
     try:
@@ -53,11 +57,37 @@ def files_on_index(simple_url: str, project: str = "slime", timeout: float = 30.
     return parser.names
 
 
+# Our file names: the normalized name (slime_rl) as setuptools writes it, or the dashed form of older tools.
+OUR_FILE = re.compile("^" + DISTRIBUTION.replace("-", "[-_]") + r"-([^-]+?)(?:\.tar\.gz|-.+\.whl)$")
+
+
 def version_of(dist: Path) -> str:
-    match = re.match(r"^slime-([^-]+?)(?:\.tar\.gz|-.+\.whl)$", dist.name)
+    match = OUR_FILE.match(dist.name)
     if not match:
-        raise PublishError(f"{dist.name} is not a slime wheel or sdist")
+        raise PublishError(f"{dist.name} is not a {DISTRIBUTION} wheel or sdist")
     return match.group(1)
+
+
+def foreign_files(listed: list[str]) -> list[str]:
+    """Files on our index page that our workflows could not have uploaded: another project's names, or versions
+    outside our version policy."""
+    foreign = []
+    for name in listed:
+        match = OUR_FILE.match(name)
+        if match is None or not is_policy_version(match.group(1)):
+            foreign.append(name)
+    return foreign
+
+
+def check_ownership(listed: list[str], simple_url: str) -> None:
+    """Refuse an index whose page for our name carries files that are not ours."""
+    foreign = foreign_files(listed)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise PublishError(
+            f"{simple_url.rstrip('/')}/{DISTRIBUTION}/ lists files our version policy could not have produced "
+            f"({shown}): the name belongs to another project there; refusing to publish"
+        )
 
 
 def existing_files(dists: list[Path], listed: list[str]) -> list[str]:
@@ -93,7 +123,9 @@ def publish(
     if missing:
         raise PublishError(f"credentials missing: set {' and '.join(missing)} in the environment")
     if simple_url:
-        present = existing_files(dists, files_on_index(simple_url))
+        listed = files_on_index(simple_url)
+        check_ownership(listed, simple_url)
+        present = existing_files(dists, listed)
         if present and not skip_existing:
             raise PublishError(
                 f"version {version_of(dists[0])} already exists on {simple_url} ({', '.join(present)}); "

@@ -1,6 +1,6 @@
 """The version a build gets, decided by one function from the state of the git checkout.
 
-Rules (each is unit-tested in test/registered/release/test_version.py):
+Rules (each is unit-tested in test/registered/release/test_version_images_gating.py):
   channel "release": HEAD must carry a tag vX.Y.Z (or X.Y.Z) and the tree must be clean -> "X.Y.Z".
   channel "nightly": clean tree; the next patch after the newest tag reachable from HEAD, plus
                      ".devYYYYMMDD" -> "X.Y.(Z+1).devYYYYMMDD". Dev releases sort below the release they lead
@@ -75,6 +75,25 @@ def compute_version(state: GitState, channel: str, declared: str, date: datetime
         return "{}.{}.{}".format(*parse_tag(state.last_tag))
     local = f"g{state.commit[:7]}" + (".dirty" if state.dirty else "")
     return f"{_next_version(state, declared)}.dev{state.commits_since_tag}+{local}"
+
+
+POLICY_VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)(?:\.dev(\d{8}))?$")
+
+
+def is_policy_version(version: str) -> bool:
+    """Whether `compute_version` could have produced `version` for the release or nightly channel: X.Y.Z, or
+    X.Y.Z.devYYYYMMDD with a real date. Anything else on our index page (1.0, 2.0.0rc1, 0.3.post1, a local
+    label) was not uploaded by our workflows."""
+    match = POLICY_VERSION.match(version)
+    if not match or any(len(part) > 1 and part.startswith("0") for part in match.groups()[:3]):
+        return False
+    if match.group(4) is None:
+        return True
+    try:
+        datetime.datetime.strptime(match.group(4), "%Y%m%d")
+    except ValueError:
+        return False
+    return True
 
 
 def is_publishable(version: str) -> bool:

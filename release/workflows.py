@@ -1,7 +1,7 @@
 """Generate .github/ from the test registry: pr-test, nightly and release workflows plus the setup action.
 
 `python -m release workflows` writes the files; `python -m release workflows --check` (and the CPU test
-test/registered/release/test_workflows.py) fails when the committed files differ from this output, so job
+test/registered/release/test_workflows_lint.py) fails when the committed files differ from this output, so job
 matrices, the wait steps' expected counts and the suites each job runs can never drift from the registry.
 """
 
@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from release.gating import ACCELERATORS, CI_LABEL, HARDWARE, SuiteJob, plan_jobs
+from release.gating import ACCELERATORS, CI_LABEL, HARDWARE, STAGES, SuiteJob, plan_jobs
 from release.images import DEFAULT_REPOSITORY, IMAGES
+from release.resolve import PYTORCH_CPU_INDEX
 from release.yaml_out import dump
+from slime import DISTRIBUTION
 from slime.testing.registry import Registration, collect
 
 # Third-party actions, pinned by full commit SHA (the tag each SHA was published as is in the comment).
@@ -60,20 +62,21 @@ def setup_slime(hw: str, extras: str) -> list[dict]:
         steps.append({"name": "Set up Python", "uses": SETUP_PYTHON, "with": {"python-version": PYTHON_VERSION}})
         steps.append(
             {
-                "name": f"Install slime[{extras}]",
+                "name": f"Install {DISTRIBUTION}[{extras}]",
                 # Linux torch from PyPI is the CUDA build; the CPU build comes from the PyTorch CPU index.
-                "env": {"PIP_EXTRA_INDEX_URL": "https://download.pytorch.org/whl/cpu"},
+                "env": {"PIP_EXTRA_INDEX_URL": PYTORCH_CPU_INDEX},
                 "run": "python -m venv .venv\n"
                 f'.venv/bin/python -m pip install -c requirements/constraints-cpu.txt -e ".[{extras}]"\n',
             }
         )
     else:
-        # Accelerator runners carry the vendor stack (torch + SGLang, or JAX); the venv sees it.
+        # Accelerator runners carry the vendor stack (torch + SGLang, or JAX); the venv sees it, and the
+        # hardware's constraints keep it at the one tested stack.
         steps.append(
             {
-                "name": f"Install slime[{extras}] over the runner's {hw} stack",
+                "name": f"Install {DISTRIBUTION}[{extras}] over the runner's {hw} stack",
                 "run": "python3 -m venv --system-site-packages .venv\n"
-                f'.venv/bin/python -m pip install -e ".[{extras}]"\n',
+                f'.venv/bin/python -m pip install -c requirements/constraints-{hw}.txt -e ".[{extras}]"\n',
             }
         )
     return steps
@@ -273,72 +276,57 @@ def wait_job(stage: str, expected: dict[str, dict[str, object]], previous_wait: 
     }
 
 
-def pr_test(jobs: list[SuiteJob]) -> dict:
-    out: dict[str, dict] = {
-        "changes": {
-            "name": "changes",
-            "runs-on": HOSTED,
-            "timeout-minutes": 10,
-            "permissions": {"contents": "read"},
-            "outputs": {"code": "${{ steps.classify.outputs.code }}"},
-            "steps": [
-                checkout(fetch_all=True),
-                {
-                    "id": "classify",
-                    "name": "Classify changed paths",
-                    "env": {
-                        "EVENT_NAME": "${{ github.event_name }}",
-                        "BASE_SHA": "${{ github.event.pull_request.base.sha }}",
-                    },
-                    "run": 'python3 -m release ci changes >> "$GITHUB_OUTPUT"\n',
+def changes_job() -> dict:
+    return {
+        "name": "changes",
+        "runs-on": HOSTED,
+        "timeout-minutes": 10,
+        "permissions": {"contents": "read"},
+        "outputs": {"code": "${{ steps.classify.outputs.code }}"},
+        "steps": [
+            checkout(fetch_all=True),
+            {
+                "id": "classify",
+                "name": "Classify changed paths",
+                "env": {
+                    "EVENT_NAME": "${{ github.event_name }}",
+                    "BASE_SHA": "${{ github.event.pull_request.base.sha }}",
                 },
-            ],
-        },
-        "gate": {
-            "name": "gate",
-            "needs": ["changes"],
-            "runs-on": HOSTED,
-            "timeout-minutes": 10,
-            "permissions": {"contents": "read"},
-            "outputs": {key: f"${{{{ steps.decide.outputs.{key} }}}}" for key in (*HARDWARE, "parallel", "json")},
-            "steps": [
-                checkout(),
-                {
-                    "id": "decide",
-                    "name": f"Decide what runs (drafts never; `{CI_LABEL}` label for accelerators)",
-                    "env": {
-                        "EVENT_NAME": "${{ github.event_name }}",
-                        "IS_DRAFT": "${{ github.event.pull_request.draft || false }}",
-                        "LABELS": "${{ toJSON(github.event.pull_request.labels.*.name) }}",
-                        "CODE_CHANGED": "${{ needs.changes.outputs.code }}",
-                    },
-                    "run": 'python3 -m release ci gate >> "$GITHUB_OUTPUT"\n',
-                },
-            ],
-        },
+                "run": 'python3 -m release ci changes >> "$GITHUB_OUTPUT"\n',
+            },
+        ],
     }
-    previous_wait: str | None = None
-    for stage in ("A", "B", "C"):
-        stage_jobs = [j for j in jobs if j.stage == stage]
-        expected: dict[str, dict[str, object]] = {}
-        if stage == "A":
-            out["stage-a-lint"] = lint_job()
-            expected["stage-a-lint / "] = {"hw": "cpu", "count": 1}
-            for hw in ACCELERATORS:
-                out[f"stage-a-smoke-{hw}"] = smoke_job(hw)
-                expected[f"stage-a-smoke-{hw} / "] = {"hw": hw, "count": 1}
-        for job in stage_jobs:
-            out[job.job_id] = test_job(job, previous_wait, nightly=False)
-            expected[job.name_prefix] = {"hw": job.hw, "count": job.shards}
-        if not expected:
-            continue
-        if stage != "C" and any(j.stage > stage for j in jobs):
-            wait_id = f"wait-stage-{stage.lower()}"
-            out[wait_id] = wait_job(stage, expected, previous_wait)
-            previous_wait = wait_id
-    out["finish"] = {
+
+
+def gate_job() -> dict:
+    return {
+        "name": "gate",
+        "needs": ["changes"],
+        "runs-on": HOSTED,
+        "timeout-minutes": 10,
+        "permissions": {"contents": "read"},
+        "outputs": {key: f"${{{{ steps.decide.outputs.{key} }}}}" for key in (*HARDWARE, "parallel", "json")},
+        "steps": [
+            checkout(),
+            {
+                "id": "decide",
+                "name": f"Decide what runs (drafts never; `{CI_LABEL}` label for accelerators)",
+                "env": {
+                    "EVENT_NAME": "${{ github.event_name }}",
+                    "IS_DRAFT": "${{ github.event.pull_request.draft || false }}",
+                    "LABELS": "${{ toJSON(github.event.pull_request.labels.*.name) }}",
+                    "CODE_CHANGED": "${{ needs.changes.outputs.code }}",
+                },
+                "run": 'python3 -m release ci gate >> "$GITHUB_OUTPUT"\n',
+            },
+        ],
+    }
+
+
+def finish_job(needs: list[str]) -> dict:
+    return {
         "name": "finish",
-        "needs": list(out),
+        "needs": needs,
         "if": "${{ always() }}",
         "runs-on": HOSTED,
         "timeout-minutes": 10,
@@ -352,6 +340,36 @@ def pr_test(jobs: list[SuiteJob]) -> dict:
             },
         ],
     }
+
+
+def stage_jobs(stage: str, jobs: list[SuiteJob], previous_wait: str | None) -> tuple[dict[str, dict], dict]:
+    """One stage's jobs (stage A adds lint and the accelerator smoke jobs) and what its wait step expects."""
+    out: dict[str, dict] = {}
+    expected: dict[str, dict[str, object]] = {}
+    if stage == "A":
+        out["stage-a-lint"] = lint_job()
+        expected["stage-a-lint / "] = {"hw": "cpu", "count": 1}
+        for hw in ACCELERATORS:
+            out[f"stage-a-smoke-{hw}"] = smoke_job(hw)
+            expected[f"stage-a-smoke-{hw} / "] = {"hw": hw, "count": 1}
+    for job in (j for j in jobs if j.stage == stage):
+        out[job.job_id] = test_job(job, previous_wait, nightly=False)
+        expected[job.name_prefix] = {"hw": job.hw, "count": job.shards}
+    return out, expected
+
+
+def pr_test(jobs: list[SuiteJob]) -> dict:
+    """changes -> gate -> stages A, B, C (each behind the previous stage's wait job) -> finish."""
+    out: dict[str, dict] = {"changes": changes_job(), "gate": gate_job()}
+    previous_wait: str | None = None
+    for stage in STAGES:
+        stage_out, expected = stage_jobs(stage, jobs, previous_wait)
+        out.update(stage_out)
+        if expected and stage != "C" and any(j.stage > stage for j in jobs):
+            wait_id = f"wait-stage-{stage.lower()}"
+            out[wait_id] = wait_job(stage, expected, previous_wait)
+            previous_wait = wait_id
+    out["finish"] = finish_job(list(out))
     return {
         "name": "pr-test",
         "on": {
@@ -365,6 +383,33 @@ def pr_test(jobs: list[SuiteJob]) -> dict:
             "cancel-in-progress": "${{ github.event_name == 'pull_request' }}",
         },
         "jobs": out,
+    }
+
+
+def resolve_job() -> dict:
+    """pip's resolver for every extra on every Python it supports, against PyPI: no wheel is published and no
+    image built unless each extra still resolves to its pinned, working stack (release/resolve.py)."""
+    return {
+        "name": "resolve",
+        "runs-on": HOSTED,
+        "timeout-minutes": 90,
+        "permissions": {"contents": "read"},
+        "steps": [
+            checkout(),
+            # the last version listed is `python`; the others are on PATH as python3.X
+            {"name": "Set up Python 3.11 and 3.12", "uses": SETUP_PYTHON, "with": {"python-version": "3.11\n3.12\n"}},
+            {"name": "Install the resolver's tools", "run": "python -m pip install packaging setuptools wheel\n"},
+            {
+                "name": "Resolve every extra x Python (dry run)",
+                "run": f"python -m release resolve --cpu-torch-index {PYTORCH_CPU_INDEX} --reports resolve-reports\n",
+            },
+            {
+                "name": "Keep pip's reports",
+                "if": "${{ !cancelled() }}",
+                "uses": UPLOAD_ARTIFACT,
+                "with": {"name": "resolve-reports", "path": "resolve-reports/", "if-no-files-found": "ignore"},
+            },
+        ],
     }
 
 
@@ -399,14 +444,15 @@ def publish_pypi_job(channel: str, needs: list[str]) -> dict:
         "needs": needs,
         "runs-on": HOSTED,
         "timeout-minutes": 15,
-        "environment": {"name": "pypi", "url": "https://pypi.org/project/slime/"},
+        "environment": {"name": "pypi", "url": f"https://pypi.org/project/{DISTRIBUTION}/"},
         "permissions": {"contents": "read", "id-token": "write"},
         "steps": [
             checkout(),
             {"name": "Fetch the distributions", "uses": DOWNLOAD_ARTIFACT, "with": {"name": "dist", "path": "dist/"}},
             {
                 "id": "exists",
-                "name": "Refuse a version already on PyPI" + (" (a re-run nightly skips it)" if skip else ""),
+                "name": "Refuse a version already on PyPI, or a name PyPI lists versions of that are not ours"
+                + (" (a re-run nightly skips its own version)" if skip else ""),
                 "run": f"python3 -m release exists --simple-url {PYPI_SIMPLE}{' --skip-existing' if skip else ''} "
                 '--github-output "$GITHUB_OUTPUT" dist/*\n',
             },
@@ -451,10 +497,11 @@ def nightly(jobs: list[SuiteJob]) -> dict:
     for job in jobs:
         out[job.job_id] = test_job(job, None, nightly=True)
     tests = list(out)
+    out["resolve"] = resolve_job()
     out["build"] = build_job("nightly")
-    out["publish-pypi"] = publish_pypi_job("nightly", ["build", *tests])
+    out["publish-pypi"] = publish_pypi_job("nightly", ["build", "resolve", *tests])
     for hw in HARDWARE:
-        out[f"image-{hw}"] = image_job(hw, "nightly", ["build", *tests])
+        out[f"image-{hw}"] = image_job(hw, "nightly", ["build", "resolve", *tests])
     return {
         "name": "nightly",
         "on": {"schedule": [{"cron": "0 18 * * *"}], "workflow_dispatch": {}},
@@ -465,7 +512,11 @@ def nightly(jobs: list[SuiteJob]) -> dict:
 
 
 def release_workflow() -> dict:
-    out: dict[str, dict] = {"build": build_job("release"), "publish-pypi": publish_pypi_job("release", ["build"])}
+    out: dict[str, dict] = {
+        "resolve": resolve_job(),
+        "build": build_job("release"),
+        "publish-pypi": publish_pypi_job("release", ["build", "resolve"]),
+    }
     for hw in HARDWARE:
         out[f"image-{hw}"] = image_job(hw, "release", ["build", "publish-pypi"])
     out["github-release"] = {

@@ -10,7 +10,7 @@ import sys
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
-from slime import __version__
+from slime import DISTRIBUTION, __version__
 from slime.backends import BackendUnavailable, SystemView, backend_names, get_backend_class, select_backend
 
 # Distributions whose versions matter when reading a bug report.
@@ -28,29 +28,58 @@ REPORTED_PACKAGES = (
 )
 
 
-def extras_status(system: SystemView) -> dict[str, dict[str, object]]:
-    """For each extra of the installed slime: satisfied or the requirements that are missing / too old."""
-    try:
-        requires = importlib.metadata.requires("slime") or []
-    except importlib.metadata.PackageNotFoundError:
-        return {}
+# A Python newer than any supported one: a requirement whose marker holds there but not here is left out only
+# because this Python is too old for it.
+_NEWER_PYTHON = {"python_version": "3.99", "python_full_version": "3.99.0"}
+
+
+def _requirement_problem(req: Requirement, system: SystemView) -> str | None:
+    installed = system.dist_version(req.name)
+    if installed is None:
+        return f"{req.name} not installed"
+    if req.specifier and not req.specifier.contains(installed, prereleases=True):
+        return f"{req.name} {installed} does not satisfy {req.specifier}"
+    return None
+
+
+def extras_status(
+    system: SystemView, requires: list[str] | None = None, base_env: dict[str, str] | None = None
+) -> dict[str, dict[str, object]]:
+    """For each extra of the installed slime (or of `requires`): satisfied or the requirements that are missing /
+    too old, and the ones its markers leave out on this Python (`base_env`: the marker environment)."""
+    if requires is None:
+        try:
+            requires = importlib.metadata.requires(DISTRIBUTION) or []
+        except importlib.metadata.PackageNotFoundError:
+            return {}
     status: dict[str, dict[str, object]] = {}
-    base_env = default_environment()
+    too_old: dict[str, list[str]] = {}
+    active: dict[str, set[str]] = {}  # names that apply on this Python (a newer Python may pin them differently)
+    base_env = base_env or default_environment()
     for line in requires:
         req = Requirement(line)
         if req.marker is None or "extra" not in str(req.marker):
             continue
         for extra in ("cpu", *backend_names(), "test", "release"):
-            env = dict(base_env, extra=extra)
-            if not req.marker.evaluate(env):
-                continue
-            entry = status.setdefault(extra, {"satisfied": True, "problems": []})
-            installed = system.dist_version(req.name)
-            if installed is None:
-                entry["problems"].append(f"{req.name} not installed")
-            elif req.specifier and not req.specifier.contains(installed, prereleases=True):
-                entry["problems"].append(f"{req.name} {installed} does not satisfy {req.specifier}")
-            entry["satisfied"] = not entry["problems"]
+            here = dict(base_env, extra=extra)
+            if req.marker.evaluate(here):
+                active.setdefault(extra, set()).add(req.name)
+                entry = status.setdefault(extra, {"satisfied": True, "problems": []})
+                problem = _requirement_problem(req, system)
+                if problem:
+                    entry["problems"].append(problem)
+            elif req.marker.evaluate(dict(here, **_NEWER_PYTHON)):
+                status.setdefault(extra, {"satisfied": True, "problems": []})
+                too_old.setdefault(extra, []).append(req.name)
+    for extra, names in too_old.items():
+        names = [n for n in names if n not in active.get(extra, set())]
+        if names:
+            python = base_env["python_version"]
+            status[extra]["problems"].insert(
+                0, f"Python {python} is too old for this stack ({', '.join(names)} left out)"
+            )
+    for entry in status.values():
+        entry["satisfied"] = not entry["problems"]
     return dict(sorted(status.items()))
 
 

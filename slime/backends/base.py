@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from slime import DISTRIBUTION
 from slime.errors import UserError
 
 # auto-detection order: the most specific accelerator wins; cpu is always last and always available.
@@ -134,11 +136,26 @@ class Capabilities:
         }
 
 
+# Extras whose hardware stack needs a newer Python than slime itself: pyproject.toml's markers leave those
+# packages out on older Pythons (test/registered/release/test_install_agreement.py keeps the two in step).
+EXTRA_MIN_PYTHON: dict[str, tuple[int, int]] = {"tpu": (3, 12)}
+
+
+def install_command(extra: str, python: tuple[int, int] | None = None) -> str:
+    """`pip install 'slime-rl[<extra>]'`, saying so when this Python is too old for that extra's stack."""
+    python = python or (sys.version_info.major, sys.version_info.minor)
+    command = f"pip install '{DISTRIBUTION}[{extra}]'"
+    needed = EXTRA_MIN_PYTHON.get(extra)
+    if needed and python < needed:
+        command += f" on Python >= {needed[0]}.{needed[1]} (this is {python[0]}.{python[1]})"
+    return command
+
+
 class Backend(ABC):
     """One hardware target. Subclasses are registered with @register_backend."""
 
     name: ClassVar[str]
-    extra: ClassVar[str]  # pip extra: `pip install slime[<extra>]`
+    extra: ClassVar[str]  # pip extra: `pip install slime-rl[<extra>]`
     torch_device_type: ClassVar[str]  # the torch device type string
     dist_backend: ClassVar[str]  # torch.distributed backend name
     visible_devices_env: ClassVar[str | None]
@@ -174,7 +191,7 @@ class Backend(ABC):
         if devices == 0:
             return ProbeResult(self.name, False, why_no_devices, missing, 0)
         if missing:
-            reason = f"missing {', '.join(missing)}: pip install 'slime[{self.extra}]'"
+            reason = f"missing {', '.join(missing)}: {install_command(self.extra)}"
             return ProbeResult(self.name, False, reason, missing, devices)
         return ProbeResult(self.name, True, "", (), devices)
 
@@ -182,7 +199,7 @@ class Backend(ABC):
         return self.probe().available
 
     def install_hint(self) -> str:
-        return f"pip install 'slime[{self.extra}]'"
+        return install_command(self.extra)
 
     # ---- runtime (these may import the stack; call only after selection) --------------------------
     def moe_dispatch_config(self, expert_comm_ranks: int = 2) -> dict[str, object]:

@@ -23,7 +23,7 @@ class CpuBackend(Backend):
     visible_devices_env = None
     rollout_engine = "embedded"
     kernel_impl = "torch"
-    docker_image = "slime:cpu"
+    docker_image = "ghcr.io/slime-rl/slime:latest-cpu"  # release/images.py: image_tags
     # A "device" is a worker process: a bundle holds one logical CPU, and the local cluster declares as many
     # logical CPUs as the bundles need (Ray's CPU count is a scheduling quota, not a thread count).
     ray_device_resource = "CPU"

@@ -23,7 +23,7 @@ class CudaBackend(TorchGpuBackend):
     visible_devices_env = "CUDA_VISIBLE_DEVICES"
     rollout_engine = "sglang"
     kernel_impl = "triton"
-    docker_image = "slime:cuda"
+    docker_image = "ghcr.io/slime-rl/slime:latest-cuda"  # release/images.py: image_tags
     capabilities = Capabilities(
         trainer_families=("megatron",),
         rollout_engines=("sglang", "embedded"),

@@ -26,7 +26,7 @@ class RocmBackend(TorchGpuBackend):
     visible_devices_env = "HIP_VISIBLE_DEVICES"
     rollout_engine = "sglang"
     kernel_impl = "triton"
-    docker_image = "slime:rocm"
+    docker_image = "ghcr.io/slime-rl/slime:latest-rocm"  # release/images.py: image_tags
     capabilities = Capabilities(
         trainer_families=("megatron",),
         rollout_engines=("sglang", "embedded"),

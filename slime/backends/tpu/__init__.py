@@ -14,7 +14,7 @@ class TpuBackend(Backend):
     visible_devices_env = "TPU_VISIBLE_CHIPS"
     rollout_engine = "sglang_jax"
     kernel_impl = "jax"
-    docker_image = "slime:tpu"
+    docker_image = "ghcr.io/slime-rl/slime:latest-tpu"  # release/images.py: image_tags
     ray_device_resource = "TPU"
     fractional_devices = False  # Ray accepts only whole chip counts (1, 2, 4, 8) for the TPU resource
     capabilities = Capabilities(

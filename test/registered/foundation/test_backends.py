@@ -52,7 +52,7 @@ def test_cpu_missing_stack_is_one_line_naming_packages_and_extra():
     message = str(info.value)
     assert "\n" not in message
     assert "megatron-core, transformers, safetensors, ray" in message
-    assert "pip install 'slime[cpu]'" in message
+    assert "pip install 'slime-rl[cpu]'" in message
 
 
 def test_gpu_machine_with_full_stack_prefers_gpu():

@@ -18,7 +18,8 @@ from release.gating import (
     wait_verdict,
 )
 from release.images import check_smoke_output, image_tags, smoke_run_command
-from release.version import GitState, VersionError, compute_version, is_publishable
+from release.publish import foreign_files
+from release.version import GitState, VersionError, compute_version, is_policy_version, is_publishable
 from slime.testing.ci_register import register_cpu_ci
 from slime.testing.registry import Registration
 
@@ -148,6 +149,22 @@ def test_smoke_check_accepts_usable_backend_and_rejects_others():
     assert "not JSON" in check_smoke_output("cuda", "Traceback ...", None)[0]
     assert smoke_run_command("rocm", "img")[:4] == ["docker", "run", "--rm", "--device"]
     assert smoke_run_command("rocm", "img")[-5:] == ["slime", "env", "--json", "--hardware", "rocm"]
+
+
+def test_policy_versions_are_exactly_what_compute_version_makes_for_release_and_nightly():
+    state = GitState("v0.3.0", 2, "a" * 40, False)
+    assert is_policy_version(compute_version(state, "nightly", "0.1.0", datetime.date(2026, 12, 2)))
+    assert is_policy_version(compute_version(GitState("v0.3.0", 0, "a" * 40, False), "release", "0.1.0"))
+    assert not is_policy_version(compute_version(state, "dev", "0.1.0"))  # local label
+    for foreign in ("1.0", "0.0.0.post1", "2.1.0rc1", "1!1.0.0", "01.2.3", "0.3.1.dev20261399", "0.3.1.dev5"):
+        assert not is_policy_version(foreign), foreign
+    listed = [
+        "slime_rl-0.3.0-py3-none-any.whl",
+        "slime-rl-0.3.1.dev20261202.tar.gz",
+        "slime_rl-1.0.tar.gz",
+        "lme-0.1.tar.gz",
+    ]
+    assert foreign_files(listed) == ["slime_rl-1.0.tar.gz", "lme-0.1.tar.gz"]
 
 
 # ---- gating ----------------------------------------------------------------------------------------

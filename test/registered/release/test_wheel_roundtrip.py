@@ -2,7 +2,7 @@
 only -> `slime env --json`. Also: uploads without or with wrong credentials, and re-uploads, are refused.
 
 The index holds slime and its core dependencies (numpy, packaging) only. The [cpu] extra's stack (torch,
-megatron-core, ...) is not uploaded: installing `slime[cpu]` from this index must fail naming torch, which
+megatron-core, ...) is not uploaded: installing `slime-rl[cpu]` from this index must fail naming torch, which
 proves pip had no public index to fall back to; the wheel's metadata is checked for the extra instead.
 """
 
@@ -26,7 +26,7 @@ from release.version import GitState, compute_version, declared_version
 from slime.net import free_port
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=45, suite="base-c-test-cpu")
+register_cpu_ci(est_time=60, suite="base-c-test-cpu")
 
 REPO = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
@@ -194,11 +194,11 @@ def test_install_from_the_index_only_and_run_slime_env(dists, index, tmp_path):
         [str(venv / "bin" / "python"), "-m", "pip", "config", "list"], capture_output=True, text=True, env=env
     )
     assert "global.extra-index-url=''" in listed.stdout and "global.find-links=''" in listed.stdout, listed.stdout
-    extra = subprocess.run([*pip, "--dry-run", f"slime[cpu]=={VERSION}"], capture_output=True, text=True, env=env)
+    extra = subprocess.run([*pip, "--dry-run", f"slime-rl[cpu]=={VERSION}"], capture_output=True, text=True, env=env)
     # no public index behind this one: the [cpu] stack is not found
     assert extra.returncode != 0 and "No matching distribution found for torch" in extra.stderr, extra.stderr[-800:]
 
-    installed = subprocess.run([*pip, f"slime=={VERSION}"], capture_output=True, text=True, env=env)
+    installed = subprocess.run([*pip, f"slime-rl=={VERSION}"], capture_output=True, text=True, env=env)
     assert installed.returncode == 0, installed.stderr[-1500:]
     env_run = subprocess.run(
         [str(venv / "bin" / "slime"), "env", "--json"], capture_output=True, text=True, env=env, cwd=tmp_path
@@ -209,3 +209,25 @@ def test_install_from_the_index_only_and_run_slime_env(dists, index, tmp_path):
     # torch is not installed in the fresh venv, so no backend is usable and the report says what is missing
     assert env_run.returncode == 1 and report["selected"] is None
     assert "torch not installed" in report["extras"]["cpu"]["problems"]
+    # this venv's Python is older than the TPU stack needs: `slime env` says so instead of "satisfied"
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if sys.version_info < (3, 12):
+        assert report["extras"]["tpu"]["problems"][0].startswith(f"Python {python} is too old for this stack")
+
+
+def test_publish_refuses_an_index_page_that_lists_versions_we_never_made(dists, index):
+    url, packages = index
+    right = dict(os.environ, TWINE_USERNAME="maintainer", TWINE_PASSWORD="s3cret")
+    publish([dists.wheel, dists.sdist], url, url + "/simple/", True, environ=right)  # ours only: allowed
+    # someone else's release under the same name (a version our tags and nightlies never produce)
+    (packages / "slime_rl-1.0.tar.gz").write_bytes(dists.sdist.read_bytes())
+    with pytest.raises(PublishError, match=r"lists files our version policy could not have produced \(slime_rl-1.0"):
+        publish([dists.wheel, dists.sdist], url, url + "/simple/", True, environ=right)
+    cli = subprocess.run(
+        [sys.executable, "-m", "release", "exists", "--simple-url", url + "/simple/", str(dists.wheel)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2 and "belongs to another project" in cli.stderr, cli.stderr
+    (packages / "slime_rl-1.0.tar.gz").unlink()

@@ -86,10 +86,14 @@ def test_release_and_nightly_publish_only_after_their_gates(rendered):
         "image-rocm",
         "image-tpu",
     }
+    # nothing is published before every extra resolved to its pinned stack (release resolve)
+    assert set(release["publish-pypi"]["needs"]) == {"build", "resolve"}
+    assert "python -m release resolve" in release["resolve"]["steps"][3]["run"]
     nightly = rendered[".github/workflows/nightly.yml"]["jobs"]
     tests = [k for k in nightly if k.startswith("nightly-")]
     for publisher in ("publish-pypi", "image-cpu", "image-cuda", "image-rocm", "image-tpu"):
-        assert set(nightly[publisher]["needs"]) == {"build", *tests}
+        assert set(nightly[publisher]["needs"]) == {"build", "resolve", *tests}
+    assert nightly["resolve"] == release["resolve"]
 
 
 def linter_or_skip(check, repo=REPO):

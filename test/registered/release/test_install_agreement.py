@@ -1,0 +1,138 @@
+"""One pinned stack per hardware: pyproject's extras, requirements/constraints-<hw>.txt, the Dockerfiles' build
+args, release/images.py, the backends' install hints and image names, and the README must all say the same."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from release.images import IMAGES, build_args, build_command, image_tags
+from release.pins import hardware_pins, read_pins
+from release.resolve import STACKS
+from slime import DISTRIBUTION
+from slime.backends import get_backend_class
+from slime.backends.base import EXTRA_MIN_PYTHON, install_command
+from slime.env_report import extras_status
+from slime.testing.ci_register import register_cpu_ci
+
+register_cpu_ci(est_time=3, suite="base-a-test-cpu")
+
+REPO = Path(__file__).resolve().parents[3]
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+HARDWARE = ("cpu", "cuda", "rocm", "tpu")
+
+
+def extra_requirements(extra: str, python: str) -> dict[str, Requirement]:
+    """The extra's requirements that apply on `python` (markers evaluated there), by canonical name."""
+    env = dict(default_environment(), python_version=python, python_full_version=f"{python}.0", extra=extra)
+    found = {}
+    for line in PROJECT["optional-dependencies"][extra]:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate(env):
+            found[canonicalize_name(req.name)] = req
+    return found
+
+
+def dockerfile_args(hardware: str) -> dict[str, str]:
+    text = (REPO / IMAGES[hardware].dockerfile).read_text()
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.MULTILINE))
+
+
+def test_the_distribution_name_is_ours_and_used_everywhere():
+    assert PROJECT["name"] == DISTRIBUTION and DISTRIBUTION != "slime"
+    assert PROJECT["scripts"] == {"slime": "slime.cli:main"}  # the command stays `slime`
+    readme = (REPO / "README.md").read_text()
+    installs = re.findall(r"pip install [^\n]*\[(?:cpu|cuda|rocm|tpu)\]", readme)
+    assert installs and all(DISTRIBUTION in line for line in installs), installs
+    assert f"pip install '{DISTRIBUTION}[cuda]'" in install_command("cuda", (3, 12))
+
+
+@pytest.mark.parametrize("hardware", HARDWARE)
+def test_extras_admit_exactly_the_pinned_stack(hardware):
+    pins = hardware_pins(hardware)
+    for python in STACKS[hardware].pythons:
+        for name, req in extra_requirements(hardware, python).items():
+            if name not in pins:
+                continue
+            assert req.specifier.contains(pins[name], prereleases=True), (
+                f"[{hardware}] on {python}: {req} does not admit constraints-{hardware}.txt's {name}=={pins[name]}"
+            )
+            exact = [s.version for s in req.specifier if s.operator == "=="]
+            assert exact in ([], [pins[name]]), f"[{hardware}] pins {name}=={exact[0]}, constraints {pins[name]}"
+
+
+def test_the_cuda_stack_pins_sglang_on_one_line_the_contract_test_reads():
+    text = (REPO / "requirements" / "constraints-cuda.txt").read_text()
+    assert len(re.findall(r"^sglang==[0-9][^\s]*$", text, re.MULTILINE)) == 1
+    assert hardware_pins("rocm")["sglang"] == hardware_pins("cuda")["sglang"]  # one SGLang for both GPU images
+
+
+@pytest.mark.parametrize("hardware", HARDWARE)
+def test_dockerfile_defaults_and_image_build_args_follow_the_constraints(hardware):
+    declared = dockerfile_args(hardware)
+    for arg, value in build_args(hardware).items():
+        assert declared.get(arg) == value, (
+            f"{IMAGES[hardware].dockerfile}: ARG {arg}={declared.get(arg)}, pins say {value}"
+        )
+    command = build_command(hardware, f"{DISTRIBUTION.replace('-', '_')}-1.0.0-py3-none-any.whl", ["t"])
+    assert all(f"{arg}={value}" in command for arg, value in build_args(hardware).items())
+
+
+def test_image_python_matches_the_extra_python():
+    assert dockerfile_args("cpu")["PYTHON_VERSION"] in STACKS["cpu"].pythons
+    assert dockerfile_args("tpu")["PYTHON_VERSION"] in STACKS["tpu"].pythons
+
+
+def test_backends_name_the_published_image_and_the_new_distribution():
+    for hardware in HARDWARE:
+        backend = get_backend_class(hardware)
+        assert backend.docker_image in image_tags("ghcr.io/slime-rl/slime", hardware, "1.0.0", "release")
+        assert backend().install_hint().startswith(f"pip install '{DISTRIBUTION}[{backend.extra}]'")
+
+
+@pytest.mark.parametrize("extra", ["cpu", "cuda", "rocm", "tpu"])
+def test_python_floor_in_markers_matches_the_backend_hint(extra):
+    left_out_on_311 = set(extra_requirements(extra, "3.12")) - set(extra_requirements(extra, "3.11"))
+    floor = EXTRA_MIN_PYTHON.get(extra)
+    assert bool(left_out_on_311) == (floor == (3, 12)), (extra, left_out_on_311)
+    assert set(STACKS[extra].pythons) == ({"3.12"} if floor else {"3.11", "3.12"})
+    if floor:
+        assert "on Python >= 3.12 (this is 3.11)" in install_command(extra, (3, 11))
+        assert install_command(extra, (3, 12)) == f"pip install '{DISTRIBUTION}[{extra}]'"
+
+
+class InstalledDists:
+    def __init__(self, versions):
+        self.versions = versions
+
+    def dist_version(self, name):
+        return self.versions.get(name)
+
+
+def test_env_report_says_when_this_python_is_too_old_for_an_extra():
+    requires = [
+        "sglang==0.5.10.post1; python_version >= '3.12' and extra == 'cuda'",
+        "megatron-core==0.16.1; extra == 'cuda'",
+        "torch>=2.6; extra == 'cpu'",
+        # one name pinned differently per Python is not "left out"
+        "megatron-core==0.16.1; python_version < '3.12' and extra == 'cpu'",
+        "megatron-core>=0.16.1; python_version >= '3.12' and extra == 'cpu'",
+    ]
+    env = dict(default_environment(), python_version="3.11")
+    status = extras_status(InstalledDists({"megatron-core": "0.16.1", "torch": "2.13.0"}), requires, env)
+    assert status["cpu"] == {"satisfied": True, "problems": []}
+    assert status["cuda"]["satisfied"] is False
+    assert status["cuda"]["problems"] == ["Python 3.11 is too old for this stack (sglang left out)"]
+    newer = extras_status(InstalledDists({}), requires, dict(env, python_version="3.12"))
+    assert newer["cuda"]["problems"] == ["sglang not installed", "megatron-core not installed"]
+
+
+def test_constraints_lines_are_exact_pins(tmp_path):
+    bad = tmp_path / "constraints-x.txt"
+    bad.write_text("# ok\nsglang>=0.5\n")
+    with pytest.raises(ValueError, match=r"constraints-x.txt:2: a constraints line pins one exact version"):
+        read_pins(bad)
