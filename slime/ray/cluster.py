@@ -117,6 +117,9 @@ def ray_env(backend: Backend) -> dict[str, str]:
 def connect(backend: Backend, devices_needed: int, address: str | None = None, log_to_driver: bool = True) -> bool:
     """Join `address`, or reuse the Ray this process already joined, or start a local cluster bound to loopback.
 
+    Ray reads its usage-statistics and token-auth switches only from the environment of the process that calls
+    `ray.init`, so this is where slime's defaults for them (off, unless the user set them; README, "The two commands") are
+    put into this process's environment; workers get the same through the runtime env.
     Returns True when this call started Ray (so the caller shuts it down at the end)."""
     import ray
 
