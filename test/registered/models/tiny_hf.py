@@ -22,7 +22,7 @@ def tiny_config(family: str, tie: bool | None = None, **overrides):
     )  # fmt: skip
     common.update(overrides)
     if family == "qwen3":
-        return Qwen3Config(head_dim=16, tie_word_embeddings=True if tie is None else tie, **common)
+        return Qwen3Config(tie_word_embeddings=True if tie is None else tie, **{"head_dim": 16, **common})
     if family == "qwen2":
         return Qwen2Config(tie_word_embeddings=False if tie is None else tie, **common)
     if family == "llama":
