@@ -158,6 +158,9 @@ class TrainConfig:
     sft_eval_set: str | None = opt(None, "the --eval-prompt-data NAME checked every --sft-eval-interval SFT steps")
     sft_eval_interval: int = opt(10, "SFT steps between checks of --sft-stop-reward")
     weight_update_bucket_mb: int = opt(512, "size of the HF-named tensor buckets sent to the engines")
+    train_backend: str | None = opt(
+        None, "trainer family (default: the hardware backend's first, see `slime env`)", choices=("megatron", "jax")
+    )
 
 
 @dataclass(frozen=True)
@@ -434,6 +437,22 @@ def validate(config: Config) -> None:
         problems.append(f"--rollout-engine-batch-size must be >= 1, got {r.rollout_engine_batch_size}")
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "; ".join(problems))
+
+
+def trainer_family(config: Config, backend_name: str, families: tuple[str, ...]) -> str:
+    """--train-backend, or the backend's default family; a family the backend cannot run is refused here,
+    before Ray starts."""
+    family = config.train.train_backend or families[0]
+    if family not in families:
+        raise ConfigError(
+            f"--train-backend {family}: the {backend_name} hardware backend runs {' or '.join(families)} trainers"
+        )
+    if family == "jax" and config.algorithm.advantage_estimator == "ppo":
+        raise ConfigError(
+            "--advantage-estimator ppo needs a critic, which the jax trainer does not have yet; "
+            "use --train-backend megatron or another estimator"
+        )
+    return family
 
 
 def check_paths(config: Config) -> None:

@@ -385,7 +385,7 @@ class _SafetensorsFolder:
         self._handles = {f: safe_open(str(f), framework="pt") for f in files}
         self._where: dict[str, Path] = {}
         for f, handle in self._handles.items():
-            for name in handle:
+            for name in handle.keys():  # noqa: SIM118 -- safetensors handles are not iterable
                 self._where[name] = f
 
     @property

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from slime.backends import Backend
-from slime.config import Config
+from slime.config import Config, trainer_family
 from slime.ray import cluster
 from slime.ray.engine_worker import EngineSpec
 from slime.ray.trainer_group import TrainerGroup
@@ -114,6 +114,7 @@ def start_actors(config: Config, backend: Backend) -> RunActors:
 
     from slime.ray.rollout_manager import RolloutManager
 
+    family = trainer_family(config, backend.name, backend.capabilities.trainer_families)  # before Ray starts
     c = config.cluster
     actor_devices = c.actor_num_nodes * c.actor_num_gpus_per_node
     critic_devices = c.actor_num_nodes * c.critic_num_gpus_per_node if needs_critic(config) else 0
@@ -131,7 +132,9 @@ def start_actors(config: Config, backend: Backend) -> RunActors:
             .remote(config, backend.name, run.placement_group, layout.rollout, engine_spec(config, backend))
         )
         engines_ready = run.rollout.start.remote()  # engines load while the trainers build
-        run.actor = TrainerGroup("actor", trainer_config(config, "actor"), backend, run.placement_group, layout.actor)
+        run.actor = TrainerGroup(
+            "actor", trainer_config(config, "actor"), backend, run.placement_group, layout.actor, family
+        )
         if critic_devices:
             run.critic = TrainerGroup(
                 "critic", trainer_config(config, "critic"), backend, run.placement_group, layout.critic

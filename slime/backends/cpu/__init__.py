@@ -22,7 +22,7 @@ class CpuBackend(Backend):
     # logical CPUs as the bundles need (Ray's CPU count is a scheduling quota, not a thread count).
     ray_device_resource = "CPU"
     capabilities = Capabilities(
-        trainer_families=("megatron",),
+        trainer_families=("megatron", "jax"),
         rollout_engines=("embedded",),
         weight_sync=(WEIGHT_SYNC_OBJECT_STORE,),
         moe_dispatchers=("alltoall",),
@@ -50,6 +50,15 @@ class CpuBackend(Backend):
         # measured 2-10x slower on a 2-core box. An explicit OMP_NUM_THREADS still wins.
         threads = int(self.system.environ.get("OMP_NUM_THREADS", "1"))
         torch.set_num_threads(max(1, threads))
+
+    def jax_process_env(self, devices: int) -> dict[str, str]:
+        # virtual host devices stand in for accelerators: the same mesh and sharding code runs on them
+        return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+    def jax_devices(self) -> list:
+        import jax
+
+        return jax.devices("cpu")
 
     def prepare_megatron(self) -> None:
         from slime.backends.cpu import megatron_compat

@@ -18,7 +18,7 @@ class TpuBackend(Backend):
     docker_image = "slime:tpu"
     ray_device_resource = "TPU"
     capabilities = Capabilities(
-        trainer_families=("megatron",),
+        trainer_families=("jax",),
         rollout_engines=("sglang_jax",),
         weight_sync=(WEIGHT_SYNC_OBJECT_STORE,),
         moe_dispatchers=("alltoall",),

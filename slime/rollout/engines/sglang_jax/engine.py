@@ -64,7 +64,7 @@ def checkpoint_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
-            for name in f:
+            for name in f.keys():  # noqa: SIM118 -- safetensors handles are not iterable
                 shapes[name] = tuple(f.get_slice(name).get_shape())
     return shapes
 
