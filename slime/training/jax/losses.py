@@ -21,7 +21,7 @@ def reduce(x, mask, mode: str = "token", denominator: float | None = None):
     if mode == "sample":
         per_sample = (x * mask).sum(axis=-1) / jnp.maximum(mask.sum(axis=-1), 1.0)
         count = x.shape[0] if denominator is None else denominator
-        return per_sample.sum() / max(count, 1)
+        return per_sample.sum() / jnp.maximum(count, 1)  # count may be traced (a jit argument)
     raise ValueError(f"loss reduction {mode!r} is not one of {', '.join(REDUCTIONS)}")
 
 
