@@ -206,7 +206,7 @@ class JaxPolicyTrainer:
     # ---- weights out --------------------------------------------------------------------------------
     def hf_named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, value in jax_dense.hf_tensors(self.params, self.spec).items():
-            yield name, torch.from_numpy(value)
+            yield name, torch.from_numpy(np.array(value))  # a writable copy: torch refuses read-only memory
 
     def hf_weight_buckets(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
         bucket, size = [], 0
@@ -251,4 +251,4 @@ def _apply_update(tx, params, opt_state, grads, lr):
     """One AdamW step at learning rate `lr` (set as the injected hyperparameter): (params, state, grad norm)."""
     opt_state[1].hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
+    return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
