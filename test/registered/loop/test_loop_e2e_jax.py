@@ -1,6 +1,6 @@
 """End to end on Ray with the JAX trainer (`--train-backend jax`) and the embedded engine: one process drives a
 mesh over two virtual CPU devices (data parallel inside the mesh). Step-0 trainer log-probs equal the engine's
-(--ci-test), --save-hf writes exactly the checkpointed parameters, --async runs one step behind, and a run
+(--ci-test, colocated with the engine), --save-hf writes exactly the checkpointed parameters, --async runs one step behind, and a run
 resumed from its checkpoint reproduces the uninterrupted one exactly."""
 
 import json
@@ -22,11 +22,11 @@ SAME = ("rollout/reward_mean", "rollout/generated_tokens", "train/loss", "train/
         "train/entropy", "train/kl", "train/lr", "train/step", "weight_version")  # fmt: skip
 
 
-def test_sync_ci_test_and_save_hf(files, tmp_path):
+def test_sync_colocated_ci_test_and_save_hf(files, tmp_path):
     from safetensors.numpy import load_file
 
     out, ckpt, hf = tmp_path / "run", tmp_path / "ckpt", tmp_path / "hf"
-    run(files, out, save=ckpt, **{"save-hf": hf, "ci-test": True, "num-rollout": 2, **JAX})
+    run(files, out, save=ckpt, colocate=True, **{"save-hf": hf, "ci-test": True, "num-rollout": 2, **JAX})
     steps = rows(out)
     assert [r["step"] for r in steps] == [0, 1]
     assert steps[0]["ci/logprob_abs_diff_mean"] < 1e-4 and steps[0]["ci/logprob_abs_diff_max"] < 1e-3
