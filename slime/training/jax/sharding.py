@@ -3,7 +3,7 @@
 Parameters (and so the optimizer moments, which jit lays out like them) are split Megatron-style over `tensor`
 (column-parallel q/k/v, gate/up and the vocabulary rows of the embedding and LM head; row-parallel o_proj and
 down_proj) and FSDP-style over `fsdp` along their other dimension. Batch rows are split over data x fsdp.
-XLA's partitioner inserts the collectives; a dimension an axis does not divide is left whole on that axis
+The compiler's partitioner inserts the collectives; a dimension an axis does not divide is left whole on that axis
 (e.g. one KV head under tensor parallelism), except the vocabulary, which is padded to a multiple of `tensor`.
 """
 
