@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import json
 import types
 import typing
@@ -447,6 +448,8 @@ def trainer_family(config: Config, backend_name: str, families: tuple[str, ...])
         raise ConfigError(
             f"--train-backend {family}: the {backend_name} hardware backend runs {' or '.join(families)} trainers"
         )
+    if family == "jax" and not all(importlib.util.find_spec(m) for m in ("jax", "optax")):
+        raise ConfigError("--train-backend jax needs jax and optax: pip install jax optax")
     if family == "jax" and config.algorithm.advantage_estimator == "ppo":
         raise ConfigError(
             "--advantage-estimator ppo needs a critic, which the jax trainer does not have yet; "

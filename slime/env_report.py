@@ -22,6 +22,7 @@ REPORTED_PACKAGES = (
     "sglang-router",
     "sglang-jax",
     "jax",
+    "optax",
     "ray",
     "triton",
     "deep_ep",

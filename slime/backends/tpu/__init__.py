@@ -28,6 +28,7 @@ class TpuBackend(Backend):
         Requirement("jax", "jax"),
         Requirement("libtpu", "libtpu"),
         Requirement("flax", "flax"),
+        Requirement("optax", "optax"),
         Requirement("sgl_jax", "sglang-jax", note="sglang-jax needs Python >= 3.12"),
     )
 
