@@ -44,7 +44,6 @@ class JaxPolicyTrainer:
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self.rng = jax.random.key_data(jax.random.key(config.seed))  # no dropout today; kept for checkpoints
         self._snapshots: dict[str, dict[str, np.ndarray]] = {}
-        self._compiled: dict = {}
         self.reset_optimizer()
 
     # ---- optimizer ----------------------------------------------------------------------------------
@@ -75,10 +74,13 @@ class JaxPolicyTrainer:
         shapes = jax.eval_shape(self.tx.init, self.params)
         self.opt_shardings = self._state_shardings(shapes)
         self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(self.params)
-        self._update = jax.jit(
-            partial(_apply_update, self.tx),
-            out_shardings=(self.param_shardings, self.opt_shardings, None),
-            donate_argnums=(0, 1),
+        self._update = _program(
+            ("update", self.config, self.spec, self.mesh),
+            lambda: jax.jit(
+                partial(_apply_update, self.tx),
+                out_shardings=(self.param_shardings, self.opt_shardings, None),
+                donate_argnums=(0, 1),
+            ),
         )
         self.step = 0
         self.schedule_step = 0
@@ -105,17 +107,17 @@ class JaxPolicyTrainer:
         return jax.device_put(arrays, self.batch_sharding)
 
     def _function(self, kind: str, settings: step.LossSettings | None = None):
-        key = (kind, settings)
-        if key not in self._compiled:
-            if kind == "log_probs":
-                fn = partial(step.response_log_probs, self.spec, temperature=self.config.rollout_temperature,
-                             chunk_size=LOG_PROB_CHUNK)  # fmt: skip
-                self._compiled[key] = jax.jit(lambda params, arrays: fn(params, arrays))
-            else:
-                loss = step.rl_loss if kind == "rl" else step.sft_loss
-                grad_fn = jax.value_and_grad(partial(loss, spec=self.spec, s=settings), has_aux=True)
-                self._compiled[key] = jax.jit(grad_fn, out_shardings=(None, self.param_shardings))
-        return self._compiled[key]
+        """The jitted log-prob ("log_probs") or loss-and-gradient ("rl", "sft") program for this model and mesh."""
+        if kind == "log_probs":
+            temperature = self.config.rollout_temperature
+            fn = partial(step.response_log_probs, self.spec, temperature=temperature, chunk_size=LOG_PROB_CHUNK)
+            return _program((kind, self.spec, self.mesh, temperature), lambda: jax.jit(fn))
+        loss = step.rl_loss if kind == "rl" else step.sft_loss
+        grad_fn = jax.value_and_grad(partial(loss, spec=self.spec, s=settings), has_aux=True)
+        return _program(
+            (kind, self.spec, self.mesh, settings),
+            lambda: jax.jit(grad_fn, out_shardings=(None, self.param_shardings)),
+        )
 
     # ---- the calls the loop makes -------------------------------------------------------------------
     def compute_log_probs(self, batch: TrainBatch, weights: str = "actor") -> tuple[list, list]:
@@ -245,6 +247,17 @@ class JaxPolicyTrainer:
             )
         load_state(folder, self)
         return self.step
+
+
+# Jitted programs shared by every trainer in the process with the same model, mesh and settings (a trainer
+# rebuilt from a checkpoint, a fresh optimizer after the SFT warm-up): compiled once, not once per instance.
+_PROGRAMS: dict = {}
+
+
+def _program(key, build):
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = build()
+    return _PROGRAMS[key]
 
 
 def _apply_update(tx, params, opt_state, grads, lr):
