@@ -7,7 +7,7 @@ import pytest
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=10, suite="base-b-test-cpu")
+register_cpu_ci(est_time=15, suite="base-b-test-cpu")
 
 jax = pytest.importorskip("jax", reason="the JAX kernel needs jax (pip install 'slime[test]')")
 jnp = jax.numpy

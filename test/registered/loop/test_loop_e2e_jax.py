@@ -11,7 +11,7 @@ import pytest
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=150, suite="base-c-test-cpu")
+register_cpu_ci(est_time=200, suite="base-c-test-cpu")
 
 pytest.importorskip("optax", reason="the JAX trainer needs jax, flax and optax (pip install 'slime[test]')")
 
