@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import importlib.util
 import json
 import types
 import typing
@@ -438,24 +437,6 @@ def validate(config: Config) -> None:
         problems.append(f"--rollout-engine-batch-size must be >= 1, got {r.rollout_engine_batch_size}")
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "; ".join(problems))
-
-
-def trainer_family(config: Config, backend_name: str, families: tuple[str, ...]) -> str:
-    """--train-backend, or the backend's default family; a family the backend cannot run is refused here,
-    before Ray starts."""
-    family = config.train.train_backend or families[0]
-    if family not in families:
-        raise ConfigError(
-            f"--train-backend {family}: the {backend_name} hardware backend runs {' or '.join(families)} trainers"
-        )
-    if family == "jax" and not all(importlib.util.find_spec(m) for m in ("jax", "optax")):
-        raise ConfigError("--train-backend jax needs jax and optax: pip install jax optax")
-    if family == "jax" and config.algorithm.advantage_estimator == "ppo":
-        raise ConfigError(
-            "--advantage-estimator ppo needs a critic, which the jax trainer does not have yet; "
-            "use --train-backend megatron or another estimator"
-        )
-    return family
 
 
 def check_paths(config: Config) -> None:

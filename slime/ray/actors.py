@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from slime.backends import Backend
-from slime.config import Config, trainer_family
+from slime.config import Config
 from slime.ray import cluster
 from slime.ray.engine_worker import EngineSpec
 from slime.ray.trainer_group import TrainerGroup
 from slime.training.config import TrainerConfig
+from slime.training.family import trainer_family
 
 # Reading the model's context length needs only its config.json.
 DEFAULT_MAX_CONTEXT = 4096

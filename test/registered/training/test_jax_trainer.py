@@ -119,7 +119,8 @@ def test_unknown_snapshot_and_wrong_checkpoint_are_one_line(model, tmp_path):
 
 def test_train_backend_selection():
     from slime.backends import get_backend_class
-    from slime.config import ConfigError, parse_config, trainer_family
+    from slime.config import ConfigError, parse_config
+    from slime.training.family import trainer_family
 
     flags = ["--hf-checkpoint", "m", "--prompt-data", "p", "--rm-type", "math"]
     assert get_backend_class("cpu").capabilities.trainer_families == ("megatron", "jax")
