@@ -7,6 +7,7 @@ import importlib.util
 
 from slime.config import Config, ConfigError
 
+
 def trainer_family(config: Config, backend_name: str, families: tuple[str, ...]) -> str:
     """--train-backend, or the backend's default family; a family the backend cannot run is refused here,
     before Ray starts."""
