@@ -1,4 +1,4 @@
-"""The JAX trainer family (`--train-backend jax`; the tpu backend's only one, and the cpu backend's second):
+"""The JAX trainer family (`--train-backend jax`; the only one of some backends, a second one of others):
 the policy trainer of slime.training.actor rebuilt on JAX + optax over one device mesh.
 
     trainer = JaxPolicyTrainer(TrainerConfig(hf_checkpoint=path, tensor_parallel_size=2), backend.jax_devices())
