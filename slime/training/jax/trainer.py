@@ -44,6 +44,7 @@ class JaxPolicyTrainer:
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self.rng = jax.random.key_data(jax.random.key(config.seed))  # no dropout today; kept for checkpoints
         self._snapshots: dict[str, dict[str, np.ndarray]] = {}
+        self._host = None  # (params, optimizer state) in host memory while offloaded
         self.reset_optimizer()
 
     # ---- optimizer ----------------------------------------------------------------------------------
