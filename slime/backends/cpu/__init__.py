@@ -53,7 +53,11 @@ class CpuBackend(Backend):
 
     def jax_process_env(self, devices: int) -> dict[str, str]:
         # virtual host devices stand in for accelerators: the same mesh and sharding code runs on them
-        return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        flags = f"--xla_force_host_platform_device_count={devices}"
+        if int(self.system.environ.get("OMP_NUM_THREADS", "1")) == 1:
+            # as for torch in setup_process: workers share few cores, so one intra-op thread each
+            flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
 
     def jax_devices(self) -> list:
         import jax

@@ -30,6 +30,7 @@ from slime.training.jax.state import load_state, save_state
 
 LOG_PROB_CHUNK = 4096  # vocabulary columns per step of the log-prob kernel
 WEIGHT_NAMES = ("actor", "ref", "old")
+RL_METRICS = ("loss", "pg_loss", "kl", "entropy", "clip_frac", "ppo_kl", "tis_weight")
 
 
 class JaxPolicyTrainer:
@@ -146,12 +147,14 @@ class JaxPolicyTrainer:
     def _accumulate(self, kind: str, batch: TrainBatch, settings: step.LossSettings) -> tuple[dict, dict]:
         fn = self._function(kind, settings)
         denominator = jnp.float32(self._denominator(batch))
-        grads, totals = None, {}
+        # the Megatron trainer's metric names, each present even when its term is off
+        totals = dict.fromkeys(RL_METRICS if kind == "rl" else ("loss",), 0.0)
+        grads = None
         for indices in self._micro_batches(batch):
             (_, metrics), micro_grads = fn(self.params, self._device_arrays(batch, indices), denominator)
             grads = micro_grads if grads is None else jax.tree.map(jnp.add, grads, micro_grads)
             for name, value in jax.device_get(metrics).items():
-                totals[name] = totals.get(name, 0.0) + float(value)
+                totals[name] += float(value)
         return grads, totals
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:

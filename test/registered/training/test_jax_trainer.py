@@ -79,6 +79,7 @@ def test_matches_the_megatron_trainer(model):
     for a, b in zip(lp, mg_lp):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
     for ours, theirs in zip(metrics, mg_metrics):
+        assert sorted(ours) == sorted(theirs)  # the same metric names reach the loop's log
         assert ours["lr"] == pytest.approx(theirs["lr"], rel=1e-6)
         for key in ("loss", "grad_norm", "pg_loss", "kl", "entropy"):
             if key in theirs:
