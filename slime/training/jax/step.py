@@ -1,8 +1,9 @@
 """The JAX trainer's pure pieces: host-side padding of a micro-batch into fixed-shape arrays, response
 log-probs through the chunked log-prob kernel, the RL and SFT losses, and the Megatron-equivalent LR schedule.
 
-Shapes are rounded up (rows to a multiple of the data-parallel devices, lengths to multiples of PAD_TO) so that
-a run compiles a handful of programs, not one per batch. Padding rows and positions carry mask 0; rows are
+Shapes are rounded up (rows to a multiple of the data-parallel devices, lengths to the next of 8, 12, 16, 24, 32,
+48, ...: at most a third of padding, a logarithmic number of shapes) so that a run compiles a handful of
+programs, not one per batch. Padding rows and positions carry mask 0; rows are
 right-padded, so causal attention alone keeps padding out of every real position.
 """
 
@@ -21,7 +22,7 @@ from slime.training.batch import TrainBatch
 from slime.training.config import TrainerConfig
 from slime.training.jax import losses
 
-PAD_TO = 16
+SMALLEST_LENGTH = 8
 RESPONSE_FIELDS = ("advantages", "old_log_probs", "ref_log_probs")
 
 
@@ -29,11 +30,19 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def length_bucket(length: int) -> int:
+    """The smallest 2^k or 3 * 2^(k-1) (k >= 3) that holds `length`."""
+    size = SMALLEST_LENGTH
+    while size < length:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size
+
+
 def micro_arrays(batch: TrainBatch, indices: list[int], row_multiple: int) -> dict[str, np.ndarray]:
     """Padded numpy inputs of the samples `indices`: tokens [B, T] and response-aligned [B, L] arrays."""
     rows = _round_up(len(indices), row_multiple)
-    seq = _round_up(max(len(batch.tokens[i]) for i in indices), PAD_TO)
-    longest = _round_up(max(batch.response_lengths[i] for i in indices), PAD_TO)
+    seq = length_bucket(max(len(batch.tokens[i]) for i in indices))
+    longest = length_bucket(max(batch.response_lengths[i] for i in indices))
     out = {
         "input_ids": np.full((rows, seq), batch.pad_token_id, np.int32),
         "gather": np.zeros((rows, longest), np.int32),
