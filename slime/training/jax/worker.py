@@ -19,6 +19,7 @@ class JaxTrainerWorker:
         self.config = config
         self.backend = select_backend(hardware)
         self.trainer = None
+        self._sender = None  # weight sync "broadcast": the group to the engines, kept between updates
 
     def master_address(self) -> tuple[str, int]:
         return "127.0.0.1", 0  # one process: no process group to rendezvous
@@ -48,6 +49,22 @@ class JaxTrainerWorker:
         import ray
 
         return [ray.put(bucket) for bucket in self.trainer.hf_weight_buckets(bucket_bytes)]
+
+    def broadcast_weights(self, urls: list[str], version: int, bucket_bytes: int, timeout_s: float) -> float:
+        """Weight sync "broadcast" (slime.ray.weight_sync): the buckets go to the engines at `urls` through one
+        host-side process group (the trainer's tensors are host copies already). Returns seconds."""
+        import ray
+
+        from slime.ray.weight_sync import BroadcastSender
+
+        if self._sender is None or self._sender.timeout_s != timeout_s:
+            self._sender = BroadcastSender(self.backend.dist_backend, ray.util.get_node_ip_address(), timeout_s)
+        return self._sender.send(urls, self.trainer.hf_weight_buckets(bucket_bytes), version)
+
+    def ipc_weights(self, urls: list[str], version: int, bucket_bytes: int, timeout_s: float) -> float:
+        raise NotImplementedError(
+            'the jax trainer has no device-memory handles: use weight sync "broadcast" or "object_store"'
+        )
 
     def save(self, root: str, step: int, extra: dict | None) -> str:
         return str(self.trainer.save(root, step=step, extra=extra))
