@@ -173,6 +173,9 @@ class TrainConfig:
     sft_eval_set: str | None = opt(None, "the --eval-prompt-data NAME checked every --sft-eval-interval SFT steps")
     sft_eval_interval: int = opt(10, "SFT steps between checks of --sft-stop-reward")
     weight_update_bucket_mb: int = opt(512, "size of the HF-named tensor buckets sent to the engines")
+    train_backend: str | None = opt(
+        None, "trainer family (default: the hardware backend's first, see `slime env`)", choices=("megatron", "jax")
+    )
 
 
 @dataclass(frozen=True)

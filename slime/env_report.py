@@ -22,6 +22,7 @@ REPORTED_PACKAGES = (
     "sglang-router",
     "sglang-jax",
     "jax",
+    "optax",
     "ray",
     "triton",
     "deep_ep",
@@ -131,7 +132,7 @@ def format_report(report: dict[str, object]) -> str:
         if b["available"]:
             lines.append(
                 f"        engine={b['rollout_engine']} kernels={b['kernel_impl']} dist={b['dist_backend']} "
-                f"moe={b['moe_dispatcher']}"
+                f"moe={b['moe_dispatcher']} trainers={','.join(b['capabilities']['trainer_families'])}"
             )
         for opt in b["optional_missing"]:
             if b["available"]:

@@ -272,6 +272,17 @@ class Backend(ABC):
         only backends that list "ipc" in their capabilities implement it."""
         raise NotImplementedError(f"the {self.name} backend has no device-memory handles (weight sync 'ipc')")
 
+    # ---- the JAX trainer family ----------------------------------------------------------------------
+    def jax_process_env(self, devices: int) -> dict[str, str]:
+        """Environment a JAX trainer process needs (set before jax is imported) to see `devices` devices."""
+        return {}
+
+    def jax_devices(self) -> list:
+        """The devices a JAX trainer process lays its mesh over (its local ones)."""
+        import jax
+
+        return jax.local_devices()
+
     def ray_cluster_options(self, devices_needed: int) -> dict[str, object]:
         """Extra `ray.init` arguments when slime starts a local Ray cluster that must hold `devices_needed`
         placement-group bundles (Ray detects accelerators itself; the CPU backend overrides this)."""

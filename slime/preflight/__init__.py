@@ -143,12 +143,14 @@ def check_run(config: Config, backend=None) -> CheckedRun:
     """Every check that needs no cluster; raises a UserError (one line) on the first problem."""
     from slime.backends import select_backend
     from slime.backends.capability_check import require_capabilities
+    from slime.training.family import trainer_family
 
     check_packages(config)
     check_run_paths(config)
     check_plugins(config)
     backend = backend or select_backend(config.cluster.hardware)
     require_capabilities(config, backend)  # an impossible combination for this hardware
+    trainer_family(config, backend.name, backend.capabilities.trainer_families)  # --train-backend
     engine_notes = check_engine_options(config, backend.rollout_engine)
     model = check_model(config, backend.rollout_engine)
     if config.train.sft_warmup_steps and not model.eos_ids:

@@ -13,6 +13,7 @@ from slime.ray import cluster
 from slime.ray.engine_worker import EngineSpec
 from slime.ray.trainer_group import TrainerGroup
 from slime.training.config import TrainerConfig
+from slime.training.family import trainer_family
 
 # Reading the model's context length needs only its config.json.
 DEFAULT_MAX_CONTEXT = 4096
@@ -131,6 +132,7 @@ def start_actors(config: Config, backend: Backend, data=None, weight_sync: str =
 
     from slime.ray.rollout_manager import RolloutManager
 
+    family = trainer_family(config, backend.name, backend.capabilities.trainer_families)  # before Ray starts
     layout = run_layout(config)
     started = cluster.connect(backend, layout.num_bundles, config.cluster.ray_address)
     run = RunActors(None, None, None, None, started, weight_sync)
@@ -142,7 +144,9 @@ def start_actors(config: Config, backend: Backend, data=None, weight_sync: str =
             .remote(config, backend.name, run.placement_group, layout.rollout, engine_spec(config, backend), data)
         )
         engines_ready = run.rollout.start.remote()  # engines load while the trainers build
-        run.actor = TrainerGroup("actor", trainer_config(config, "actor"), backend, run.placement_group, layout.actor)
+        run.actor = TrainerGroup(
+            "actor", trainer_config(config, "actor"), backend, run.placement_group, layout.actor, family
+        )
         if layout.critic:
             run.critic = TrainerGroup(
                 "critic", trainer_config(config, "critic"), backend, run.placement_group, layout.critic

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slime.backends import Backend
-from slime.ray.cluster import Slot, bind_worker_devices, device_report, get_all, scheduling
+from slime.ray.cluster import Slot, bind_worker_devices, device_report, get_all, ray_env, scheduling
 from slime.training.batch import TrainBatch
 from slime.training.config import TrainerConfig
 
@@ -174,11 +174,27 @@ class RankInfo:
 class TrainerGroup:
     """The ranks of one trainer (policy or critic), placed in `slots` of the run's placement group."""
 
-    def __init__(self, role: str, config: TrainerConfig, backend: Backend, placement_group, slots: tuple[Slot, ...]):
+    def __init__(
+        self,
+        role: str,
+        config: TrainerConfig,
+        backend: Backend,
+        placement_group,
+        slots: tuple[Slot, ...],
+        family: str = "megatron",
+    ):
         import ray
 
         self.role = role
-        self.workers = place_trainer_workers(role, config, backend, placement_group, slots)
+        if family == "jax":
+            # one process drives a mesh over all the slots' devices (data parallelism lives inside the mesh)
+            from slime.training.jax.worker import JaxTrainerWorker
+
+            options = scheduling(placement_group, slots[0], backend)
+            options["runtime_env"] = {"env_vars": {**ray_env(backend), **backend.jax_process_env(len(slots))}}
+            self.workers = [ray.remote(JaxTrainerWorker).options(**options).remote(role, config, backend.name)]
+        else:
+            self.workers = place_trainer_workers(role, config, backend, placement_group, slots)
         address, port = ray.get(self.workers[0].master_address.remote())
         self.ranks = [
             RankInfo(**info)

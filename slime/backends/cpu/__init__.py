@@ -28,7 +28,7 @@ class CpuBackend(Backend):
     # logical CPUs as the bundles need (Ray's CPU count is a scheduling quota, not a thread count).
     ray_device_resource = "CPU"
     capabilities = Capabilities(
-        trainer_families=("megatron",),
+        trainer_families=("megatron", "jax"),
         rollout_engines=("embedded",),
         weight_sync=(WEIGHT_SYNC_BROADCAST, WEIGHT_SYNC_OBJECT_STORE),  # broadcast over gloo: 2.4x faster in the loop
         moe_dispatchers=("alltoall",),
@@ -57,6 +57,19 @@ class CpuBackend(Backend):
         # measured 2-10x slower on a 2-core box. An explicit OMP_NUM_THREADS still wins.
         threads = int(self.system.environ.get("OMP_NUM_THREADS", "1"))
         torch.set_num_threads(max(1, threads))
+
+    def jax_process_env(self, devices: int) -> dict[str, str]:
+        # virtual host devices stand in for accelerators: the same mesh and sharding code runs on them
+        flags = f"--xla_force_host_platform_device_count={devices}"
+        if int(self.system.environ.get("OMP_NUM_THREADS", "1")) == 1:
+            # as for torch in setup_process: workers share few cores, so one intra-op thread each
+            flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+
+    def jax_devices(self) -> list:
+        import jax
+
+        return jax.devices("cpu")
 
     def prepare_megatron(self) -> None:
         from slime.backends.cpu import megatron_compat

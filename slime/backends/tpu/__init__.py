@@ -18,7 +18,7 @@ class TpuBackend(Backend):
     ray_device_resource = "TPU"
     fractional_devices = False  # Ray accepts only whole chip counts (1, 2, 4, 8) for the TPU resource
     capabilities = Capabilities(
-        trainer_families=("megatron",),
+        trainer_families=("jax",),
         rollout_engines=("sglang_jax",),
         weight_sync=(WEIGHT_SYNC_OBJECT_STORE,),
         moe_dispatchers=("alltoall",),
@@ -28,6 +28,7 @@ class TpuBackend(Backend):
         Requirement("jax", "jax"),
         Requirement("libtpu", "libtpu"),
         Requirement("flax", "flax"),
+        Requirement("optax", "optax"),
         Requirement("sgl_jax", "sglang-jax", note="sglang-jax needs Python >= 3.12"),
     )
 

@@ -105,11 +105,11 @@ def test_amd_machine_needs_a_rocm_torch():
 
 def test_tpu_vm_with_jax_stack():
     system = fake_system(
-        modules=("jax", "libtpu", "flax", "sgl_jax"), dirs={"/dev": ["accel0", "accel1", "accel2", "accel3"]}
+        modules=("jax", "libtpu", "flax", "optax", "sgl_jax"), dirs={"/dev": ["accel0", "accel1", "accel2", "accel3"]}
     )
     backend = select_backend("auto", system)
     assert backend.name == "tpu" and backend.rollout_engine == "sglang_jax"
-    without_sglang_jax = fake_system(modules=("jax", "libtpu", "flax"), dirs={"/dev": ["accel0"]})
+    without_sglang_jax = fake_system(modules=("jax", "libtpu", "flax", "optax"), dirs={"/dev": ["accel0"]})
     probe = {p.name: p for p in probe_all(without_sglang_jax)}["tpu"]
     assert not probe.available and probe.missing == ("sglang-jax",)
 

@@ -29,7 +29,7 @@ def tiny_config(family: str, tie: bool | None = None, **overrides):
         moe = {**common, **moe, **overrides}
         return Qwen3MoeConfig(tie_word_embeddings=False if tie is None else tie, **moe)
     if family == "qwen3":
-        return Qwen3Config(head_dim=16, tie_word_embeddings=True if tie is None else tie, **common)
+        return Qwen3Config(tie_word_embeddings=True if tie is None else tie, **{"head_dim": 16, **common})
     if family == "qwen2":
         return Qwen2Config(tie_word_embeddings=False if tie is None else tie, **common)
     if family == "llama":

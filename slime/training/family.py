@@ -1,0 +1,26 @@
+"""Which trainer family a run uses: `--train-backend`, or the hardware backend's default (the first of its
+`Capabilities.trainer_families`). Checked before Ray starts, failing in one line."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from slime.config import Config, ConfigError
+
+
+def trainer_family(config: Config, backend_name: str, families: tuple[str, ...]) -> str:
+    """--train-backend, or the backend's default family; a family the backend cannot run is refused here,
+    before Ray starts."""
+    family = config.train.train_backend or families[0]
+    if family not in families:
+        raise ConfigError(
+            f"--train-backend {family}: the {backend_name} hardware backend runs {' or '.join(families)} trainers"
+        )
+    if family == "jax" and not all(importlib.util.find_spec(m) for m in ("jax", "optax")):
+        raise ConfigError("--train-backend jax needs jax and optax: pip install jax optax")
+    if family == "jax" and config.algorithm.advantage_estimator == "ppo":
+        raise ConfigError(
+            "--advantage-estimator ppo needs a critic, which the jax trainer does not have yet; "
+            "use --train-backend megatron or another estimator"
+        )
+    return family

@@ -1,0 +1,85 @@
+"""The JAX trainer as a Ray actor: the same methods as slime.ray.trainer_group.TrainerWorker, so TrainerGroup
+drives it unchanged. One such process holds the whole mesh, so it reports itself as the only rank (data
+parallel size 1 from the group's view; the mesh splits the batch)."""
+
+from __future__ import annotations
+
+import os
+
+from slime.training.batch import TrainBatch
+from slime.training.config import TrainerConfig
+
+
+class JaxTrainerWorker:
+    def __init__(self, role: str, config: TrainerConfig, hardware: str):
+        from slime.backends import backend_for_worker
+
+        if role != "actor":
+            raise ValueError(f"the jax trainer family has no {role} trainer yet")
+        self.config = config
+        self.backend = backend_for_worker(hardware)  # selected (and probed) by the driver
+        self.trainer = None
+        self._sender = None  # weight sync "broadcast": the group to the engines, kept between updates
+
+    def master_address(self) -> tuple[str, int]:
+        return "127.0.0.1", 0  # one process: no process group to rendezvous
+
+    def init(self, master_addr: str, master_port: int) -> dict[str, int]:
+        from slime.training.jax.trainer import JaxPolicyTrainer
+
+        self.trainer = JaxPolicyTrainer(self.config, self.backend.jax_devices())
+        return {"rank": 0, "tp_rank": 0, "dp_rank": 0, "dp_size": 1, "pid": os.getpid()}
+
+    def snapshot(self, name: str) -> None:
+        self.trainer.snapshot(name)
+
+    def compute_log_probs(self, shard: TrainBatch, weights: str) -> tuple:
+        return self.trainer.compute_log_probs(shard, weights)
+
+    def train(self, shard: TrainBatch) -> dict[str, float]:
+        return self.trainer.train_step(shard)
+
+    def sft(self, shard: TrainBatch, lr: float | None) -> dict[str, float]:
+        return self.trainer.sft_step(shard, lr)
+
+    def reset_optimizer(self) -> None:
+        self.trainer.reset_optimizer()
+
+    def publish_weights(self, bucket_bytes: int) -> list:
+        import ray
+
+        return [ray.put(bucket) for bucket in self.trainer.hf_weight_buckets(bucket_bytes)]
+
+    def broadcast_weights(self, urls: list[str], version: int, bucket_bytes: int, timeout_s: float) -> float:
+        """Weight sync "broadcast" (slime.ray.weight_sync): the buckets go to the engines at `urls` through one
+        host-side process group (the trainer's tensors are host copies already). Returns seconds."""
+        import ray
+
+        from slime.ray.weight_sync import BroadcastSender
+
+        if self._sender is None or self._sender.timeout_s != timeout_s:
+            self._sender = BroadcastSender(self.backend.dist_backend, ray.util.get_node_ip_address(), timeout_s)
+        return self._sender.send(urls, self.trainer.hf_weight_buckets(bucket_bytes), version)
+
+    def ipc_weights(self, urls: list[str], version: int, bucket_bytes: int, timeout_s: float) -> float:
+        raise NotImplementedError(
+            'the jax trainer has no device-memory handles: use weight sync "broadcast" or "object_store"'
+        )
+
+    def save(self, root: str, step: int, extra: dict | None) -> str:
+        return str(self.trainer.save(root, step=step, extra=extra))
+
+    def load(self, root: str) -> int:
+        return self.trainer.load(root)
+
+    def save_hf(self, folder: str) -> str:
+        return str(self.trainer.save_hf(folder))
+
+    def offload(self) -> None:
+        self.trainer.offload()
+
+    def onload(self) -> None:
+        self.trainer.onload()
+
+    def shutdown(self) -> None:
+        self.trainer = None
