@@ -12,27 +12,15 @@ import torch
 from slime import invariants
 from slime.config import Config
 from slime.plugins import PluginError
-from slime.ray.actors import RunActors, engine_spec
+from slime.ray.actors import RunActors
 from slime.ray.cluster import ClusterError, get_all
+from slime.settings import advantage_settings, engine_spec
 from slime.training import checkpoint
 from slime.training.batch import TrainBatch
 from slime.training.experience import AdvantageSettings, compute_advantages
 from slime.types import Sample
 
 WEIGHT_UPDATE_TIMEOUT_S = 900.0
-
-
-def advantage_settings(config: Config) -> AdvantageSettings:
-    a = config.algorithm
-    return AdvantageSettings(
-        estimator=a.advantage_estimator,
-        normalize_std=not a.disable_grpo_std_normalization,
-        gamma=a.gamma,
-        lambd=a.lambd,
-        kl_coef=a.kl_coef,
-        kl_type="k1",
-        normalize_advantages=a.normalize_advantages,
-    )
 
 
 def needs_reference(config: Config) -> bool:

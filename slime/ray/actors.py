@@ -4,81 +4,14 @@ critic (PPO), and the rollout manager with its engines."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from slime.backends import Backend
 from slime.config import Config
 from slime.ray import cluster
-from slime.ray.engine_worker import EngineSpec
 from slime.ray.trainer_group import TrainerGroup
-from slime.training.config import TrainerConfig
+from slime.settings import engine_spec, trainer_config
 from slime.training.family import trainer_family
-
-# Reading the model's context length needs only its config.json.
-DEFAULT_MAX_CONTEXT = 4096
-
-
-def trainer_config(config: Config, role: str) -> TrainerConfig:
-    """The trainer's view of the run config (one place maps flags to the trainer's fields)."""
-    a, t = config.algorithm, config.train
-    estimator = a.advantage_estimator
-    if estimator == "grpo" and a.disable_grpo_std_normalization:
-        estimator = "dr_grpo"
-    steps = config.train.num_rollout * config.train_steps_per_rollout
-    return TrainerConfig(
-        hf_checkpoint=config.checkpoint.hf_checkpoint,
-        tensor_parallel_size=t.tensor_model_parallel_size,
-        make_vocab_size_divisible_by=t.make_vocab_size_divisible_by,
-        use_rollout_routing_replay=t.use_rollout_routing_replay,
-        seed=t.seed + (1 if role == "critic" else 0),
-        lr=t.lr,
-        min_lr=t.min_lr,
-        lr_warmup_steps=t.lr_warmup_iters,
-        lr_decay_steps=max(steps, t.lr_warmup_iters + 1),
-        lr_decay_style=t.lr_decay_style,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        clip_grad=t.clip_grad,
-        max_tokens_per_micro_batch=t.max_tokens_per_gpu if t.use_dynamic_batch_size else 1 << 30,
-        micro_batch_size=None if t.use_dynamic_batch_size else t.micro_batch_size,
-        advantage_estimator=estimator,
-        eps_clip=a.eps_clip,
-        eps_clip_high=a.eps_clip_high,
-        eps_clip_c=a.eps_clip_c,
-        use_kl_loss=a.use_kl_loss,
-        kl_loss_coef=a.kl_loss_coef,
-        kl_loss_type=a.kl_loss_type,
-        entropy_coef=a.entropy_coef,
-        use_tis=a.use_tis,
-        tis_clip=a.tis_clip,
-        loss_reduction="token" if a.calculate_per_token_loss else "sample",
-        rollout_temperature=config.rollout.rollout_temperature,
-        value_clip=a.value_clip,
-        keep_last_n=config.checkpoint.keep_last_n,
-        megatron_overrides=tuple(sorted(config.megatron.items())),
-    )
-
-
-def engine_spec(config: Config, backend: Backend) -> EngineSpec:
-    import json
-
-    r = config.rollout
-    context = r.rollout_max_context_len
-    if context is None:
-        hf = json.loads((Path(config.checkpoint.hf_checkpoint) / "config.json").read_text())
-        context = min(int(hf.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)), DEFAULT_MAX_CONTEXT)
-    return EngineSpec(
-        kind=backend.rollout_engine,
-        hf_checkpoint=config.checkpoint.hf_checkpoint,
-        max_batch_size=r.rollout_engine_batch_size,
-        max_seq_len=context,
-        dtype=r.rollout_dtype,
-        seed=config.data.rollout_seed,
-        server_options=dict(config.sglang),
-        log_dir=str(Path(config.logging.output_dir) / "engines"),
-    )
 
 
 def needs_critic(config: Config) -> bool:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from slime.errors import FlagError
 from slime.training.losses import KL_KINDS, REDUCTIONS
 
-ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "gspo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+ADVANTAGE_ESTIMATORS = ("grpo", "gspo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 
 

@@ -229,7 +229,7 @@ def test_wandb_plots_each_phase_against_its_own_step(tmp_path):
 
 
 def test_trainer_config_maps_the_flags():
-    from slime.ray.actors import trainer_config
+    from slime.settings import trainer_config
 
     config = parse_config(
         [
@@ -261,7 +261,7 @@ def test_trainer_config_maps_the_flags():
         ]
     )
     t = trainer_config(config, "actor")
-    assert (t.advantage_estimator, t.loss_reduction, t.lr_decay_steps, t.lr_warmup_steps) == ("dr_grpo", "token", 10, 2)
+    assert (t.advantage_estimator, t.loss_reduction, t.lr_decay_steps, t.lr_warmup_steps) == ("grpo", "token", 10, 2)
     assert (t.max_tokens_per_micro_batch, t.micro_batch_size, t.eps_clip_high, t.rollout_temperature) == (
         1024,
         None,

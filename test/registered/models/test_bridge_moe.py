@@ -100,7 +100,7 @@ def test_expert_parallel_size_must_divide_experts(checkpoints):
 
 def test_expert_parallel_flag_passes_through_and_is_checked_at_parse_time(checkpoints, tmp_path):
     from slime.config import ConfigError, parse_config
-    from slime.ray.actors import trainer_config
+    from slime.settings import trainer_config
 
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "1+1=", "label": "2"}\n')

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from slime import settings
 from slime.backends import Backend
 from slime.config import Config, parse_config
 from slime.ray import actors, cluster
@@ -52,13 +53,13 @@ def place(config: Config, backend: Backend) -> Placed:
     workers: dict[str, list] = {"actor": [], "critic": [], "engine": []}
     try:
         workers["actor"] = place_trainer_workers(
-            "actor", actors.trainer_config(config, "actor"), backend, group, layout.actor
+            "actor", settings.trainer_config(config, "actor"), backend, group, layout.actor
         )
         if layout.critic:
             workers["critic"] = place_trainer_workers(
-                "critic", actors.trainer_config(config, "critic"), backend, group, layout.critic
+                "critic", settings.trainer_config(config, "critic"), backend, group, layout.critic
             )
-        spec = actors.engine_spec(config, backend)
+        spec = settings.engine_spec(config, backend)
         workers["engine"] = [place_engine_worker(spec, backend, group, slot) for slot in layout.rollout]
         reports = {role: ray.get([w.devices.remote() for w in ws], timeout=120) for role, ws in workers.items()}
         master = tuple(ray.get(workers["actor"][0].master_address.remote(), timeout=60))

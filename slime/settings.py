@@ -1,0 +1,89 @@
+"""The run config's one mapping onto the settings of each part it starts: the trainer ranks, the rollout
+engines and the advantage step. A flag that changes how one of them behaves is read here and nowhere else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from slime.backends import Backend
+from slime.config import Config
+from slime.ray.engine_worker import EngineSpec
+from slime.training.config import TrainerConfig
+from slime.training.experience import AdvantageSettings
+
+# Reading the model's context length needs only its config.json.
+DEFAULT_MAX_CONTEXT = 4096
+
+
+def trainer_config(config: Config, role: str) -> TrainerConfig:
+    """The trainer's view of the run config."""
+    a, t = config.algorithm, config.train
+    steps = config.train.num_rollout * config.train_steps_per_rollout
+    return TrainerConfig(
+        hf_checkpoint=config.checkpoint.hf_checkpoint,
+        tensor_parallel_size=t.tensor_model_parallel_size,
+        make_vocab_size_divisible_by=t.make_vocab_size_divisible_by,
+        use_rollout_routing_replay=t.use_rollout_routing_replay,
+        seed=t.seed + (1 if role == "critic" else 0),
+        lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters,
+        lr_decay_steps=max(steps, t.lr_warmup_iters + 1),
+        lr_decay_style=t.lr_decay_style,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        clip_grad=t.clip_grad,
+        max_tokens_per_micro_batch=t.max_tokens_per_gpu if t.use_dynamic_batch_size else 1 << 30,
+        micro_batch_size=None if t.use_dynamic_batch_size else t.micro_batch_size,
+        advantage_estimator=a.advantage_estimator,
+        eps_clip=a.eps_clip,
+        eps_clip_high=a.eps_clip_high,
+        eps_clip_c=a.eps_clip_c,
+        use_kl_loss=a.use_kl_loss,
+        kl_loss_coef=a.kl_loss_coef,
+        kl_loss_type=a.kl_loss_type,
+        entropy_coef=a.entropy_coef,
+        use_tis=a.use_tis,
+        tis_clip=a.tis_clip,
+        loss_reduction="token" if a.calculate_per_token_loss else "sample",
+        rollout_temperature=config.rollout.rollout_temperature,
+        value_clip=a.value_clip,
+        keep_last_n=config.checkpoint.keep_last_n,
+        megatron_overrides=tuple(sorted(config.megatron.items())),
+    )
+
+
+def engine_spec(config: Config, backend: Backend) -> EngineSpec:
+    """What every rollout engine of the run is started with."""
+
+    r = config.rollout
+    context = r.rollout_max_context_len
+    if context is None:
+        hf = json.loads((Path(config.checkpoint.hf_checkpoint) / "config.json").read_text())
+        context = min(int(hf.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)), DEFAULT_MAX_CONTEXT)
+    return EngineSpec(
+        kind=backend.rollout_engine,
+        hf_checkpoint=config.checkpoint.hf_checkpoint,
+        max_batch_size=r.rollout_engine_batch_size,
+        max_seq_len=context,
+        dtype=r.rollout_dtype,
+        seed=config.data.rollout_seed,
+        server_options=dict(config.sglang),
+        log_dir=str(Path(config.logging.output_dir) / "engines"),
+    )
+
+
+def advantage_settings(config: Config) -> AdvantageSettings:
+    """How the loop turns rewards into advantages (training/experience.py)."""
+    a = config.algorithm
+    return AdvantageSettings(
+        estimator=a.advantage_estimator,
+        normalize_std=not a.disable_grpo_std_normalization,
+        gamma=a.gamma,
+        lambd=a.lambd,
+        kl_coef=a.kl_coef,
+        kl_type="k1",
+        normalize_advantages=a.normalize_advantages,
+    )
