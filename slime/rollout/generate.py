@@ -16,13 +16,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from slime.rollout.engines.protocol import parse_generate_response
+from slime.rollout.engines.protocol import parse_generate_response, post_generate
 from slime.types import Sample, SampleStatus
-
-
-class EngineUnavailable(ConnectionError):
-    """The engine could not be reached (died, restarting). The request is safe to retry elsewhere/later."""
-
 
 _FINISH_TO_STATUS = {
     "stop": SampleStatus.COMPLETED,
@@ -73,24 +68,10 @@ class RolloutContext:
         return self._semaphore
 
     async def post_generate(self, payload: dict[str, Any], url: str | None = None) -> Any:
-        """POST /generate with bounded concurrency; connection failures become EngineUnavailable.
+        """POST /generate (protocol.post_generate) with bounded concurrency, round robin unless `url` is given.
         A batched payload (lists) returns a list of outputs."""
-        import aiohttp
-
-        url = url or self.url
         async with self.concurrency():
-            session = await self.session()
-            try:
-                async with session.post(f"{url}/generate", json=payload) as resp:
-                    if resp.status >= 500:  # a dying server or a proxy may not answer in JSON
-                        raise EngineUnavailable(f"{url}: HTTP {resp.status}: {(await resp.text())[:200]}")
-                    body = await resp.json(content_type=None)
-                    if resp.status != 200:
-                        message = body.get("error", {}).get("message") if isinstance(body, dict) else body
-                        raise ValueError(f"{url}/generate rejected the request: {message}")
-                    return body
-            except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ServerDisconnectedError) as exc:
-                raise EngineUnavailable(f"{url}: {type(exc).__name__}: {exc}") from None
+            return await post_generate(await self.session(), url or self.url, payload)
 
     async def abort_all(self) -> None:
         import aiohttp

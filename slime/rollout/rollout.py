@@ -20,7 +20,8 @@ from typing import Any
 
 from slime.rollout import generate, rm_hub
 from slime.rollout.data import DataSource, reset_to_prompt
-from slime.rollout.generate import EngineUnavailable, RolloutContext, sampling_params_for
+from slime.rollout.engines.base import EngineUnavailable
+from slime.rollout.generate import RolloutContext, sampling_params_for
 from slime.types import Sample, SampleStatus
 
 GenerateFn = Callable[[RolloutContext, Sample, dict], Awaitable[Sample]]

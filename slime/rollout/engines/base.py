@@ -53,6 +53,21 @@ class EngineError(RuntimeError):
     """A one-line, user-facing failure of an engine call (bad request, server gone, ...)."""
 
 
+class EngineUnavailable(ConnectionError):
+    """The engine could not be reached (died, restarting). The request is safe to retry elsewhere/later."""
+
+
+class RequestRejected(ValueError):
+    """The engine answered a request with a 4xx status: the request is at fault, not the engine."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+    def __reduce__(self):  # survives pickling through Ray with its status
+        return type(self), (str(self), self.status)
+
+
 class WeightUpdateError(EngineError):
     """A weight update was rejected; the engine keeps the weights it had and keeps serving."""
 

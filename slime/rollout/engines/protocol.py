@@ -14,12 +14,19 @@ response {"text": str, "output_ids": [..], "meta_info": {"id", "finish_reason": 
 from __future__ import annotations
 
 import base64
+import json
 import math
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from slime.rollout.engines.base import GenerateRequest, GenerateResult, SamplingParams
+from slime.rollout.engines.base import (
+    EngineUnavailable,
+    GenerateRequest,
+    GenerateResult,
+    RequestRejected,
+    SamplingParams,
+)
 
 
 class ProtocolError(ValueError):
@@ -348,3 +355,41 @@ def deserialize_named_tensors(payload: str | bytes) -> list[tuple[str, Any]]:
     ):
         raise ProtocolError("serialized_named_tensors must hold a list of (name, tensor) pairs")
     return [(str(name), tensor) for name, tensor in value]
+
+
+# ---- the transport -------------------------------------------------------------------------------------
+async def post_generate(session, url: str, payload: dict[str, Any]) -> Any:
+    """POST `payload` to `url`/generate on an aiohttp session: the JSON body of a 200 answer. The one way
+    slime sends generation requests (the rollout's RolloutContext and SGLangClient both call it).
+    Raises EngineUnavailable when the server cannot be reached or answers 5xx (safe to retry: a dying server
+    or a proxy may not answer in JSON), RequestRejected with the server's message on 4xx."""
+    import aiohttp
+
+    try:
+        async with session.post(f"{url}/generate", json=payload) as response:
+            status, text = response.status, await response.text()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise EngineUnavailable(f"{url}: {type(exc).__name__}: {exc}") from None
+    if status >= 500:
+        raise EngineUnavailable(f"{url}: HTTP {status}: {text[:200]}")
+    if status != 200:
+        raise RequestRejected(f"{url}/generate rejected the request: {error_message(status, text)}", status)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise ProtocolError(f"{url}/generate answered with a body that is not JSON: {text[:200]!r}") from None
+
+
+def error_message(status: int, text: str) -> str:
+    """The message of an error answer: SGLang's {"error": {"message"}} or {"message"}, else the text."""
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError:
+        return text.strip()[:500] or f"HTTP {status}"
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if body.get("message"):
+            return str(body["message"])
+    return text.strip()[:500] or f"HTTP {status}"

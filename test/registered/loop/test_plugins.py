@@ -109,7 +109,8 @@ def test_batched_group_generation_equals_one_request_per_sample(served):
 
 def test_an_engine_failure_mid_sample_is_rolled_back_and_retried_once(served):
     from slime.rollout import generate
-    from slime.rollout.generate import EngineUnavailable, RolloutContext
+    from slime.rollout.engines.base import EngineUnavailable
+    from slime.rollout.generate import RolloutContext
     from slime.rollout.rollout import RolloutStats, generate_one
 
     files, url, tokenizer, _ = served

@@ -18,14 +18,18 @@ import torch
 
 from slime.rollout.engines.base import (
     EngineError,
+    EngineUnavailable,
     GenerateRequest,
     GenerateResult,
+    RequestRejected,
     RolloutEngine,
     WeightUpdateError,
 )
 from slime.rollout.engines.protocol import (
     ProtocolError,
+    error_message,
     parse_generate_response,
+    post_generate,
     sampling_params_to_json,
     serialize_named_tensors,
 )
@@ -41,20 +45,6 @@ def generate_payload(request: GenerateRequest) -> dict[str, Any]:
     if request.return_routed_experts:  # SGLang answers it only with --enable-return-routed-experts
         payload["return_routed_experts"] = True
     return payload
-
-
-def _error_message(status: int, text: str) -> str:
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError:
-        return text.strip()[:500] or f"HTTP {status}"
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        if body.get("message"):
-            return str(body["message"])
-    return text.strip()[:500]
 
 
 class SGLangClient(RolloutEngine):
@@ -80,7 +70,7 @@ class SGLangClient(RolloutEngine):
                 text = response.read().decode()
         except urllib.error.HTTPError as e:
             raise EngineError(
-                f"{self.url}{path}: HTTP {e.code}: {_error_message(e.code, e.read().decode(errors='replace'))}"
+                f"{self.url}{path}: HTTP {e.code}: {error_message(e.code, e.read().decode(errors='replace'))}"
             ) from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
@@ -112,26 +102,19 @@ class SGLangClient(RolloutEngine):
             async def one(request: GenerateRequest) -> GenerateResult:
                 async with limit:
                     try:
-                        async with session.post(self.url + "/generate", json=generate_payload(request)) as response:
-                            text = await response.text()
-                            status = response.status
-                    except (TimeoutError, aiohttp.ClientError) as e:
-                        raise EngineError(f"{self.url}/generate: {type(e).__name__}: {e}") from None
-                if status == 400:  # the request itself was bad: an error for this request only
-                    return GenerateResult(
-                        request.rid,
-                        [],
-                        [] if request.return_logprob else None,
-                        "error",
-                        error=_error_message(status, text),
-                    )
-                if status != 200:
-                    raise EngineError(f"{self.url}/generate: HTTP {status}: {_error_message(status, text)}")
+                        body = await post_generate(session, self.url, generate_payload(request))
+                    except EngineUnavailable as e:
+                        raise EngineError(f"{self.url}/generate: {e}") from None
+                    except RequestRejected as e:
+                        if e.status != 400:
+                            raise EngineError(str(e)) from None
+                        # the request itself was bad: an error for this request only
+                        empty = [] if request.return_logprob else None
+                        return GenerateResult(request.rid, [], empty, "error", error=str(e))
                 try:
-                    result = parse_generate_response(json.loads(text), request.rid)
-                except (json.JSONDecodeError, ProtocolError) as e:
+                    return parse_generate_response(body, request.rid)
+                except ProtocolError as e:
                     raise EngineError(f"{self.url}/generate: {e}") from None
-                return result
 
             return list(await asyncio.gather(*(one(r) for r in requests)))
 
