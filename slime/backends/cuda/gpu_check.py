@@ -7,7 +7,7 @@ Sections, each timed and independent (one failing does not stop the others):
   megatron_fp32    the Megatron trainer on one GPU: log-probs against transformers', one train step, and the exported
   megatron_bf16    HF weights giving transformers the trainer's post-step log-probs (fp32, then bf16)
   embedded_engine  the embedded rollout engine on the GPU: greedy tokens and their log-probs against transformers
-  jax_trainer      the JAX trainer on the GPU, through slime.training.jax_gpu_check.run() once that exists
+  jax_trainer      the JAX trainer on the GPU: log-probs vs transformers (fp32), one step, exported weights
   env              `slime env --json`
 Built for a machine without network: models and tokenizers are built locally (as the CPU quickstart does).
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -225,15 +226,50 @@ def check_embedded_engine(folder: Path) -> dict:
     }
 
 
-def check_jax_trainer() -> dict:
-    """Hook for the JAX trainer's GPU check: the module that runs it is built elsewhere."""
+def check_jax_trainer(folder: Path) -> dict:
+    """The JAX trainer on the GPU JAX sees (its own device, not torch's): log-probs against transformers in fp32,
+    one GRPO step, the step's exported weights against the trainer's log-probs."""
     import importlib.util
 
-    if importlib.util.find_spec("slime.training.jax_gpu_check") is None:
-        return {"ok": None, "status": "not built yet: slime.training.jax_gpu_check.run() is the hook"}
-    from slime.training import jax_gpu_check
+    if importlib.util.find_spec("jax") is None or importlib.util.find_spec("optax") is None:
+        return {"ok": None, "status": "jax/optax not installed"}
+    import jax
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    return jax_gpu_check.run()
+    from slime.training.batch import TrainBatch
+    from slime.training.config import TrainerConfig
+    from slime.training.jax.trainer import JaxPolicyTrainer
+
+    devices = jax.devices()
+    trainer = JaxPolicyTrainer(TrainerConfig(hf_checkpoint=str(folder), lr=1e-3), devices[:1])
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(_BACKEND.torch_device()).eval()
+    samples = _samples(hf.config.vocab_size)
+    batch = TrainBatch.from_samples(samples, pad_token_id=0)
+    before, _ = trainer.compute_log_probs(batch)
+    reference = hf_response_log_probs(hf, samples, torch.float32)
+    start = time.perf_counter()
+    metrics = trainer.train_step(batch)
+    step_s = time.perf_counter() - start
+    after, _ = trainer.compute_log_probs(batch)
+    exported = {name: t.float() for bucket in trainer.hf_weight_buckets() for name, t in bucket}
+    hf.load_state_dict(exported, strict=False)
+    result = {
+        "jax_device": str(devices[0]),
+        "log_probs_vs_hf_max_abs_diff": _max_diff([t.cpu() for t in before], reference),
+        "train_step_seconds": step_s,
+        "train_metrics": {k: float(v) for k, v in metrics.items()},
+        "step_changed_log_probs_by": _max_diff(after, before),
+        "exported_weights_vs_trainer_max_abs_diff": _max_diff(hf_response_log_probs(hf, samples, torch.float32), after),
+        "tolerance": 1e-3,
+    }
+    result["ok"] = (
+        result["log_probs_vs_hf_max_abs_diff"] < 1e-3
+        and result["exported_weights_vs_trainer_max_abs_diff"] < 1e-3
+        and result["step_changed_log_probs_by"] > 0
+        and all(math.isfinite(v) for v in result["train_metrics"].values())
+    )
+    return result
 
 
 def check_env() -> dict:
@@ -260,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--dry-run-on-cpu", action="store_true", help="CI: the trainer and engine sections on the host")
     args = parser.parse_args(argv)
+    # torch and JAX share the GPU in this one process: JAX must not grab most of its memory up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     global _BACKEND
     if args.dry_run_on_cpu:
         from slime.backends.cpu import CpuBackend
@@ -288,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             destroy_distributed()
         run_section("embedded_engine", lambda: check_embedded_engine(folder), report)
-    run_section("jax_trainer", check_jax_trainer, report)
+        run_section("jax_trainer", lambda: check_jax_trainer(folder), report)
     run_section("env", check_env, report)
     report["seconds"] = round(time.perf_counter() - started, 3)
     report["ok"] = all(s.get("ok") is not False for s in report["sections"].values())

@@ -58,11 +58,13 @@ def test_sections_run_on_the_host(tmp_path):
     assert sections["megatron_float32"]["exported_weights_vs_trainer_max_abs_diff"] < 1e-4
     assert sections["megatron_float32"]["step_changed_log_probs_by"] > 0
     assert sections["embedded_engine"]["log_probs_vs_hf_max_abs_diff"] < 1e-4
+    assert sections["jax_trainer"]["ok"], sections["jax_trainer"]
+    assert sections["jax_trainer"]["log_probs_vs_hf_max_abs_diff"] < 1e-4
     assert sections["env"]["report"]["selected"] == "cpu"
 
 
 def test_full_check_on_the_gpu(tmp_path):
-    """On a GPU runner: the real check, every section ok (the JAX hook may still be unbuilt)."""
+    """On a GPU runner: the real check, every section ok."""
     if (reason := no_gpu_reason()) is not None:
         pytest.skip(reason)
     out = tmp_path / "gpu_check.json"
