@@ -22,6 +22,7 @@ from slime.backends import Backend
 from slime.models import bridge_class_for, load_hf_config
 from slime.training import checkpoint
 from slime.training.batch import MicroBatch, TrainBatch
+from slime.training.buckets import bucketed
 from slime.training.config import TrainerConfig
 from slime.training.distributed import current_layout
 
@@ -443,16 +444,7 @@ class MegatronTrainer:
 
     def hf_weight_buckets(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """HF-named full tensors grouped into lists of at most bucket_bytes (a larger tensor goes alone)."""
-        bucket, size = [], 0
-        for name, tensor in self.hf_named_tensors():
-            nbytes = tensor.numel() * tensor.element_size()
-            if bucket and size + nbytes > bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-            bucket.append((name, tensor))
-            size += nbytes
-        if bucket:
-            yield bucket
+        yield from bucketed(self.hf_named_tensors(), bucket_bytes)
 
     def save_hf(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write a folder transformers loads: config, safetensors weights, tokenizer files (atomic rename)."""

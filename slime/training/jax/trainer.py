@@ -24,6 +24,7 @@ import torch
 from slime.models import jax_dense
 from slime.training import checkpoint
 from slime.training.batch import TrainBatch
+from slime.training.buckets import bucketed
 from slime.training.config import TrainerConfig
 from slime.training.jax import sharding, step
 from slime.training.jax.state import load_state, save_state
@@ -215,16 +216,7 @@ class JaxPolicyTrainer:
             yield name, torch.from_numpy(np.array(value))  # a writable copy: torch refuses read-only memory
 
     def hf_weight_buckets(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        bucket, size = [], 0
-        for name, tensor in self.hf_named_tensors():
-            nbytes = tensor.numel() * tensor.element_size()
-            if bucket and size + nbytes > bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-            bucket.append((name, tensor))
-            size += nbytes
-        if bucket:
-            yield bucket
+        yield from bucketed(self.hf_named_tensors(), bucket_bytes)
 
     def save_hf(self, directory: str | os.PathLike) -> Path:
         tensors = jax_dense.hf_tensors(self.params, self.spec, self.hf_dtypes)
