@@ -12,11 +12,11 @@ import torch
 
 pytest.importorskip("jax", reason="the JAX engine needs jax (pip install 'slime[test]')")
 
-from tiny_models import build_model  # noqa: E402
+from tiny_models import build_model
 
-from slime.rollout.engines.base import GenerateRequest, SamplingParams, WeightUpdateError  # noqa: E402
-from slime.rollout.engines.jax.engine import JaxEngine  # noqa: E402
-from slime.testing.ci_register import register_cpu_ci  # noqa: E402
+from slime.rollout.engines.base import GenerateRequest, SamplingParams, WeightUpdateError
+from slime.rollout.engines.jax.engine import JaxEngine
+from slime.testing.ci_register import register_cpu_ci
 
 register_cpu_ci(est_time=60, suite="base-b-test-cpu")
 

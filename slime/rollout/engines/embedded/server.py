@@ -211,7 +211,7 @@ class EmbeddedServer:
 
     async def not_supported(self, request: web.Request) -> web.Response:
         return _bad_request(
-            f"{request.path} is not supported by this engine; use /update_weights_from_tensor or /update_weights_from_disk"
+            f"{request.path} is not supported by the {self.engine.engine_name.removeprefix('slime-')} engine; use /update_weights_from_tensor or /update_weights_from_disk"
         )
 
     async def pause(self, request: web.Request) -> web.Response:
