@@ -140,7 +140,7 @@ class Backend(ABC):
     torch_device_type: ClassVar[str]  # the torch device type string
     dist_backend: ClassVar[str]  # torch.distributed backend name
     visible_devices_env: ClassVar[str | None]
-    rollout_engine: ClassVar[str]  # "embedded" | "sglang" | "sglang_jax"
+    rollout_engine: ClassVar[str]  # the preferred engine; a run uses slime.rollout.engines.selection
     moe_dispatcher: ClassVar[str]  # megatron-core moe_token_dispatcher_type
     kernel_impl: ClassVar[str]  # default kernel implementation family: "torch" | "triton" | "jax"
     docker_image: ClassVar[str]

@@ -12,6 +12,7 @@ from slime.config import Config
 from slime.ray import cluster
 from slime.ray.engine_worker import EngineSpec
 from slime.ray.trainer_group import TrainerGroup
+from slime.rollout.engines.selection import rollout_engine
 from slime.training.config import TrainerConfig
 from slime.training.family import trainer_family
 
@@ -68,7 +69,7 @@ def engine_spec(config: Config, backend: Backend) -> EngineSpec:
         hf = json.loads((Path(config.checkpoint.hf_checkpoint) / "config.json").read_text())
         context = min(int(hf.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)), DEFAULT_MAX_CONTEXT)
     return EngineSpec(
-        kind=backend.rollout_engine,
+        kind=rollout_engine(config, backend),
         hf_checkpoint=config.checkpoint.hf_checkpoint,
         max_batch_size=r.rollout_engine_batch_size,
         max_seq_len=context,
@@ -116,6 +117,7 @@ def start_actors(config: Config, backend: Backend) -> RunActors:
     from slime.ray.rollout_manager import RolloutManager
 
     family = trainer_family(config, backend.name, backend.capabilities.trainer_families)  # before Ray starts
+    spec = engine_spec(config, backend)  # refuses an engine the backend does not offer, before Ray starts
     c = config.cluster
     actor_devices = c.actor_num_nodes * c.actor_num_gpus_per_node
     critic_devices = c.actor_num_nodes * c.critic_num_gpus_per_node if needs_critic(config) else 0
@@ -130,7 +132,7 @@ def start_actors(config: Config, backend: Backend) -> RunActors:
         run.rollout = (
             ray.remote(RolloutManager)
             .options(num_cpus=0, max_concurrency=64)
-            .remote(config, backend.name, run.placement_group, layout.rollout, engine_spec(config, backend))
+            .remote(config, backend.name, run.placement_group, layout.rollout, spec)
         )
         engines_ready = run.rollout.start.remote()  # engines load while the trainers build
         run.actor = TrainerGroup(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slime.config import Config, eval_sets
-from slime.ray.cluster import Slot, scheduling
+from slime.ray.cluster import Slot, ray_env, scheduling
 from slime.ray.engine_worker import EngineSpec, EngineWorker
 from slime.types import Sample
 
@@ -73,11 +73,10 @@ class RolloutManager:
     async def _start_engine(self, slot: Slot) -> _Engine:
         import ray
 
-        actor = (
-            ray.remote(EngineWorker)
-            .options(**scheduling(self.placement_group, slot, self.backend))
-            .remote(self.spec, self.backend.name)
-        )
+        options = scheduling(self.placement_group, slot, self.backend)
+        if self.spec.kind == "jax":  # set before jax is imported in the engine's process
+            options["runtime_env"] = {"env_vars": {**ray_env(self.backend), **self.backend.jax_process_env(1)}}
+        actor = ray.remote(EngineWorker).options(**options).remote(self.spec, self.backend.name)
         info = await actor.info.remote()
         return _Engine(actor, info["url"], info["pid"])
 

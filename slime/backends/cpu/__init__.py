@@ -1,4 +1,4 @@
-"""CPU backend: torch on the host, gloo collectives, the embedded rollout engine."""
+"""CPU backend: torch on the host, gloo collectives, the embedded rollout engine (or the JAX one)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class CpuBackend(Backend):
     ray_device_resource = "CPU"
     capabilities = Capabilities(
         trainer_families=("megatron", "jax"),
-        rollout_engines=("embedded",),
+        rollout_engines=("embedded", "jax"),
         weight_sync=(WEIGHT_SYNC_OBJECT_STORE,),
         moe_dispatchers=("alltoall",),
         memory_saver=False,

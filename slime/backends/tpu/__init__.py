@@ -1,4 +1,4 @@
-"""TPU backend: JAX/XLA, sglang-jax rollout, JAX kernels."""
+"""TPU backend: JAX/XLA, sglang-jax rollout where installed (else the built-in JAX engine), JAX kernels."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class TpuBackend(Backend):
     ray_device_resource = "TPU"
     capabilities = Capabilities(
         trainer_families=("jax",),
-        rollout_engines=("sglang_jax",),
+        rollout_engines=("sglang_jax", "jax"),
         weight_sync=(WEIGHT_SYNC_OBJECT_STORE,),
         moe_dispatchers=("alltoall",),
         memory_saver=False,
@@ -29,8 +29,9 @@ class TpuBackend(Backend):
         Requirement("libtpu", "libtpu"),
         Requirement("flax", "flax"),
         Requirement("optax", "optax"),
-        Requirement("sgl_jax", "sglang-jax", note="sglang-jax needs Python >= 3.12"),
     )
+    # without it the built-in JAX engine serves rollouts (Capabilities.rollout_engines: first installed wins)
+    optional = (Requirement("sgl_jax", "sglang-jax", note="sglang-jax needs Python >= 3.12"),)
 
     def detect_devices(self) -> tuple[int, str]:
         chips = [d for d in self.system.list_dir("/dev") if d.startswith("accel") and d[5:].isdigit()]

@@ -9,7 +9,7 @@ step function was traced (each trace is one compilation), which the tests use to
 
 The cache is [layers, max_batch + 1, max_seq_len, kv_heads, head_dim] for K and for V; row max_batch is a
 scratch row that the padding rows of a prefill batch write into. Cache buffers are donated to each step, so
-XLA updates them in place instead of copying the whole cache per token.
+the compiler updates them in place instead of copying the whole cache per token.
 """
 
 from __future__ import annotations
