@@ -1,0 +1,44 @@
+"""End to end on Ray with the all-JAX pair: `--train-backend jax --rollout-engine jax` (the TPU backend's loop,
+run on host devices). Step-0 trainer log-probs equal the JAX engine's (--ci-test, sync and colocated), --async
+generates one step behind with the weights the trainer sent, and an engine killed mid-rollout is restarted with
+the newest weights, nothing lost or doubled."""
+
+import pytest
+
+from slime.testing.ci_register import register_cpu_ci
+
+register_cpu_ci(est_time=150, suite="base-c-test-cpu")
+
+pytest.importorskip("optax", reason="the JAX pair needs jax, flax and optax (pip install 'slime[test]')")
+
+from loop_helpers import dumped, rows, run  # noqa: E402
+
+JAX_PAIR = {"train-backend": "jax", "rollout-engine": "jax", "actor-num-gpus-per-node": 2, "micro-batch-size": 8}
+
+
+def test_sync_colocated_ci_test(files, tmp_path):
+    out = tmp_path / "run"
+    run(files, out, colocate=True, **{"ci-test": True, "num-rollout": 2, **JAX_PAIR})
+    steps = rows(out)
+    assert [r["step"] for r in steps] == [0, 1]
+    assert steps[0]["ci/logprob_abs_diff_mean"] < 1e-4 and steps[0]["ci/logprob_abs_diff_max"] < 1e-3
+    assert all(r["train/grad_norm"] > 0 for r in steps)
+    assert [r["weight_version"] for r in steps] == [1.0, 2.0]
+
+
+def test_async_generates_one_step_behind(files, tmp_path):
+    out, dumps = tmp_path / "run", tmp_path / "dumps"
+    run(files, out, **{"async": True, "ci-test": True, "num-rollout": 3, "save-debug-rollout-data": dumps, **JAX_PAIR})
+    assert [r["weight_version"] for r in rows(out)] == [1.0, 2.0, 3.0]
+    assert [{s["weight_version"] for s in batch} for batch in dumped(dumps)] == [{0}, {0}, {1}]
+
+
+def test_engine_killed_mid_rollout_is_restarted_with_the_newest_weights(files, tmp_path):
+    out, dumps = tmp_path / "run", tmp_path / "dumps"
+    flags = {"custom-generate-function-path": "loop_plugins.generate_killing_the_engine_once"}
+    run(files, out, **{**flags, "save-debug-rollout-data": dumps, "ci-test": True, **JAX_PAIR})
+    steps = rows(out)
+    assert [r["rollout/engine_restarts"] for r in steps] == [1.0, 0.0, 0.0]
+    batches = dumped(dumps)
+    assert sorted(s["index"] for b in batches for s in b) == list(range(48))
+    assert [{s["weight_version"] for s in b} for b in batches] == [{0}, {1}, {2}]
