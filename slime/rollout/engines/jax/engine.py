@@ -21,14 +21,15 @@ import logging
 import random
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from slime.models import jax_dense
-from slime.models.jax_dense import LM_HEAD
+from slime.models.jax_dense import EMBED, LM_HEAD
 from slime.rollout.engines.base import (
     EngineError,
     GenerateRequest,
@@ -95,7 +96,10 @@ class JaxEngine(ServableEngine):
         max_seq_len: int = 2048,
         dtype: str = "float32",
         seed: int = 0,
+        device=None,
     ):
+        """device: the JAX device to serve on (default: the first one); a colocated engine takes one of the
+        trainer's."""
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(
                 f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size} and {max_seq_len}"
@@ -108,12 +112,15 @@ class JaxEngine(ServableEngine):
         self.spec, self.shapes = jax_dense.spec_from_hf(hf_checkpoint_dir)
         self.dtype = DTYPES[dtype]
         params, _ = jax_dense.load_hf_params(hf_checkpoint_dir, self.spec, self.shapes)
-        self.params = {name: jnp.asarray(value, self.dtype) for name, value in params.items()}
+        self.device = device if device is not None else jax.devices()[0]
+        self.params = {
+            name: jax.device_put(jnp.asarray(value, self.dtype), self.device) for name, value in params.items()
+        }
         self.tokenizer = _load_tokenizer(hf_checkpoint_dir)
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.steps = StepFunctions(self.spec)
-        self._cache: tuple | None = allocate_cache(self.spec, max_batch_size, max_seq_len, self.dtype)
+        self._cache: tuple | None = allocate_cache(self.spec, max_batch_size, max_seq_len, self.dtype, self.device)
         self._seeds = random.Random(seed)
         self._weight_version = 0
         self._pending_update: dict[str, np.ndarray] = {}
@@ -305,7 +312,7 @@ class JaxEngine(ServableEngine):
     def _fail_all(self, message: str) -> list[tuple[_Sequence, GenerateResult]]:
         with self._model_lock:
             if self._cache is not None and any(a.is_deleted() for a in self._cache):  # donated into a failed step
-                self._cache = allocate_cache(self.spec, self.max_batch_size, self.max_seq_len, self.dtype)
+                self._cache = allocate_cache(self.spec, self.max_batch_size, self.max_seq_len, self.dtype, self.device)
             active = [s for s in self._slots if s is not None]
             return [(s, self._release(s, "error", error=message)) for s in active]
 
@@ -357,7 +364,7 @@ class JaxEngine(ServableEngine):
             return
         with self._model_lock:
             if self._cache is None:
-                self._cache = allocate_cache(self.spec, self.max_batch_size, self.max_seq_len, self.dtype)
+                self._cache = allocate_cache(self.spec, self.max_batch_size, self.max_seq_len, self.dtype, self.device)
         with self._cond:
             self._cond.notify_all()
 
@@ -398,10 +405,33 @@ class JaxEngine(ServableEngine):
                 self._swap_in(staged, version)
 
     def _swap_in(self, staged: dict[str, np.ndarray], version: int) -> None:
-        new = {name: jnp.asarray(value, self.dtype) for name, value in staged.items()}
+        new = {name: jax.device_put(jnp.asarray(value, self.dtype), self.device) for name, value in staged.items()}
         with self._model_lock:
             self.params = {**self.params, **new}
             self._weight_version = int(version)
+
+    def update_weights_in_place(self, params: Mapping[str, jax.Array], version: int) -> None:
+        """A colocated JAX trainer's parameter pytree (same HF names, possibly sharded over the trainer's mesh and
+        with vocabulary rows padded) placed onto this engine's device and dtype: device to device, no host copy and
+        no renaming. Every name and shape is checked before anything is swapped in."""
+        missing = sorted(set(self.shapes) - set(params))
+        if missing:
+            raise WeightUpdateError(f"weight update rejected: {missing[0]} is missing ({len(missing)} in all)")
+        placed = {}
+        for name, shape in self.shapes.items():
+            value = params[name]
+            if name in (EMBED, LM_HEAD) and value.shape[0] > self.spec.vocab_size:
+                value = value[: self.spec.vocab_size]  # the trainer's padded rows (a multiple of its TP degree)
+            if tuple(value.shape) != tuple(shape):
+                raise WeightUpdateError(
+                    f"weight update rejected: {name!r} has shape {tuple(value.shape)}, the model expects {tuple(shape)}"
+                )
+            placed[name] = jax.device_put(value, self.device).astype(self.dtype)
+        with self._update_lock:
+            self._pending_update.clear()
+            with self._model_lock:
+                self.params = placed
+                self._weight_version = int(version)
 
     def update_weights_from_disk(self, path: str, version: int) -> None:
         with self._update_lock:

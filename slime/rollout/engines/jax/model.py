@@ -178,9 +178,9 @@ jax.tree_util.register_dataclass(
 )
 
 
-def allocate_cache(spec: DenseSpec, max_batch: int, max_seq_len: int, dtype) -> tuple:
+def allocate_cache(spec: DenseSpec, max_batch: int, max_seq_len: int, dtype, device) -> tuple:
     shape = (spec.num_layers, max_batch + 1, max_seq_len, spec.num_kv_heads, spec.head_dim)
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    return jnp.zeros(shape, dtype, device=device), jnp.zeros(shape, dtype, device=device)
 
 
 __all__ = ["StepFunctions", "RowSampling", "allocate_cache", "bucket", "sample"]
