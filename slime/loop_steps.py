@@ -50,7 +50,8 @@ def sync_weights(config: Config, run: RunActors, version: int) -> float:
     import ray
 
     start = time.perf_counter()
-    refs = run.actor.publish_weights(config.train.weight_update_bucket_mb << 20)
+    # an engine in the trainer's process takes the parameters directly: nothing is published
+    refs = [] if run.engine_in_trainer else run.actor.publish_weights(config.train.weight_update_bucket_mb << 20)
     try:
         ray.get(run.rollout.update_weights.remote(refs, version), timeout=WEIGHT_UPDATE_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
@@ -241,6 +242,7 @@ def describe_start(config: Config, backend, start: int) -> str:
     return (
         f"slime: {backend.name} backend, {c.actor_num_nodes * c.actor_num_gpus_per_node} trainer process(es) "
         f"(TP {config.train.tensor_model_parallel_size}), {c.rollout_num_gpus // c.rollout_num_gpus_per_engine} "
-        f"{spec.kind} engine(s){', colocated' if c.colocate else ''}{', async' if config.train.async_rollout else ''}; "
+        f"{spec.kind} engine(s){' in the trainer process' if spec.hosted_by_trainer else ''}"
+        f"{', colocated' if c.colocate else ''}{', async' if config.train.async_rollout else ''}; "
         f"rollouts {start}..{config.train.num_rollout - 1}; run folder {config.logging.output_dir}"
     )

@@ -64,12 +64,15 @@ def engine_spec(config: Config, backend: Backend) -> EngineSpec:
     import json
 
     r = config.rollout
+    kind = rollout_engine(config, backend)
+    family = trainer_family(config, backend.name, backend.capabilities.trainer_families)
+    engines = config.cluster.rollout_num_gpus // config.cluster.rollout_num_gpus_per_engine
     context = r.rollout_max_context_len
     if context is None:
         hf = json.loads((Path(config.checkpoint.hf_checkpoint) / "config.json").read_text())
         context = min(int(hf.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)), DEFAULT_MAX_CONTEXT)
     return EngineSpec(
-        kind=rollout_engine(config, backend),
+        kind=kind,
         hf_checkpoint=config.checkpoint.hf_checkpoint,
         max_batch_size=r.rollout_engine_batch_size,
         max_seq_len=context,
@@ -77,6 +80,7 @@ def engine_spec(config: Config, backend: Backend) -> EngineSpec:
         seed=config.data.rollout_seed,
         server_options=dict(config.sglang),
         log_dir=str(Path(config.logging.output_dir) / "engines"),
+        hosted_by_trainer=config.cluster.colocate and family == "jax" and kind == "jax" and engines == 1,
     )
 
 
@@ -91,6 +95,7 @@ class RunActors:
     rollout: Any  # the RolloutManager actor handle
     placement_group: Any
     started_ray: bool
+    engine_in_trainer: bool = False  # EngineSpec.hosted_by_trainer: weights go over in process, not as buckets
 
     def shutdown(self) -> None:
         """Stop whatever was started (also after a failed start), then Ray itself if this run started it."""
@@ -126,7 +131,7 @@ def start_actors(config: Config, backend: Backend) -> RunActors:
         actor_devices, critic_devices, rollout_devices, c.rollout_num_gpus_per_engine, c.colocate
     )
     started = cluster.connect(backend, layout.num_bundles, c.ray_address)
-    run = RunActors(None, None, None, None, started)
+    run = RunActors(None, None, None, None, started, spec.hosted_by_trainer)
     try:
         run.placement_group = cluster.create_placement_group(backend, layout)
         run.rollout = (
@@ -143,6 +148,10 @@ def start_actors(config: Config, backend: Backend) -> RunActors:
                 "critic", trainer_config(config, "critic"), backend, run.placement_group, layout.critic
             )
         ray.get(engines_ready)
+        if spec.hosted_by_trainer:
+            host = run.actor.workers[0]
+            ray.get(host.host_engine.remote(spec))
+            ray.get(run.rollout.adopt_engine.remote(host))
     except BaseException:
         run.shutdown()
         raise

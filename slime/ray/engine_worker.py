@@ -25,6 +25,9 @@ class EngineSpec:
     server_options: dict[str, str] = field(default_factory=dict)  # --sglang-* pass-through
     log_dir: str | None = None
     staging_dir: str | None = None  # sglang-jax: where updated checkpoints are written
+    # jax engine, --colocate with the JAX trainer: the engine runs inside the trainer's process (one engine) and
+    # takes the trainer's parameters device to device instead of HF-named buckets
+    hosted_by_trainer: bool = False
 
 
 def start_engine(spec: EngineSpec, backend):
@@ -45,7 +48,8 @@ def start_engine(spec: EngineSpec, backend):
         from slime.rollout.engines.embedded.server import serve_http
         from slime.rollout.engines.jax.engine import JaxEngine
 
-        engine = JaxEngine(spec.hf_checkpoint, spec.max_batch_size, spec.max_seq_len, spec.dtype, spec.seed)
+        device = backend.jax_devices()[0]
+        engine = JaxEngine(spec.hf_checkpoint, spec.max_batch_size, spec.max_seq_len, spec.dtype, spec.seed, device)
         server = serve_http(engine, "127.0.0.1", 0)
         return engine, server.url, server.stop
     if spec.kind == "sglang":

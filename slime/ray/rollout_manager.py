@@ -29,6 +29,7 @@ class _Engine:
     actor: Any
     url: str
     pid: int
+    hosted: bool = False  # lives in the trainer's process (EngineSpec.hosted_by_trainer): never killed from here
 
 
 class RolloutManager:
@@ -65,7 +66,15 @@ class RolloutManager:
         }
         self.plugins = plugins.load_rollout_plugins(config)
         self.ctx = RolloutContext(config, self.tokenizer, [])
-        self.engines = list(await asyncio.gather(*(self._start_engine(slot) for slot in self.slots)))
+        if not self.spec.hosted_by_trainer:  # else the trainer's actor is adopted once it hosts the engine
+            self.engines = list(await asyncio.gather(*(self._start_engine(slot) for slot in self.slots)))
+        self.ctx.set_urls([e.url for e in self.engines])
+        return self.engine_info()
+
+    async def adopt_engine(self, actor) -> list[dict]:
+        """Use the engine the trainer's actor hosts (after its host_engine) as this run's only engine."""
+        info = await actor.info.remote()
+        self.engines = [_Engine(actor, info["url"], info["pid"], hosted=True)]
         self.ctx.set_urls([e.url for e in self.engines])
         return self.engine_info()
 
@@ -96,6 +105,8 @@ class RolloutManager:
             for i, ok in enumerate(alive):
                 if ok:
                     continue
+                if self.engines[i].hosted:
+                    raise RuntimeError("the rollout engine in the trainer's process is gone (so is the trainer)")
                 logger.warning("rollout engine %d (pid %d) is gone; restarting it", i, self.engines[i].pid)
                 await self._stop(self.engines[i], timeout_s=10)  # a hung worker may still own a server process
                 engine = await self._start_engine(self.slots[i])
@@ -177,6 +188,12 @@ class RolloutManager:
         """Ask the worker to stop its server, then kill the worker whether it answered or not."""
         import ray
 
+        if engine.hosted:  # the trainer's actor: stop its engine, the trainer group shuts the actor down
+            try:
+                await asyncio.wait_for(engine.actor.stop_engine.remote(), timeout_s)
+            except Exception:
+                pass
+            return
         try:
             await asyncio.wait_for(engine.actor.shutdown.remote(), timeout_s)
         except Exception:  # dead already, or hung

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import os
 
-from slime.backends.base import WEIGHT_SYNC_OBJECT_STORE, Backend, Capabilities, Requirement, register_backend
+from slime.backends.base import (
+    WEIGHT_SYNC_IN_PROCESS,
+    WEIGHT_SYNC_OBJECT_STORE,
+    Backend,
+    Capabilities,
+    Requirement,
+    register_backend,
+)
 
 
 @register_backend
@@ -24,7 +31,7 @@ class CpuBackend(Backend):
     capabilities = Capabilities(
         trainer_families=("megatron", "jax"),
         rollout_engines=("embedded", "jax"),
-        weight_sync=(WEIGHT_SYNC_OBJECT_STORE,),
+        weight_sync=(WEIGHT_SYNC_OBJECT_STORE, WEIGHT_SYNC_IN_PROCESS),  # in process: colocated JAX pair
         moe_dispatchers=("alltoall",),
         memory_saver=False,
     )

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from slime.backends.base import WEIGHT_SYNC_OBJECT_STORE, Backend, Capabilities, Requirement, register_backend
+from slime.backends.base import (
+    WEIGHT_SYNC_IN_PROCESS,
+    WEIGHT_SYNC_OBJECT_STORE,
+    Backend,
+    Capabilities,
+    Requirement,
+    register_backend,
+)
 
 
 @register_backend
@@ -20,7 +27,7 @@ class TpuBackend(Backend):
     capabilities = Capabilities(
         trainer_families=("jax",),
         rollout_engines=("sglang_jax", "jax"),
-        weight_sync=(WEIGHT_SYNC_OBJECT_STORE,),
+        weight_sync=(WEIGHT_SYNC_OBJECT_STORE, WEIGHT_SYNC_IN_PROCESS),  # in process: colocated JAX pair
         moe_dispatchers=("alltoall",),
         memory_saver=False,
     )

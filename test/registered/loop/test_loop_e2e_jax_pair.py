@@ -1,5 +1,6 @@
 """End to end on Ray with the all-JAX pair: `--train-backend jax --rollout-engine jax` (the TPU backend's loop,
-run on host devices). Step-0 trainer log-probs equal the JAX engine's (--ci-test, sync and colocated), --async
+run on host devices). Colocated, the engine runs inside the trainer's process and takes its parameters device to
+device; step-0 trainer log-probs equal the engine's and later steps serve the trained weights (--ci-test); --async
 generates one step behind with the weights the trainer sent, and an engine killed mid-rollout is restarted with
 the newest weights, nothing lost or doubled."""
 
@@ -16,14 +17,18 @@ from loop_helpers import dumped, rows, run  # noqa: E402
 JAX_PAIR = {"train-backend": "jax", "rollout-engine": "jax", "actor-num-gpus-per-node": 2, "micro-batch-size": 8}
 
 
-def test_sync_colocated_ci_test(files, tmp_path):
-    out = tmp_path / "run"
-    run(files, out, colocate=True, **{"ci-test": True, "num-rollout": 2, **JAX_PAIR})
+def test_sync_colocated_ci_test_with_the_engine_in_the_trainer_process(files, tmp_path, capfd):
+    out, dumps = tmp_path / "run", tmp_path / "dumps"
+    flags = {"ci-test": True, "num-rollout": 2, "save-debug-rollout-data": dumps, **JAX_PAIR}
+    run(files, out, colocate=True, **flags)
+    assert "1 jax engine(s) in the trainer process, colocated" in capfd.readouterr().err
     steps = rows(out)
     assert [r["step"] for r in steps] == [0, 1]
     assert steps[0]["ci/logprob_abs_diff_mean"] < 1e-4 and steps[0]["ci/logprob_abs_diff_max"] < 1e-3
     assert all(r["train/grad_norm"] > 0 for r in steps)
     assert [r["weight_version"] for r in steps] == [1.0, 2.0]
+    # the second rollout was served by the weights handed over in process after the first step
+    assert [{s["weight_version"] for s in batch} for batch in dumped(dumps)] == [{0}, {1}]
 
 
 def test_async_generates_one_step_behind(files, tmp_path):
