@@ -112,7 +112,7 @@ class JaxEngine(ServableEngine):
         self.spec, self.shapes = jax_dense.spec_from_hf(hf_checkpoint_dir)
         self.dtype = DTYPES[dtype]
         params, _ = jax_dense.load_hf_params(hf_checkpoint_dir, self.spec, self.shapes)
-        self.device = device if device is not None else jax.devices()[0]
+        self.device = device if device is not None else jax.local_devices()[0]
         self.params = {
             name: jax.device_put(jnp.asarray(value, self.dtype), self.device) for name, value in params.items()
         }

@@ -16,7 +16,7 @@ runner re-creates its jitted functions (`initialize_jit`), which close over the 
 Not covered: KV-head padding (sglang-jax replicates KV heads when the tensor-parallel degree exceeds them; such
 an update is refused in one line) and MoE experts. Needs an sglang-jax whose Engine accepts
 `enable_single_process` and exposes its scheduler in `scheduler_info` (newer than the registry's 0.0.2, which
-the [tpu] extra pins; install such a version from sglang-jax's repository to use this adapter).
+the hardware extra pins; install such a version from sglang-jax's repository to use this adapter).
 """
 
 from __future__ import annotations
