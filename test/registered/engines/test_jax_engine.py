@@ -18,7 +18,7 @@ from slime.rollout.engines.base import GenerateRequest, SamplingParams, WeightUp
 from slime.rollout.engines.jax.engine import JaxEngine
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=60, suite="base-b-test-cpu")
+register_cpu_ci(est_time=80, suite="base-b-test-cpu")
 
 PROMPTS = [[5, 17, 33, 2, 9], [40, 41], [7] * 11, [100, 3, 250, 12, 8, 77, 61]]
 

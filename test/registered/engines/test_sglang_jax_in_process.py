@@ -12,7 +12,7 @@ from slime.rollout.engines.base import GenerateRequest, SamplingParams, WeightUp
 from slime.rollout.engines.sglang_jax.in_process import assign_hf_weights, state_path
 from slime.testing.ci_register import register_cpu_ci, register_tpu_ci
 
-register_cpu_ci(est_time=10, suite="base-a-test-cpu")
+register_cpu_ci(est_time=15, suite="base-b-test-cpu")
 register_tpu_ci(est_time=600, suite="base-b-test-tpu")
 
 PROMPTS = [[5, 6, 7, 8], [40, 41, 42]]
