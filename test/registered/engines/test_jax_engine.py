@@ -166,3 +166,21 @@ def test_the_http_server_fronts_the_jax_engine(engine, models):
             assert json.loads(response.read())["engine"] == "slime-jax"
     finally:
         handle.stop()
+
+
+def test_stop_strings_end_at_the_first_match(tmp_path):
+    from slime.rollout.engines.embedded.engine import CheckpointTokenizer
+
+    build_model("qwen3", str(tmp_path), seed=4, vocab_size=256, with_tokenizer=True)
+    tokenizer = CheckpointTokenizer(str(tmp_path / "tokenizer.json"))
+    prompt = tokenizer.encode("the quick brown")
+    with JaxEngine(str(tmp_path), max_batch_size=2, max_seq_len=48) as engine:
+        free = engine.generate(requests([prompt], greedy(None, 12)))[0]
+        text = tokenizer.decode(free.output_ids)
+        stop = text[len(text) // 2 :][:2]
+        assert stop.strip(), text  # a printable piece of the free-running output
+        cut = next(k for k in range(1, 13) if stop in tokenizer.decode(free.output_ids[:k]))
+        params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True, stop=(stop,))
+        stopped = engine.generate(requests([prompt], params))[0]
+    assert stopped.output_ids == free.output_ids[:cut]
+    assert stopped.finish_reason == "stop" and stopped.matched_stop == stop
