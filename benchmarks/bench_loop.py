@@ -1,5 +1,6 @@
 """Completions per second and seconds per step of the whole RL loop (`slime.loop.train`: Ray, the Megatron
-trainer, the embedded engine behind HTTP, weight sync every step), on a ~5M-parameter Qwen3 with 64
+trainer, the embedded engine behind HTTP, weight sync every step; or the JAX pair with --train-backend jax
+--rollout-engine jax), on a ~5M-parameter Qwen3 with 64
 completions per step (8 prompts x 8 samples, up to 16 new tokens). JSON out, so the figures can be put beside
 another framework's on the same machine.
 
@@ -38,6 +39,8 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--num-layers", type=int, default=6)
+    p.add_argument("--train-backend", choices=("megatron", "jax"), default=None, help="default: the backend's")
+    p.add_argument("--rollout-engine", choices=("embedded", "jax"), default=None, help="default: the backend's")
     p.add_argument("--out", default="bench_loop.json")
     p.add_argument("--weight-sync", default="auto", help="the run's --weight-sync (auto: the backend's default)")
     args = p.parse_args()
@@ -58,6 +61,8 @@ def main() -> int:
             str(args.max_new_tokens), "--rollout-engine-batch-size", str(n), "--lr", "1e-5", "--output-dir",
             str(root / "run"), "--no-progress", "--weight-sync", args.weight_sync,
         ]  # fmt: skip
+        for flag, value in (("--train-backend", args.train_backend), ("--rollout-engine", args.rollout_engine)):
+            flags += [flag, value] if value else []
         loop.train(parse_config(flags))
         steps = [r for r in read_metrics(root / "run") if r.get("phase") == "rl"][args.warmup :]
 
@@ -68,6 +73,8 @@ def main() -> int:
         "benchmark": "loop",
         "model_parameters": params,
         "completions_per_step": n,
+        "train_backend": args.train_backend or "default",
+        "rollout_engine": args.rollout_engine or "default",
         "max_new_tokens": args.max_new_tokens,
         "steps_measured": len(steps),
         "weight_sync": args.weight_sync,

@@ -81,11 +81,18 @@ class RolloutConfig:
     rollout_stop: list[str] = opt([], "stop strings", nargs="+")
     rollout_stop_token_ids: list[int] = opt([], "stop token ids (beside EOS)", nargs="+")
     rollout_concurrency: int = opt(64, "max requests in flight per engine")
-    rollout_engine_batch_size: int = opt(64, "embedded engine: sequences decoded together (KV-cache slots)")
+    rollout_engine_batch_size: int = opt(64, "in-process engines: sequences decoded together (KV-cache slots)")
     rollout_max_context_len: int | None = opt(
         None, "engine context (prompt + response) in tokens (default: the model's, at most 4096)"
     )
-    rollout_dtype: str = opt("float32", "embedded engine dtype", choices=("float32", "bfloat16", "float16"))
+    rollout_dtype: str = opt(
+        "float32", "in-process engine dtype (embedded, jax)", choices=("float32", "bfloat16", "float16")
+    )
+    rollout_engine: str | None = opt(
+        None,
+        "rollout engine (default: the hardware backend's first installed one, see `slime env`)",
+        choices=("embedded", "sglang", "sglang_jax", "jax"),
+    )
     custom_generate_function_path: str | None = opt(
         None, "module.function: async generate(args, sample, sampling) -> Sample"
     )

@@ -40,7 +40,9 @@ def sync_weights(config: Config, run: RunActors, version: int) -> float:
 
     start = time.perf_counter()
     bucket_bytes = config.train.weight_update_bucket_mb << 20
-    if run.weight_sync != "object_store":
+    if run.engine_in_trainer:  # an engine in the trainer's process takes the parameters directly
+        refs = []
+    elif run.weight_sync != "object_store":
         from slime.ray.weight_sync import WeightSyncError
 
         urls = ray.get(run.rollout.engine_urls.remote())
@@ -51,7 +53,8 @@ def sync_weights(config: Config, run: RunActors, version: int) -> float:
             raise ClusterError(f"weight sync ({run.weight_sync}): {cause}") from None
         ray.get(run.rollout.weights_pushed.remote(version))
         return time.perf_counter() - start
-    refs = run.actor.publish_weights(bucket_bytes)
+    else:
+        refs = run.actor.publish_weights(bucket_bytes)
     try:
         ray.get(run.rollout.update_weights.remote(refs, version), timeout=WEIGHT_UPDATE_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
@@ -238,6 +241,7 @@ def describe_start(config: Config, backend, start: int) -> str:
     return (
         f"slime: {backend.name} backend, {c.actor_num_nodes * c.actor_num_gpus_per_node} trainer process(es) "
         f"(TP {config.train.tensor_model_parallel_size}), {c.rollout_num_gpus // c.rollout_num_gpus_per_engine} "
-        f"{spec.kind} engine(s){', colocated' if c.colocate else ''}{', async' if config.train.async_rollout else ''}; "
+        f"{spec.kind} engine(s){' in the trainer process' if spec.hosted_by_trainer else ''}"
+        f"{', colocated' if c.colocate else ''}{', async' if config.train.async_rollout else ''}; "
         f"rollouts {start}..{config.train.num_rollout - 1}; run folder {config.logging.output_dir}"
     )

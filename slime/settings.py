@@ -9,8 +9,10 @@ from pathlib import Path
 from slime.backends import Backend
 from slime.config import Config
 from slime.ray.engine_worker import EngineSpec
+from slime.rollout.engines.selection import rollout_engine
 from slime.training.config import TrainerConfig
 from slime.training.experience import AdvantageSettings
+from slime.training.family import trainer_family
 
 # Reading the model's context length needs only its config.json.
 DEFAULT_MAX_CONTEXT = 4096
@@ -56,15 +58,17 @@ def trainer_config(config: Config, role: str) -> TrainerConfig:
 
 
 def engine_spec(config: Config, backend: Backend) -> EngineSpec:
-    """What every rollout engine of the run is started with."""
-
+    """What every rollout engine of the run is started with (the engine kind: slime.rollout.engines.selection)."""
     r = config.rollout
+    kind = rollout_engine(config, backend)
+    family = trainer_family(config, backend.name, backend.capabilities.trainer_families)
+    engines = config.cluster.rollout_num_gpus // config.cluster.rollout_num_gpus_per_engine
     context = r.rollout_max_context_len
     if context is None:
         hf = json.loads((Path(config.checkpoint.hf_checkpoint) / "config.json").read_text())
         context = min(int(hf.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)), DEFAULT_MAX_CONTEXT)
     return EngineSpec(
-        kind=backend.rollout_engine,
+        kind=kind,
         hf_checkpoint=config.checkpoint.hf_checkpoint,
         max_batch_size=r.rollout_engine_batch_size,
         max_seq_len=context,
@@ -72,6 +76,7 @@ def engine_spec(config: Config, backend: Backend) -> EngineSpec:
         seed=config.data.rollout_seed,
         server_options=dict(config.sglang),
         log_dir=str(Path(config.logging.output_dir) / "engines"),
+        hosted_by_trainer=config.cluster.colocate and family == "jax" and kind == "jax" and engines == 1,
     )
 
 

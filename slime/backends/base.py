@@ -159,7 +159,7 @@ class Backend(ABC):
     torch_device_type: ClassVar[str]  # the torch device type string
     dist_backend: ClassVar[str]  # torch.distributed backend name
     visible_devices_env: ClassVar[str | None]
-    rollout_engine: ClassVar[str]  # "embedded" | "sglang" | "sglang_jax"
+    rollout_engine: ClassVar[str]  # the preferred engine; a run uses slime.rollout.engines.selection
     kernel_impl: ClassVar[str]  # default kernel implementation family: "torch" | "triton" | "jax"
     docker_image: ClassVar[str]
     ray_device_resource: ClassVar[str] = "GPU"  # the Ray resource that counts one device of this backend

@@ -19,8 +19,10 @@ FALSE_WORDS = ("false", "0", "no")
 
 
 def chosen_rollout_engine(config: Config, backend: Backend) -> str:
-    """The engine this run starts (the backend's default until a flag chooses)."""
-    return backend.rollout_engine
+    """The engine this run starts: --rollout-engine or the backend's default (slime.rollout.engines.selection)."""
+    from slime.rollout.engines.selection import rollout_engine
+
+    return rollout_engine(config, backend)
 
 
 def _colocate_needs_split_devices(config: Config, backend: Backend) -> str | None:

@@ -143,6 +143,7 @@ def check_run(config: Config, backend=None) -> CheckedRun:
     """Every check that needs no cluster; raises a UserError (one line) on the first problem."""
     from slime.backends import select_backend
     from slime.backends.capability_check import require_capabilities
+    from slime.rollout.engines.selection import rollout_engine
     from slime.training.family import trainer_family
 
     check_packages(config)
@@ -151,8 +152,9 @@ def check_run(config: Config, backend=None) -> CheckedRun:
     backend = backend or select_backend(config.cluster.hardware)
     require_capabilities(config, backend)  # an impossible combination for this hardware
     trainer_family(config, backend.name, backend.capabilities.trainer_families)  # --train-backend
-    engine_notes = check_engine_options(config, backend.rollout_engine)
-    model = check_model(config, backend.rollout_engine)
+    engine = rollout_engine(config, backend)  # --rollout-engine, or the backend's installed default
+    engine_notes = check_engine_options(config, engine)
+    model = check_model(config, engine)
     if config.train.sft_warmup_steps and not model.eos_ids:
         raise ModelError(f"--sft-warmup-steps: the model in {model.folder} names no EOS token to end responses with")
     data = prepare_data(config, model)

@@ -37,6 +37,7 @@ class RunActors:
     placement_group: cluster.Placement | None
     started_ray: bool
     weight_sync: str = "object_store"  # the transport resolved before start (slime.ray.weight_sync)
+    engine_in_trainer: bool = False  # EngineSpec.hosted_by_trainer: weights go over in process, not as buckets
 
     def shutdown(self) -> None:
         """Stop whatever was started (also after a failed start), then Ray itself if this run started it."""
@@ -66,15 +67,16 @@ def start_actors(config: Config, backend: Backend, data=None, weight_sync: str =
     from slime.ray.rollout_manager import RolloutManager
 
     family = trainer_family(config, backend.name, backend.capabilities.trainer_families)  # before Ray starts
+    spec = engine_spec(config, backend)  # refuses an engine the backend does not offer, before Ray starts
     layout = run_layout(config)
     started = cluster.connect(backend, layout.num_bundles, config.cluster.ray_address)
-    run = RunActors(None, None, None, None, started, weight_sync)
+    run = RunActors(None, None, None, None, started, weight_sync, spec.hosted_by_trainer)
     try:
         run.placement_group = cluster.create_placement_group(backend, layout)
         run.rollout = (
             ray.remote(RolloutManager)
             .options(num_cpus=0, max_concurrency=64)
-            .remote(config, backend.name, run.placement_group, layout.rollout, engine_spec(config, backend), data)
+            .remote(config, backend.name, run.placement_group, layout.rollout, spec, data)
         )
         engines_ready = run.rollout.start.remote()  # engines load while the trainers build
         run.actor = TrainerGroup(
@@ -85,7 +87,11 @@ def start_actors(config: Config, backend: Backend, data=None, weight_sync: str =
                 "critic", trainer_config(config, "critic"), backend, run.placement_group, layout.critic
             )
         ray.get(engines_ready)
-        if weight_sync != "object_store":  # the trainer sends to the engines itself; restarts fetch from it
+        if spec.hosted_by_trainer:
+            host = run.actor.workers[0]
+            ray.get(host.host_engine.remote(spec))
+            ray.get(run.rollout.adopt_engine.remote(host))
+        elif weight_sync != "object_store":  # the trainer sends to the engines itself; restarts fetch from it
             ray.get(run.rollout.set_weight_source.remote(run.actor.workers, config.train.weight_update_bucket_mb << 20))
     except BaseException:
         run.shutdown()

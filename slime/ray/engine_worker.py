@@ -1,9 +1,10 @@
 """A rollout engine in a Ray actor: it serves SGLang's HTTP API (which the generate functions use) and takes
 weight updates and memory calls as actor methods (which the loop uses).
 
-Which engine runs is the backend's choice (`Backend.rollout_engine`): the embedded engine behind its own
-SGLang-compatible server, an SGLang server (GPU backends), or an sglang-jax server (JAX backends). All are
-`RolloutEngine`s, so everything below the constructor is the same code for every backend.
+Which engine runs is `--rollout-engine` or the backend's default (slime.rollout.engines.selection): the embedded
+or the JAX engine behind the SGLang-compatible server (embedded/server.py), an SGLang server (GPU backends), or
+an sglang-jax server. All are `RolloutEngine`s, so everything below the constructor is the same code for
+every engine. A JAX engine's process gets the backend's JAX environment from the rollout manager.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class EngineSpec:
-    kind: str  # "embedded" | "sglang" | "sglang_jax"
+    kind: str  # "embedded" | "jax" | "sglang" | "sglang_jax"
     hf_checkpoint: str
     max_batch_size: int = 64
     max_seq_len: int = 2048
@@ -24,6 +25,9 @@ class EngineSpec:
     server_options: dict[str, str] = field(default_factory=dict)  # --sglang-* pass-through
     log_dir: str | None = None
     staging_dir: str | None = None  # sglang-jax: where updated checkpoints are written
+    # jax engine, --colocate with the JAX trainer: the engine runs inside the trainer's process (one engine) and
+    # takes the trainer's parameters device to device instead of HF-named buckets
+    hosted_by_trainer: bool = False
 
 
 def start_engine(spec: EngineSpec, backend):
@@ -38,6 +42,14 @@ def start_engine(spec: EngineSpec, backend):
             spec.hf_checkpoint, backend.torch_device(), spec.max_batch_size, spec.max_seq_len,
             getattr(torch, spec.dtype), spec.seed,
         )  # fmt: skip
+        server = serve_http(engine, "127.0.0.1", 0)
+        return engine, server.url, server.stop
+    if spec.kind == "jax":
+        from slime.rollout.engines.embedded.server import serve_http
+        from slime.rollout.engines.jax.engine import JaxEngine
+
+        device = backend.jax_devices()[0]
+        engine = JaxEngine(spec.hf_checkpoint, spec.max_batch_size, spec.max_seq_len, spec.dtype, spec.seed, device)
         server = serve_http(engine, "127.0.0.1", 0)
         return engine, server.url, server.stop
     if spec.kind == "sglang":
@@ -56,13 +68,17 @@ def start_engine(spec: EngineSpec, backend):
     raise ValueError(f"unknown rollout engine kind {spec.kind!r}")
 
 
-def place_engine_worker(spec: EngineSpec, backend, placement_group, slot):
-    """An EngineWorker actor in `slot` of the run's placement group; `start()` it to load the engine."""
+def place_engine_worker(spec: EngineSpec, backend, placement_group, slot, env: dict[str, str] | None = None):
+    """An EngineWorker actor in `slot` of the run's placement group; `start()` it to load the engine. `env`: the
+    worker process's environment, when the engine needs one set before its stack is imported (JAX)."""
     import ray
 
     from slime.ray.cluster import scheduling
 
-    return ray.remote(EngineWorker).options(**scheduling(placement_group, slot, backend)).remote(spec, backend.name)
+    options = scheduling(placement_group, slot, backend)
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    return ray.remote(EngineWorker).options(**options).remote(spec, backend.name)
 
 
 class EngineWorker:

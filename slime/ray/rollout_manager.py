@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slime.config import Config, eval_sets
-from slime.ray.cluster import Slot
+from slime.ray.cluster import Slot, ray_env
 from slime.ray.engine_worker import EngineSpec, place_engine_worker
 from slime.types import Sample
 
@@ -31,6 +31,7 @@ class _Engine:
     actor: Any
     url: str
     pid: int
+    hosted: bool = False  # lives in the trainer's process (EngineSpec.hosted_by_trainer): never killed from here
 
 
 class RolloutManager:
@@ -83,13 +84,24 @@ class RolloutManager:
         self._prepared = None  # the DataSources hold it now
         self.plugins = plugins.load_rollout_plugins(config)
         self.ctx = RolloutContext(config, self.tokenizer, [], return_routed_experts=routed_experts_wanted(config))
-        self.engines = list(await asyncio.gather(*(self._start_engine(slot) for slot in self.slots)))
+        if not self.spec.hosted_by_trainer:  # else the trainer's actor is adopted once it hosts the engine
+            self.engines = list(await asyncio.gather(*(self._start_engine(slot) for slot in self.slots)))
+        self.ctx.set_urls([e.url for e in self.engines])
+        return self.engine_info()
+
+    async def adopt_engine(self, actor) -> list[dict]:
+        """Use the engine the trainer's actor hosts (after its host_engine) as this run's only engine."""
+        info = await actor.info.remote()
+        self.engines = [_Engine(actor, info["url"], info["pid"], hosted=True)]
         self.ctx.set_urls([e.url for e in self.engines])
         return self.engine_info()
 
     # ---- engines ------------------------------------------------------------------------------------
     async def _start_engine(self, slot: Slot) -> _Engine:
-        actor = place_engine_worker(self.spec, self.backend, self.placement_group, slot)
+        env = None
+        if self.spec.kind == "jax":  # set before jax is imported in the engine's process
+            env = {**ray_env(self.backend), **self.backend.jax_process_env(1)}
+        actor = place_engine_worker(self.spec, self.backend, self.placement_group, slot, env)
         info = await actor.start.remote()
         return _Engine(actor, info["url"], info["pid"])
 
@@ -109,6 +121,8 @@ class RolloutManager:
             for i, ok in enumerate(alive):
                 if ok:
                     continue
+                if self.engines[i].hosted:
+                    raise RuntimeError("the rollout engine in the trainer's process is gone (so is the trainer)")
                 logger.warning("rollout engine %d (pid %d) is gone; restarting it", i, self.engines[i].pid)
                 await self._stop(self.engines[i], timeout_s=10)  # a hung worker may still own a server process
                 engine = await self._start_engine(self.slots[i])
@@ -209,6 +223,12 @@ class RolloutManager:
         """Ask the worker to stop its server, then kill the worker whether it answered or not."""
         import ray
 
+        if engine.hosted:  # the trainer's actor: stop its engine, the trainer group shuts the actor down
+            try:
+                await asyncio.wait_for(engine.actor.stop_engine.remote(), timeout_s)
+            except Exception:
+                pass
+            return
         try:
             await asyncio.wait_for(engine.actor.shutdown.remote(), timeout_s)
         except Exception:  # dead already, or hung

@@ -1,8 +1,15 @@
-"""TPU backend: JAX/XLA, sglang-jax rollout, JAX kernels."""
+"""TPU backend: JAX/XLA, sglang-jax rollout where installed (else the built-in JAX engine), JAX kernels."""
 
 from __future__ import annotations
 
-from slime.backends.base import WEIGHT_SYNC_OBJECT_STORE, Backend, Capabilities, Requirement, register_backend
+from slime.backends.base import (
+    WEIGHT_SYNC_IN_PROCESS,
+    WEIGHT_SYNC_OBJECT_STORE,
+    Backend,
+    Capabilities,
+    Requirement,
+    register_backend,
+)
 
 
 @register_backend
@@ -19,8 +26,8 @@ class TpuBackend(Backend):
     fractional_devices = False  # Ray accepts only whole chip counts (1, 2, 4, 8) for the TPU resource
     capabilities = Capabilities(
         trainer_families=("jax",),
-        rollout_engines=("sglang_jax",),
-        weight_sync=(WEIGHT_SYNC_OBJECT_STORE,),
+        rollout_engines=("sglang_jax", "jax"),
+        weight_sync=(WEIGHT_SYNC_OBJECT_STORE, WEIGHT_SYNC_IN_PROCESS),  # in process: colocated JAX pair
         moe_dispatchers=("alltoall",),
         memory_saver=False,
     )
@@ -29,8 +36,9 @@ class TpuBackend(Backend):
         Requirement("libtpu", "libtpu"),
         Requirement("flax", "flax"),
         Requirement("optax", "optax"),
-        Requirement("sgl_jax", "sglang-jax", note="sglang-jax needs Python >= 3.12"),
     )
+    # without it the built-in JAX engine serves rollouts (Capabilities.rollout_engines: first installed wins)
+    optional = (Requirement("sgl_jax", "sglang-jax", note="sglang-jax needs Python >= 3.12"),)
 
     def detect_devices(self) -> tuple[int, str]:
         chips = [d for d in self.system.list_dir("/dev") if d.startswith("accel") and d[5:].isdigit()]

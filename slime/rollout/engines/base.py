@@ -26,10 +26,11 @@ SGLang's `flush_cache` flag, and SGLang applies each bucket as it arrives.
 from __future__ import annotations
 
 import math
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -222,3 +223,63 @@ class RolloutEngine(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+ResultCallback = Callable[[GenerateResult], None]
+
+
+class Tokenizer(Protocol):
+    """What engines and the HTTP server need of a tokenizer: text prompts and stop strings."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
+
+
+class ServableEngine(RolloutEngine):
+    """An in-process engine that the SGLang-compatible HTTP server (embedded/server.py) can sit in front of.
+
+    The server needs a non-blocking submit (each HTTP request awaits its own callback, so hundreds of them fill
+    one batch), request ids for requests that come without one, the checkpoint's tokenizer (text prompts, stop
+    strings; None when the folder has none), and the few facts /get_model_info reports. `generate` is built on
+    `submit` here, so an engine implements scheduling once.
+    """
+
+    model_path: str
+    model_type: str
+    max_batch_size: int
+    max_seq_len: int
+    tokenizer: Tokenizer | None
+    engine_name: str = "slime"  # reported by /get_server_info
+
+    @abstractmethod
+    def submit(self, request: GenerateRequest, callback: ResultCallback) -> None:
+        """Queue one request; `callback(result)` runs once, on the engine's thread (or the caller's, for a
+        request rejected at once). Raises EngineError after shutdown."""
+
+    @abstractmethod
+    def new_rid(self) -> str:
+        """A request id unique within this engine."""
+
+    def flush_cache(self) -> None:
+        """Drop cached prefixes (engines without a prefix cache have nothing to do)."""
+
+    def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        if not requests:
+            return []
+        results: list[GenerateResult | None] = [None] * len(requests)
+        remaining = [len(requests)]
+        done = threading.Event()
+        lock = threading.Lock()
+
+        def on_result(index: int, result: GenerateResult) -> None:
+            results[index] = result
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    done.set()
+
+        for i, request in enumerate(requests):
+            self.submit(request, lambda result, i=i: on_result(i, result))
+        done.wait()
+        return [r for r in results if r is not None]

@@ -20,6 +20,7 @@ class JaxTrainerWorker:
         self.backend = backend_for_worker(hardware)  # selected (and probed) by the driver
         self.trainer = None
         self._sender = None  # weight sync "broadcast": the group to the engines, kept between updates
+        self.engine = None  # a hosted rollout engine (host_engine), when the run places it here
 
     def master_address(self) -> tuple[str, int]:
         return "127.0.0.1", 0  # one process: no process group to rendezvous
@@ -81,5 +82,42 @@ class JaxTrainerWorker:
     def onload(self) -> None:
         self.trainer.onload()
 
+    # ---- a rollout engine in this process (--colocate with the JAX pair) ------------------------------------
+    # The rollout manager drives this actor as it drives an EngineWorker (info, health, update_weights, memory),
+    # so the engine is reached over the same HTTP API; only the weight hand-off differs: the trainer's sharded
+    # parameters go into the engine's device directly (JaxEngine.update_weights_in_place), no buckets.
+    def host_engine(self, spec) -> dict:
+        from slime.ray.engine_worker import start_engine
+
+        self.engine, self.url, self._stop_server = start_engine(spec, self.backend)
+        return self.info()
+
+    def info(self) -> dict:
+        return {"url": self.url, "pid": os.getpid(), "weight_version": self.engine.weight_version}
+
+    def health(self) -> bool:
+        return self.engine is not None and self.engine.health()
+
+    def update_weights(self, bucket_refs: list, version: int) -> float:
+        """The trainer's current parameters into the hosted engine (bucket_refs are unused: nothing is sent)."""
+        import time
+
+        start = time.perf_counter()
+        self.engine.update_weights_in_place(self.trainer.params, version)
+        return time.perf_counter() - start
+
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        self.engine.release_memory(tags)
+
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        self.engine.resume_memory(tags)
+
+    def stop_engine(self) -> None:
+        if self.engine is not None:
+            self._stop_server()
+            self.engine.shutdown()
+            self.engine = None
+
     def shutdown(self) -> None:
+        self.stop_engine()
         self.trainer = None

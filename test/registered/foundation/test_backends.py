@@ -104,14 +104,18 @@ def test_amd_machine_needs_a_rocm_torch():
 
 
 def test_tpu_vm_with_jax_stack():
+    from slime.rollout.engines.selection import default_rollout_engine
+
     system = fake_system(
         modules=("jax", "libtpu", "flax", "optax", "sgl_jax"), dirs={"/dev": ["accel0", "accel1", "accel2", "accel3"]}
     )
     backend = select_backend("auto", system)
-    assert backend.name == "tpu" and backend.rollout_engine == "sglang_jax"
+    assert backend.name == "tpu" and default_rollout_engine(backend) == "sglang_jax"
+    # sglang-jax is optional: without it the built-in JAX engine is the default
     without_sglang_jax = fake_system(modules=("jax", "libtpu", "flax", "optax"), dirs={"/dev": ["accel0"]})
-    probe = {p.name: p for p in probe_all(without_sglang_jax)}["tpu"]
-    assert not probe.available and probe.missing == ("sglang-jax",)
+    backend = select_backend("auto", without_sglang_jax)
+    assert backend.name == "tpu" and default_rollout_engine(backend) == "jax"
+    assert [r.dist for r in backend.missing_optional()] == ["sglang-jax"]
 
 
 def test_unknown_hardware_name():

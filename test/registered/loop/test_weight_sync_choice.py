@@ -36,9 +36,13 @@ def test_default_and_override(hardware, flags, transport):
 
 
 def test_a_transport_the_backend_lacks_is_one_line():
-    with pytest.raises(ConfigError, match=r"^--weight-sync ipc: the cpu backend offers broadcast, object_store$"):
+    with pytest.raises(
+        ConfigError, match=r"^--weight-sync ipc: the cpu backend offers broadcast, object_store, in_process$"
+    ):
         choose("cpu", "--colocate", "--weight-sync", "ipc")
-    with pytest.raises(ConfigError, match=r"^--weight-sync broadcast: the tpu backend offers object_store$"):
+    with pytest.raises(
+        ConfigError, match=r"^--weight-sync broadcast: the tpu backend offers object_store, in_process$"
+    ):
         choose("tpu", "--weight-sync", "broadcast")
 
 

@@ -10,21 +10,30 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=720, suite="nightly-accuracy-cpu", nightly=True)
+register_cpu_ci(est_time=1500, suite="nightly-accuracy-cpu", nightly=True)
+
+# The Megatron trainer with the embedded engine (the CPU default), and the all-JAX pair the TPU backend runs.
+PAIRS = {"megatron_embedded": [], "jax_pair": ["--", "--train-backend", "jax", "--rollout-engine", "jax"]}
 
 THRESHOLDS = json.loads((Path(__file__).with_name("accuracy_thresholds.json")).read_text())["quickstart"]
 
 
-def test_quickstart_reaches_the_stored_heldout_accuracy(tmp_path):
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+def test_quickstart_reaches_the_stored_heldout_accuracy(tmp_path, pair):
     from slime.quickstart.run import main
 
-    assert main(["--output-dir", str(tmp_path)]) == 0
+    assert main(["--output-dir", str(tmp_path), *PAIRS[pair]]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     before, after = summary["heldout_accuracy_after_sft"], summary["heldout_accuracy_after_rl"]
     if os.environ.get("SLIME_NIGHTLY_OUT"):
-        report_accuracy(Path(os.environ["SLIME_NIGHTLY_OUT"]) / "accuracy", before, after)
+        suffix = "" if pair == "megatron_embedded" else f"_{pair}"  # the default pair keeps its history's names
+        report_accuracy(
+            Path(os.environ["SLIME_NIGHTLY_OUT"]) / f"accuracy{suffix}", before, after, f"quickstart{suffix}"
+        )
     assert before <= THRESHOLDS["after_sft_max"] + THRESHOLDS["allowed_float"], (
         f"SFT alone already reached {before:.1%}"
     )
@@ -37,12 +46,12 @@ def test_quickstart_reaches_the_stored_heldout_accuracy(tmp_path):
     )
 
 
-def report_accuracy(out: Path, before: float, after: float) -> None:
+def report_accuracy(out: Path, before: float, after: float, name: str) -> None:
     from release import nightly, perf
 
     figures = [
-        ("accuracy.quickstart.heldout_after_rl", after, "fraction", True),
-        ("accuracy.quickstart.heldout_after_sft", before, "fraction", True),
+        (f"accuracy.{name}.heldout_after_rl", after, "fraction", True),
+        (f"accuracy.{name}.heldout_after_sft", before, "fraction", True),
     ]
     records = out / "records.jsonl"
     perf.write_records(perf.to_records(figures, "cpu", *perf.night()), records)

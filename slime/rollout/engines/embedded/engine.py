@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,8 +28,9 @@ from slime.rollout.engines.base import (
     EngineError,
     GenerateRequest,
     GenerateResult,
-    RolloutEngine,
+    ResultCallback,
     SamplingParams,
+    ServableEngine,
     WeightUpdateError,
     wants_kv_cache,
 )
@@ -47,8 +48,6 @@ logger = logging.getLogger(__name__)
 
 # Upper bound on prompt tokens (padded) in one prefill batch; bounds activation memory for long prompts.
 PREFILL_TOKEN_BUDGET = 16384
-
-ResultCallback = Callable[[GenerateResult], None]
 
 
 @dataclass
@@ -105,8 +104,10 @@ def _load_tokenizer(path: str) -> CheckpointTokenizer | None:
     return CheckpointTokenizer(file) if os.path.isfile(file) else None
 
 
-class EmbeddedEngine(RolloutEngine):
+class EmbeddedEngine(ServableEngine):
     """Serve an HF checkpoint (Qwen2, Qwen3, Llama) in this process on any torch device."""
+
+    engine_name = "slime-embedded"
 
     def __init__(
         self,
@@ -123,6 +124,7 @@ class EmbeddedEngine(RolloutEngine):
             )
         self.model_path = hf_checkpoint_dir
         self.spec = DecoderSpec.from_checkpoint(hf_checkpoint_dir)
+        self.model_type = self.spec.model_type
         self.model = ServingModel(self.spec, max_batch_size, max_seq_len, device, dtype)
         load_checkpoint_into(self.model, hf_checkpoint_dir)
         self.tokenizer = _load_tokenizer(hf_checkpoint_dir)
@@ -189,26 +191,6 @@ class EmbeddedEngine(RolloutEngine):
         if request.sampling_params.stop and self.tokenizer is None:
             return f"sampling_params.stop needs a tokenizer, and {self.model_path} has none (use stop_token_ids)"
         return None
-
-    def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
-        results: list[GenerateResult | None] = [None] * len(requests)
-        remaining = [len(requests)]
-        done = threading.Event()
-        lock = threading.Lock()
-        if not requests:
-            return []
-
-        def on_result(index: int, result: GenerateResult) -> None:
-            results[index] = result
-            with lock:
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    done.set()
-
-        for i, request in enumerate(requests):
-            self.submit(request, lambda result, i=i: on_result(i, result))
-        done.wait()
-        return [r for r in results if r is not None]
 
     def new_rid(self) -> str:
         return f"embedded-{next(self._rid_counter)}"

@@ -1,4 +1,5 @@
-"""SGLang-compatible HTTP server for the embedded engine (the subset RL uses; JSON in protocol.py).
+"""SGLang-compatible HTTP server for any in-process engine (`base.ServableEngine`: the embedded engine, the JAX
+engine); the subset RL uses, JSON in protocol.py.
 
     python -m slime.rollout.engines.embedded.server --model PATH [--port N]
     -> prints "slime embedded engine ready at http://127.0.0.1:PORT" once it accepts requests.
@@ -13,6 +14,7 @@ Endpoints: /generate, /health, /health_generate, /get_model_info, /get_weight_ve
 /update_weights_from_tensor, /update_weights_from_disk, /pause_generation, /continue_generation,
 /abort_request, /release_memory_occupation, /resume_memory_occupation, and SGLang's distributed weight update
 (/init_weights_update_group, /update_weights_from_distributed, /destroy_weights_update_group; distributed.py).
+Any in-process engine (`ServableEngine`: the embedded and the JAX engine) can sit behind it.
 """
 
 from __future__ import annotations
@@ -31,9 +33,8 @@ from typing import Any
 
 from aiohttp import web
 
-from slime.rollout.engines.base import EngineError, GenerateResult
+from slime.rollout.engines.base import EngineError, GenerateResult, ServableEngine
 from slime.rollout.engines.embedded.distributed import DEFAULT_GROUP, DEFAULT_TIMEOUT_S, WeightGroups
-from slime.rollout.engines.embedded.engine import EmbeddedEngine
 from slime.rollout.engines.protocol import (
     FLATTENED_BUCKET,
     ProtocolError,
@@ -80,7 +81,7 @@ def _require_bool(body: dict[str, Any], key: str, default: bool) -> bool:
 
 
 class EmbeddedServer:
-    def __init__(self, engine: EmbeddedEngine, weight_group_timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, engine: ServableEngine, weight_group_timeout_s: float = DEFAULT_TIMEOUT_S):
         self.engine = engine
         self.groups = WeightGroups(engine, weight_group_timeout_s)
         self.app = web.Application(client_max_size=1 << 31, middlewares=[self._errors])
@@ -155,7 +156,7 @@ class EmbeddedServer:
                 "max_total_num_tokens": self.engine.max_batch_size * self.engine.max_seq_len,
                 "context_length": self.engine.max_seq_len,
                 "max_running_requests": self.engine.max_batch_size,
-                "model_type": self.engine.spec.model_type,
+                "model_type": self.engine.model_type,
             }
         )
 
@@ -168,7 +169,7 @@ class EmbeddedServer:
                 "context_length": self.engine.max_seq_len,
                 "weight_version": str(self.engine.weight_version),
                 "pid": os.getpid(),
-                "engine": "slime-embedded",
+                "engine": self.engine.engine_name,
             }
         )
 
@@ -195,7 +196,7 @@ class EmbeddedServer:
         if _require_bool(body, "abort_all_requests", False):
             await self._run_blocking(self.engine.abort, None)
         version = _parse_version(body, self.engine.weight_version)
-        named = deserialize_payload(serialized[0], load_format)  # one rank: the embedded engine is not sharded
+        named = deserialize_payload(serialized[0], load_format)  # one rank: the in-process engines take whole tensors
         await self._run_blocking(lambda: self.engine.update_weights_from_tensors(named, version, finish=finish))
         return web.json_response({"success": True, "message": "Succeeded to update model weights."})
 
@@ -298,7 +299,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve_http(
-    engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 0, weight_group_timeout_s: float = DEFAULT_TIMEOUT_S
+    engine: ServableEngine, host: str = "127.0.0.1", port: int = 0, weight_group_timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> ServerHandle:
     """Serve `engine` on a background thread; port 0 picks a free port. Returns once it accepts requests.
     `weight_group_timeout_s` bounds every collective of a distributed weight update."""
@@ -339,10 +340,22 @@ def _dtype(name: str):
     return choices[name]
 
 
+def _build_engine(args: argparse.Namespace) -> ServableEngine:
+    if args.engine == "jax":
+        from slime.rollout.engines.jax.engine import JaxEngine
+
+        dtype = str(args.dtype).removeprefix("torch.")
+        return JaxEngine(args.model, args.max_batch_size, args.max_seq_len, dtype, args.seed)
+    from slime.rollout.engines.embedded.engine import EmbeddedEngine
+
+    return EmbeddedEngine(args.model, args.device, args.max_batch_size, args.max_seq_len, args.dtype, args.seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Serve an HF checkpoint with the embedded engine over SGLang's HTTP API."
+        description="Serve an HF checkpoint with an in-process engine over SGLang's HTTP API."
     )
+    parser.add_argument("--engine", choices=("embedded", "jax"), default="embedded")
     parser.add_argument("--model", "--model-path", dest="model", required=True, help="HF checkpoint folder")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = pick a free port")
@@ -356,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     try:
-        engine = EmbeddedEngine(args.model, args.device, args.max_batch_size, args.max_seq_len, args.dtype, args.seed)
+        engine = _build_engine(args)
     except (ValueError, EngineError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
