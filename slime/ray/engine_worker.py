@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from slime.ray.cores import CoreBudget
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class EngineSpec:
     server_options: dict[str, str] = field(default_factory=dict)  # --sglang-* pass-through
     log_dir: str | None = None
     staging_dir: str | None = None  # sglang-jax: where updated checkpoints are written
+    cores: CoreBudget | None = None  # threads while generating (slime.ray.cores); None: the process's default
 
 
 def start_engine(spec: EngineSpec, backend):
@@ -84,6 +89,8 @@ class EngineWorker:
     def start(self) -> dict:
         """Start the engine (and its server) on this worker's device; returns `info()`."""
         self.backend.setup_process(self.backend.device_index)
+        if self.spec.cores is not None:  # before the engine's worker thread exists: it takes this value
+            self.spec.cores.apply("generate")
         self.engine, self.url, self._stop_server = start_engine(self.spec, self.backend)
         return self.info()
 
