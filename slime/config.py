@@ -53,6 +53,12 @@ class ClusterConfig:
         "--colocate), in_process; auto = the backend's default for the placement",
         choices=("auto", "object_store", "broadcast", "ipc", "in_process"),
     )
+    cores_per_node: int | None = opt(
+        None, "cores the run's workers may use on each node (default: all the process may run on); slime.ray.cores"
+    )
+    async_generation_cores: int | None = opt(
+        None, "with --async: cores of a node kept for generation, the rest train (default: a third, at least 1)"
+    )
 
 
 @dataclass(frozen=True)
@@ -207,6 +213,11 @@ class LoggingConfig:
     )
     dump_rollout_dir: str | None = opt(
         None, "write every rollout's samples as JSONL here", flag="--save-debug-rollout-data"
+    )
+    profile: int = opt(
+        0,
+        "profile the first N RL steps: per-phase seconds and each worker's busy/idle time in "
+        "<output-dir>/profile/phases.json, a torch profiler trace of trainer rank 0 beside it",
     )
 
 
@@ -467,6 +478,11 @@ def _check_parallel(config: Config) -> list[str]:
             f"--rollout-num-gpus {c.rollout_num_gpus} must be divisible by --rollout-num-gpus-per-engine "
             f"{c.rollout_num_gpus_per_engine}"
         )
+    for flag, value in (("--cores-per-node", c.cores_per_node), ("--async-generation-cores", c.async_generation_cores)):
+        if value is not None and value < 1:
+            problems.append(f"{flag} must be >= 1, got {value}")
+    if config.logging.profile < 0:
+        problems.append(f"--profile must be >= 0 (steps to profile), got {config.logging.profile}")
     if c.weight_sync == "ipc" and not c.colocate:
         problems.append("--weight-sync ipc hands device memory to an engine on the same device: it needs --colocate")
     if t.async_rollout and c.colocate:

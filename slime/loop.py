@@ -27,7 +27,9 @@ from slime.loop_steps import (
     train_on_rollout,
 )
 from slime.preflight import CheckedRun, check_run
-from slime.ray.actors import RunActors, start_actors
+from slime.profiling import StepProfile
+from slime.ray.actors import RunActors, run_layout, start_actors
+from slime.ray.cores import plan_budget
 from slime.ray.weight_sync import resolve_weight_sync
 from slime.run_log import RunLog
 
@@ -69,6 +71,7 @@ def train(config: Config, backend: Backend | None = None, checked: CheckedRun | 
             log.message(note)
         summary = RunSummary(config.logging.output_dir, start)
         begin(config, run, inputs, log, summary, start, version)
+        profile = StepProfile(config, run, plan_budget(config, run_layout(config), run.critic is not None).describe())
 
         next_rollout = None  # with --async: the rollout already generating for the next step
         for step in range(start, config.train.num_rollout):
@@ -88,6 +91,8 @@ def train(config: Config, backend: Backend | None = None, checked: CheckedRun | 
                 summary.evaluations.append((step + 1, evaluate(config, run, log, step + 1)))
             log.log(step, finish_metrics(metrics, len(samples), step_start, version=step + 1))
             summary.last_metrics = metrics
+            evaluated = summary.evaluations and summary.evaluations[-1][0] == step + 1
+            profile.record(step, metrics, summary.evaluations[-1][1]["perf/eval_time"] if evaluated else 0.0)
 
         export_hf(config, run)
         log.close()

@@ -13,7 +13,7 @@ from slime import invariants
 from slime.config import Config
 from slime.plugins import PluginError
 from slime.ray.actors import RunActors
-from slime.ray.cluster import ClusterError, get_all
+from slime.ray.cluster import ClusterError
 from slime.settings import advantage_settings, engine_spec
 from slime.training import checkpoint
 from slime.training.batch import TrainBatch
@@ -142,7 +142,13 @@ def train_on_rollout(
     advantage_fn=None,
 ) -> dict[str, float]:
     """Rewards -> (ref / old log-probs, values as needed) -> advantages -> optimizer step(s) on actor and critic.
-    `first_step`: the first step of this process (step 0, or the first after a resume)."""
+    `first_step`: the first step of this process (step 0, or the first after a resume).
+
+    The old log-probs get a pass of their own only when something needs them before the update: several optimizer
+    steps per rollout (the policy moves between them) or a KL penalty in the reward. With one step per rollout
+    the ratio is exactly 1, so the trainer uses its own detached log-probs, and --ci-test checks those very
+    values, returned by the step itself (they are computed before the update). So a GRPO step without KL sends
+    the batch to the trainer once."""
     batch = TrainBatch.from_samples(samples, pad_token_id)
     batch.rewards = [s.scalar_reward(config.rollout.reward_key) for s in samples]
     settings = advantage_settings(config)
@@ -152,33 +158,46 @@ def train_on_rollout(
     kl_check = check and step == 0
     if config.algorithm.use_kl_loss or settings.kl_coef or kl_check:
         batch.ref_log_probs, _ = run.actor.compute_log_probs(batch, "ref")
-    if config.train_steps_per_rollout > 1 or settings.kl_coef or check:
+    separate_old_pass = (
+        config.train_steps_per_rollout > 1 or bool(settings.kl_coef) or (check and not run.actor.keeps_step_log_probs)
+    )
+    if separate_old_pass:
         batch.old_log_probs, entropies = run.actor.compute_log_probs(batch, "actor")
         if check:
-            metrics.update(invariants.check_ranges(batch.old_log_probs, entropies, batch.loss_masks, vocab_size))
-            if first_step:  # the engines hold the trainer's weights: their log-probs must agree
-                metrics.update(
-                    invariants.logprob_agreement(batch.old_log_probs, batch.rollout_log_probs, batch.loss_masks)
-                )
-                invariants.check_first_step(
-                    metrics, _mean_kl(batch) if kl_check else None, config.rollout.rollout_dtype, step
-                )
+            check_log_probs(config, metrics, batch, entropies, vocab_size, step, first_step)
     if run.critic is not None:
         batch.values = run.critic.compute_values(batch)
     fill_advantages(settings, batch, [s.group_index for s in samples], advantage_fn)
     actor_rows, critic_rows = [], []
+    keep = check and not separate_old_pass  # then there is exactly one chunk: the step's log-probs are the old ones
     for chunk in batch.chunks(config.train.global_batch_size):
-        futures = run.actor.submit_train(chunk)
+        futures = run.actor.submit_train(chunk, keep)
         critic_futures = run.critic.submit_train(chunk) if run.critic is not None else []
-        actor_rows.append(get_all(futures, what="actor.train")[0])
+        row, log_probs, entropies = run.actor.finish_train(futures, len(chunk))
+        actor_rows.append(row)
         if critic_futures:
-            critic_rows.append(get_all(critic_futures, what="critic.train")[0])
+            critic_rows.append(run.critic.finish_train(critic_futures, len(chunk))[0])
+        if keep:
+            batch.old_log_probs = log_probs
+            check_log_probs(config, metrics, batch, entropies, vocab_size, step, first_step)
     metrics.update({f"train/{k}": v for k, v in mean_metrics(actor_rows).items()})
     metrics.update({f"critic/{k}": v for k, v in mean_metrics(critic_rows).items()})
     metrics["train/advantage_abs_mean"] = float(
         sum(float(a.abs().sum()) for a in batch.advantages) / max(1, batch.num_loss_tokens())
     )
     return metrics
+
+
+def check_log_probs(
+    config: Config, metrics: dict, batch: TrainBatch, entropies, vocab_size: int, step: int, first_step: bool
+):
+    """--ci-test on the policy's log-probs of this rollout (before its update): sane ranges, and on the first step
+    agreement with the engines' log-probs (they hold the trainer's weights) and KL ~ 0 to the reference at step 0."""
+    metrics.update(invariants.check_ranges(batch.old_log_probs, entropies, batch.loss_masks, vocab_size))
+    if first_step:
+        metrics.update(invariants.logprob_agreement(batch.old_log_probs, batch.rollout_log_probs, batch.loss_masks))
+        kl = _mean_kl(batch) if step == 0 else None
+        invariants.check_first_step(metrics, kl, config.rollout.rollout_dtype, step)
 
 
 def _mean_kl(batch: TrainBatch) -> float:

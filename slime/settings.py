@@ -8,6 +8,7 @@ from pathlib import Path
 
 from slime.backends import Backend
 from slime.config import Config
+from slime.ray.cores import CoreBudget, plan_budget
 from slime.ray.engine_worker import EngineSpec
 from slime.rollout.engines.selection import rollout_engine
 from slime.training.config import TrainerConfig
@@ -54,7 +55,17 @@ def trainer_config(config: Config, role: str) -> TrainerConfig:
         value_clip=a.value_clip,
         keep_last_n=config.checkpoint.keep_last_n,
         megatron_overrides=tuple(sorted(config.megatron.items())),
+        cores=core_budget(config),
+        profile_steps=config.logging.profile,
+        profile_dir=str(Path(config.logging.output_dir) / "profile"),
     )
+
+
+def core_budget(config: Config) -> CoreBudget:
+    """Threads per worker per phase, from the run's placement (slime.ray.cores)."""
+    from slime.ray.actors import needs_critic, run_layout  # actors imports this module
+
+    return plan_budget(config, run_layout(config), needs_critic(config))
 
 
 def engine_spec(config: Config, backend: Backend) -> EngineSpec:
@@ -77,6 +88,7 @@ def engine_spec(config: Config, backend: Backend) -> EngineSpec:
         server_options=dict(config.sglang),
         log_dir=str(Path(config.logging.output_dir) / "engines"),
         hosted_by_trainer=config.cluster.colocate and family == "jax" and kind == "jax" and engines == 1,
+        cores=core_budget(config),
     )
 
 

@@ -12,6 +12,10 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from slime.ray.cores import CoreBudget
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class EngineSpec:
     # jax engine, --colocate with the JAX trainer: the engine runs inside the trainer's process (one engine) and
     # takes the trainer's parameters device to device instead of HF-named buckets
     hosted_by_trainer: bool = False
+    cores: CoreBudget | None = None  # threads while generating (slime.ray.cores); None: the process's default
 
 
 def start_engine(spec: EngineSpec, backend):
@@ -100,6 +105,8 @@ class EngineWorker:
     def start(self) -> dict:
         """Start the engine (and its server) on this worker's device; returns `info()`."""
         self.backend.setup_process(self.backend.device_index)
+        if self.spec.cores is not None:  # before the engine's worker thread exists: it takes this value
+            self.spec.cores.apply("generate")
         self.engine, self.url, self._stop_server = start_engine(self.spec, self.backend)
         return self.info()
 

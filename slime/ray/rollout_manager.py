@@ -172,6 +172,7 @@ class RolloutManager:
 
         r = self.config.rollout
         restarts_before, started = self.restarts, time.perf_counter()
+        reward = TimedReward(self.plugins.reward)
         # Where the data stood before this rollout: a checkpoint taken while it is in flight (--async) resumes
         # from here, so the in-flight prompts are generated again rather than skipped.
         self._data_before = {k: v for k, v in self._data_before.items() if k >= rollout_id - 1}
@@ -181,12 +182,13 @@ class RolloutManager:
         else:
             result = await generate_rollout(
                 self.ctx, self.data,
-                num_groups=r.rollout_batch_size, generate_fn=self.plugins.generate_fn, reward=self.plugins.reward,
+                num_groups=r.rollout_batch_size, generate_fn=self.plugins.generate_fn, reward=reward,
                 filter_fn=self.plugins.filter_fn, over_sampling_groups=r.over_sampling_batch_size,
                 partial_rollout=r.partial_rollout, recover=self.recover,
             )  # fmt: skip
         result.metrics["rollout/engine_restarts"] = float(self.restarts - restarts_before)
         result.metrics["perf/rollout_time"] = time.perf_counter() - started
+        result.metrics["perf/reward_time"] = reward.seconds
         return result.samples, result.metrics
 
     async def evaluate(self, names: list[str] | None = None) -> dict[str, float]:
@@ -246,3 +248,19 @@ def _load_prompts(config: Config, path: str, n: int, tokenizer, shuffle: bool | 
         shuffle=d.rollout_shuffle if shuffle is None else shuffle, seed=d.rollout_seed, skip_bad_rows=d.skip_bad_rows,
         log=logger.warning, prepared=prepared,
     )  # fmt: skip
+
+
+class TimedReward:
+    """The rollout's reward with the seconds spent scoring counted (the per-phase profile's "reward")."""
+
+    def __init__(self, reward):
+        self.reward, self.seconds = reward, 0.0
+
+    async def score_group(self, ctx, group) -> None:
+        import time
+
+        start = time.perf_counter()
+        try:
+            await self.reward.score_group(ctx, group)
+        finally:
+            self.seconds += time.perf_counter() - start

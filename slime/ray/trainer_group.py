@@ -8,6 +8,8 @@ put once and handed to the tensor-parallel ranks of that share.
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,25 @@ class TrainerWorker:
         bind_worker_devices(self.backend)  # before anything touches the device stack
         self.trainer: Any = None
         self._sender: Any = None  # weight sync "broadcast": the group to the engines, kept between updates
+        self.busy_s: dict[str, float] = {}  # --profile: seconds spent per method
+        self._traced = 0  # --profile: train steps traced so far
+
+    @contextmanager
+    def _working(self, what: str):
+        """The trainer's share of the cores (slime.ray.cores) for one call, and the call's seconds counted."""
+        start = time.perf_counter()
+        cores = self.config.cores
+        if cores is None:
+            yield
+        else:
+            with cores.phase("train"):
+                yield
+        self.busy_s[what] = self.busy_s.get(what, 0.0) + time.perf_counter() - start
+
+    def busy_report(self) -> dict[str, float]:
+        """Seconds this rank spent in each kind of call since the last report (then starts counting again)."""
+        report, self.busy_s = self.busy_s, {}
+        return report
 
     def devices(self) -> dict:
         return device_report(self.backend)
@@ -70,18 +91,47 @@ class TrainerWorker:
 
     def compute_log_probs(self, shard: TrainBatch, weights: str) -> tuple | None:
         """(log-probs, entropies) per sample of the share, from tensor-parallel rank 0 (None elsewhere)."""
-        result = self.trainer.compute_log_probs(shard, weights)
+        with self._working("log_probs"):
+            result = self.trainer.compute_log_probs(shard, weights)
         return result if self.trainer.layout.tp_rank == 0 else None
 
     def compute_values(self, shard: TrainBatch) -> list | None:
-        values = self.trainer.compute_values(shard)
+        with self._working("values"):
+            values = self.trainer.compute_values(shard)
         return values if self.trainer.layout.tp_rank == 0 else None
 
-    def train(self, shard: TrainBatch) -> dict[str, float]:
-        return self.trainer.train_step(shard)
+    def train(self, shard: TrainBatch, keep_log_probs: bool = False) -> tuple[dict[str, float], tuple | None]:
+        """One optimizer step; with `keep_log_probs`, also the share's (log-probs, entropies) as the step saw them
+        before it changed the weights (from tensor-parallel rank 0, None elsewhere)."""
+        with self._working("train"), self._traced_step():
+            metrics = (
+                self.trainer.train_step(shard, keep_log_probs=True)
+                if keep_log_probs
+                else self.trainer.train_step(shard)
+            )
+        seen = self.trainer.last_log_probs if keep_log_probs and self.trainer.layout.tp_rank == 0 else None
+        return metrics, seen
+
+    @contextmanager
+    def _traced_step(self):
+        """--profile: the first N train steps of rank 0 under the torch profiler, one Chrome trace each."""
+        if self.rank != 0 or self._traced >= self.config.profile_steps:
+            yield
+            return
+        from pathlib import Path
+
+        import torch
+
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            yield
+        folder = Path(self.config.profile_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(folder / f"trainer_rank0_train_{self._traced:03d}.json"))
+        self._traced += 1
 
     def sft(self, shard: TrainBatch, lr: float | None) -> dict[str, float]:
-        return self.trainer.sft_step(shard, lr)
+        with self._working("sft"):
+            return self.trainer.sft_step(shard, lr)
 
     def reset_optimizer(self) -> None:
         self.trainer.reset_optimizer()
@@ -92,11 +142,12 @@ class TrainerWorker:
         import ray
 
         refs = []
-        for bucket in self.trainer.hf_weight_buckets(bucket_bytes):
-            if self.rank == 0:
-                # a copy: export yields views of the parameters, and a pickled view would carry its whole storage
-                # (one copy, whether the parameters live on the host or on a device)
-                refs.append(ray.put([(name, tensor.detach().to("cpu", copy=True)) for name, tensor in bucket]))
+        with self._working("weights"):
+            for bucket in self.trainer.hf_weight_buckets(bucket_bytes):
+                if self.rank == 0:
+                    # a copy: export yields views of the parameters, and a pickled view would carry its whole
+                    # storage (one copy, whether the parameters live on the host or on a device)
+                    refs.append(ray.put([(name, tensor.detach().to("cpu", copy=True)) for name, tensor in bucket]))
         return refs
 
     def broadcast_weights(self, urls: list[str], version: int, bucket_bytes: int, timeout_s: float) -> float:
@@ -104,16 +155,17 @@ class TrainerWorker:
         (the other ranks take part in the tensor-parallel gathers). Returns seconds on rank 0."""
         from slime.ray.weight_sync import BroadcastSender, drain
 
-        buckets = self.trainer.hf_weight_buckets(bucket_bytes)
-        if self.rank != 0:
-            drain(buckets)
-            return 0.0
-        if self._sender is None or self._sender.timeout_s != timeout_s:
-            import ray
+        with self._working("weights"):
+            buckets = self.trainer.hf_weight_buckets(bucket_bytes)
+            if self.rank != 0:
+                drain(buckets)
+                return 0.0
+            if self._sender is None or self._sender.timeout_s != timeout_s:
+                import ray
 
-            address = ray.util.get_node_ip_address()
-            self._sender = BroadcastSender(self.backend.dist_backend, address, timeout_s)
-        return self._sender.send(urls, buckets, version)
+                address = ray.util.get_node_ip_address()
+                self._sender = BroadcastSender(self.backend.dist_backend, address, timeout_s)
+            return self._sender.send(urls, buckets, version)
 
     def ipc_weights(self, urls: list[str], version: int, bucket_bytes: int, timeout_s: float) -> float:
         """Weight sync "ipc": rank r hands device-memory handles to the colocated engine r (same device)."""
@@ -186,6 +238,8 @@ class TrainerGroup:
         import ray
 
         self.role = role
+        # the train step hands back the log-probs it computed before its update (--ci-test needs no extra pass)
+        self.keeps_step_log_probs = family != "jax"
         if family == "jax":
             # one process drives a mesh over all the slots' devices (data parallelism lives inside the mesh)
             from slime.training.jax.worker import JaxTrainerWorker
@@ -237,10 +291,25 @@ class TrainerGroup:
             get_all(self._submit_sharded("compute_values", batch), what="critic.compute_values"), len(batch)
         )
 
-    def submit_train(self, batch: TrainBatch) -> list:
-        """Start one optimizer step on every rank; `get_all` the futures and take [0] for the metrics (the
-        actor and the critic train at the same time on their own devices)."""
-        return self._submit_sharded("train", batch)
+    def submit_train(self, batch: TrainBatch, keep_log_probs: bool = False) -> list:
+        """Start one optimizer step on every rank (the actor and the critic train at the same time on their own
+        devices); `finish_train` the futures."""
+        return self._submit_sharded("train", batch, keep_log_probs)
+
+    def finish_train(self, futures: list, total: int) -> tuple[dict[str, float], list | None, list | None]:
+        """(metrics, log-probs, entropies) of a `submit_train`: the per-sample values, in batch order, only when
+        it was asked to keep them (the step's own pre-update log-probs; no separate pass)."""
+        results = get_all(futures, what=f"{self.role}.train")
+        if results[0][1] is None:
+            return results[0][0], None, None
+        seen = [r[1] for r in results]
+        log_probs = self._merge([s[0] if s is not None else None for s in seen], total)
+        entropies = self._merge([s[1] if s is not None else None for s in seen], total)
+        return results[0][0], log_probs, entropies
+
+    def busy_report(self) -> list[dict[str, float]]:
+        """--profile: each rank's seconds per kind of call since the last report."""
+        return self._call("busy_report")
 
     def sft(self, batch: TrainBatch, lr: float | None) -> dict[str, float]:
         return get_all(self._submit_sharded("sft", batch, lr), what="actor.sft")[0]

@@ -56,9 +56,13 @@ class PolicyTrainer(MegatronTrainer):
                     log_probs[i], entropies[i] = a.float().cpu(), b.float().cpu()
         return log_probs, entropies
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step of the RL loss over this rank's share of the global batch."""
+    def train_step(self, batch: TrainBatch, keep_log_probs: bool = False) -> dict[str, float]:
+        """One optimizer step of the RL loss over this rank's share of the global batch. `keep_log_probs`: leave
+        the share's detached log-probs and entropies, as computed before the update, in `last_log_probs` (with
+        one step per rollout they are the old log-probs: no separate pass is needed for checks)."""
         cfg = self.config
+        kept_lp: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+        kept_ent: list[torch.Tensor] = [torch.empty(0)] * len(batch)
         if cfg.use_kl_loss and batch.ref_log_probs is None:
             raise ValueError(
                 "use_kl_loss is on but batch.ref_log_probs is empty: call compute_log_probs(batch, 'ref') first"
@@ -66,6 +70,7 @@ class PolicyTrainer(MegatronTrainer):
         if cfg.use_tis and any(r is None for r in batch.rollout_log_probs):
             raise ValueError("use_tis is on but some samples have no rollout_log_probs")
         denominator = self.global_denominator(batch)
+        batch, trained_share = self._rows_with_signal(batch, keep_log_probs, denominator)
         self.model.train()
         self._moe_step_begin(batch)
         totals = {
@@ -80,6 +85,9 @@ class PolicyTrainer(MegatronTrainer):
         for indices in self._micro_batches(batch):
             micro = collate(batch, indices)
             lp_list, ent_list = self._log_probs(micro, with_entropy=True)
+            if keep_log_probs:
+                for i, a, b in zip(indices, lp_list, ent_list):
+                    kept_lp[i], kept_ent[i] = a.detach().float().cpu(), b.detach().float().cpu()
             mask = micro.response_mask.to(self.device)
             log_probs = self._pad(micro, lp_list)
             entropy = self._pad(micro, ent_list)
@@ -115,7 +123,24 @@ class PolicyTrainer(MegatronTrainer):
             totals["entropy"] += float(entropy_mean.detach())
             totals["clip_frac"] += float(pg_metrics["pg_clip_frac"])
             totals["ppo_kl"] += float(pg_metrics["ppo_kl"])
+        self.last_log_probs = (kept_lp, kept_ent) if keep_log_probs else None
+        for name in ("entropy", "tis_weight"):  # means over the rows trained on, not over the whole batch
+            totals[name] /= trained_share
         return self._finish_step(totals, batch)
+
+    def _rows_with_signal(
+        self, batch: TrainBatch, keep_log_probs: bool, denominator: float
+    ) -> tuple[TrainBatch, float]:
+        """The share without the samples whose loss has no gradient: advantages all exactly zero (a GRPO group
+        whose rewards were all equal), no KL or entropy term, a dense model (a MoE router's auxiliary loss sees
+        every token). The loss keeps the whole batch's denominator, so the gradient is the same, computed on
+        fewer rows. Returns (rows to train, their share of the denominator); one row stays so every rank steps."""
+        cfg = self.config
+        if keep_log_probs or cfg.use_kl_loss or cfg.entropy_coef or self._moe_stats is not None:
+            return batch, 1.0
+        rows = [i for i, a in enumerate(batch.advantages) if bool(a.any())] or [0]
+        trained = batch.select(rows) if len(rows) < len(batch) else batch
+        return trained, self.global_denominator(trained) / denominator  # a collective: every rank calls it
 
     def sft_step(self, batch: TrainBatch, lr: float | None = None) -> dict[str, float]:
         """One optimizer step of the NLL of the masked response tokens (warm-up SFT); an explicit `lr` is used

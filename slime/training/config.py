@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from slime.errors import FlagError
 from slime.training.losses import KL_KINDS, REDUCTIONS
+
+if TYPE_CHECKING:
+    from slime.ray.cores import CoreBudget
 
 ADVANTAGE_ESTIMATORS = ("grpo", "gspo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
@@ -50,6 +54,9 @@ class TrainerConfig:
     keep_last_n: int | None = None
     # megatron-core TransformerConfig / OptimizerConfig fields passed through from the command line
     megatron_overrides: tuple[tuple[str, object], ...] = ()
+    cores: CoreBudget | None = None  # threads per phase (slime.ray.cores); None: the process's default
+    profile_steps: int = 0  # --profile: trace the first N train steps with the torch profiler (rank 0)
+    profile_dir: str | None = None
 
     def __post_init__(self) -> None:
         """Each field is fed by a `slime train` flag; messages name that flag (the CLI checks them first)."""

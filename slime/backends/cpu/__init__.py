@@ -55,8 +55,9 @@ class CpuBackend(Backend):
         import torch
 
         super().setup_process(local_rank)
-        # One intra-op thread per worker: several workers share few cores, and oversubscription
-        # measured 2-10x slower on a 2-core box. An explicit OMP_NUM_THREADS still wins.
+        # The default for work outside a phase (helpers, data, rewards): one intra-op thread, since several
+        # workers share few cores and oversubscription measured 2-10x slower on a 2-core box. Trainer and engine
+        # phases take their share of the node from the run's core budget (slime.ray.cores) instead.
         threads = int(self.system.environ.get("OMP_NUM_THREADS", "1"))
         torch.set_num_threads(max(1, threads))
 

@@ -78,6 +78,13 @@ def arithmetic_reward(response: str, label: Any) -> float:
     return 1.0 if re.fullmatch(r"-?\d+", text) is not None and int(text) == int(label) else 0.0
 
 
+def leading_number_reward(response: str, label: Any) -> float:
+    """The number the response starts with (leading whitespace aside) is the answer, whatever follows: 1 or 0
+    (the reward of the plain reference loop in shared/baselines/plain_grpo.py, for side-by-side runs)."""
+    found = re.match(r"\s*(\d+)", response)
+    return 1.0 if found is not None and found.group(1) == str(label).strip() else 0.0
+
+
 BUILTIN: dict[str, Callable[[str, Any], float]] = {
     "math": math_reward,
     "dapo": dapo_reward,
@@ -85,6 +92,7 @@ BUILTIN: dict[str, Callable[[str, Any], float]] = {
     "f1": f1_reward,
     "gpqa": gpqa_reward,
     "arithmetic": arithmetic_reward,
+    "leading_number": leading_number_reward,
 }
 
 

@@ -37,8 +37,13 @@ class JaxTrainerWorker:
     def compute_log_probs(self, shard: TrainBatch, weights: str) -> tuple:
         return self.trainer.compute_log_probs(shard, weights)
 
-    def train(self, shard: TrainBatch) -> dict[str, float]:
-        return self.trainer.train_step(shard)
+    def train(self, shard: TrainBatch, keep_log_probs: bool = False) -> tuple[dict[str, float], tuple | None]:
+        """(metrics, None): this family does not keep the step's log-probs (TrainerGroup.keeps_step_log_probs), so
+        --ci-test's checks read a separate pass (slime.loop_steps.train_on_rollout)."""
+        return self.trainer.train_step(shard), None
+
+    def busy_report(self) -> dict[str, float]:
+        return {}  # --profile: no per-call clocks on this family yet
 
     def sft(self, shard: TrainBatch, lr: float | None) -> dict[str, float]:
         return self.trainer.sft_step(shard, lr)

@@ -23,9 +23,11 @@ def test_grpo_disaggregated_with_evaluation_ci_checks_and_dumps(files, tmp_path)
             "eval-interval": 2,
             "ci-test": True,
             "save-debug-rollout-data": dumps,
+            "profile": 2,
         },
     )
     assert json.loads((out / "config.json").read_text())["rollout"]["rollout_batch_size"] == 4
+    check_profile(out / "profile")
     steps = rows(out)
     assert [r["step"] for r in steps] == [0, 1, 2]
     assert [r["step"] for r in rows(out, "eval")] == [0, 2, 3]  # before training, every 2 rollouts, at the end
@@ -52,6 +54,24 @@ def test_grpo_disaggregated_with_evaluation_ci_checks_and_dumps(files, tmp_path)
             )
         assert len(groups) == 4 and all(len(g) == 4 and len({s["prompt"] for s in g}) == 1 for g in groups.values())
     assert summary.evaluations[0][0] == 0 and "eval/heldout/reward_mean" in summary.evaluations[-1][1]
+
+
+def check_profile(folder):
+    """--profile 2 with --ci-test and one optimizer step per rollout: the trainer's only extra pass is the reference
+    at step 0 (the old log-probs come from the train step itself), and rank 0 traced both train steps."""
+    report = json.loads((folder / "phases.json").read_text())
+    assert [r["step"] for r in report["steps"]] == [0, 1]
+    assert report["cores"]["train"] >= 1 and report["cores"]["generate"] >= 1
+    for row in report["steps"]:
+        assert row["phases"]["train"] > 0 and row["phases"]["generate"] > 0 and row["phases"]["sync"] > 0
+        for worker in row["workers"]:
+            assert sum(worker["busy"].values()) + worker["idle"] == pytest.approx(row["wall"], rel=1e-6)
+    experience = [r["phases"]["experience"] for r in report["steps"]]
+    assert experience[0] > 0 and experience[1] == 0
+    for i in range(2):
+        trace = json.loads((folder / f"trainer_rank0_train_{i:03d}.json").read_text())
+        assert trace["traceEvents"]
+    assert not (folder / "trainer_rank0_train_002.json").exists()
 
 
 def test_colocated_with_two_data_parallel_ranks_and_two_engines(files, tmp_path):

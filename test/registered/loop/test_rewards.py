@@ -70,6 +70,14 @@ def test_gpqa_letter():
     assert rm_hub.gpqa_reward("I pick D", "D") == 1.0
 
 
+def test_leading_number_is_the_plain_loops_reward():
+    assert rm_hub.leading_number_reward("17", 17) == 1.0
+    assert rm_hub.leading_number_reward(" 17+junk", "17") == 1.0  # what follows does not matter
+    assert rm_hub.leading_number_reward("017", 17) == 0.0  # the digits as written, like the plain loop
+    assert rm_hub.leading_number_reward("x17", 17) == rm_hub.leading_number_reward("", 17) == 0.0
+    assert rm_hub.leading_number_reward("1", 17) == 0.0
+
+
 def test_arithmetic():
     assert rm_hub.arithmetic_reward(" 57 ", 57) == 1.0
     assert rm_hub.arithmetic_reward("-3", -3) == 1.0
