@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -141,7 +142,13 @@ def run_files(args, mine: list[Registration], weights: dict[str, float], base: P
     for i, reg in enumerate(mine, 1):
         print(f"[{i}/{len(mine)}] begin {reg.path} (est {weights[reg.path]:.0f}s)", flush=True)
         attempts = args.max_attempts if args.enable_retry else 1
-        result = run_file(reg, base, args.timeout_per_file, env, max_attempts=attempts, isolate_network=isolate)
+        # Each file gets its own Ray temp dir: a Ray started elsewhere on the machine (or left behind by an earlier
+        # file) leaves /tmp/ray/ray_current_cluster, which makes ray.init(num_cpus=...) try to join that cluster.
+        with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp", ignore_cleanup_errors=True) as ray_tmp:
+            file_env = dict(env, RAY_TMPDIR=ray_tmp)
+            result = run_file(
+                reg, base, args.timeout_per_file, file_env, max_attempts=attempts, isolate_network=isolate
+            )
         results.append(result)
         detail = ""
         if result.status == "failed":
