@@ -37,6 +37,8 @@ def test_each_worker_sees_its_own_device(ray_cluster, hardware, case):
     config = case_config(CASES[case])
     if config.cluster.colocate and not backend.fractional_devices:
         pytest.skip("refused before Ray starts: test_colocate_refused_where_devices_are_whole")
+    if actors.needs_critic(config) and "megatron" not in backend.capabilities.trainer_families:
+        pytest.skip("refused before Ray starts: PPO needs a critic, which the JAX trainer family lacks")
     placed = place(config, backend)
     # rocm: Ray, not detecting AMD GPUs here, sets only CUDA_VISIBLE_DEVICES, so HIP_VISIBLE_DEVICES (checked as the
     # backend's variable) equal to the assigned id proves the worker's own mapping
