@@ -25,7 +25,7 @@ MISTAKES: tuple[Mistake, ...] = (
         "flag_prefix",
         "flag",
         "a flag's prefix (no abbreviations)",
-        "unknown flag --rollout-engine; did you mean --rollout-engine-batch-size?",
+        "unknown flag --sft-stop; did you mean --sft-stop-reward?",
     ),
     Mistake(
         "flag_typo", "flag", "a misspelt flag", "unknown flag --rollout-batch-sise; did you mean --rollout-batch-size?"

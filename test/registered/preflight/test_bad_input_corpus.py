@@ -95,7 +95,7 @@ def _output_file(d: Path) -> list[str]:
 
 # case -> (folder, good model) -> flags added after the base flags (a later flag wins)
 CASES = {
-    "flag_prefix": lambda d, m: ["--rollout-engine", "jax"],
+    "flag_prefix": lambda d, m: ["--sft-stop", "0.3"],
     "flag_typo": lambda d, m: ["--rollout-batch-sise", "3"],
     "flag_batch": lambda d, m: ["--global-batch-size", "7"],
     "flag_plugin": lambda d, m: ["--custom-rm-path", "no_such_module.reward"],
