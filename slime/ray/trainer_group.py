@@ -19,7 +19,28 @@ from slime.training.batch import TrainBatch
 from slime.training.config import TrainerConfig
 
 
-class TrainerWorker:
+class TrainerLifecycle:
+    """What every trainer worker (Megatron rank, JAX process) forwards unchanged to its trainer (`self.trainer`)."""
+
+    trainer: Any
+
+    def save(self, root: str, step: int, extra: dict | None) -> str:
+        return str(self.trainer.save(root, step=step, extra=extra))
+
+    def load(self, root: str) -> int:
+        return self.trainer.load(root)
+
+    def save_hf(self, folder: str) -> str:
+        return str(self.trainer.save_hf(folder))
+
+    def offload(self) -> None:
+        self.trainer.offload()
+
+    def onload(self) -> None:
+        self.trainer.onload()
+
+
+class TrainerWorker(TrainerLifecycle):
     """One trainer rank (wrapped by ray.remote in TrainerGroup): process group + policy or critic trainer."""
 
     def __init__(self, role: str, config: TrainerConfig, hardware: str, rank: int, world_size: int):
@@ -176,22 +197,6 @@ class TrainerWorker:
             drain(buckets)
             return 0.0
         return send_ipc(self.backend, urls[self.rank], buckets, version, timeout_s)
-
-    # ---- lifecycle ----------------------------------------------------------------------------------
-    def save(self, root: str, step: int, extra: dict | None) -> str:
-        return str(self.trainer.save(root, step=step, extra=extra))
-
-    def load(self, root: str) -> int:
-        return self.trainer.load(root)
-
-    def save_hf(self, folder: str) -> str:
-        return str(self.trainer.save_hf(folder))
-
-    def offload(self) -> None:
-        self.trainer.offload()
-
-    def onload(self) -> None:
-        self.trainer.onload()
 
     def shutdown(self) -> None:
         from slime.training.distributed import destroy_distributed

@@ -249,6 +249,7 @@ class ServableEngine(RolloutEngine):
     model_type: str
     max_batch_size: int
     max_seq_len: int
+    vocab_size: int
     tokenizer: Tokenizer | None
     engine_name: str = "slime"  # reported by /get_server_info
 
@@ -263,6 +264,26 @@ class ServableEngine(RolloutEngine):
 
     def flush_cache(self) -> None:
         """Drop cached prefixes (engines without a prefix cache have nothing to do)."""
+
+    def request_problem(self, request: GenerateRequest, prompt: list[int]) -> str | None:
+        """Why this engine cannot serve `request` (one line, answered as the request's error), or None."""
+        try:
+            request.sampling_params.validate()
+        except ValueError as e:
+            return str(e)
+        if not prompt:
+            return "input_ids is empty"
+        if len(prompt) >= self.max_seq_len:
+            return (
+                f"the prompt ({len(prompt)} tokens) is longer than the engine's context "
+                f"(max_seq_len {self.max_seq_len}, which must leave room for at least one new token)"
+            )
+        bad = [t for t in prompt if t < 0 or t >= self.vocab_size]
+        if bad:
+            return f"input_ids contains token id {bad[0]} outside the vocabulary [0, {self.vocab_size})"
+        if request.sampling_params.stop and self.tokenizer is None:
+            return f"sampling_params.stop needs a tokenizer, and {self.model_path} has none (use stop_token_ids)"
+        return None
 
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         if not requests:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 
+from slime.ray.trainer_group import TrainerLifecycle
 from slime.training.batch import TrainBatch
 from slime.training.config import TrainerConfig
 
 
-class JaxTrainerWorker:
+class JaxTrainerWorker(TrainerLifecycle):
     def __init__(self, role: str, config: TrainerConfig, hardware: str):
         from slime.backends import backend_for_worker
 
@@ -71,21 +72,6 @@ class JaxTrainerWorker:
         raise NotImplementedError(
             'the jax trainer has no device-memory handles: use weight sync "broadcast" or "object_store"'
         )
-
-    def save(self, root: str, step: int, extra: dict | None) -> str:
-        return str(self.trainer.save(root, step=step, extra=extra))
-
-    def load(self, root: str) -> int:
-        return self.trainer.load(root)
-
-    def save_hf(self, folder: str) -> str:
-        return str(self.trainer.save_hf(folder))
-
-    def offload(self) -> None:
-        self.trainer.offload()
-
-    def onload(self) -> None:
-        self.trainer.onload()
 
     # ---- a rollout engine in this process (--colocate with the JAX pair) ------------------------------------
     # The rollout manager drives this actor as it drives an EngineWorker (info, health, update_weights, memory),

@@ -152,7 +152,7 @@ class EmbeddedEngine(ServableEngine):
     def submit(self, request: GenerateRequest, callback: ResultCallback) -> None:
         """Queue one request; `callback(result)` runs on the worker thread (or here, for invalid requests)."""
         prompt = [int(t) for t in request.input_ids]
-        problem = self._request_problem(request, prompt)
+        problem = self.request_problem(request, prompt)
         if problem is not None:
             callback(self._result(request, [], [], "error", error=problem, prompt_tokens=len(prompt)))
             return
@@ -173,24 +173,9 @@ class EmbeddedEngine(ServableEngine):
             self._waiting.append(seq)
             self._cond.notify_all()
 
-    def _request_problem(self, request: GenerateRequest, prompt: list[int]) -> str | None:
-        try:
-            request.sampling_params.validate()
-        except ValueError as e:
-            return str(e)
-        if not prompt:
-            return "input_ids is empty"
-        if len(prompt) >= self.max_seq_len:
-            return (
-                f"the prompt ({len(prompt)} tokens) is longer than the engine's context "
-                f"(max_seq_len {self.max_seq_len}, which must leave room for at least one new token)"
-            )
-        bad = [t for t in prompt if t < 0 or t >= self.spec.vocab_size]
-        if bad:
-            return f"input_ids contains token id {bad[0]} outside the vocabulary [0, {self.spec.vocab_size})"
-        if request.sampling_params.stop and self.tokenizer is None:
-            return f"sampling_params.stop needs a tokenizer, and {self.model_path} has none (use stop_token_ids)"
-        return None
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.vocab_size
 
     def new_rid(self) -> str:
         return f"embedded-{next(self._rid_counter)}"
