@@ -18,25 +18,29 @@ WEIGHT_NAMES = ("actor", "ref", "old")
 
 
 class PolicyTrainer(MegatronTrainer):
-    def _log_probs(self, micro, with_entropy: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """Log-probs (and entropies) of every next token, via the backend's kernel op (chunked over the
-        vocabulary slice, Triton on GPU backends); `slime.training.log_probs` is the plain formula it matches."""
+    def _log_probs(self, micro, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (and entropies) of the response tokens, [rows, longest response] zero-padded, via the
+        backend's kernel op (chunked over the vocabulary slice, Triton on GPU backends) on the response positions
+        only; `slime.training.log_probs` is the plain formula it matches."""
         from slime.kernels import get_op
 
-        logits = self._forward(micro)[:, :-1]
-        targets = micro.input_ids[:, 1:].to(self.device)
-        rows, positions, local_vocab = logits.shape
+        logits = self._forward(micro)
+        index, valid = self._response_positions(micro, shift=1)
+        index, valid = index.to(self.device), valid.to(self.device)
+        rows, longest = index.shape
+        local_vocab = logits.shape[-1]
+        response_logits = logits.gather(1, index.unsqueeze(-1).expand(rows, longest, local_vocab))
+        targets = micro.input_ids.to(self.device).gather(1, (index + 1).clamp(max=logits.shape[1] - 1))
         op = get_op("vocab_parallel_logprobs_and_entropy", backend=self.backend)
         log_probs, entropy = op(
-            logits.reshape(-1, local_vocab),
+            response_logits.reshape(-1, local_vocab),
             targets.reshape(-1),
             self.tp_group,
             temperature=self.config.rollout_temperature,
         )
-        log_probs, entropy = log_probs.view(rows, positions), entropy.view(rows, positions)
-        per_sample_lp = self._responses(micro, log_probs, shift=1)
-        per_sample_ent = self._responses(micro, entropy, shift=1) if with_entropy else None
-        return per_sample_lp, per_sample_ent
+        real = valid.to(log_probs.dtype)
+        log_probs = log_probs.view(rows, longest) * real
+        return log_probs, entropy.view(rows, longest) * real if with_entropy else None
 
     @torch.no_grad()
     def compute_log_probs(
@@ -52,8 +56,9 @@ class PolicyTrainer(MegatronTrainer):
             for indices in self._micro_batches(batch):
                 micro = collate(batch, indices)
                 lp, ent = self._log_probs(micro, with_entropy=True)
-                for i, a, b in zip(indices, lp, ent):
-                    log_probs[i], entropies[i] = a.float().cpu(), b.float().cpu()
+                lp, ent = lp.float().cpu(), ent.float().cpu()
+                for row, (i, n) in enumerate(zip(indices, micro.response_lengths)):
+                    log_probs[i], entropies[i] = lp[row, :n].clone(), ent[row, :n].clone()
         return log_probs, entropies
 
     def train_step(self, batch: TrainBatch, keep_log_probs: bool = False) -> dict[str, float]:
@@ -84,13 +89,12 @@ class PolicyTrainer(MegatronTrainer):
         }
         for indices in self._micro_batches(batch):
             micro = collate(batch, indices)
-            lp_list, ent_list = self._log_probs(micro, with_entropy=True)
+            log_probs, entropy = self._log_probs(micro, with_entropy=True)
             if keep_log_probs:
-                for i, a, b in zip(indices, lp_list, ent_list):
-                    kept_lp[i], kept_ent[i] = a.detach().float().cpu(), b.detach().float().cpu()
+                lp, ent = log_probs.detach().float().cpu(), entropy.detach().float().cpu()
+                for row, (i, n) in enumerate(zip(indices, micro.response_lengths)):
+                    kept_lp[i], kept_ent[i] = lp[row, :n].clone(), ent[row, :n].clone()
             mask = micro.response_mask.to(self.device)
-            log_probs = self._pad(micro, lp_list)
-            entropy = self._pad(micro, ent_list)
             old = (
                 log_probs.detach()
                 if batch.old_log_probs is None
@@ -151,18 +155,13 @@ class PolicyTrainer(MegatronTrainer):
         totals = {"loss": 0.0}
         for indices in self._micro_batches(batch):
             micro = collate(batch, indices)
-            lp_list, _ = self._log_probs(micro, with_entropy=False)
+            log_probs, _ = self._log_probs(micro, with_entropy=False)
             loss = losses.sft_loss(
-                self._pad(micro, lp_list), micro.response_mask.to(self.device), self.config.loss_reduction, denominator
+                log_probs, micro.response_mask.to(self.device), self.config.loss_reduction, denominator
             )
             loss.backward()
             totals["loss"] += float(loss.detach())
         return self._finish_step(totals, batch, lr)
-
-    def _pad(self, micro, per_sample: list[torch.Tensor]) -> torch.Tensor:
-        """Right-pad differentiable per-sample tensors to [rows, longest response]."""
-        longest = micro.response_mask.shape[1]
-        return torch.stack([torch.nn.functional.pad(t, (0, longest - t.shape[0])) for t in per_sample])
 
     def _finish_step(self, totals: dict[str, float], batch: TrainBatch, lr: float | None = None) -> dict[str, float]:
         metrics = self._reduce_metrics({**totals, "tokens": float(batch.num_tokens())})

@@ -31,17 +31,19 @@ class CriticTrainer(MegatronTrainer):
         self.model.output_layer = ValueHead(self.hf_config.hidden_size)
         self.model.share_embeddings_and_output_weights = False
 
-    def _values(self, micro) -> list[torch.Tensor]:
-        values = self._forward(micro)[..., 0]
-        return self._responses(micro, values, shift=1)
+    def _values(self, micro) -> torch.Tensor:
+        """[rows, longest response] values, zero-padded: the value at the position that predicts each token."""
+        return self._responses(micro, self._forward(micro)[..., 0], shift=1)
 
     @torch.no_grad()
     def compute_values(self, batch: TrainBatch) -> list[torch.Tensor]:
         self.model.eval()
         out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
         for indices in self._micro_batches(batch):
-            for i, v in zip(indices, self._values(collate(batch, indices))):
-                out[i] = v.float().cpu()
+            micro = collate(batch, indices)
+            values = self._values(micro).float().cpu()
+            for row, (i, n) in enumerate(zip(indices, micro.response_lengths)):
+                out[i] = values[row, :n].clone()
         return out
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -53,8 +55,7 @@ class CriticTrainer(MegatronTrainer):
         totals = {"value_loss": 0.0, "vf_clip_frac": 0.0}
         for indices in self._micro_batches(batch):
             micro = collate(batch, indices)
-            longest = micro.response_mask.shape[1]
-            values = torch.stack([torch.nn.functional.pad(v, (0, longest - v.shape[0])) for v in self._values(micro)])
+            values = self._values(micro)
             old = micro.pad_responses([batch.values[i] for i in indices]).to(self.device)
             returns = micro.pad_responses([batch.returns[i] for i in indices]).to(self.device)
             loss, metrics = losses.value_loss(

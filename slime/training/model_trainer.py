@@ -199,15 +199,26 @@ class MegatronTrainer:
         return self._routing.forward(self.model, micro, run)
 
     @staticmethod
-    def _responses(micro: MicroBatch, per_position: torch.Tensor, shift: int) -> list[torch.Tensor]:
-        """Slice each sample's response tokens out of a [rows, positions] tensor.
+    def _response_positions(micro: MicroBatch, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[rows, longest response] index into the positions of each response token (shift=1: the position that
+        predicts it, 0: its own), clamped on padding, and the mask of real (non-padding) entries."""
+        longest = micro.response_mask.shape[1]
+        offsets = torch.arange(longest)
+        starts = torch.tensor(micro.response_starts) - shift
+        valid = offsets.unsqueeze(0) < torch.tensor(micro.response_lengths).unsqueeze(1)
+        index = (starts.unsqueeze(1) + offsets.unsqueeze(0)).clamp(max=micro.input_ids.shape[1] - 1)
+        return index, valid
 
-        shift=1 for next-token quantities (position t predicts token t+1), 0 for per-token values.
-        """
-        return [
-            per_position[row, start - shift : start - shift + n]
-            for row, (start, n) in enumerate(zip(micro.response_starts, micro.response_lengths))
-        ]
+    def _responses(self, micro: MicroBatch, per_position: torch.Tensor, shift: int) -> torch.Tensor:
+        """Each sample's response tokens out of a [rows, positions, ...] tensor, as [rows, longest response, ...]
+        zero-padded on the right: one gather, whatever the number of rows."""
+        index, valid = self._response_positions(micro, shift)
+        index, valid = index.to(per_position.device), valid.to(per_position.device)
+        trailing = per_position.shape[2:]
+        gathered = per_position.gather(
+            1, index.view(*index.shape, *([1] * len(trailing))).expand(*index.shape, *trailing)
+        )
+        return gathered * valid.view(*valid.shape, *([1] * len(trailing))).to(gathered.dtype)
 
     def _micro_batch_groups(self, batch: TrainBatch) -> list[list[int]]:
         return batch.micro_batch_indices(self.config.max_tokens_per_micro_batch, self.config.micro_batch_size)

@@ -113,6 +113,47 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):
     assert other_seed.output_ids != alone.output_ids
 
 
+def test_a_group_sharing_its_prompt_is_prefilled_once_and_samples_as_if_alone(checkpoints):
+    """GRPO sends n samples of one prompt: the prompt is prefilled once and its cache copied into the other
+    slots. Each sample must still draw what it draws alone, and greedy ones must equal HF's."""
+    path, hf = checkpoints["qwen3"]
+    eng = EmbeddedEngine(path, max_batch_size=8, max_seq_len=64)
+    prefilled_rows = []
+    real_prefill = eng.model.prefill
+    eng.model.prefill = lambda tokens, *a, **kw: (
+        prefilled_rows.append(tokens.shape[0]) or real_prefill(tokens, *a, **kw)
+    )
+    try:
+        group = [GenerateRequest(f"g{i}", PROMPTS[0], SamplingParams(temperature=1.0, max_new_tokens=8, seed=i))
+                 for i in range(6)]  # fmt: skip
+        requests = group + [
+            GenerateRequest("greedy", PROMPTS[0], greedy(8)),
+            GenerateRequest("other", PROMPTS[1], greedy(8)),
+        ]
+        finished: dict[str, object] = {}
+        all_done = threading.Event()
+
+        def collect(result):
+            finished[result.rid] = result
+            if len(finished) == len(requests):
+                all_done.set()
+
+        eng.pause()  # queue all eight first, so they are admitted together
+        for request in requests:
+            eng.submit(request, collect)
+        eng.resume()
+        assert all_done.wait(60)
+        together = [finished[r.rid] for r in requests]
+        assert prefilled_rows == [2]  # two distinct prompts for eight requests
+        alone = [eng.generate([request])[0] for request in group]
+        assert [r.output_ids for r in together[:6]] == [r.output_ids for r in alone]
+        assert len({tuple(r.output_ids) for r in alone}) > 1  # the seeds really differ
+        assert together[6].output_ids == hf_greedy(hf, PROMPTS[0], 8)
+        assert together[7].output_ids == hf_greedy(hf, PROMPTS[1], 8)
+    finally:
+        eng.shutdown()
+
+
 def test_engine_seed_makes_unseeded_runs_reproducible(checkpoints):
     path, _ = checkpoints["llama"]
     runs = []

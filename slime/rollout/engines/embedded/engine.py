@@ -81,6 +81,28 @@ class _Sequence:
         return (p.top_k > 1) or p.top_p < 1.0 or p.min_p > 0.0
 
 
+def _distinct_prompts(seqs: list[_Sequence]) -> tuple[list[_Sequence], dict[int, list[_Sequence]]]:
+    """The first sequence of each distinct prompt, shortest prompts first, and by id(first) every sequence
+    (first included) that has that prompt."""
+    first: dict[tuple[int, ...], _Sequence] = {}
+    members: dict[int, list[_Sequence]] = {}
+    for seq in seqs:
+        leader = first.setdefault(tuple(seq.prompt), seq)
+        members.setdefault(id(leader), []).append(seq)
+    return sorted(first.values(), key=lambda s: len(s.prompt)), members
+
+
+def _prefill_batches(seqs: list[_Sequence]) -> list[list[_Sequence]]:
+    """Consecutive runs of `seqs` (sorted by prompt length) whose padded size fits PREFILL_TOKEN_BUDGET."""
+    batches: list[list[_Sequence]] = []
+    for seq in seqs:  # sorted ascending, so the newest prompt is the batch's longest
+        if batches and len(seq.prompt) * (len(batches[-1]) + 1) <= PREFILL_TOKEN_BUDGET:
+            batches[-1].append(seq)
+        else:
+            batches.append([seq])
+    return batches
+
+
 class CheckpointTokenizer:
     """The checkpoint's tokenizer.json through the `tokenizers` library (what HF fast tokenizers wrap):
     encode adds the special tokens its post-processor defines (e.g. Llama's BOS), as HF's encode does.
@@ -268,33 +290,40 @@ class EmbeddedEngine(ServableEngine):
         return tokens.tolist(), log_probs.tolist()
 
     def _prefill(self, admitted: list[_Sequence]) -> list[tuple[_Sequence, GenerateResult]]:
+        """Prefill each distinct prompt once (a GRPO group's samples share theirs), copy its cache into the
+        other slots that hold the same prompt, then sample every row from its prompt's logits."""
         finished = []
-        admitted = sorted(admitted, key=lambda s: len(s.prompt))
-        group: list[_Sequence] = []
-        for seq in admitted + [None]:  # None flushes the last group
-            longest = max((len(s.prompt) for s in group), default=0)
-            if seq is not None and (
-                not group or max(longest, len(seq.prompt)) * (len(group) + 1) <= PREFILL_TOKEN_BUDGET
-            ):
-                group.append(seq)
-                continue
-            device = self.model.device
-            width = max(len(s.prompt) for s in group)
-            tokens = torch.zeros(len(group), width, dtype=torch.long)
-            for i, s in enumerate(group):
-                tokens[i, : len(s.prompt)] = torch.tensor(s.prompt, dtype=torch.long)
-            lengths = torch.tensor([len(s.prompt) for s in group], device=device)
-            slots = torch.tensor([s.slot for s in group], device=device)
-            with self._recording_routes(group) as routed:
-                logits = self.model.prefill(tokens.to(device), lengths, slots)
-            if routed.tensor is not None:
-                per_row = routed.tensor.view(len(group), width, *routed.tensor.shape[1:])
-                for i, s in enumerate(group):
-                    s.routed.append(per_row[i, : len(s.prompt)])
-            ids, log_probs = self._sample(logits, group)
-            finished += self._append(group, ids, log_probs)
-            group = [seq] if seq is not None else []
+        leaders, members = _distinct_prompts(admitted)
+        for batch in _prefill_batches(leaders):
+            logits, routes = self._prefill_forward(batch)
+            rows, row_logits = [], []
+            for i, leader in enumerate(batch):
+                copies = members[id(leader)]
+                self.model.copy_prompt_cache(leader.slot, [s.slot for s in copies[1:]], len(leader.prompt))
+                for seq in copies:
+                    if routes is not None:
+                        seq.routed.append(routes[i, : len(seq.prompt)])
+                rows += copies
+                row_logits += [i] * len(copies)
+            ids, log_probs = self._sample(logits[torch.tensor(row_logits, device=logits.device)], rows)
+            finished += self._append(rows, ids, log_probs)
         return finished
+
+    def _prefill_forward(self, group: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits at each prompt's last token [rows, V], and the routed experts [rows, width, moe layers, k]
+        when asked for."""
+        device = self.model.device
+        width = max(len(s.prompt) for s in group)
+        tokens = torch.zeros(len(group), width, dtype=torch.long)
+        for i, s in enumerate(group):
+            tokens[i, : len(s.prompt)] = torch.tensor(s.prompt, dtype=torch.long)
+        lengths = torch.tensor([len(s.prompt) for s in group], device=device)
+        slots = torch.tensor([s.slot for s in group], device=device)
+        with self._recording_routes(group) as routed:
+            logits = self.model.prefill(tokens.to(device), lengths, slots)
+        if routed.tensor is None:
+            return logits, None
+        return logits, routed.tensor.view(len(group), width, *routed.tensor.shape[1:])
 
     def _decode(self, running: list[_Sequence]) -> list[tuple[_Sequence, GenerateResult]]:
         num_rows = max(s.slot for s in running) + 1

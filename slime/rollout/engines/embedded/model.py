@@ -388,6 +388,16 @@ class ServingModel:
         return self._logits(last)
 
     @torch.inference_mode()
+    def copy_prompt_cache(self, source: int, slots: list[int], length: int) -> None:
+        """Give `slots` the cache of `source`'s first `length` positions (a prompt prefilled once, shared)."""
+        if not slots:
+            return
+        index = torch.tensor(slots, device=self.device)
+        for k_cache, v_cache in zip(self.k_cache, self.v_cache):
+            k_cache[index, :, :length] = k_cache[source, :, :length]
+            v_cache[index, :, :length] = v_cache[source, :, :length]
+
+    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, num_rows: int, attend_len: int) -> torch.Tensor:
         """One token for slots 0..num_rows-1: tokens [n] at positions [n]. Returns logits [n, V].
 
