@@ -100,6 +100,6 @@ def engine_in_trainer_process(
 ) -> bool:
     """Whether the run's one rollout engine lives inside the trainer's actor: --colocate with the JAX trainer and
     a JAX engine (the built-in one, or sglang-jax when it runs in process). Weights then go over device to device,
-    and the engine needs no device of its own, so devices Ray schedules only whole (TPU chips) can colocate too."""
+    and the engine needs no device of its own, so devices Ray schedules only whole can colocate too."""
     in_process_kind = kind == "jax" or (kind == "sglang_jax" and sglang_jax_in_process)
     return colocate and family == "jax" and in_process_kind and engines == 1

@@ -112,3 +112,22 @@ def test_which_engines_live_in_the_trainer_process(colocate, family, kind, engin
     from slime.rollout.engines.selection import engine_in_trainer_process
 
     assert engine_in_trainer_process(colocate, family, kind, engines, sglang_jax_in_process) is hosted
+
+
+def test_the_tpu_accuracy_nightly_flags_pass_the_start_up_check_with_the_engine_in_the_trainer(tmp_path):
+    """test/registered/nightly/test_grpo_gsm8k.py on a TPU: the quickstart --colocate with the JAX pair passed
+    through. Checked here on CPU against the TPU backend, before anything starts."""
+    pytest.importorskip("jax")
+    from slime.backends import backend_for_worker
+    from slime.backends.capability_check import check_against_capabilities
+    from slime.quickstart.run import parse_args, train_flags
+    from slime.settings import engine_hosted_by_trainer
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    files = {name: tmp_path / f"{name}.jsonl" for name in ("train", "test", "val", "sft")}
+    args = parse_args(["--colocate", "--", "--train-backend", "jax", "--rollout-engine", "jax"])
+    run = parse_config(train_flags(args, tmp_path, files))
+    tpu = backend_for_worker("tpu")
+    assert check_against_capabilities(run, tpu) == []
+    assert engine_hosted_by_trainer(run, tpu)
