@@ -100,6 +100,11 @@ def test_rebound_state_leaves_carry_an_assignment_into_what_the_jitted_calls_rea
 
 def test_real_sglang_jax_in_process_greedy_and_weight_update(tmp_path):
     pytest.importorskip("sgl_jax", reason="needs sglang-jax with a single-process scheduler (TPU suite)")
+    from slime.rollout.engines.selection import installed_sglang_jax_sources, sglang_jax_in_process_problem
+
+    problem = sglang_jax_in_process_problem(*installed_sglang_jax_sources())
+    if problem:  # the [tpu] extra's 0.0.2: the run falls back to the restart adapter (test_sglang_jax.py)
+        pytest.skip(f"in-process sglang-jax needs a newer sglang-jax: {problem}")
     from slime.rollout.engines.sglang_jax.in_process import SGLangJaxInProcessEngine
 
     a, b = build_model("qwen3", str(tmp_path / "a"), seed=0), build_model("qwen3", str(tmp_path / "b"), seed=1)
