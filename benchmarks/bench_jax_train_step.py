@@ -20,12 +20,14 @@ import tempfile
 from pathlib import Path
 
 
-def _limit_threads(threads: int) -> None:
-    """Before jax is imported: one intra-op thread for XLA when torch gets one (a fair comparison)."""
+def _limit_threads(threads: int, jax_only: bool) -> None:
+    """Before jax is imported: one intra-op thread for XLA when torch gets one (a fair comparison). Beside
+    Megatron, JAX runs on the host as Megatron does; alone (--jax-only) it runs on JAX's default device."""
     if threads == 1:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if not jax_only:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def jax_steps(folder: Path, samples, lr: float) -> dict:
@@ -53,9 +55,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench_jax_train_step.json")
+    parser.add_argument("--jax-only", action="store_true", help="no Megatron run (TPU: Megatron does not run there)")
     args = parser.parse_args()
     threads = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
-    _limit_threads(threads)
+    _limit_threads(threads, args.jax_only)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import jax
     import torch
@@ -71,20 +74,25 @@ def main() -> None:
             folder = Path(tmp)
             params = build_checkpoint(size, folder)
             samples = make_samples(SIZES[size][5], args.rows, args.seq, args.response)
-            megatron = {f"megatron_{k[len('slime_') :]}": v for k, v in slime_steps(folder, samples, 1e-5).items()}
+            megatron = {}
+            if not args.jax_only:
+                megatron = {f"megatron_{k[len('slime_') :]}": v for k, v in slime_steps(folder, samples, 1e-5).items()}
             steps = {**megatron, **jax_steps(folder, samples, 1e-5)}
             times = timed_interleaved(steps, args.warmup, args.repeats)
-            destroy_distributed()
-        entry = {"params": params, **{f"{k}_s": statistics.median(v) for k, v in times.items()}}
-        for kind in ("sft", "rl"):
-            entry[f"jax_over_megatron_{kind}"] = entry[f"jax_{kind}_s"] / entry[f"megatron_{kind}_s"]
+            if megatron:
+                destroy_distributed()
+        entry = {"params": params, "jax_device": jax.devices()[0].platform}
+        entry.update({f"{k}_s": statistics.median(v) for k, v in times.items()})
+        line = f"{size:>4} ({params / 1e6:.1f}M): jax sft {entry['jax_sft_s']:.3f} s rl {entry['jax_rl_s']:.3f} s"
+        if megatron:
+            for kind in ("sft", "rl"):
+                entry[f"jax_over_megatron_{kind}"] = entry[f"jax_{kind}_s"] / entry[f"megatron_{kind}_s"]
+            line += (
+                f" | megatron sft {entry['megatron_sft_s']:.3f} s rl {entry['megatron_rl_s']:.3f} s "
+                f"(jax/megatron: sft {entry['jax_over_megatron_sft']:.2f}x, rl {entry['jax_over_megatron_rl']:.2f}x)"
+            )
         report["results"][size] = entry
-        print(
-            f"{size:>4} ({params / 1e6:.1f}M): megatron sft {entry['megatron_sft_s']:.3f} s rl "
-            f"{entry['megatron_rl_s']:.3f} s | jax sft {entry['jax_sft_s']:.3f} s rl {entry['jax_rl_s']:.3f} s "
-            f"(jax/megatron: sft {entry['jax_over_megatron_sft']:.2f}x, rl {entry['jax_over_megatron_rl']:.2f}x)",
-            flush=True,
-        )
+        print(line, flush=True)
     report["load_avg_1m_end"] = os.getloadavg()[0]
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

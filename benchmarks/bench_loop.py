@@ -42,6 +42,7 @@ def main() -> int:
     p.add_argument("--train-backend", choices=("megatron", "jax"), default=None, help="default: the backend's")
     p.add_argument("--rollout-engine", choices=("embedded", "jax"), default=None, help="default: the backend's")
     p.add_argument("--out", default="bench_loop.json")
+    p.add_argument("--colocate", action="store_true", help="trainer and engine on the same devices (--colocate)")
     p.add_argument("--weight-sync", default="auto", help="the run's --weight-sync (auto: the backend's default)")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -63,6 +64,7 @@ def main() -> int:
         ]  # fmt: skip
         for flag, value in (("--train-backend", args.train_backend), ("--rollout-engine", args.rollout_engine)):
             flags += [flag, value] if value else []
+        flags += ["--colocate"] if args.colocate else []
         loop.train(parse_config(flags))
         steps = [r for r in read_metrics(root / "run") if r.get("phase") == "rl"][args.warmup :]
 
@@ -78,6 +80,7 @@ def main() -> int:
         "max_new_tokens": args.max_new_tokens,
         "steps_measured": len(steps),
         "weight_sync": args.weight_sync,
+        "colocate": args.colocate,
         "seconds_per_step": median("perf/step_time"),
         "completions_per_s": n / median("perf/step_time"),
         "generated_tokens_per_step": median("rollout/generated_tokens"),

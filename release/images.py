@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from release.pins import REQUIREMENTS, constraints_file, hardware_pins
+from release.pins import REQUIREMENTS, canonical, constraints_file, hardware_pins
 from release.version import TAG_PATTERN
 
 DEFAULT_REPOSITORY = "ghcr.io/slime-rl/slime"
@@ -53,12 +55,7 @@ IMAGES: dict[str, ImageSpec] = {
     "tpu": ImageSpec(
         "tpu",
         "docker/tpu.Dockerfile",
-        (
-            ("JAX_VERSION", "jax", "{}"),
-            ("FLAX_VERSION", "flax", "{}"),
-            ("SGLANG_JAX_VERSION", "sglang-jax", "{}"),
-            ("TORCH_VERSION", "torch", "{}"),
-        ),
+        (),  # every version from requirements/constraints-tpu.txt, installed with pip -c (dockerfile_pin_problems)
         (("PYTHON_VERSION", "3.12"),),
         ("--privileged", "--net", "host"),
         ("self-hosted", "linux", "x64", "tpu-1"),
@@ -76,6 +73,50 @@ def build_args(hardware: str, requirements: Path = REQUIREMENTS) -> dict[str, st
             raise ValueError(f"{constraints_file(hardware, requirements)} pins no {package} (build arg {arg})")
         args[arg] = form.format(pins[package])
     return {**args, **dict(spec.fixed_args)}
+
+
+PIP_OPTIONS_WITH_VALUES = ("-c", "--constraint", "-i", "--index-url", "--extra-index-url", "-r", "--requirement")
+
+
+def pip_installs(dockerfile_text: str) -> list[list[str]]:
+    """The arguments of every `pip install` in a Dockerfile's RUN lines (continuations joined, `&&` split)."""
+    joined = re.sub(r"\\\n", " ", dockerfile_text)
+    installs = []
+    for line in joined.splitlines():
+        if not line.startswith("RUN "):
+            continue
+        for command in line[4:].split("&&"):
+            words = shlex.split(command)
+            if words[:2] == ["pip", "install"]:
+                installs.append(words[2:])
+    return installs
+
+
+def dockerfile_pin_problems(dockerfile_text: str, pins: dict[str, str], constraints_name: str) -> list[str]:
+    """Where a Dockerfile that installs with `pip -c <constraints>` (the TPU image) could disagree with the pinned
+    stack: the constraints file not copied in, an install without `-c`, a version written in the Dockerfile, or a
+    package the constraints do not pin. Empty when every version comes from the constraints."""
+    copied = re.search(rf"^COPY requirements/{re.escape(constraints_name)} (\S+)$", dockerfile_text, re.MULTILINE)
+    if not copied:
+        return [f"the Dockerfile does not COPY requirements/{constraints_name}"]
+    problems = []
+    installs = pip_installs(dockerfile_text)
+    if not installs:
+        problems.append("the Dockerfile has no pip install")
+    for args in installs:
+        constraint = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--constraint")]
+        if constraint != [copied.group(1)]:
+            problems.append(f"pip install {' '.join(args)}: not constrained by {copied.group(1)} (-c)")
+        values = {args[i + 1] for i, a in enumerate(args[:-1]) if a in PIP_OPTIONS_WITH_VALUES}
+        for word in args:
+            if word.startswith("-") or word in values or word.startswith("/"):
+                continue  # options, their values, and the slime wheel (its [tpu] extra is pinned by -c too)
+            name = re.split(r"[\[=<>~! ]", word, maxsplit=1)[0]
+            if word != name and not re.fullmatch(r"[A-Za-z0-9._-]+\[[A-Za-z0-9,_-]+\]", word):
+                problems.append(f"pip install {word}: the version belongs in {constraints_name}, not the Dockerfile")
+            elif canonical(name) not in pins:
+                problems.append(f"pip install {word}: {constraints_name} pins no {name}")
+    return problems
 
 
 def image_tags(

@@ -118,6 +118,31 @@ def _loop(data: dict) -> Figures:
     ]
 
 
+def _jax_engine_decode(data: dict) -> Figures:
+    return [(f"jax_engine_decode.{row['model']}.tok_s", row["jax_tok_s"], "tok/s", True) for row in data["results"]]
+
+
+def _jax_train_step(data: dict) -> Figures:
+    out: Figures = []
+    for size, entry in data["results"].items():
+        out += [
+            (f"jax_train_step.{size}.rl_s", entry["jax_rl_s"], "s", False),
+            (f"jax_train_step.{size}.sft_s", entry["jax_sft_s"], "s", False),
+        ]
+    return out
+
+
+def _loop_jax_pair(data: dict) -> Figures:
+    return [
+        ("loop_jax_pair.completions_per_s", data["completions_per_s"], "completions/s", True),
+        ("loop_jax_pair.seconds_per_step", data["seconds_per_step"], "s", False),
+    ]
+
+
+# Where Megatron and the torch engines run (the TPU runs the JAX pair: the JAX benchmarks below).
+TORCH_HARDWARE = ("cpu", "cuda", "rocm")
+
+
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "suite_collection",
@@ -125,18 +150,26 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         ("--files", "2000", "--repeats", "3", "--out", "{out}"),
         _suite_collection,
     ),
-    Benchmark("train_step", "bench_train_step.py", ("--sizes", "5M", "--repeats", "3", "--out", "{out}"), _train_step),
+    Benchmark(
+        "train_step",
+        "bench_train_step.py",
+        ("--sizes", "5M", "--repeats", "3", "--out", "{out}"),
+        _train_step,
+        TORCH_HARDWARE,
+    ),
     Benchmark(
         "engine_decode",
         "bench_engine_decode.py",
         ("--sizes", "qwen3-5m", "--repeats", "2", "--out", "{out}"),
         _engine_decode,
+        TORCH_HARDWARE,
     ),
     Benchmark(
         "logprob_op",
         "bench_logprob_op.py",
         ("--rows", "1024", "--vocab", "32768", "--dtypes", "float32", "--repeats", "2", "--json-out", "{out}"),
         _logprob_op,
+        TORCH_HARDWARE,
     ),
     Benchmark(
         "weight_sync",
@@ -147,6 +180,32 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     ),
     Benchmark(
         "loop", "bench_loop.py", ("--steps", "8", "--warmup", "2", "--out", "{out}"), _loop, ("cpu",), loopback=True
+    ),
+    # The JAX pair on its own hardware: the JAX engine's decode (batch 32 x 64 new tokens) and the JAX trainer's
+    # step (5M and 30M parameters, no Megatron beside them), and the whole loop colocated on one chip (the engine
+    # in the trainer's process, weights handed over device to device). Models are built locally, no download.
+    Benchmark(
+        "jax_engine_decode",
+        "bench_jax_engine_decode.py",
+        ("--jax-only", "--sizes", "qwen3-5m,qwen3-30m", "--repeats", "3", "--out", "{out}"),
+        _jax_engine_decode,
+        ("tpu",),
+    ),
+    Benchmark(
+        "jax_train_step",
+        "bench_jax_train_step.py",
+        ("--jax-only", "--sizes", "5M", "30M", "--repeats", "5", "--out", "{out}"),
+        _jax_train_step,
+        ("tpu",),
+    ),
+    Benchmark(
+        "loop_jax_pair",
+        "bench_loop.py",
+        ("--train-backend", "jax", "--rollout-engine", "jax", "--colocate", "--steps", "8", "--warmup", "2")
+        + ("--out", "{out}"),
+        _loop_jax_pair,
+        ("tpu",),
+        loopback=True,
     ),
 )
 

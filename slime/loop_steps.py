@@ -263,4 +263,5 @@ def describe_start(config: Config, backend, start: int) -> str:
         f"{spec.kind} engine(s){' in the trainer process' if spec.hosted_by_trainer else ''}"
         f"{', colocated' if c.colocate else ''}{', async' if config.train.async_rollout else ''}; "
         f"rollouts {start}..{config.train.num_rollout - 1}; run folder {config.logging.output_dir}"
+        + (f"\n{spec.restart_reason}" if spec.restart_reason else "")
     )

@@ -10,7 +10,7 @@ from slime.backends import Backend
 from slime.config import Config
 from slime.ray.cores import CoreBudget, plan_budget
 from slime.ray.engine_worker import EngineSpec
-from slime.rollout.engines.selection import rollout_engine
+from slime.rollout.engines.selection import engine_in_trainer_process, rollout_engine, sglang_jax_mode
 from slime.training.config import TrainerConfig
 from slime.training.experience import AdvantageSettings
 from slime.training.family import trainer_family
@@ -68,6 +68,15 @@ def core_budget(config: Config) -> CoreBudget:
     return plan_budget(config, run_layout(config), needs_critic(config))
 
 
+def engine_hosted_by_trainer(config: Config, backend: Backend) -> bool:
+    """Whether the run's engine will live in the trainer's actor (EngineSpec.hosted_by_trainer)."""
+    kind = rollout_engine(config, backend)
+    family = trainer_family(config, backend.name, backend.capabilities.trainer_families)
+    engines = config.cluster.rollout_num_gpus // config.cluster.rollout_num_gpus_per_engine
+    in_process = sglang_jax_mode()[0] if kind == "sglang_jax" else False
+    return engine_in_trainer_process(config.cluster.colocate, family, kind, engines, in_process)
+
+
 def engine_spec(config: Config, backend: Backend) -> EngineSpec:
     """What every rollout engine of the run is started with (the engine kind: slime.rollout.engines.selection)."""
     r = config.rollout
@@ -78,6 +87,7 @@ def engine_spec(config: Config, backend: Backend) -> EngineSpec:
     if context is None:
         hf = json.loads((Path(config.checkpoint.hf_checkpoint) / "config.json").read_text())
         context = min(int(hf.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)), DEFAULT_MAX_CONTEXT)
+    in_process, restart_reason = sglang_jax_mode() if kind == "sglang_jax" else (False, "")
     return EngineSpec(
         kind=kind,
         hf_checkpoint=config.checkpoint.hf_checkpoint,
@@ -87,7 +97,9 @@ def engine_spec(config: Config, backend: Backend) -> EngineSpec:
         seed=config.data.rollout_seed,
         server_options=dict(config.sglang),
         log_dir=str(Path(config.logging.output_dir) / "engines"),
-        hosted_by_trainer=config.cluster.colocate and family == "jax" and kind == "jax" and engines == 1,
+        hosted_by_trainer=engine_in_trainer_process(config.cluster.colocate, family, kind, engines, in_process),
+        sglang_jax_in_process=in_process,
+        restart_reason=restart_reason,
         cores=core_budget(config),
     )
 

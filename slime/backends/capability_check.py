@@ -25,11 +25,24 @@ def chosen_rollout_engine(config: Config, backend: Backend) -> str:
     return rollout_engine(config, backend)
 
 
+def _engine_in_trainer(config: Config, backend: Backend) -> bool:
+    """--colocate whose one engine lives inside the JAX trainer's actor: no device is split between two
+    processes, and weights go over in process (slime.rollout.engines.selection.engine_in_trainer_process)."""
+    from slime.config import ConfigError
+    from slime.settings import engine_hosted_by_trainer
+
+    try:
+        return engine_hosted_by_trainer(config, backend)
+    except ConfigError:  # an engine or trainer the backend refuses: its own rule says so
+        return False
+
+
 def _colocate_needs_split_devices(config: Config, backend: Backend) -> str | None:
-    if config.cluster.colocate and not backend.fractional_devices:
+    if config.cluster.colocate and not backend.fractional_devices and not _engine_in_trainer(config, backend):
         return (
             f"--colocate puts trainer and engine processes on one device, but --hardware {backend.name} devices "
-            f"({backend.ray_device_resource}) are scheduled only whole: run without --colocate"
+            f"({backend.ray_device_resource}) are scheduled only whole: run without --colocate, or colocate the JAX pair with one engine (it runs in the "
+            "trainer's process)"
         )
     return None
 
@@ -37,7 +50,11 @@ def _colocate_needs_split_devices(config: Config, backend: Backend) -> str | Non
 def _colocate_needs_memory_saver(config: Config, backend: Backend) -> str | None:
     # Host memory (a CPU "device" is a process) needs no releasing; an accelerator's memory does, or the
     # trainer cannot onload while the engine holds its weights and KV cache.
-    if config.cluster.colocate and backend.ray_device_resource != "CPU" and not backend.capabilities.memory_saver:
+    # An engine in the trainer's process shares its device memory; the JAX engine frees its KV cache itself.
+    accelerator = backend.ray_device_resource != "CPU"
+    if config.cluster.colocate and accelerator and not backend.capabilities.memory_saver:
+        if _engine_in_trainer(config, backend):
+            return None
         return (
             f"--colocate needs engines that release device memory, and --hardware {backend.name} has none "
             "(capabilities.memory_saver is false): run without --colocate"

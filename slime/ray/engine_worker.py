@@ -29,8 +29,13 @@ class EngineSpec:
     server_options: dict[str, str] = field(default_factory=dict)  # --sglang-* pass-through
     log_dir: str | None = None
     staging_dir: str | None = None  # sglang-jax: where updated checkpoints are written
-    # jax engine, --colocate with the JAX trainer: the engine runs inside the trainer's process (one engine) and
-    # takes the trainer's parameters device to device instead of HF-named buckets
+    # sglang-jax: its offline Engine in the worker's (or, hosted, the trainer's) process, weights assigned into its
+    # model state (sglang_jax/in_process.py); False: its server, restarted on every update, and restart_reason
+    # says why (slime.rollout.engines.selection.sglang_jax_mode)
+    sglang_jax_in_process: bool = False
+    restart_reason: str = ""
+    # jax or in-process sglang-jax engine, --colocate with the JAX trainer: the engine runs inside the trainer's
+    # process (one engine) and takes the trainer's parameters device to device instead of HF-named buckets
     hosted_by_trainer: bool = False
     cores: CoreBudget | None = None  # threads while generating (slime.ray.cores); None: the process's default
 
@@ -62,6 +67,17 @@ def start_engine(spec: EngineSpec, backend):
 
         engine = SGLangEngine(SGLangServerConfig(spec.hf_checkpoint, dict(spec.server_options), log_dir=spec.log_dir))
         return engine, engine.url, lambda: None
+    if spec.kind == "sglang_jax" and spec.sglang_jax_in_process:
+        from slime.rollout.engines.embedded.server import serve_http
+        from slime.rollout.engines.sglang_jax.engine import typed_server_options
+        from slime.rollout.engines.sglang_jax.in_process import SGLangJaxInProcessEngine
+
+        options = typed_server_options(spec.server_options)
+        engine = SGLangJaxInProcessEngine(
+            spec.hf_checkpoint, spec.max_seq_len, max_batch_size=spec.max_batch_size, **options
+        )
+        server = serve_http(engine, "127.0.0.1", 0)
+        return engine, server.url, server.stop
     if spec.kind == "sglang_jax":
         from slime.rollout.engines.sglang_jax.engine import SGLangJaxEngine, SGLangJaxServerConfig
 

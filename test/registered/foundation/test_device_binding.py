@@ -65,8 +65,12 @@ def test_backend_for_worker_does_not_probe():
 def test_capability_check_refuses_impossible_runs_in_one_line():
     tpu, cuda, cpu = (backend_for_worker(n) for n in ("tpu", "cuda", "cpu"))
     colocate = config("--colocate")
-    problems = check_against_capabilities(colocate, tpu)
+    # two engines beside the trainer would split TPU chips between processes; one JAX engine lives in the
+    # trainer's own process (EngineSpec.hosted_by_trainer), so nothing is split
+    split = config("--colocate --rollout-num-gpus 2 --actor-num-gpus-per-node 2")
+    problems = check_against_capabilities(split, tpu)
     assert any("scheduled only whole" in p for p in problems) and any("memory_saver" in p for p in problems)
+    assert check_against_capabilities(config("--colocate --rollout-engine jax"), tpu) == []
     assert check_against_capabilities(colocate, cpu) == []  # host memory: nothing to release
     assert check_against_capabilities(colocate, cuda) == [
         "--colocate with SGLang engines needs --sglang-enable-memory-saver (else the engine keeps its memory)"
@@ -79,7 +83,7 @@ def test_capability_check_refuses_impossible_runs_in_one_line():
         "--moe-token-dispatcher-type flex is not available on --hardware cpu (use one of: alltoall)"
     ]
     with pytest.raises(ConfigError) as error:
-        require_capabilities(colocate, tpu)
+        require_capabilities(split, tpu)
     assert "\n" not in str(error.value)
 
 
@@ -100,6 +104,10 @@ def test_train_refuses_before_ray_starts(tmp_path):
             "--rm-type",
             "math",
             "--colocate",
+            "--rollout-num-gpus",
+            "2",
+            "--actor-num-gpus-per-node",
+            "2",
         ]
     )
     with pytest.raises(ConfigError, match="--colocate puts trainer and engine processes on one device"):

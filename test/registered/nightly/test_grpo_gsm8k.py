@@ -2,8 +2,9 @@
 variables, no hub), trained with trainer and engine colocated on the one device (--colocate, steps in turn).
 Held-out accuracy must rise by the stored minimum gain (accuracy_thresholds.json, "quickstart_gpu").
 
-TPU accuracy belongs to the JAX trainer's issue: --colocate is refused on TPU (Ray schedules chips whole), so the
-TPU registration stays disabled here, and the runner fails a TPU nightly suite in which nothing ran.
+On a TPU the pair is the JAX one (--train-backend jax --rollout-engine jax, passed through the quickstart): colocated
+on the one chip, the engine runs inside the trainer's process and takes each update device to device, so no chip
+is split between processes (Ray schedules TPU chips only whole). Same task, model builder and thresholds.
 """
 
 import json
@@ -13,17 +14,20 @@ from slime.testing.ci_register import register_cuda_ci, register_rocm_ci, regist
 
 register_cuda_ci(est_time=1800, suite="nightly-accuracy-1-gpu", nightly=True)
 register_rocm_ci(est_time=1800, suite="nightly-accuracy-1-gpu-amd", nightly=True)
-register_tpu_ci(
-    est_time=1800, suite="nightly-accuracy-tpu", nightly=True, disabled="TPU accuracy comes with the JAX trainer"
-)
+register_tpu_ci(est_time=1800, suite="nightly-accuracy-tpu", nightly=True)
+
+# The pair each hardware's nightly runs, as quickstart flags (after `--`: passed to `slime train`).
+PAIR_FLAGS = {"tpu": ["--", "--train-backend", "jax", "--rollout-engine", "jax"]}
 
 THRESHOLDS = json.loads((Path(__file__).with_name("accuracy_thresholds.json")).read_text())["quickstart_gpu"]
 
 
 def test_colocated_quickstart_learns_on_one_device(tmp_path):
+    from slime.backends import select_backend
     from slime.quickstart.run import main
 
-    assert main(["--output-dir", str(tmp_path), "--colocate"]) == 0
+    pair = PAIR_FLAGS.get(select_backend("auto").name, [])
+    assert main(["--output-dir", str(tmp_path), "--colocate", *pair]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     before, after = summary["heldout_accuracy_after_sft"], summary["heldout_accuracy_after_rl"]
     assert after - before >= THRESHOLDS["min_gain"] - THRESHOLDS["allowed_float"], (

@@ -136,3 +136,40 @@ def test_constraints_lines_are_exact_pins(tmp_path):
     bad.write_text("# ok\nsglang>=0.5\n")
     with pytest.raises(ValueError, match=r"constraints-x.txt:2: a constraints line pins one exact version"):
         read_pins(bad)
+
+
+def tpu_dockerfile() -> str:
+    return (REPO / IMAGES["tpu"].dockerfile).read_text()
+
+
+def test_the_tpu_image_takes_every_version_from_the_constraints_the_extra_follows():
+    from release.images import dockerfile_pin_problems, pip_installs
+
+    assert dockerfile_pin_problems(tpu_dockerfile(), hardware_pins("tpu"), "constraints-tpu.txt") == []
+    assert not re.findall(r"^ARG \w+_VERSION=", tpu_dockerfile().replace("ARG PYTHON_VERSION=", ""), re.MULTILINE)
+    # what the image installs by name is what the [tpu] extra brings (the extra's own pins are checked above)
+    named = {
+        canonicalize_name(re.split(r"[\[=]", word)[0])
+        for args in pip_installs(tpu_dockerfile())
+        for word in args
+        if not word.startswith(("-", "/", "http"))
+    }
+    assert named <= set(extra_requirements("tpu", "3.12")), named - set(extra_requirements("tpu", "3.12"))
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (('"jax[tpu]" flax', '"jax[tpu]==0.8.2" flax'), "jax[tpu]==0.8.2: the version belongs in constraints-tpu.txt"),
+        (('-c /tmp/constraints-tpu.txt "jax[tpu]"', '"jax[tpu]"'), "not constrained by /tmp/constraints-tpu.txt"),
+        (("flax sglang-jax", "flax sglang-jax numpy"), "pip install numpy: constraints-tpu.txt pins no numpy"),
+        (("COPY requirements/constraints-tpu.txt", "COPY requirements/constraints-cpu.txt"), "does not COPY"),
+    ],
+)
+def test_a_tpu_dockerfile_that_disagrees_with_the_constraints_is_caught(edit, problem):
+    from release.images import dockerfile_pin_problems
+
+    old, new = edit
+    assert old in tpu_dockerfile()
+    problems = dockerfile_pin_problems(tpu_dockerfile().replace(old, new), hardware_pins("tpu"), "constraints-tpu.txt")
+    assert any(problem in p for p in problems), problems

@@ -90,7 +90,9 @@ def test_committed_baselines_name_real_metrics():
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[3]
-    for hw in ("cpu",):
+    for hw in perf.ALL_HARDWARE:
+        if hw != "cpu" and not perf_gate.baselines_path(repo, hw).is_file():
+            continue  # measured on that hardware first: until then its figures are "new" and never fail
         baselines = perf_gate.load_baselines(perf_gate.baselines_path(repo, hw))
         assert baselines, f"no baselines for {hw}"
         for name, baseline in baselines.items():
@@ -106,6 +108,33 @@ def test_extractors_read_the_benchmarks_json():
     with pytest.raises(ValueError, match="unknown benchmark"):
         perf.benchmarks_for("cpu", ["nope"])
     assert "loop" not in {b.name for b in perf.benchmarks_for("cuda")}  # the CPU-only loop benchmark
+
+
+def test_the_tpu_night_runs_the_jax_pair_and_nothing_that_needs_megatron_or_torch_devices():
+    tpu = {b.name: b for b in perf.benchmarks_for("tpu")}
+    assert sorted(tpu) == ["jax_engine_decode", "jax_train_step", "loop_jax_pair", "suite_collection"]
+    assert all("--jax-only" in tpu[name].args for name in ("jax_engine_decode", "jax_train_step"))
+    assert tpu["jax_engine_decode"].args[tpu["jax_engine_decode"].args.index("--sizes") + 1] == "qwen3-5m,qwen3-30m"
+    loop = tpu["loop_jax_pair"].args
+    assert loop[loop.index("--train-backend") + 1] == "jax" and loop[loop.index("--rollout-engine") + 1] == "jax"
+    assert "--colocate" in loop and tpu["loop_jax_pair"].loopback  # one chip: the engine in the trainer's process
+    for hardware in ("cpu", "cuda", "rocm"):  # the JAX benchmarks' CPU figures are committed results, not nightly
+        assert not {"jax_engine_decode", "jax_train_step", "loop_jax_pair"} & {
+            b.name for b in perf.benchmarks_for(hardware)
+        }
+
+
+def test_jax_extractors_read_what_the_jax_benchmarks_write():
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
+    decode = perf._jax_engine_decode(json.loads((results / "jax_engine_decode_cpu.json").read_text()))
+    assert [name for name, *_ in decode] == ["jax_engine_decode.qwen3-5m.tok_s", "jax_engine_decode.qwen3-30m.tok_s"]
+    assert all(value > 0 and higher for _, value, _, higher in decode)
+    train = perf._jax_train_step(json.loads((results / "jax_train_step_cpu.json").read_text()))
+    assert {name for name, *_ in train} == {f"jax_train_step.{s}.{k}_s" for s in ("5M", "30M") for k in ("rl", "sft")}
+    loop = perf._loop_jax_pair(json.loads((results / "loop_jax_pair_cpu.json").read_text()))
+    assert [name for name, *_ in loop] == ["loop_jax_pair.completions_per_s", "loop_jax_pair.seconds_per_step"]
 
 
 def test_records_round_trip_and_bad_lines_name_the_line(tmp_path):

@@ -54,6 +54,16 @@ def _server_parser() -> argparse.ArgumentParser | None:
     return parser
 
 
+def typed_server_options(options: Mapping[str, str]) -> dict[str, object]:
+    """--sglang-* options as sglang-jax's ServerArgs fields, typed by its own parser (the in-process Engine takes
+    keyword arguments, not a command line)."""
+    parser = _server_parser()
+    if parser is None or not options:
+        return dict(options)
+    parsed = vars(parser.parse_args(["--model-path", "unused", *server_argv(options, parser)]))
+    return {name: parsed[name] for name in options}
+
+
 def checkpoint_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """name -> shape for every tensor of an HF safetensors checkpoint (reads headers only)."""
     from safetensors import safe_open

@@ -11,7 +11,14 @@ A weight update maps each HF name onto the model's state path (the same mapping 
 for the dense families: embeddings and RMSNorm weights are `embedding` / `scale`, linear kernels are stored
 transposed), then `jax.device_put`s the array onto the sharding that state already has: a JAX array from the
 trainer's mesh is resharded device to device, a host tensor is placed once. After the assignment the model
-runner re-creates its jitted functions (`initialize_jit`), which close over the state.
+runner's `model_state_leaves` are rebound to the new state (its jitted calls read that list on every call, as
+tunix's sampler relies on), so nothing is recompiled.
+
+Behind the SGLang-compatible HTTP server (ServableEngine): requests queue, one thread hands all queued requests
+to the offline Engine's blocking `generate` as one batch. Where it runs (slime.ray.engine_worker): in an
+EngineWorker actor that owns its chips, taking HF-named buckets; or, --colocate with the JAX trainer and one
+engine, inside the trainer's actor (EngineSpec.hosted_by_trainer), taking the trainer's sharded parameters
+device to device (update_weights_in_place). Chosen by slime.rollout.engines.selection.sglang_jax_mode.
 
 Not covered: KV-head padding (sglang-jax replicates KV heads when the tensor-parallel degree exceeds them; such
 an update is refused in one line) and MoE experts. Needs an sglang-jax whose Engine accepts
@@ -21,15 +28,20 @@ the hardware extra pins; install such a version from sglang-jax's repository to 
 
 from __future__ import annotations
 
+import itertools
+import json
 import re
 import threading
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 from slime.rollout.engines.base import (
     EngineError,
     GenerateRequest,
     GenerateResult,
-    RolloutEngine,
+    ResultCallback,
+    ServableEngine,
     WeightUpdateError,
 )
 from slime.rollout.engines.protocol import parse_generate_response, sampling_params_to_json
@@ -68,7 +80,8 @@ def _as_jax(name: str, tensor):
 
 
 def assign_hf_weights(model, named: Iterable[tuple[str, object]]) -> int:
-    """Check every tensor against the model's state, then assign them all; returns how many were assigned."""
+    """Check every tensor against the model's state, then assign them all; returns how many were assigned.
+    Embedding / LM-head rows beyond the model's (a JAX trainer pads its vocabulary to its TP degree) are cut."""
     import jax
 
     planned = []
@@ -79,6 +92,8 @@ def assign_hf_weights(model, named: Iterable[tuple[str, object]]) -> int:
         variable = _variable(model, path)
         value = _as_jax(name, tensor)
         value = value.T if transpose else value
+        if path.endswith(".embedding") and value.shape[0] > variable.value.shape[0]:
+            value = value[: variable.value.shape[0]]
         if tuple(value.shape) != tuple(variable.value.shape):
             raise WeightUpdateError(
                 f"weight update rejected: {name!r} maps to {path} of shape {tuple(variable.value.shape)}, got "
@@ -91,28 +106,52 @@ def assign_hf_weights(model, named: Iterable[tuple[str, object]]) -> int:
     return len(planned)
 
 
-class SGLangJaxInProcessEngine(RolloutEngine):
+def rebind_state_leaves(runner) -> None:
+    """Point the model runner's jitted calls at the model's current state: its `model_state_leaves`, flattened as
+    its initialize_jit does, keeping the placeholders initialize_jit put where the state holds shape structs."""
+    import jax
+    from flax import nnx
+
+    leaves, _ = jax.tree_util.tree_flatten(nnx.split(runner.model)[1])
+    old = runner.model_state_leaves
+    runner.model_state_leaves = [o if isinstance(n, jax.ShapeDtypeStruct) else n for n, o in zip(leaves, old)]
+
+
+class SGLangJaxInProcessEngine(ServableEngine):
     """sglang-jax's offline Engine in this process; see the module docstring."""
 
-    def __init__(self, hf_checkpoint: str, context_length: int, tp_size: int = 1, **engine_args):
+    engine_name = "sglang-jax"
+
+    def __init__(self, hf_checkpoint: str, context_length: int, tp_size: int = 1, max_batch_size: int = 64, **args):
         try:
             from sgl_jax.srt.entrypoints.engine import Engine
         except ImportError:
             raise EngineError("the in-process sglang-jax engine needs sglang-jax: pip install sglang-jax") from None
-        self.model_path = hf_checkpoint
-        args = dict(
+        from slime.rollout.engines.embedded.engine import _load_tokenizer
+
+        hf_config = json.loads((Path(hf_checkpoint) / "config.json").read_text())
+        self.model_path, self.model_type = hf_checkpoint, hf_config.get("model_type", "")
+        self.vocab_size, self.tokenizer = int(hf_config["vocab_size"]), _load_tokenizer(hf_checkpoint)
+        self.max_batch_size, self.max_seq_len = max_batch_size, context_length
+        engine_args = dict(
             model_path=hf_checkpoint,
             context_length=context_length,
             tp_size=tp_size,
+            max_running_requests=max_batch_size,
             enable_single_process=True,
             disable_radix_cache=True,  # a weight update must not serve prefixes cached under the old weights
             enable_deterministic_sampling=True,
         )
-        args.update(engine_args)
-        self._engine = Engine(**args)
+        self._engine = Engine(**{**engine_args, **args})
         self._weight_version = 0
         self._pending: list[tuple[str, object]] = []
-        self._lock = threading.Lock()
+        self._model_lock = threading.Lock()  # held while a batch generates and while weights are assigned
+        self._cond = threading.Condition()
+        self._waiting: deque[tuple[GenerateRequest, ResultCallback]] = deque()
+        self._stopping = False
+        self._rids = itertools.count()
+        self._worker = threading.Thread(target=self._run, name="sglang-jax-in-process", daemon=True)
+        self._worker.start()
 
     def _model_runner(self):
         info = self._engine.scheduler_info
@@ -120,58 +159,106 @@ class SGLangJaxInProcessEngine(RolloutEngine):
             raise EngineError("this sglang-jax runs its scheduler in another process; in-process updates need one")
         return info["scheduler"].tp_worker.worker.model_runner
 
-    def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
-        if not requests:
-            return []
-        with self._lock:
-            outputs = self._engine.generate(
-                input_ids=[list(r.input_ids) for r in requests],
-                sampling_params=[sampling_params_to_json(r.sampling_params) for r in requests],
-                return_logprob=[r.return_logprob for r in requests],
-            )
+    # ---- generation: queued requests go to the offline Engine as one batch ----------------------------------
+    def submit(self, request: GenerateRequest, callback: ResultCallback) -> None:
+        problem = self.request_problem(request, [int(t) for t in request.input_ids])
+        if problem is not None:
+            callback(GenerateResult(request.rid, [], None, "error", error=problem))
+            return
+        with self._cond:
+            if self._stopping:
+                raise EngineError("the engine was shut down")
+            self._waiting.append((request, callback))
+            self._cond.notify_all()
+
+    def new_rid(self) -> str:
+        return f"sglang-jax-{next(self._rids)}"
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                count = min(len(self._waiting), self.max_batch_size)
+                batch = [self._waiting.popleft() for _ in range(count)]
+            try:
+                with self._model_lock:
+                    results = self._generate_batch([request for request, _ in batch])
+            except Exception as error:  # the engine failed this batch: every request in it gets the reason
+                results = [GenerateResult(r.rid, [], None, "error", error=f"sglang-jax: {error}") for r, _ in batch]
+            for (_, callback), result in zip(batch, results):
+                callback(result)
+
+    def _generate_batch(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        outputs = self._engine.generate(
+            input_ids=[[int(t) for t in r.input_ids] for r in requests],
+            sampling_params=[sampling_params_to_json(r.sampling_params) for r in requests],
+            return_logprob=[r.return_logprob for r in requests],
+        )
         results = [parse_generate_response(o, r.rid) for o, r in zip(outputs, requests)]
         return [
             GenerateResult(**{**result.__dict__, "rid": r.rid, "weight_version": self._weight_version})
             for result, r in zip(results, requests)
         ]
 
+    # ---- weights ---------------------------------------------------------------------------------------
+    def _assign(self, named: Iterable[tuple[str, object]], version: int) -> None:
+        with self._model_lock:
+            runner = self._model_runner()
+            assign_hf_weights(runner.model, named)
+            rebind_state_leaves(runner)
+            self._weight_version = int(version)
+
     def update_weights_from_tensors(self, named_tensors, version: int, finish: bool = True) -> None:
         self._pending.extend(named_tensors)
         if not finish:
             return
         staged, self._pending = self._pending, []
-        with self._lock:
-            runner = self._model_runner()
-            assign_hf_weights(runner.model, staged)
-            runner.initialize_jit()
-            self._weight_version = int(version)
+        self._assign(staged, version)
+
+    def update_weights_in_place(self, params: Mapping[str, object], version: int) -> None:
+        """A colocated JAX trainer's HF-named parameters (sharded over its mesh): resharded onto the engine's
+        state device to device by assign_hf_weights' device_put, no host copy."""
+        self._pending = []
+        self._assign(params.items(), version)
 
     def update_weights_from_disk(self, path: str, version: int) -> None:
         from slime.rollout.engines.embedded.weights import read_checkpoint_tensors
 
-        self.update_weights_from_tensors(read_checkpoint_tensors(path).items(), version)
+        self._pending = []
+        self._assign(read_checkpoint_tensors(path).items(), version)
 
+    # ---- control ---------------------------------------------------------------------------------------
     def pause(self) -> None:
-        self._lock.acquire()
+        self._model_lock.acquire()
 
     def resume(self) -> None:
-        if self._lock.locked():
-            self._lock.release()
+        if self._model_lock.locked():
+            self._model_lock.release()
 
     def begin_weight_update(self) -> None:
-        """Generation is synchronous under the lock, so an update simply waits for the current batch."""
+        """Generation runs in whole batches under the model lock, so an update waits for the batch in flight."""
 
     def end_weight_update(self) -> None:
         """Nothing to resume: see begin_weight_update."""
 
     def abort(self, rid: str | None = None) -> None:
-        """The offline Engine's generate is one blocking call; nothing can be aborted from outside it."""
+        """Queued requests end as "abort"; a batch inside the offline Engine's blocking generate runs to its end."""
+        with self._cond:
+            keep = deque(item for item in self._waiting if rid is not None and item[0].rid != rid)
+            dropped = [item for item in self._waiting if item not in keep]
+            self._waiting = keep
+        for request, callback in dropped:
+            callback(GenerateResult(request.rid, [], None, "abort", weight_version=self._weight_version))
 
     def health(self) -> bool:
-        return self._engine is not None
+        return self._engine is not None and self._worker.is_alive()
 
     def release_memory(self, tags: list[str] | None = None) -> None:
-        """The offline Engine has no memory release; colocation keeps its memory (documented limitation)."""
+        """The offline Engine has no memory release: a colocated one keeps its KV cache (size it with
+        --sglang-mem-fraction-static)."""
 
     def resume_memory(self, tags: list[str] | None = None) -> None:
         """See release_memory."""
@@ -181,6 +268,10 @@ class SGLangJaxInProcessEngine(RolloutEngine):
         return self._weight_version
 
     def shutdown(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self.abort()
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()
