@@ -273,8 +273,9 @@ class Backend(ABC):
         raise NotImplementedError(f"the {self.name} backend has no device-memory handles (weight sync 'ipc')")
 
     # ---- the JAX trainer family ----------------------------------------------------------------------
-    def jax_process_env(self, devices: int) -> dict[str, str]:
-        """Environment a JAX trainer process needs (set before jax is imported) to see `devices` devices."""
+    def jax_process_env(self, devices: int, threads: int | None = None) -> dict[str, str]:
+        """Environment a JAX process needs (set before jax is imported) to see `devices` devices; `threads`: the
+        host cores its math may use (the run's core budget for its phase; None: the environment's default)."""
         return {}
 
     def jax_devices(self) -> list:

@@ -100,7 +100,8 @@ class RolloutManager:
     async def _start_engine(self, slot: Slot) -> _Engine:
         env = None
         if self.spec.kind == "jax":  # set before jax is imported in the engine's process
-            env = {**ray_env(self.backend), **self.backend.jax_process_env(1)}
+            threads = self.spec.cores.threads("generate") if self.spec.cores is not None else None
+            env = {**ray_env(self.backend), **self.backend.jax_process_env(1, threads)}
         actor = place_engine_worker(self.spec, self.backend, self.placement_group, slot, env)
         info = await actor.start.remote()
         return _Engine(actor, info["url"], info["pid"])

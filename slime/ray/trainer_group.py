@@ -250,7 +250,9 @@ class TrainerGroup:
             from slime.training.jax.worker import JaxTrainerWorker
 
             options = scheduling(placement_group, slots[0], backend)
-            options["runtime_env"] = {"env_vars": {**ray_env(backend), **backend.jax_process_env(len(slots))}}
+            threads = config.cores.threads("train") if config.cores is not None else None
+            jax_env = backend.jax_process_env(len(slots), threads)
+            options["runtime_env"] = {"env_vars": {**ray_env(backend), **jax_env}}
             self.workers = [ray.remote(JaxTrainerWorker).options(**options).remote(role, config, backend.name)]
         else:
             self.workers = place_trainer_workers(role, config, backend, placement_group, slots)

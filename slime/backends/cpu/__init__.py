@@ -61,11 +61,14 @@ class CpuBackend(Backend):
         threads = int(self.system.environ.get("OMP_NUM_THREADS", "1"))
         torch.set_num_threads(max(1, threads))
 
-    def jax_process_env(self, devices: int) -> dict[str, str]:
+    def jax_process_env(self, devices: int, threads: int | None = None) -> dict[str, str]:
         # virtual host devices stand in for accelerators: the same mesh and sharding code runs on them
         flags = f"--xla_force_host_platform_device_count={devices}"
-        if int(self.system.environ.get("OMP_NUM_THREADS", "1")) == 1:
-            # as for torch in setup_process: workers share few cores, so one intra-op thread each
+        if threads is None:
+            threads = int(self.system.environ.get("OMP_NUM_THREADS", "1"))
+        if threads == 1:
+            # as for torch in setup_process: workers share few cores, so one intra-op thread each. XLA's CPU
+            # client fixes its pool when the process starts, so a budget above one gets the multi-threaded pool.
             flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
 

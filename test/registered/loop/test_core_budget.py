@@ -78,3 +78,18 @@ def test_plan_from_the_config_and_layout():
     plan = plan_budget(ppo, run_layout(ppo), needs_critic(ppo))
     assert (plan.train_procs, plan.overlapped) == (2, True)  # the critic trains beside the actor
     assert split(plan, plan.cores_per_node) == (4, 4)
+
+
+def test_jax_processes_get_their_phase_budget_in_xla_flags():
+    """XLA's CPU pool is fixed when the process starts: one thread is the single-threaded pool, more is the
+    multi-threaded one; without a budget the environment's OMP_NUM_THREADS decides, as for torch."""
+    from slime.backends import select_backend
+
+    backend = select_backend("cpu")
+    single = "--xla_cpu_multi_thread_eigen=false"
+    assert single in backend.jax_process_env(1, threads=1)["XLA_FLAGS"]
+    flags = backend.jax_process_env(4, threads=2)["XLA_FLAGS"]
+    assert single not in flags and "--xla_force_host_platform_device_count=4" in flags
+    sync, overlapped = CoreBudget(1, 1, cores_per_node=2), CoreBudget(1, 1, overlapped=True, cores_per_node=2)
+    assert single not in backend.jax_process_env(1, sync.threads("train", 2))["XLA_FLAGS"]
+    assert single in backend.jax_process_env(1, overlapped.threads("train", 2))["XLA_FLAGS"]
