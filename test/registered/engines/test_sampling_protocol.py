@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from slime.rollout.engines.base import GenerateRequest, GenerateResult, SamplingParams
+from slime.rollout.engines.batching import find_stop_string
 from slime.rollout.engines.embedded.sampling import (
     BatchSampling,
     filtered_log_probs,
-    find_stop_string,
     inverse_cdf_sample,
     sample_tokens,
 )

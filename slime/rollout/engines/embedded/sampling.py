@@ -88,13 +88,3 @@ def inverse_cdf_sample(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Te
     target = (uniform.clamp(max=1.0 - 1e-7) * cdf[:, -1]).unsqueeze(1)
     picked = torch.searchsorted(cdf, target, right=True).squeeze(1)
     return picked.clamp_(max=weights.shape[-1] - 1)
-
-
-def find_stop_string(text: str, stops: tuple[str, ...], search_from: int = 0) -> str | None:
-    """The first stop string that occurs in text[search_from:], or None."""
-    best: tuple[int, str] | None = None
-    for stop in stops:
-        at = text.find(stop, search_from)
-        if at >= 0 and (best is None or at < best[0]):
-            best = (at, stop)
-    return None if best is None else best[1]
