@@ -21,7 +21,7 @@ from release.version import stamp_version
 from slime import DISTRIBUTION
 
 # Extras every wheel must advertise: one per hardware target plus the tool extras.
-REQUIRED_EXTRAS = ("cpu", "cuda", "rocm", "tpu", "test", "release")
+REQUIRED_EXTRAS = ("cpu", "cuda", "rocm", "tpu", "test", "release", "bench")
 # Path fragments that must never ship in a distribution.
 FORBIDDEN_PARTS = ("__pycache__", ".pytest_cache", ".git", ".venv", "node_modules", ".ipynb_checkpoints")
 FORBIDDEN_SUFFIXES = (".pyc", ".pyo", ".orig", ".rej", ".swp", ".log", "~", ".DS_Store")
