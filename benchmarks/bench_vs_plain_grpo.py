@@ -26,12 +26,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from slime_side import grpo_flags, run_slime
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PLAIN = REPO.parent / "shared" / "baselines" / "plain_grpo.py"
@@ -63,50 +63,6 @@ def write_prompts(plain: Path, path: Path) -> int:
         for a, b in train:
             f.write(json.dumps({"prompt": f"<bos>{a}+{b}=", "label": a + b}) + "\n")
     return len(train)
-
-
-def slime_flags(checkpoint: Path, prompts: Path, out: Path, a: argparse.Namespace, mode: str) -> list[str]:
-    n = a.prompts * a.samples
-    flags = [
-        "--hf-checkpoint", checkpoint, "--prompt-data", prompts, "--rm-type", "leading_number",
-        "--num-rollout", a.steps, "--rollout-batch-size", a.prompts, "--n-samples-per-prompt", a.samples,
-        "--global-batch-size", n, "--micro-batch-size", n, "--rollout-engine-batch-size", n,
-        "--rollout-concurrency", n, "--rollout-max-response-len", a.max_new, "--rollout-temperature", 1.0,
-        "--lr", a.lr, "--adam-beta2", 0.99, "--eps-clip", 0.2, "--rollout-shuffle", "--seed", a.seed,
-        "--rollout-seed", a.seed, "--output-dir", out, "--no-progress",
-    ]  # fmt: skip
-    if mode == "async":
-        flags.append("--async")
-    if a.profile:
-        flags += ["--profile", a.profile]
-    return [str(f) for f in flags] + a.slime_flags.split()
-
-
-def run_slime(flags: list[str], out: Path, warmup: int) -> dict:
-    from slime.run_log import read_metrics
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "slime.cli", "train", *flags], env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"slime train failed:\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}")
-    steps = [r for r in read_metrics(out) if r.get("phase") == "rl"][warmup:]
-
-    def median(key: str) -> float:
-        return statistics.median(r.get(key, 0.0) for r in steps)
-
-    return {
-        "seconds_per_step": median("perf/step_time"),
-        "steps_measured": len(steps),
-        "split_seconds": {
-            "rollout_wait": median("perf/rollout_wait"),
-            "rollout": median("perf/rollout_time"),
-            "train": median("perf/train_time"),
-            "sync": median("perf/weight_sync_time"),
-        },
-        "reward_mean_last": steps[-1]["rollout/reward_mean"] if steps else None,
-        "process_wall_s": time.perf_counter() - started,
-    }
 
 
 def main() -> int:
@@ -158,7 +114,9 @@ def measure(a: argparse.Namespace, root: Path, cores: int) -> int:
     result = {"benchmark": "vs_plain_grpo", "plain": plain, "slime": {}, "ratio": {}}
     for mode in [m for m in a.modes.split(",") if m]:
         out = root / f"slime_{mode}"
-        result["slime"][mode] = run_slime(slime_flags(checkpoint, prompts, out, a, mode), out, a.warmup)
+        own = ["--rm-type", "leading_number", "--adam-beta2", 0.99] + (["--profile", a.profile] if a.profile else [])
+        flags = grpo_flags(checkpoint, prompts, out, a, own, mode)
+        result["slime"][mode] = run_slime(flags, out, a.warmup, a.prompts * a.samples)
         result["ratio"][mode] = result["slime"][mode]["seconds_per_step"] / plain["seconds_per_step"]
     result["slime_flags"] = a.slime_flags
     result["shape"] = {"prompts": a.prompts, "samples": a.samples, "max_new_tokens": a.max_new, "lr": a.lr}

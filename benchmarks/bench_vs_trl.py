@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from slime_side import grpo_flags, median_after, run_slime
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -59,13 +61,6 @@ def digit_share(text: str) -> float:
 def digit_share_reward(args, sample) -> float:
     """slime's side of the reward (--custom-rm-path bench_vs_trl.digit_share_reward)."""
     return digit_share(sample.response)
-
-
-def median_after(values: list[float], warmup: int) -> float:
-    kept = values[warmup:]
-    if not kept:
-        raise SystemExit(f"no steps left after --warmup {warmup}; raise --steps")
-    return statistics.median(kept)
 
 
 # ---- the TRL side (runs in a child process: its own threads and imports) -----------------------------------
@@ -179,53 +174,6 @@ def shape_args(a: argparse.Namespace) -> list[str]:
 # ---- the slime side -------------------------------------------------------------------------------------------
 
 
-def slime_flags(checkpoint: Path, prompts: Path, out: Path, a: argparse.Namespace, mode: str) -> list[str]:
-    n = a.prompts * a.samples
-    flags = [
-        "--hf-checkpoint", checkpoint, "--prompt-data", prompts, "--custom-rm-path", "bench_vs_trl.digit_share_reward",
-        "--num-rollout", a.steps, "--rollout-batch-size", a.prompts, "--n-samples-per-prompt", a.samples,
-        "--global-batch-size", n, "--micro-batch-size", n, "--rollout-engine-batch-size", n,
-        "--rollout-concurrency", n, "--rollout-max-response-len", a.max_new, "--rollout-temperature", 1.0,
-        "--lr", a.lr, "--eps-clip", 0.2, "--rollout-shuffle", "--seed", a.seed, "--rollout-seed", a.seed,
-        "--output-dir", out, "--no-progress",
-    ]  # fmt: skip
-    if mode == "async":
-        flags.append("--async")
-    return [str(f) for f in flags] + a.slime_flags.split()
-
-
-def run_slime(flags: list[str], out: Path, a: argparse.Namespace) -> dict:
-    from slime.run_log import read_metrics
-
-    paths = os.pathsep.join([str(REPO), str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=paths)  # the reward is this file's digit_share_reward
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "slime.cli", "train", *flags], env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"slime train failed:\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}")
-    rows = [r for r in read_metrics(out) if r.get("phase") == "rl"]
-    step_seconds = [r["perf/step_time"] for r in rows]
-    seconds = median_after(step_seconds, a.warmup)
-
-    def median(key: str) -> float:
-        return statistics.median(r.get(key, 0.0) for r in rows[a.warmup :])
-
-    return {
-        "seconds_per_step": seconds,
-        "completions_per_s": a.prompts * a.samples / seconds,
-        "steps_measured": len(rows[a.warmup :]),
-        "step_seconds": step_seconds,
-        "split_seconds": {
-            "rollout_wait": median("perf/rollout_wait"),
-            "train": median("perf/train_time"),
-            "sync": median("perf/weight_sync_time"),
-        },
-        "response_length_mean": median("rollout/response_length_mean"),
-        "reward_mean_last": rows[-1].get("rollout/reward_mean") if rows else None,
-        "process_wall_s": time.perf_counter() - started,
-    }
-
-
 # ---- driver -----------------------------------------------------------------------------------------------------
 
 
@@ -240,7 +188,9 @@ def measure(a: argparse.Namespace, root: Path, cores: int) -> dict:
     for mode in [m for m in a.modes.split(",") if m]:
         loads[f"slime_{mode}_start"] = os.getloadavg()
         out = root / f"slime_{mode}"
-        result["slime"][mode] = run_slime(slime_flags(checkpoint, prompts, out, a, mode), out, a)
+        reward = ["--custom-rm-path", "bench_vs_trl.digit_share_reward"]
+        flags = grpo_flags(checkpoint, prompts, out, a, reward, mode)
+        result["slime"][mode] = run_slime(flags, out, a.warmup, a.prompts * a.samples)
         if result["trl"]:
             ours = result["slime"][mode]["completions_per_s"]
             result["ratio"][mode] = ours / result["trl"]["completions_per_s"]
