@@ -80,6 +80,35 @@ def test_greedy_equals_hf_with_more_requests_than_slots(checkpoints, family):
         eng.shutdown()
 
 
+def test_a_rollouts_tail_decodes_only_its_running_slots(checkpoints):
+    """Once most slots have finished, decode computes the running slots only (their cache rows gathered):
+    the tokens stay HF's and the log-probs those of the full-width decode."""
+    path, hf = checkpoints["qwen3"]
+    eng = EmbeddedEngine(path, max_batch_size=6, max_seq_len=64)
+    widths = []
+    real_decode = eng.model.decode
+
+    def recording_decode(tokens, positions, attend_len, slots=None):
+        widths.append((tokens.shape[0], None if slots is None else slots.tolist()))
+        return real_decode(tokens, positions, attend_len, slots)
+
+    eng.model.decode = recording_decode
+    try:
+        budgets = [14, 2, 2, 3, 2, 10]  # after three tokens only slots 0 and 5 run
+        requests = [GenerateRequest(f"t{i}", p, greedy(n)) for i, (p, n) in enumerate(zip(PROMPTS, budgets))]
+        results = eng.generate(requests)
+        assert (2, [0, 5]) in widths and widths[0][1] is None
+        for p, n, result in zip(PROMPTS, budgets, results):
+            assert result.output_ids == hf_greedy(hf, p, n)
+        eng.model.decode = real_decode  # the last request alone: decoded at full width, slot 0
+        alone = eng.generate([requests[0]])[0]
+        assert torch.allclose(
+            torch.tensor(alone.output_log_probs), torch.tensor(results[0].output_log_probs), atol=1e-5
+        )
+    finally:
+        eng.shutdown()
+
+
 def test_decode_logprobs_equal_hf_full_forward(checkpoints, engine):
     """What the trainer computes at step 0: log_softmax(logits / T) of each sampled token, from one full forward."""
     _, hf = checkpoints["qwen3"]

@@ -283,9 +283,9 @@ def test_concurrent_requests_are_batched_and_all_correct(models):
     batch_sizes = []
     decode = engine.model.decode
 
-    def counting_decode(tokens, positions, num_rows, attend_len):
-        batch_sizes.append(num_rows)
-        return decode(tokens, positions, num_rows, attend_len)
+    def counting_decode(tokens, positions, attend_len, slots=None):
+        batch_sizes.append(tokens.shape[0])
+        return decode(tokens, positions, attend_len, slots)
 
     engine.model.decode = counting_decode
     prompts = [[(7 * i) % 300 + 2, (11 * i) % 300 + 2, 5] for i in range(64)]

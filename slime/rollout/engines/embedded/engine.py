@@ -223,23 +223,31 @@ class EmbeddedEngine(ContinuousBatchingEngine):
         return logits, routed.tensor.view(len(group), width, *routed.tensor.shape[1:])
 
     def _decode(self, running: list[_Sequence]) -> tuple[list[int], list[float]]:
-        num_rows = max(s.slot for s in running) + 1
-        rows: list[_Sequence | None] = [None] * num_rows
-        for s in running:
-            rows[s.slot] = s
+        """One token for every running sequence. Rows address cache slots 0..highest directly while most of
+        those slots run; once most have finished (a rollout's tail), only the running slots are computed."""
+        highest = max(s.slot for s in running) + 1
+        slots = None
+        if len(running) * 3 < highest * 2:
+            rows: list[_Sequence | None] = sorted(running, key=lambda s: s.slot)
+            slots = torch.tensor([s.slot for s in rows], device=self.model.device)
+        else:
+            rows = [None] * highest
+            for s in running:
+                rows[s.slot] = s
         tokens = [s.output_ids[-1] if s is not None else 0 for s in rows]
         positions = [s.next_position if s is not None else self.model.scratch_position for s in rows]
         attend_len = max(s.next_position for s in running) + 1
         device = self.model.device
         with self._recording_routes(running) as routed:
             logits = self.model.decode(
-                torch.tensor(tokens, device=device), torch.tensor(positions, device=device), num_rows, attend_len
+                torch.tensor(tokens, device=device), torch.tensor(positions, device=device), attend_len, slots
             )
+        row_of = {id(s): i for i, s in enumerate(rows) if s is not None}
         if routed.tensor is not None:
             for s in running:
-                s.routed.append(routed.tensor[s.slot : s.slot + 1])
+                s.routed.append(routed.tensor[row_of[id(s)] : row_of[id(s)] + 1])
         ids, log_probs = self._sample(logits, rows)
-        return [ids[s.slot] for s in running], [log_probs[s.slot] for s in running]
+        return [ids[row_of[id(s)]] for s in running], [log_probs[row_of[id(s)]] for s in running]
 
     @contextlib.contextmanager
     def _recording_routes(self, seqs: list[_Sequence]):

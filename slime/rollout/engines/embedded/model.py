@@ -398,27 +398,29 @@ class ServingModel:
             v_cache[index, :, :length] = v_cache[source, :, :length]
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, num_rows: int, attend_len: int) -> torch.Tensor:
-        """One token for slots 0..num_rows-1: tokens [n] at positions [n]. Returns logits [n, V].
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, attend_len: int, slots: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One token per row: tokens [n] at positions [n]. Returns logits [n, V].
 
-        Rows address slots directly (row i = slot i), so the cache is read through a slice, never gathered.
-        attend_len = (max position of the real rows) + 1 bounds the attention span; a per-row mask hides
-        each row's future. Rows that are not running (free slots, slots prefilled this very iteration)
-        must be given position `scratch_position`: the last cache position, which no sequence ever
-        writes or reads (a sequence ends when it reaches max_seq_len tokens), so they disturb nothing.
+        Without `slots`, row i is slot i, so the cache is read through a slice, never gathered; rows that are not
+        running (free slots, slots prefilled this very iteration) must be given position `scratch_position`:
+        the last cache position, which no sequence ever writes or reads (a sequence ends when it reaches
+        max_seq_len tokens), so they disturb nothing. With `slots` [n], row i is slot slots[i] and the cache
+        rows are gathered: cheaper when few of the low slots run. attend_len = (max position of the real
+        rows) + 1 bounds the attention span; a per-row mask hides each row's future.
         """
-        # With packed weights, a batch padded to max_slots rows is cheaper than an unpacked smaller one
-        # down to ~2/3 occupancy; the padding rows are free slots (they write only their own cache row).
         if self._packed_stale:
             self.pack_for_decode()
-        linear, real_rows = F.linear, num_rows
-        if self._packed and num_rows * 3 >= self.max_slots * 2:
-            pad = self.max_slots - num_rows
-            tokens = F.pad(tokens, (0, pad))
-            positions = F.pad(positions, (0, pad), value=self.scratch_position)
-            num_rows, linear = self.max_slots, self._packed_linear
-        n = num_rows
-        rows = torch.arange(n, device=self.device)
+        n = real_rows = tokens.shape[0]
+        linear = F.linear
+        # With packed weights, a batch padded to max_slots rows is cheaper than an unpacked smaller one
+        # down to ~2/3 occupancy; the padding rows are free slots (they write only their own cache row).
+        if slots is None and self._packed and n * 3 >= self.max_slots * 2:
+            tokens = F.pad(tokens, (0, self.max_slots - n))
+            positions = F.pad(positions, (0, self.max_slots - n), value=self.scratch_position)
+            n, linear = self.max_slots, self._packed_linear
+        rows = torch.arange(n, device=self.device) if slots is None else slots
         hidden = F.embedding(tokens.view(n, 1), self.embed)
         pos2d = positions.view(n, 1)
         rope = self._rope_tables(pos2d)
@@ -429,6 +431,10 @@ class ServingModel:
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
             k_cache[rows, :, positions] = k[:, :, 0]
             v_cache[rows, :, positions] = v[:, :, 0]
-            attn = self._decode_attention(q, k_cache[:n, :, :attend_len], v_cache[:n, :, :attend_len], future)
+            if slots is None:
+                keys, values = k_cache[:n, :, :attend_len], v_cache[:n, :, :attend_len]
+            else:
+                keys, values = k_cache[slots, :, :attend_len], v_cache[slots, :, :attend_len]
+            attn = self._decode_attention(q, keys, values, future)
             hidden = self._mlp_and_residual(layer, hidden, attn, linear)
         return self._logits(hidden[:, 0], linear)[:real_rows]
