@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from slime.training import losses
-from slime.training.batch import TrainBatch, collate
+from slime.training.batch import TrainBatch, collate, unpad_rows
 from slime.training.model_trainer import MegatronTrainer
 
 WEIGHT_NAMES = ("actor", "ref", "old")
@@ -56,9 +56,10 @@ class PolicyTrainer(MegatronTrainer):
             for indices in self._micro_batches(batch):
                 micro = collate(batch, indices)
                 lp, ent = self._log_probs(micro, with_entropy=True)
-                lp, ent = lp.float().cpu(), ent.float().cpu()
-                for row, (i, n) in enumerate(zip(indices, micro.response_lengths)):
-                    log_probs[i], entropies[i] = lp[row, :n].clone(), ent[row, :n].clone()
+                lengths = micro.response_lengths
+                rows_lp, rows_ent = unpad_rows(lp.float().cpu(), lengths), unpad_rows(ent.float().cpu(), lengths)
+                for i, row_lp, row_ent in zip(indices, rows_lp, rows_ent):
+                    log_probs[i], entropies[i] = row_lp, row_ent
         return log_probs, entropies
 
     def train_step(self, batch: TrainBatch, keep_log_probs: bool = False) -> dict[str, float]:
@@ -91,9 +92,13 @@ class PolicyTrainer(MegatronTrainer):
             micro = collate(batch, indices)
             log_probs, entropy = self._log_probs(micro, with_entropy=True)
             if keep_log_probs:
-                lp, ent = log_probs.detach().float().cpu(), entropy.detach().float().cpu()
-                for row, (i, n) in enumerate(zip(indices, micro.response_lengths)):
-                    kept_lp[i], kept_ent[i] = lp[row, :n].clone(), ent[row, :n].clone()
+                lengths = micro.response_lengths
+                lp, ent = (
+                    unpad_rows(log_probs.detach().float().cpu(), lengths),
+                    unpad_rows(entropy.detach().float().cpu(), lengths),
+                )
+                for i, row_lp, row_ent in zip(indices, lp, ent):
+                    kept_lp[i], kept_ent[i] = row_lp, row_ent
             mask = micro.response_mask.to(self.device)
             old = (
                 log_probs.detach()
@@ -142,7 +147,7 @@ class PolicyTrainer(MegatronTrainer):
         cfg = self.config
         if keep_log_probs or cfg.use_kl_loss or cfg.entropy_coef or self._moe_stats is not None:
             return batch, 1.0
-        rows = [i for i, a in enumerate(batch.advantages) if bool(a.any())] or [0]
+        rows = batch.rows_with_nonzero("advantages") or [0]
         trained = batch.select(rows) if len(rows) < len(batch) else batch
         return trained, self.global_denominator(trained) / denominator  # a collective: every rank calls it
 

@@ -112,7 +112,15 @@ class TrainBatch:
         return sum(len(t) for t in self.tokens)
 
     def num_loss_tokens(self) -> int:
-        return int(sum(float(m.sum()) for m in self.loss_masks))
+        return int(torch.cat(self.loss_masks).sum()) if self.loss_masks else 0
+
+    def rows_with_nonzero(self, field: str) -> list[int]:
+        """Rows whose per-token `field` (e.g. "advantages") has a nonzero entry: one reduction, not one per row."""
+        values = getattr(self, field)
+        nonzero = (torch.cat(values) != 0).to(torch.int64)
+        row_of_token = torch.repeat_interleave(torch.arange(len(values)), torch.tensor([v.shape[0] for v in values]))
+        per_row = torch.zeros(len(values), dtype=torch.int64).index_add_(0, row_of_token, nonzero)
+        return per_row.nonzero().view(-1).tolist()
 
     def select(self, indices: list[int]) -> TrainBatch:
         def pick(values):
@@ -187,23 +195,27 @@ def _routed_experts(samples: list[Sample]) -> list[Tensor | None] | None:
 
 
 def pad_rows(per_sample: list[Tensor], width: int) -> Tensor:
-    """Per-sample vectors as one float32 [rows, width] tensor, zero-padded on the right."""
-    out = torch.zeros(len(per_sample), width, dtype=torch.float32)
-    for row, values in enumerate(per_sample):
-        out[row, : values.shape[0]] = values
-    return out
+    """Per-sample vectors as one float32 [rows, width] tensor, zero-padded on the right (one op for all rows:
+    a step has hundreds of them, and a copy per row costs more than the model's smaller layers)."""
+    if not per_sample:
+        return torch.zeros(0, width)
+    out = torch.nn.utils.rnn.pad_sequence([v.float().reshape(-1) for v in per_sample], batch_first=True)
+    return torch.nn.functional.pad(out, (0, width - out.shape[1]))
+
+
+def unpad_rows(padded: Tensor, lengths: list[int]) -> list[Tensor]:
+    """The inverse of pad_rows: row i's first lengths[i] entries, each its own tensor (a copy, not a view of a
+    shared buffer: pickled alone, a view would carry the whole buffer)."""
+    valid = torch.arange(padded.shape[1]).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    return [piece.clone() for piece in padded[valid].split(lengths)]
 
 
 def collate(batch: TrainBatch, indices: list[int]) -> MicroBatch:
     rows = [batch.tokens[i] for i in indices]
     seq = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), seq), batch.pad_token_id, dtype=torch.long)
-    for row, toks in enumerate(rows):
-        input_ids[row, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+    input_ids = torch.tensor([r + [batch.pad_token_id] * (seq - len(r)) for r in rows], dtype=torch.long)
     lengths = [batch.response_lengths[i] for i in indices]
-    mask = torch.zeros(len(rows), max(lengths))
-    for row, i in enumerate(indices):
-        mask[row, : lengths[row]] = batch.loss_masks[i]
+    mask = pad_rows([batch.loss_masks[i] for i in indices], max(lengths))
     return MicroBatch(
         input_ids=input_ids,
         position_ids=torch.arange(seq).unsqueeze(0).expand(len(rows), seq).contiguous(),

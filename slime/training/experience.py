@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from slime.training import advantages as adv
-from slime.training.batch import TrainBatch, pad_rows
+from slime.training.batch import TrainBatch, pad_rows, unpad_rows
 from slime.training.losses import kl_penalty
 
 GROUP_ESTIMATORS = ("grpo", "gspo", "reinforce_plus_plus_baseline")
@@ -61,7 +61,7 @@ def padded(per_sample: list[Tensor], lengths: list[int]) -> Tensor:
 
 
 def unpadded(values: Tensor, lengths: list[int]) -> list[Tensor]:
-    return [values[row, :n].clone() for row, n in enumerate(lengths)]
+    return unpad_rows(values, lengths)
 
 
 def group_matrix(rewards: list[float], group_ids: list[int]) -> tuple[Tensor, list[list[int]]]:

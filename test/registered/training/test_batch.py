@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from slime.testing.ci_register import register_cpu_ci
-from slime.training.batch import TrainBatch, collate
+from slime.training.batch import TrainBatch, collate, pad_rows, unpad_rows
 from slime.types import Sample
 
 register_cpu_ci(est_time=5, suite="base-a-test-cpu")
@@ -51,3 +51,14 @@ def test_bad_samples_are_named():
         TrainBatch.from_samples([bad], 0)
     with pytest.raises(ValueError, match="cannot be split evenly over 2"):
         TrainBatch.from_samples([sample(0, 2, 1)], 0).split_for_dp(0, 2)
+
+
+def test_padding_helpers_round_trip_and_rows_with_signal():
+    rows = [torch.tensor([1.0, 2.0]), torch.tensor([0.0]), torch.tensor([0.0, 0.0, -3.0])]
+    padded = pad_rows(rows, 4)
+    assert padded.tolist() == [[1, 2, 0, 0], [0, 0, 0, 0], [0, 0, -3, 0]]
+    back = unpad_rows(padded, [2, 1, 3])
+    assert all(torch.equal(a, b) for a, b in zip(back, rows))
+    assert back[0].untyped_storage().nbytes() == 8  # its own storage: pickled alone, it carries 2 floats
+    batch = TrainBatch.from_samples([sample(i, 2, 3, adv=a) for i, a in enumerate([0.0, 1.5, 0.0, -1.0])], 0)
+    assert batch.rows_with_nonzero("advantages") == [1, 3]

@@ -193,15 +193,17 @@ class EmbeddedEngine(ContinuousBatchingEngine):
         leaders, members = _distinct_prompts(admitted)
         for batch in _prefill_batches(leaders):
             logits, routes = self._prefill_forward(batch)
-            rows, row_logits = [], []
+            rows, row_logits, sources, targets = [], [], [], []
             for i, leader in enumerate(batch):
                 copies = members[id(leader)]
-                self.model.copy_prompt_cache(leader.slot, [s.slot for s in copies[1:]], len(leader.prompt))
+                sources += [leader.slot] * (len(copies) - 1)
+                targets += [s.slot for s in copies[1:]]
                 for seq in copies:
                     if routes is not None:
                         seq.routed.append(routes[i, : len(seq.prompt)])
                 rows += copies
                 row_logits += [i] * len(copies)
+            self.model.copy_prompt_cache(sources, targets, max(len(s.prompt) for s in batch))
             ids, log_probs = self._sample(logits[torch.tensor(row_logits, device=logits.device)], rows)
             sampled.update((s.serial, (token, lp)) for s, token, lp in zip(rows, ids, log_probs))
         return [sampled[s.serial][0] for s in admitted], [sampled[s.serial][1] for s in admitted]

@@ -388,14 +388,17 @@ class ServingModel:
         return self._logits(last)
 
     @torch.inference_mode()
-    def copy_prompt_cache(self, source: int, slots: list[int], length: int) -> None:
-        """Give `slots` the cache of `source`'s first `length` positions (a prompt prefilled once, shared)."""
-        if not slots:
+    def copy_prompt_cache(self, sources: list[int], targets: list[int], length: int) -> None:
+        """Give each target slot its source slot's first `length` cache positions (a prompt prefilled once and
+        shared by its group), in one copy per layer for all of them. Positions past a source's own prompt hold
+        prefill padding: the target's decode overwrites each before any query can see it."""
+        if not targets:
             return
-        index = torch.tensor(slots, device=self.device)
+        src = torch.tensor(sources, device=self.device)
+        dst = torch.tensor(targets, device=self.device)
         for k_cache, v_cache in zip(self.k_cache, self.v_cache):
-            k_cache[index, :, :length] = k_cache[source, :, :length]
-            v_cache[index, :, :length] = v_cache[source, :, :length]
+            k_cache[dst, :, :length] = k_cache[src, :, :length]
+            v_cache[dst, :, :length] = v_cache[src, :, :length]
 
     @torch.inference_mode()
     def decode(
