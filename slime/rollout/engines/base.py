@@ -226,6 +226,7 @@ class RolloutEngine(ABC):
 
 
 ResultCallback = Callable[[GenerateResult], None]
+IndexedResultCallback = Callable[[int, GenerateResult], None]  # (index of the request in its batch, result)
 
 
 class Tokenizer(Protocol):
@@ -257,6 +258,12 @@ class ServableEngine(RolloutEngine):
     def submit(self, request: GenerateRequest, callback: ResultCallback) -> None:
         """Queue one request; `callback(result)` runs once, on the engine's thread (or the caller's, for a
         request rejected at once). Raises EngineError after shutdown."""
+
+    def submit_all(self, requests: list[GenerateRequest], callback: IndexedResultCallback) -> None:
+        """Queue several requests (one HTTP request's batch); `callback(i, result)` once per request, as for
+        `submit`. Engines that can queue them together (one lock, one wake-up) override this."""
+        for i, request in enumerate(requests):
+            self.submit(request, lambda result, i=i: callback(i, result))
 
     @abstractmethod
     def new_rid(self) -> str:
@@ -300,7 +307,6 @@ class ServableEngine(RolloutEngine):
                 if remaining[0] == 0:
                     done.set()
 
-        for i, request in enumerate(requests):
-            self.submit(request, lambda result, i=i: on_result(i, result))
+        self.submit_all(requests, on_result)
         done.wait()
         return [r for r in results if r is not None]

@@ -34,6 +34,7 @@ from slime.rollout.engines.base import (
     EngineError,
     GenerateRequest,
     GenerateResult,
+    IndexedResultCallback,
     ResultCallback,
     SamplingParams,
     ServableEngine,
@@ -173,23 +174,39 @@ class ContinuousBatchingEngine(ServableEngine):
     # ---- submission ----------------------------------------------------------------------------------
     def submit(self, request: GenerateRequest, callback: ResultCallback) -> None:
         """Queue one request; `callback(result)` runs on the worker thread (or here, for invalid requests)."""
+        self.submit_all([request], lambda _, result: callback(result))
+
+    def submit_all(self, requests: list[GenerateRequest], callback: IndexedResultCallback) -> None:
+        """Queue requests under one lock with one wake-up of the worker (not one per request: each wake-up
+        contends with the submitting thread for the interpreter while a burst of requests is read)."""
+        sequences = []
+        for i, request in enumerate(requests):
+            seq = self._sequence_or_answer(request, lambda result, i=i: callback(i, result))
+            if seq is not None:
+                sequences.append(seq)
+        if not sequences:
+            return
+        with self._cond:
+            if self._stopping:
+                raise EngineError("the engine was shut down")
+            self._waiting.extend(sequences)
+            self._cond.notify_all()
+
+    def _sequence_or_answer(self, request: GenerateRequest, callback: ResultCallback) -> BatchedSequence | None:
+        """The request's sequence, or None once `callback` has been answered (invalid, or nothing to generate)."""
         prompt = [int(t) for t in request.input_ids]
         problem = self.request_problem(request, prompt)
         if problem is not None:
             callback(self._result(request, [], [], "error", error=problem, prompt_tokens=len(prompt)))
-            return
+            return None
         params = request.sampling_params
         if params.max_new_tokens == 0:
             callback(self._result(request, [], [], "length", prompt_tokens=len(prompt)))
-            return
+            return None
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.eos_token_ids)
-        with self._cond:
-            if self._stopping:
-                raise EngineError("the engine was shut down")
-            self._waiting.append(self._new_sequence(request, prompt, callback, frozenset(stop_ids)))
-            self._cond.notify_all()
+        return self._new_sequence(request, prompt, callback, frozenset(stop_ids))
 
     def new_rid(self) -> str:
         return f"{self.rid_prefix}-{next(self._rid_counter)}"

@@ -33,7 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
-from slime.rollout.engines.base import EngineError, GenerateResult, ServableEngine
+from slime.rollout.engines.base import EngineError, GenerateRequest, GenerateResult, ServableEngine
 from slime.rollout.engines.embedded.distributed import DEFAULT_GROUP, DEFAULT_TIMEOUT_S, WeightGroups
 from slime.rollout.engines.protocol import (
     FLATTENED_BUCKET,
@@ -120,27 +120,41 @@ class EmbeddedServer:
         body = await _json_body(request)
         encode = (lambda text: self.engine.tokenizer.encode(text)) if self.engine.tokenizer is not None else None
         requests, batch = parse_generate_request(body, encode, self.engine.new_rid)
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[GenerateResult]] = []
-
-        def deliver(future: asyncio.Future, result: GenerateResult) -> None:
-            if not future.done():
-                future.set_result(result)
-
-        for req in requests:
-            future = loop.create_future()
-            futures.append(future)
-            self.engine.submit(req, lambda result, f=future: loop.call_soon_threadsafe(deliver, f, result))
-        try:
-            results = await asyncio.gather(*futures)
-        except asyncio.CancelledError:  # the client went away: stop spending compute on its requests
-            for req in requests:
-                await self._run_blocking(self.engine.abort, req.rid)
-            raise
+        results = await self._results_of(requests)
         if not batch and results[0].finish_reason == "error":
             return _bad_request(results[0].error or "invalid request")
         outputs = [generate_response_json(r) for r in results]
         return web.json_response(outputs if batch else outputs[0])
+
+    async def _results_of(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        """Submit the requests together and await all their results, waking this event loop once for the
+        batch rather than once per result (each wake-up takes the interpreter from the engine's thread)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        results: list[GenerateResult | None] = [None] * len(requests)
+        remaining = [len(requests)]
+        lock = threading.Lock()
+
+        def finish() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def on_result(index: int, result: GenerateResult) -> None:
+            with lock:
+                results[index] = result
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                loop.call_soon_threadsafe(finish)
+
+        self.engine.submit_all(requests, on_result)
+        try:
+            await done
+        except asyncio.CancelledError:  # the client went away: stop spending compute on its requests
+            for req in requests:
+                await self._run_blocking(self.engine.abort, req.rid)
+            raise
+        return [r for r in results if r is not None]
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self.engine.health() else 503)
