@@ -174,6 +174,11 @@ class TrainConfig:
     adam_beta1: float = opt(0.9, "Adam beta1")
     adam_beta2: float = opt(0.999, "Adam beta2")
     clip_grad: float = opt(1.0, "gradient-norm clip")
+    bf16: bool = opt(
+        False,
+        "Megatron trainer: forward and backward in bfloat16 (autocast), weights, gradients and optimizer state in "
+        "float32; log-probs and the loss are computed from float32 logits",
+    )
     seed: int = opt(1234, "trainer seed")
     async_rollout: bool = opt(
         False, "generate step k+1 while training on step k (off-policy by one step)", flag="--async"

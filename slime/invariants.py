@@ -43,13 +43,14 @@ def logprob_agreement(
     }
 
 
-def check_first_step(metrics: dict[str, float], kl_to_ref: float | None, engine_dtype: str, step: int = 0) -> None:
-    bound = LOGPROB_TOLERANCE.get(engine_dtype, 5e-2)
+def check_first_step(metrics: dict[str, float], kl_to_ref: float | None, dtype: str, step: int = 0) -> None:
+    """`dtype`: the lower of the engine's and the trainer's precisions, which sets the agreement bound."""
+    bound = LOGPROB_TOLERANCE.get(dtype, 5e-2)
     mean = metrics.get("ci/logprob_abs_diff_mean")
     if mean is not None and not mean <= bound:
         raise InvariantViolation(
             f"--ci-test: at step {step} the trainer's log-probs differ from the rollout engine's by {mean:.3g} per token on "
-            f"average (max {metrics['ci/logprob_abs_diff_max']:.3g}); expected <= {bound:g} for a {engine_dtype} engine"
+            f"average (max {metrics['ci/logprob_abs_diff_max']:.3g}); expected <= {bound:g} at {dtype} precision"
         )
     if kl_to_ref is not None and not abs(kl_to_ref) <= KL_TOLERANCE:
         raise InvariantViolation(

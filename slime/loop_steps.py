@@ -197,7 +197,13 @@ def check_log_probs(
     if first_step:
         metrics.update(invariants.logprob_agreement(batch.old_log_probs, batch.rollout_log_probs, batch.loss_masks))
         kl = _mean_kl(batch) if step == 0 else None
-        invariants.check_first_step(metrics, kl, config.rollout.rollout_dtype, step)
+        # the looser bound of the two sides' precisions: a --bf16 trainer against a float32 engine is a bf16 pair
+        dtype = (
+            "bfloat16"
+            if config.train.bf16 and config.rollout.rollout_dtype == "float32"
+            else config.rollout.rollout_dtype
+        )
+        invariants.check_first_step(metrics, kl, dtype, step)
 
 
 def _mean_kl(batch: TrainBatch) -> float:

@@ -38,6 +38,7 @@ def trainer_config(config: Config, role: str) -> TrainerConfig:
         adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2,
         clip_grad=t.clip_grad,
+        compute_dtype="bfloat16" if t.bf16 else "float32",
         max_tokens_per_micro_batch=t.max_tokens_per_gpu if t.use_dynamic_batch_size else 1 << 30,
         micro_batch_size=None if t.use_dynamic_batch_size else t.micro_batch_size,
         advantage_estimator=a.advantage_estimator,

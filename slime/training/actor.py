@@ -29,7 +29,8 @@ class PolicyTrainer(MegatronTrainer):
         index, valid = index.to(self.device), valid.to(self.device)
         rows, longest = index.shape
         local_vocab = logits.shape[-1]
-        response_logits = logits.gather(1, index.unsqueeze(-1).expand(rows, longest, local_vocab))
+        # float32 from here (a no-op unless --bf16): the log-softmax over the vocabulary needs its precision
+        response_logits = logits.gather(1, index.unsqueeze(-1).expand(rows, longest, local_vocab)).float()
         targets = micro.input_ids.to(self.device).gather(1, (index + 1).clamp(max=logits.shape[1] - 1))
         op = get_op("vocab_parallel_logprobs_and_entropy", backend=self.backend)
         log_probs, entropy = op(
@@ -126,7 +127,8 @@ class PolicyTrainer(MegatronTrainer):
                 )
                 loss = loss + cfg.kl_loss_coef * kl
                 totals["kl"] += float(kl.detach())
-            loss.backward()
+            with self._autocast():
+                loss.backward()
             totals["loss"] += float(loss.detach())
             totals["pg_loss"] += float(pg_loss.detach())
             totals["entropy"] += float(entropy_mean.detach())
@@ -164,7 +166,8 @@ class PolicyTrainer(MegatronTrainer):
             loss = losses.sft_loss(
                 log_probs, micro.response_mask.to(self.device), self.config.loss_reduction, denominator
             )
-            loss.backward()
+            with self._autocast():
+                loss.backward()
             totals["loss"] += float(loss.detach())
         return self._finish_step(totals, batch, lr)
 

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 ADVANTAGE_ESTIMATORS = ("grpo", "gspo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class TrainerConfig:
     adam_beta2: float = 0.98
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    compute_dtype: str = "float32"  # "bfloat16": forward and backward under autocast (--bf16)
     # batching
     max_tokens_per_micro_batch: int = 8192
     micro_batch_size: int | None = None  # also cap the samples per micro-batch (None: the token budget alone)
@@ -69,6 +71,7 @@ class TrainerConfig:
         one_of("--kl-loss-type", self.kl_loss_type, KL_KINDS)
         one_of("loss reduction (--calculate-per-token-loss)", self.loss_reduction, REDUCTIONS)
         one_of("--lr-decay-style", self.lr_decay_style, LR_DECAY_STYLES)
+        one_of("compute dtype (--bf16)", self.compute_dtype, COMPUTE_DTYPES)
         if self.tensor_parallel_size < 1:
             raise FlagError(f"--tensor-model-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.lr_decay_steps <= self.lr_warmup_steps and self.lr_decay_style != "constant":

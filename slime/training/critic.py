@@ -33,7 +33,7 @@ class CriticTrainer(MegatronTrainer):
 
     def _values(self, micro) -> torch.Tensor:
         """[rows, longest response] values, zero-padded: the value at the position that predicts each token."""
-        return self._responses(micro, self._forward(micro)[..., 0], shift=1)
+        return self._responses(micro, self._forward(micro)[..., 0].float(), shift=1)
 
     @torch.no_grad()
     def compute_values(self, batch: TrainBatch) -> list[torch.Tensor]:
@@ -67,7 +67,8 @@ class CriticTrainer(MegatronTrainer):
                 self.config.loss_reduction,
                 denominator,
             )
-            loss.backward()
+            with self._autocast():
+                loss.backward()
             totals["value_loss"] += float(loss.detach())
             totals["vf_clip_frac"] += float(metrics["vf_clip_frac"])
         metrics = self._reduce_metrics(totals)

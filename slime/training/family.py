@@ -18,6 +18,8 @@ def trainer_family(config: Config, backend_name: str, families: tuple[str, ...])
         )
     if family == "jax" and not all(importlib.util.find_spec(m) for m in ("jax", "optax")):
         raise ConfigError("--train-backend jax needs jax and optax: pip install jax optax")
+    if family == "jax" and config.train.bf16:
+        raise ConfigError("--bf16 is the megatron trainer's; the jax trainer computes in float32 (drop --bf16)")
     if family == "jax" and config.algorithm.advantage_estimator == "ppo":
         raise ConfigError(
             "--advantage-estimator ppo needs a critic, which the jax trainer does not have yet; "

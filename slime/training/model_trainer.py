@@ -192,11 +192,20 @@ class MegatronTrainer:
         micro-batches with the engine's routed experts replay (or record) them."""
 
         def run():
-            return self.model(micro.input_ids.to(self.device), micro.position_ids.to(self.device), None)
+            with self._autocast():
+                return self.model(micro.input_ids.to(self.device), micro.position_ids.to(self.device), None)
 
         if self._routing is None or micro.routed_experts is None:
             return run()
         return self._routing.forward(self.model, micro, run)
+
+    def _autocast(self):
+        """--bf16: matmuls and attention in bfloat16, the float32 weights cast per op; otherwise a no-op. Wraps the
+        forward and the backward too: megatron's linear layers run their own backward, which autocast reaches
+        only while it is on (their autocast hooks are for one device type)."""
+        if self.config.compute_dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=getattr(torch, self.config.compute_dtype))
 
     @staticmethod
     def _response_positions(micro: MicroBatch, shift: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -120,15 +120,15 @@ def test_invariants_pass_and_fail_with_numbers():
     close = [torch.tensor([-0.5001, -1.0]), torch.tensor([-2.0, 0.0])]
     metrics = logprob_agreement(trainer, close, masks)
     assert metrics["ci/logprob_abs_diff_max"] == pytest.approx(1e-4, rel=1e-3)
-    check_first_step(metrics, kl_to_ref=0.0, engine_dtype="float32")
+    check_first_step(metrics, kl_to_ref=0.0, dtype="float32")
     far = logprob_agreement(trainer, [torch.tensor([-0.5, -1.3]), torch.tensor([-2.0, 0.0])], masks)
     with pytest.raises(
         InvariantViolation,
         match=r"differ from the rollout engine's by 0.1 per token on average \(max 0.3\); expected <= 0.001",
     ):
-        check_first_step(far, kl_to_ref=None, engine_dtype="float32")
+        check_first_step(far, kl_to_ref=None, dtype="float32")
     with pytest.raises(InvariantViolation, match=r"KL\(policy \|\| reference\) = 0.01"):
-        check_first_step(metrics, kl_to_ref=0.01, engine_dtype="float32")
+        check_first_step(metrics, kl_to_ref=0.01, dtype="float32")
 
     ok = check_ranges(trainer, [torch.tensor([0.1, 2.0]), torch.tensor([0.5, -9.0])], masks, vocab_size=16)
     assert ok["ci/logprob_min"] == -2.0

@@ -131,3 +131,5 @@ def test_train_backend_selection():
     assert trainer_family(parse_config(flags), "tpu", ("jax",)) == "jax"
     with pytest.raises(ConfigError, match="--train-backend megatron: the tpu hardware backend runs jax trainers"):
         trainer_family(parse_config([*flags, "--train-backend", "megatron"]), "tpu", ("jax",))
+    with pytest.raises(ConfigError, match="--bf16 is the megatron trainer's"):
+        trainer_family(parse_config([*flags, "--bf16"]), "tpu", ("jax",))
