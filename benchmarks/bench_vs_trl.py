@@ -10,8 +10,9 @@ Qwen3 checkpoint, prompts and reward, one after the other in one process tree. N
 2. TRL runs --steps steps in a child process per --trl-threads count (torch threads = OMP_NUM_THREADS; "cores"
    = the cores this process may run on): 8 prompts x 8 generations per step (per_device_train_batch_size 64), one optimizer step
    per generation batch, max_completion_length 16, temperature 1, top_k 0, top_p 1, beta 0 (no reference
-   model), num_iterations 1, fp32 (bf16 off, TRL's default on CPU is bf16 autocast) and no gradient
-   checkpointing (TRL's default is on; slime's CPU trainer does not checkpoint), lr 1e-5. Seconds per step =
+   model), num_iterations 1, fp32 (bf16 off, TRL's default on CPU is bf16 autocast; --bf16 turns it on for both
+   sides) and no gradient checkpointing (TRL's default is on; slime's CPU trainer does not checkpoint), lr 1e-5.
+   Seconds per step =
    the time between consecutive `on_step_end` callbacks (generation, reward, loss, update and TRL's logging).
 3. `slime train` runs --steps steps per mode at the same shape; seconds per step = perf/step_time.
 Both sides score with `digit_share` below (the same function): the share of the response's characters that
@@ -108,7 +109,7 @@ def trl_side(checkpoint: Path, prompts: Path, out: Path, a: argparse.Namespace) 
         num_iterations=1,
         learning_rate=a.lr,
         seed=a.seed,
-        bf16=False,
+        bf16=a.bf16,
         gradient_checkpointing=False,
         use_cpu=True,
         report_to="none",
@@ -168,7 +169,8 @@ def run_trl_by_threads(checkpoint: Path, prompts: Path, root: Path, a: argparse.
 
 def shape_args(a: argparse.Namespace) -> list[str]:
     shape = {"--steps": a.steps, "--prompts": a.prompts, "--samples": a.samples, "--max-new": a.max_new}
-    return [str(x) for flag, value in {**shape, "--lr": a.lr, "--seed": a.seed}.items() for x in (flag, value)]
+    args = [str(x) for flag, value in {**shape, "--lr": a.lr, "--seed": a.seed}.items() for x in (flag, value)]
+    return args + (["--bf16"] if a.bf16 else [])
 
 
 # ---- the slime side -------------------------------------------------------------------------------------------
@@ -189,6 +191,7 @@ def measure(a: argparse.Namespace, root: Path, cores: int) -> dict:
         loads[f"slime_{mode}_start"] = os.getloadavg()
         out = root / f"slime_{mode}"
         reward = ["--custom-rm-path", "bench_vs_trl.digit_share_reward"]
+        reward += ["--bf16", "--rollout-dtype", "bfloat16"] if a.bf16 else []  # TRL's bf16 autocasts generation too
         flags = grpo_flags(checkpoint, prompts, out, a, reward, mode)
         result["slime"][mode] = run_slime(flags, out, a.warmup, a.prompts * a.samples)
         if result["trl"]:
@@ -199,6 +202,7 @@ def measure(a: argparse.Namespace, root: Path, cores: int) -> dict:
                 result.setdefault("ratio_vs_trl_every_core", {})[mode] = ours / every_core["completions_per_s"]
     loads["after"] = os.getloadavg()
     result["shape"] = {"prompts": a.prompts, "samples": a.samples, "max_new_tokens": a.max_new, "lr": a.lr}
+    result["precision"] = "bfloat16" if a.bf16 else "float32"
     result["slime_flags"] = a.slime_flags
     result["machine"] = {"cores": cores, "platform": platform.platform(), "load_average": loads}
     return result
@@ -235,6 +239,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--trl-threads", default="1,cores", help="thread counts to run TRL with; the fastest is compared")
     p.add_argument("--skip-trl", action="store_true", help="run only the slime side")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="both sides in bfloat16: TRL's bf16 (autocast), slime's --bf16 trainer and bfloat16 engine",
+    )
     p.add_argument("--slime-flags", default="", help='more `slime train` flags, e.g. "--cores-per-node 1"')
     p.add_argument("--work-dir", type=Path, default=None, help="keep the checkpoint and runs here (default: temp)")
     p.add_argument("--out", type=Path, default=Path("bench_vs_trl.json"))
