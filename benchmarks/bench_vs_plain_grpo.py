@@ -80,7 +80,11 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--profile", type=int, default=0, help="--profile N for the slime runs (phases.json in the run)")
-    p.add_argument("--slime-flags", default="", help='more `slime train` flags, e.g. "--cores-per-node 1"')
+    p.add_argument(
+        "--slime-flags",
+        default="",
+        help='more `slime train` flags, e.g. "--cores-per-node 1"; one flag alone needs "=": --slime-flags=--bf16',
+    )
     p.add_argument("--out", type=Path, default=Path("bench_vs_plain_grpo.json"))
     a = p.parse_args()
     if not a.plain.is_file():

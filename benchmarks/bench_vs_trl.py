@@ -244,7 +244,11 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="both sides in bfloat16: TRL's bf16 (autocast), slime's --bf16 trainer and bfloat16 engine",
     )
-    p.add_argument("--slime-flags", default="", help='more `slime train` flags, e.g. "--cores-per-node 1"')
+    p.add_argument(
+        "--slime-flags",
+        default="",
+        help='more `slime train` flags, e.g. "--cores-per-node 1"; one flag alone needs "=": --slime-flags=--bf16',
+    )
     p.add_argument("--work-dir", type=Path, default=None, help="keep the checkpoint and runs here (default: temp)")
     p.add_argument("--out", type=Path, default=Path("bench_vs_trl.json"))
     # the child process that runs TRL
