@@ -106,7 +106,7 @@ class MegatronTrainer:
 
     def _overrides(self, kind: str) -> dict:
         """The pass-through fields of megatron's TransformerConfig ("transformer") or OptimizerConfig ("optimizer");
-        a field both have (e.g. bf16) goes to both."""
+        a field both have (e.g. barrier_with_L1_time) goes to both; --bf16 is slime's own flag (`_autocast`)."""
         import dataclasses
 
         from megatron.core.optimizer import OptimizerConfig
