@@ -57,10 +57,7 @@ class PolicyTrainer(MegatronTrainer):
             for indices in self._micro_batches(batch):
                 micro = collate(batch, indices)
                 lp, ent = self._log_probs(micro, with_entropy=True)
-                lengths = micro.response_lengths
-                rows_lp, rows_ent = unpad_rows(lp.float().cpu(), lengths), unpad_rows(ent.float().cpu(), lengths)
-                for i, row_lp, row_ent in zip(indices, rows_lp, rows_ent):
-                    log_probs[i], entropies[i] = row_lp, row_ent
+                _scatter_rows(log_probs, entropies, indices, micro.response_lengths, lp, ent)
         return log_probs, entropies
 
     def train_step(self, batch: TrainBatch, keep_log_probs: bool = False) -> dict[str, float]:
@@ -93,13 +90,7 @@ class PolicyTrainer(MegatronTrainer):
             micro = collate(batch, indices)
             log_probs, entropy = self._log_probs(micro, with_entropy=True)
             if keep_log_probs:
-                lengths = micro.response_lengths
-                lp, ent = (
-                    unpad_rows(log_probs.detach().float().cpu(), lengths),
-                    unpad_rows(entropy.detach().float().cpu(), lengths),
-                )
-                for i, row_lp, row_ent in zip(indices, lp, ent):
-                    kept_lp[i], kept_ent[i] = row_lp, row_ent
+                _scatter_rows(kept_lp, kept_ent, indices, micro.response_lengths, log_probs, entropy)
             mask = micro.response_mask.to(self.device)
             old = (
                 log_probs.detach()
@@ -177,3 +168,11 @@ class PolicyTrainer(MegatronTrainer):
         grad_norm, lr = self._optimizer_step(lr)
         metrics.update(grad_norm=grad_norm, lr=lr, step=float(self.step))
         return metrics
+
+
+def _scatter_rows(log_probs: list, entropies: list, indices: list[int], lengths: list[int], lp, ent) -> None:
+    """A micro-batch's padded [rows, longest] log-probs and entropies into the per-sample lists, at `indices`."""
+    rows_lp = unpad_rows(lp.detach().float().cpu(), lengths)
+    rows_ent = unpad_rows(ent.detach().float().cpu(), lengths)
+    for i, row_lp, row_ent in zip(indices, rows_lp, rows_ent):
+        log_probs[i], entropies[i] = row_lp, row_ent

@@ -117,10 +117,7 @@ class TrainBatch:
     def rows_with_nonzero(self, field: str) -> list[int]:
         """Rows whose per-token `field` (e.g. "advantages") has a nonzero entry: one reduction, not one per row."""
         values = getattr(self, field)
-        nonzero = (torch.cat(values) != 0).to(torch.int64)
-        row_of_token = torch.repeat_interleave(torch.arange(len(values)), torch.tensor([v.shape[0] for v in values]))
-        per_row = torch.zeros(len(values), dtype=torch.int64).index_add_(0, row_of_token, nonzero)
-        return per_row.nonzero().view(-1).tolist()
+        return (pad_rows(values, max(v.shape[0] for v in values)) != 0).any(dim=1).nonzero().view(-1).tolist()
 
     def select(self, indices: list[int]) -> TrainBatch:
         def pick(values):

@@ -60,10 +60,6 @@ def padded(per_sample: list[Tensor], lengths: list[int]) -> Tensor:
     return pad_rows(per_sample, max(lengths))
 
 
-def unpadded(values: Tensor, lengths: list[int]) -> list[Tensor]:
-    return unpad_rows(values, lengths)
-
-
 def group_matrix(rewards: list[float], group_ids: list[int]) -> tuple[Tensor, list[list[int]]]:
     """Rewards as [num_groups, n] and, per group, the batch rows it came from (groups must have equal size)."""
     rows_of: dict[int, list[int]] = {}
@@ -113,5 +109,5 @@ def compute_advantages(settings: AdvantageSettings, batch: TrainBatch, group_ids
             token_adv, returns = adv.gae(rewards, padded(batch.values, lengths), settings.gamma, settings.lambd, mask)
     if settings.normalize_advantages:
         token_adv = adv.masked_whiten(token_adv, mask)
-    batch.advantages = unpadded(token_adv, lengths)
-    batch.returns = unpadded(returns, lengths)
+    batch.advantages = unpad_rows(token_adv, lengths)
+    batch.returns = unpad_rows(returns, lengths)
