@@ -43,18 +43,17 @@ def broadcast_sync(trainer, engine, bucket_mb: int):
 
 
 def object_store_sync(trainer, engine, bucket_mb: int):
-    """Weight sync "object_store" as the loop runs it, in one process: host copies put in Ray's object store by
-    the trainer, fetched and applied by the engine (needs Ray: run in a private network namespace)."""
+    """Weight sync "object_store" as the loop runs it, in one process: packed buckets put in Ray's object store
+    by the trainer, fetched and applied by the engine (needs Ray: run in a private network namespace)."""
     import ray
 
+    from slime.ray.weight_sync import PackedBucket
+
     def run(version: int) -> None:
-        refs = [
-            ray.put([(name, t.detach().to("cpu", copy=True)) for name, t in bucket])
-            for bucket in trainer.hf_weight_buckets(bucket_mb << 20)
-        ]
+        refs = [ray.put(PackedBucket.of(bucket)) for bucket in trainer.hf_weight_buckets(bucket_mb << 20)]
         engine.begin_weight_update()
         for i, ref in enumerate(refs):
-            engine.update_weights_from_tensors(ray.get(ref), version, finish=i == len(refs) - 1)
+            engine.update_weights_from_tensors(ray.get(ref).tensors(), version, finish=i == len(refs) - 1)
         engine.end_weight_update()
 
     return run

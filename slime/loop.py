@@ -77,7 +77,7 @@ def train(config: Config, backend: Backend | None = None, checked: CheckedRun | 
         for step in range(start, config.train.num_rollout):
             step_start = time.perf_counter()
             samples, metrics, next_rollout = collect_rollout(config, run, step, next_rollout)
-            metrics |= train_phase(config, run, inputs, samples, step, first=step == start)
+            metrics |= train_phase(config, run, inputs, samples, step, step == start, next_rollout)
             metrics |= sync_phase(config, run, step + 1, next_rollout)
             if step == start:  # rows the start-up check skipped (--skip-bad-rows) or dropped (too long)
                 metrics |= inputs.checked.data.metrics()
@@ -146,7 +146,9 @@ def collect_rollout(config: Config, run: RunActors, step: int, pending):
     return samples, metrics, pending
 
 
-def train_phase(config: Config, run: RunActors, inputs: RunInputs, samples, step: int, first: bool):
+def train_phase(config: Config, run: RunActors, inputs: RunInputs, samples, step: int, first: bool, generating):
+    """`generating`: with --async, the next rollout's object ref (the trainer takes the engines' cores once it is
+    done)."""
     import ray
 
     start = time.perf_counter()
@@ -154,7 +156,7 @@ def train_phase(config: Config, run: RunActors, inputs: RunInputs, samples, step
         ray.get(run.rollout.release_memory.remote())
         run.actor.onload()
     metrics = train_on_rollout(
-        config, run, samples, inputs.pad_token_id, step, first, inputs.vocab_size, inputs.advantage_fn
+        config, run, samples, inputs.pad_token_id, step, first, inputs.vocab_size, inputs.advantage_fn, generating
     )
     metrics["perf/train_time"] = time.perf_counter() - start
     return metrics

@@ -140,6 +140,7 @@ def train_on_rollout(
     first_step: bool,
     vocab_size: int,
     advantage_fn=None,
+    generating=None,
 ) -> dict[str, float]:
     """Rewards -> (ref / old log-probs, values as needed) -> advantages -> optimizer step(s) on actor and critic.
     `first_step`: the first step of this process (step 0, or the first after a resume).
@@ -148,7 +149,8 @@ def train_on_rollout(
     steps per rollout (the policy moves between them) or a KL penalty in the reward. With one step per rollout
     the ratio is exactly 1, so the trainer uses its own detached log-probs, and --ci-test checks those very
     values, returned by the step itself (they are computed before the update). So a GRPO step without KL sends
-    the batch to the trainer once."""
+    the batch to the trainer once. `generating` (--async): the object ref of the next rollout, generating
+    meanwhile; the trainer takes the engines' cores once it is done (slime.ray.cores.CoreLease)."""
     batch = TrainBatch.from_samples(samples, pad_token_id)
     batch.rewards = [s.scalar_reward(config.rollout.reward_key) for s in samples]
     settings = advantage_settings(config)
@@ -157,22 +159,22 @@ def train_on_rollout(
     # --ci-test's KL check needs the reference only at step 0: later (and after a resume) the policy has moved.
     kl_check = check and step == 0
     if config.algorithm.use_kl_loss or settings.kl_coef or kl_check:
-        batch.ref_log_probs, _ = run.actor.compute_log_probs(batch, "ref")
+        batch.ref_log_probs, _ = run.actor.compute_log_probs(batch, "ref", generating)
     separate_old_pass = (
         config.train_steps_per_rollout > 1 or bool(settings.kl_coef) or (check and not run.actor.keeps_step_log_probs)
     )
     if separate_old_pass:
-        batch.old_log_probs, entropies = run.actor.compute_log_probs(batch, "actor")
+        batch.old_log_probs, entropies = run.actor.compute_log_probs(batch, "actor", generating)
         if check:
             check_log_probs(config, metrics, batch, entropies, vocab_size, step, first_step)
     if run.critic is not None:
-        batch.values = run.critic.compute_values(batch)
+        batch.values = run.critic.compute_values(batch, generating)
     fill_advantages(settings, batch, [s.group_index for s in samples], advantage_fn)
     actor_rows, critic_rows = [], []
     keep = check and not separate_old_pass  # then there is exactly one chunk: the step's log-probs are the old ones
     for chunk in batch.chunks(config.train.global_batch_size):
-        futures = run.actor.submit_train(chunk, keep)
-        critic_futures = run.critic.submit_train(chunk) if run.critic is not None else []
+        futures = run.actor.submit_train(chunk, keep, generating)
+        critic_futures = run.critic.submit_train(chunk, generating=generating) if run.critic is not None else []
         row, log_probs, entropies = run.actor.finish_train(futures, len(chunk))
         actor_rows.append(row)
         if critic_futures:

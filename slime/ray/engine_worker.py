@@ -133,14 +133,17 @@ class EngineWorker:
         return self.engine.health()
 
     def update_weights(self, bucket_refs: list, version: int) -> float:
-        """Apply HF-named tensor buckets (object refs, fetched one at a time) as weight `version`; seconds taken."""
+        """Apply HF-named tensor buckets (object refs to `PackedBucket`s, fetched one at a time) as weight
+        `version`; seconds taken."""
         import ray
 
         start = time.perf_counter()
         self.engine.begin_weight_update()
         try:
             for i, ref in enumerate(bucket_refs):
-                self.engine.update_weights_from_tensors(ray.get(ref), version, finish=i == len(bucket_refs) - 1)
+                self.engine.update_weights_from_tensors(
+                    ray.get(ref).tensors(), version, finish=i == len(bucket_refs) - 1
+                )
         finally:
             self.engine.end_weight_update()
         return time.perf_counter() - start

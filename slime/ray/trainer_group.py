@@ -61,15 +61,24 @@ class TrainerWorker(TrainerLifecycle):
         self._traced = 0  # --profile: train steps traced so far
 
     @contextmanager
-    def _working(self, what: str):
-        """The trainer's share of the cores (slime.ray.cores) for one call, and the call's seconds counted."""
+    def _working(self, what: str, generating: list | None = None):
+        """The trainer's share of the cores (slime.ray.cores) for one call, and the call's seconds counted.
+        `generating` (--async): [the object ref of the rollout generating meanwhile]; once it is done the call
+        goes on with the engines' cores too (CoreLease, polled between layers)."""
+        from slime.ray.cores import CoreLease, finished
+
         start = time.perf_counter()
         cores = self.config.cores
         if cores is None:
             yield
         else:
             with cores.phase("train"):
-                yield
+                if generating:
+                    self.trainer.between_layers = CoreLease(cores, finished(generating[0])).poll
+                try:
+                    yield
+                finally:
+                    self.trainer.between_layers = None
         self.busy_s[what] = self.busy_s.get(what, 0.0) + time.perf_counter() - start
 
     def busy_report(self) -> dict[str, float]:
@@ -110,21 +119,23 @@ class TrainerWorker(TrainerLifecycle):
     def snapshot(self, name: str) -> None:
         self.trainer.snapshot(name)
 
-    def compute_log_probs(self, shard: TrainBatch, weights: str) -> tuple | None:
+    def compute_log_probs(self, shard: TrainBatch, weights: str, generating: list | None = None) -> tuple | None:
         """(log-probs, entropies) per sample of the share, from tensor-parallel rank 0 (None elsewhere)."""
-        with self._working("log_probs"):
+        with self._working("log_probs", generating):
             result = self.trainer.compute_log_probs(shard, weights)
         return result if self.trainer.layout.tp_rank == 0 else None
 
-    def compute_values(self, shard: TrainBatch) -> list | None:
-        with self._working("values"):
+    def compute_values(self, shard: TrainBatch, generating: list | None = None) -> list | None:
+        with self._working("values", generating):
             values = self.trainer.compute_values(shard)
         return values if self.trainer.layout.tp_rank == 0 else None
 
-    def train(self, shard: TrainBatch, keep_log_probs: bool = False) -> tuple[dict[str, float], tuple | None]:
+    def train(
+        self, shard: TrainBatch, keep_log_probs: bool = False, generating: list | None = None
+    ) -> tuple[dict[str, float], tuple | None]:
         """One optimizer step; with `keep_log_probs`, also the share's (log-probs, entropies) as the step saw them
         before it changed the weights (from tensor-parallel rank 0, None elsewhere)."""
-        with self._working("train"), self._traced_step():
+        with self._working("train", generating), self._traced_step():
             metrics = (
                 self.trainer.train_step(shard, keep_log_probs=True)
                 if keep_log_probs
@@ -162,13 +173,13 @@ class TrainerWorker(TrainerLifecycle):
         tensor-parallel gathers). Returns the buckets' object refs on rank 0, [] elsewhere."""
         import ray
 
+        from slime.ray.weight_sync import PackedBucket
+
         refs = []
         with self._working("weights"):
             for bucket in self.trainer.hf_weight_buckets(bucket_bytes):
-                if self.rank == 0:
-                    # a copy: export yields views of the parameters, and a pickled view would carry its whole
-                    # storage (one copy, whether the parameters live on the host or on a device)
-                    refs.append(ray.put([(name, tensor.detach().to("cpu", copy=True)) for name, tensor in bucket]))
+                if self.rank == 0:  # one copy into the packed bucket, whether the parameters are on host or device
+                    refs.append(ray.put(PackedBucket.of(bucket)))
         return refs
 
     def broadcast_weights(self, urls: list[str], version: int, bucket_bytes: int, timeout_s: float) -> float:
@@ -245,6 +256,9 @@ class TrainerGroup:
         self.role = role
         # the train step hands back the log-probs it computed before its update (--ci-test needs no extra pass)
         self.keeps_step_log_probs = family != "jax"
+        # under --async a torch rank takes the engines' cores once the rollout beside it is done; XLA's thread
+        # pool is fixed when its process starts
+        self.borrows_idle_cores = family != "jax"
         if family == "jax":
             # one process drives a mesh over all the slots' devices (data parallelism lives inside the mesh)
             from slime.training.jax.worker import JaxTrainerWorker
@@ -267,12 +281,17 @@ class TrainerGroup:
     def _call(self, method: str, *args: Any) -> list[Any]:
         return get_all([getattr(w, method).remote(*args) for w in self.workers], what=f"{self.role}.{method}")
 
-    def _submit_sharded(self, method: str, batch: TrainBatch, *args: Any) -> list:
-        """Start `method(shard, *args)` on every rank with its data-parallel share; returns the futures."""
+    def _submit_sharded(self, method: str, batch: TrainBatch, *args: Any, generating=None) -> list:
+        """Start `method(shard, *args)` on every rank with its data-parallel share; returns the futures.
+        `generating`: the object ref of a rollout generating meanwhile (--async; TrainerWorker._working), passed
+        inside a list so that Ray hands the ref itself, not its value."""
         import ray
 
         shards = [ray.put(batch.split_for_dp(dp, self.dp_size)) for dp in range(self.dp_size)]
-        return [getattr(w, method).remote(shards[info.dp_rank], *args) for w, info in zip(self.workers, self.ranks)]
+        extra = {"generating": [generating]} if generating is not None and self.borrows_idle_cores else {}
+        return [
+            getattr(w, method).remote(shards[info.dp_rank], *args, **extra) for w, info in zip(self.workers, self.ranks)
+        ]
 
     def _merge(self, per_rank: list[Any], total: int) -> list:
         """Per-sample results of the tensor-parallel rank 0 of each share, back in batch order."""
@@ -284,24 +303,24 @@ class TrainerGroup:
         return merged
 
     # ---- the calls the loop makes --------------------------------------------------------------------
-    def compute_log_probs(self, batch: TrainBatch, weights: str = "actor") -> tuple[list, list]:
+    def compute_log_probs(self, batch: TrainBatch, weights: str = "actor", generating=None) -> tuple[list, list]:
         """Per-sample (log-probs, entropies) of the response tokens under the named weights, in batch order."""
         results = get_all(
-            self._submit_sharded("compute_log_probs", batch, weights), what=f"{self.role}.compute_log_probs"
+            self._submit_sharded("compute_log_probs", batch, weights, generating=generating),
+            what=f"{self.role}.compute_log_probs",
         )
         log_probs = self._merge([r[0] if r is not None else None for r in results], len(batch))
         entropies = self._merge([r[1] if r is not None else None for r in results], len(batch))
         return log_probs, entropies
 
-    def compute_values(self, batch: TrainBatch) -> list:
-        return self._merge(
-            get_all(self._submit_sharded("compute_values", batch), what="critic.compute_values"), len(batch)
-        )
+    def compute_values(self, batch: TrainBatch, generating=None) -> list:
+        futures = self._submit_sharded("compute_values", batch, generating=generating)
+        return self._merge(get_all(futures, what="critic.compute_values"), len(batch))
 
-    def submit_train(self, batch: TrainBatch, keep_log_probs: bool = False) -> list:
+    def submit_train(self, batch: TrainBatch, keep_log_probs: bool = False, generating=None) -> list:
         """Start one optimizer step on every rank (the actor and the critic train at the same time on their own
         devices); `finish_train` the futures."""
-        return self._submit_sharded("train", batch, keep_log_probs)
+        return self._submit_sharded("train", batch, keep_log_probs, generating=generating)
 
     def finish_train(self, futures: list, total: int) -> tuple[dict[str, float], list | None, list | None]:
         """(metrics, log-probs, entropies) of a `submit_train`: the per-sample values, in batch order, only when

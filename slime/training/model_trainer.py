@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -73,6 +73,8 @@ class MegatronTrainer:
         self.bridge.load_hf(self.model, config.hf_checkpoint)
         self._attach_head()
         self.model.to(self.device)
+        self.between_layers: Callable[[], None] | None = None  # set per call (slime.ray.cores.CoreLease)
+        self._call_between_layers()
         self._moe_stats = self._routing = None
         if self.bridge.has_experts:
             from slime.training.moe_metrics import MoeStats
@@ -88,6 +90,23 @@ class MegatronTrainer:
     # ---- construction -------------------------------------------------------------------------
     def _attach_head(self) -> None:
         """Hook for the critic, which replaces the LM head with a value head."""
+
+    def _call_between_layers(self) -> None:
+        """`between_layers`, while set, runs before each transformer layer's forward and its backward, on the
+        working thread (a CPU backward runs on the thread that calls it)."""
+
+        def poll(*_) -> None:
+            if self.between_layers is not None:
+                self.between_layers()
+
+        def after(_module, _args, output) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            if self.between_layers is not None and hidden.requires_grad:
+                hidden.register_hook(poll)
+
+        for layer in self.model.decoder.layers:
+            layer.register_forward_pre_hook(poll)
+            layer.register_forward_hook(after)
 
     def _model_overrides(self) -> dict:
         """Pass-through TransformerConfig fields; for MoE models the backend's token dispatcher first (a flag wins)."""

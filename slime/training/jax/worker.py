@@ -55,7 +55,9 @@ class JaxTrainerWorker(TrainerLifecycle):
     def publish_weights(self, bucket_bytes: int) -> list:
         import ray
 
-        return [ray.put(bucket) for bucket in self.trainer.hf_weight_buckets(bucket_bytes)]
+        from slime.ray.weight_sync import PackedBucket
+
+        return [ray.put(PackedBucket.of(bucket)) for bucket in self.trainer.hf_weight_buckets(bucket_bytes)]
 
     def broadcast_weights(self, urls: list[str], version: int, bucket_bytes: int, timeout_s: float) -> float:
         """Weight sync "broadcast" (slime.ray.weight_sync): the buckets go to the engines at `urls` through one

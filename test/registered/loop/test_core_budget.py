@@ -34,6 +34,8 @@ def test_async_splits_the_node_between_generation_and_training():
     assert split(budget(overlapped=True, async_generation_cores=8)) == (1, 7)  # training keeps one core
     assert split(budget(overlapped=True), cores=2) == (1, 1)
     assert split(budget(overlapped=True), cores=1) == (1, 1)
+    # once the rollout beside it is done, a trainer rank takes what it would have without --async
+    assert budget(overlapped=True, train_procs=2).threads_alone("train", 8) == 4
 
 
 def test_node_cores_capped_by_the_flag_and_the_affinity():

@@ -246,3 +246,58 @@ def test_bf16_computes_in_bfloat16_and_keeps_float32_weights(model_dir):
     assert 0.0 < result["diff"] < 5e-2, result["diff"]
     assert result["dtypes"] == {torch.float32}
     assert result["sft"][-1] < result["sft"][0] - 0.05, result["sft"]
+
+
+def lease_run(rank, world, port, folder):
+    """A train step and a no-grad pass with `between_layers` polling a CoreLease whose rollout finishes at the
+    second poll: the thread count each poll saw, on which thread, and the count after the phase."""
+    import threading
+
+    from slime.ray.cores import CoreBudget, CoreLease
+    from slime.training.actor import PolicyTrainer
+
+    backend, layout = init_rank(rank, world, port, 1)
+    trainer = PolicyTrainer(trainer_config(folder, 1, use_kl_loss=False, use_tis=False), backend)
+    batch = local_batch(layout)
+    budget = CoreBudget(train_procs=1, engine_procs=1, overlapped=True, cores_per_node=2)  # 1 thread, alone 2
+    seen, threads = {"train": [], "log_probs": []}, set()
+    torch.set_num_threads(3)  # what the thread has outside the phase: neither the share nor the whole
+    for call, run in (("train", trainer.train_step), ("log_probs", trainer.compute_log_probs)):
+        with budget.phase("train"):
+            polls = seen[call]
+            lease = CoreLease(budget, done=lambda polls=polls: len(polls) >= 2)
+
+            def poll(polls=polls, lease=lease):
+                polls.append(torch.get_num_threads())
+                threads.add(threading.get_ident())
+                lease.poll()
+
+            trainer.between_layers = poll
+            run(batch)
+            trainer.between_layers = None
+    micro_batches = len(list(trainer._micro_batches(batch)))
+    return {
+        "seen": seen,
+        "layers": len(trainer.model.decoder.layers),
+        "micro_batches": micro_batches,
+        "one_thread": threads == {threading.get_ident()},
+        "after": torch.get_num_threads(),
+    }
+
+
+def test_async_trainer_takes_the_engines_cores_between_layers_once_the_rollout_is_done(model_dir):
+    """--async (slime.ray.cores.CoreLease): the trainer polls before every layer's forward and its backward,
+    on the working thread (a CPU backward runs on the caller's thread, where torch's thread count applies);
+    from the poll that sees the rollout done it computes with every core, and the phase gives the count back."""
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores to lend one")
+    result = run_ranks(lease_run, 1, str(model_dir))[0]
+    layers, micro = result["layers"], result["micro_batches"]
+    train, log_probs = result["seen"]["train"], result["seen"]["log_probs"]
+    assert len(train) == 2 * layers * micro  # forward and backward of every layer of every micro-batch
+    assert len(log_probs) == layers * micro  # no backward without gradients
+    assert train[:2] == [1, 1] and set(train[2:]) == {2}
+    assert log_probs[:2] == [1, 1] and set(log_probs[2:]) == {2}
+    assert result["one_thread"] and result["after"] == 3
