@@ -258,6 +258,10 @@ class Backend(ABC):
     def prepare_megatron(self) -> None:
         """Make megatron-core usable on this hardware (only the CPU backend needs anything here)."""
 
+    def bf16_is_native(self) -> bool:
+        """Whether bfloat16 matmuls run natively here (faster than float32), so a recipe may pick --bf16."""
+        return False
+
     def synchronize(self) -> None:
         """Wait for queued device work (no-op on CPU)."""
 

@@ -338,3 +338,22 @@ def test_user_errors_are_found_by_type_through_wrappers():
     assert user_error_in(Wrapper(Wrapper(inner))) is inner
     assert one_line(inner) == "d.jsonl:3: invalid JSON"
     assert user_error_in(Wrapper(ValueError("--x looks like a flag but is a bug"))) is None
+
+
+# ---- the quickstart's recipe --------------------------------------------------------------------------
+def test_quickstart_runs_async_and_in_bf16_where_native_unless_told(tmp_path):
+    """The quickstart's defaults are its measured recipe (--async; --bf16 where the backend says bfloat16 is
+    native); --sync and --fp32 take them back, and the flags still parse."""
+    from slime.quickstart.run import native_bf16, parse_args, train_flags
+
+    files = {name: tmp_path / f"{name}.jsonl" for name in ("train", "test", "sft", "val")}
+    default = train_flags(parse_args([]), tmp_path, files, bf16=True)
+    assert "--async" in default and "--bf16" in default
+    config = parse_config(default)
+    assert config.train.async_rollout and config.train.bf16
+    plain = train_flags(parse_args(["--sync", "--fp32"]), tmp_path, files, bf16=False)
+    assert "--async" not in plain and "--bf16" not in plain
+    colocated = train_flags(parse_args(["--colocate"]), tmp_path, files, bf16=True)
+    assert "--async" not in colocated and parse_config(colocated).cluster.colocate  # colocated steps take turns
+    jax = parse_config(train_flags(parse_args(["--", "--train-backend", "jax"]), tmp_path, files))
+    assert not native_bf16(jax)  # --bf16 is the Megatron trainer's: the JAX pair's nightly keeps float32
