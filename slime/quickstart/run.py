@@ -68,7 +68,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--fp32",
         action="store_true",
-        help="float32 throughout (default: --bf16 where the hardware runs bfloat16 matmuls natively)",
+        help="float32 throughout (default: --bf16 where the hardware runs bfloat16 matmuls natively; --moe: float32)",
     )
     p.add_argument(
         "--colocate",
@@ -110,6 +110,9 @@ def train_flags(args: argparse.Namespace, folder: Path, files: dict[str, Path], 
         "--sft-batch-size": 64,
         "--sft-stop-reward": args.sft_stop_accuracy,
         "--sft-eval-set": "val",
+        # validation accuracy can climb 17 points in 10 SFT steps (seed 2: 25.5% -> 42.5%): a finer check stops
+        # the warm-up near its target instead of past the 40% the quickstart promises as its starting point
+        "--sft-eval-interval": 3,
         "--output-dir": folder / "run",
     }
     if args.async_rollout and not args.colocate:  # step k+1 generates while step k trains; colocated: in turn
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         experts=MOE_EXPERTS if args.moe else 0,
     )
     config = parse_config(train_flags(args, folder, files))  # fail here, before Ray starts, on a bad extra flag
-    flags = train_flags(args, folder, files, bf16=not args.fp32 and native_bf16(config))
+    # --moe keeps float32: bfloat16 through the experts' all-to-all has not been measured
+    flags = train_flags(args, folder, files, bf16=not (args.fp32 or args.moe) and native_bf16(config))
     print("slime train " + " ".join(flags), file=sys.stderr)
     code = train_main(flags)
     if code != 0:
