@@ -7,13 +7,9 @@ transformers uses too. Same inputs, outputs and module interface, so it drops in
 
 from __future__ import annotations
 
-import contextlib
-
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class SdpaCoreAttention(DotProductAttention):
@@ -36,23 +32,9 @@ class SdpaCoreAttention(DotProductAttention):
         q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         mask = None if attention_mask is None else ~attention_mask  # megatron: True = masked out
-        with kernel_for(q):
-            context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.attention_dropout.p if self.training else 0.0,
-                is_causal=causal, scale=self.softmax_scale, enable_gqa=groups > 1,
-            )  # fmt: skip
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attention_dropout.p if self.training else 0.0,
+            is_causal=causal, scale=self.softmax_scale, enable_gqa=groups > 1,
+        )  # fmt: skip
         # [b, heads, s, d] -> [s, b, heads * d]
         return context.permute(2, 0, 1, 3).reshape(context.shape[2], context.shape[0], self.hidden_size_per_partition)
-
-
-# Rows up to this long take the math path in 16-bit on the host: their [rows, heads, s, s] scores stay small.
-MATH_PATH_MAX_LEN = 1024
-
-
-def kernel_for(q: torch.Tensor):
-    """SDPA's kernel choice, except 16-bit on the host at RL's short rows: there torch's CPU flash kernel is slow
-    (its bfloat16 backward took ~3x its float32 one), and the math path made a bfloat16 train step 20% faster at
-    64 rows x 23 tokens and 42% at 512 x 12. In float32 the flash kernel stays (the math path was ~10% slower)."""
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-2] <= MATH_PATH_MAX_LEN:
-        return sdpa_kernel([SDPBackend.MATH])
-    return contextlib.nullcontext()

@@ -130,29 +130,3 @@ def test_checkpoint_shape_mismatch_names_tensor_and_both_shapes(tmp_path):
     assert "\n" not in message
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "qwen2"
-
-
-def test_host_attention_in_16_bit_takes_the_math_path_at_short_rows():
-    """slime.models.attention.kernel_for: bfloat16 on the host at RL's short rows runs SDPA's math path (torch's
-    CPU flash kernel is slow there) and still matches float32 attention to bfloat16 rounding, gradients
-    included; float32 and long rows keep SDPA's own choice."""
-    import contextlib
-
-    import torch.nn.functional as F
-
-    from slime.models.attention import MATH_PATH_MAX_LEN, kernel_for
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 4, 23, 16, generator=g, requires_grad=True) for _ in range(3))
-    reference = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    reference.sum().backward()
-    half = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
-    with kernel_for(half[0]):
-        out = F.scaled_dot_product_attention(*half, is_causal=True)
-    out.float().sum().backward()
-    assert (out.float() - reference).abs().max() < 3e-2
-    assert (half[0].grad.float() - q.grad).abs().max() < 5e-2
-    assert not isinstance(kernel_for(half[0]), contextlib.nullcontext)
-    assert isinstance(kernel_for(q), contextlib.nullcontext)
-    long_rows = torch.zeros(1, 1, MATH_PATH_MAX_LEN + 1, 8, dtype=torch.bfloat16)
-    assert isinstance(kernel_for(long_rows), contextlib.nullcontext)
