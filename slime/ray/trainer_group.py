@@ -256,8 +256,8 @@ class TrainerGroup:
         self.role = role
         # the train step hands back the log-probs it computed before its update (--ci-test needs no extra pass)
         self.keeps_step_log_probs = family != "jax"
-        # under --async a torch rank takes the engines' cores once the rollout beside it is done; XLA's thread
-        # pool is fixed when its process starts
+        # under --async a torch rank takes the engines' cores once the rollout beside it is done; the JAX family's
+        # thread pool is fixed when its process starts
         self.borrows_idle_cores = family != "jax"
         if family == "jax":
             # one process drives a mesh over all the slots' devices (data parallelism lives inside the mesh)
