@@ -21,8 +21,10 @@ advantage, and slime leaves such samples out of the update while TRL trains on t
 almost every group, so both sides update on the whole batch. Figures are medians after --warmup steps;
 completions/s = 64 / median seconds per step; the ratio printed is slime / TRL in completions/s (>= 1: slime is
 faster). TRL runs once per thread count in --trl-threads (default 1 and every core: on a loaded machine one
-thread per process can beat two) and the ratio is taken against its fastest. The load average is recorded
-before and after each side, since other processes change every figure.
+thread per process can beat two) and the ratio is taken against its fastest. A round is TRL, then slime; --rounds
+rounds (default 3) run one after another, and the ratio reported is the median of the rounds' ratios, because this
+machine's speed drifts by a third within minutes (TRL's step measured 0.52 s and 0.67 s in two runs a minute
+apart). The load average is recorded before and after each side, since other processes change every figure.
 """
 
 from __future__ import annotations
@@ -179,13 +181,11 @@ def shape_args(a: argparse.Namespace) -> list[str]:
 # ---- driver -----------------------------------------------------------------------------------------------------
 
 
-def measure(a: argparse.Namespace, root: Path, cores: int) -> dict:
-    load_before = os.getloadavg()
-    checkpoint, prompts, params = build(root, a.hidden_size, a.num_layers)
-    result = {"benchmark": "vs_trl", "model_parameters": params, "trl": {}, "slime": {}, "ratio": {}}
-    loads = {"before": load_before}
+def measure_round(a: argparse.Namespace, root: Path, checkpoint: Path, prompts: Path, cores: int) -> dict:
+    """One round: TRL at each thread count, then slime in each mode; ratios against this round's fastest TRL."""
+    result: dict = {"trl": {}, "slime": {}, "ratio": {}}
+    loads = {"before": os.getloadavg()}
     if not a.skip_trl:
-        loads["trl_start"] = os.getloadavg()
         result["trl"] = run_trl_by_threads(checkpoint, prompts, root, a, cores)
     for mode in [m for m in a.modes.split(",") if m]:
         loads[f"slime_{mode}_start"] = os.getloadavg()
@@ -201,34 +201,58 @@ def measure(a: argparse.Namespace, root: Path, cores: int) -> dict:
             if every_core:
                 result.setdefault("ratio_vs_trl_every_core", {})[mode] = ours / every_core["completions_per_s"]
     loads["after"] = os.getloadavg()
-    result["shape"] = {"prompts": a.prompts, "samples": a.samples, "max_new_tokens": a.max_new, "lr": a.lr}
-    result["precision"] = "bfloat16" if a.bf16 else "float32"
-    result["slime_flags"] = a.slime_flags
-    result["machine"] = {"cores": cores, "platform": platform.platform(), "load_average": loads}
+    result["load_average"] = loads
     return result
 
 
+def measure(a: argparse.Namespace, root: Path, cores: int) -> dict:
+    """--rounds rounds one after another; the ratio reported is the median of the rounds' ratios (the machine's speed
+    drifts by a third within minutes here, so one round can catch TRL and slime in different periods)."""
+    checkpoint, prompts, params = build(root, a.hidden_size, a.num_layers)
+    rounds = []
+    for index in range(a.rounds):
+        (root / f"round{index}").mkdir(parents=True, exist_ok=True)
+        rounds.append(measure_round(a, root / f"round{index}", checkpoint, prompts, cores))
+    modes = rounds[0]["ratio"].keys()
+    return {
+        "benchmark": "vs_trl",
+        "model_parameters": params,
+        "ratio": {mode: statistics.median(r["ratio"][mode] for r in rounds) for mode in modes},
+        "ratio_by_round": {mode: [r["ratio"][mode] for r in rounds] for mode in modes},
+        "rounds": rounds,
+        "shape": {"prompts": a.prompts, "samples": a.samples, "max_new_tokens": a.max_new, "lr": a.lr},
+        "precision": "bfloat16" if a.bf16 else "float32",
+        "slime_flags": a.slime_flags,
+        "machine": {"cores": cores, "platform": platform.platform()},
+    }
+
+
 def report(result: dict) -> None:
-    trl = result["trl"]
-    if trl:
-        for threads, row in trl["by_threads"].items():
+    for index, round_ in enumerate(result["rounds"]):
+        trl = round_["trl"]
+        for threads, row in (trl["by_threads"] if trl else {}).items():
             print(
-                f"TRL {trl['version']}, {threads} thread(s): {row['seconds_per_step']:.3f} s/step, "
+                f"round {index + 1}: TRL {trl['version']}, {threads} thread(s): {row['seconds_per_step']:.3f} s/step, "
                 f"{row['completions_per_s']:.1f} completions/s"
             )
-    for mode, row in result["slime"].items():
-        ratio = f", slime/TRL {result['ratio'][mode]:.2f}x" if mode in result["ratio"] else ""
-        print(
-            f"slime {mode}: {row['seconds_per_step']:.3f} s/step, {row['completions_per_s']:.1f} completions/s{ratio}"
-        )
-    loads = result["machine"]["load_average"]
-    print(f"load average (1 min) before {loads['before'][0]:.2f}, after {loads['after'][0]:.2f}")
+        for mode, row in round_["slime"].items():
+            ratio = f", slime/TRL {round_['ratio'][mode]:.2f}x" if mode in round_["ratio"] else ""
+            print(
+                f"round {index + 1}: slime {mode}: {row['seconds_per_step']:.3f} s/step, "
+                f"{row['completions_per_s']:.1f} completions/s{ratio}"
+            )
+    for mode, ratio in result["ratio"].items():
+        rounds = ", ".join(f"{r:.2f}" for r in result["ratio_by_round"][mode])
+        print(f"slime {mode} / TRL, completions/s: {ratio:.2f}x (median of {len(result['rounds'])} rounds: {rounds})")
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=12, help="steps per side")
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the medians")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="TRL, then slime, this many times; the median ratio is reported"
+    )
     p.add_argument("--modes", default="sync,async", help="slime modes to run")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--samples", type=int, default=8)

@@ -207,7 +207,7 @@ class GPTBridge:
         cfg = self.hf_config
         model = GPTModel(
             config=self.transformer_config(**config_overrides),
-            transformer_layer_spec=self.layer_spec(),
+            transformer_layer_spec=self.block_spec(),
             vocab_size=self.padded_vocab_size,
             max_sequence_length=cfg.max_position_embeddings,
             share_embeddings_and_output_weights=self.tied_embeddings,
@@ -221,16 +221,30 @@ class GPTBridge:
         return model
 
     def layer_spec(self, num_experts: int | None = None):
-        """megatron's local layer spec (a MoE MLP when `num_experts` is given), attention through SDPA."""
+        """megatron's local layer spec (a MoE MLP when `num_experts` is given), attention through SDPA, slime's RMSNorm."""
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
         from slime.models.attention import SdpaCoreAttention
+        from slime.models.rms_norm import RMSNorm
 
         spec = copy.deepcopy(
             get_gpt_layer_local_spec(num_experts=num_experts, qk_layernorm=self.qk_norm, normalization="RMSNorm")
         )
-        spec.submodules.self_attention.submodules.core_attention = SdpaCoreAttention
+        layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+        attention.core_attention = SdpaCoreAttention
+        layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
+        if self.qk_norm:
+            attention.q_layernorm = attention.k_layernorm = RMSNorm
         return spec
+
+    def block_spec(self):
+        """The decoder: every layer's spec and the final norm."""
+        from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+        from slime.models.rms_norm import RMSNorm
+
+        layers = [self.layer_spec()] * self.hf_config.num_hidden_layers
+        return TransformerBlockSubmodules(layer_specs=layers, layer_norm=RMSNorm)
 
     def _mark_tensor_parallel(self, model) -> None:
         """Tag sharded parameters the way megatron's initialisers would (skipped with perform_initialization

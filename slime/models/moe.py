@@ -86,14 +86,14 @@ class Qwen3MoeBridge(Qwen3Bridge):
         moe.update(overrides)
         return super().transformer_config(**moe)
 
-    def layer_spec(self, num_experts: int | None = None):
-        if num_experts is not None:
-            return super().layer_spec(num_experts)
-        from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
+    def block_spec(self):
+        from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-        dense, sparse = super().layer_spec(), super().layer_spec(self.hf_config.num_experts)
+        from slime.models.rms_norm import RMSNorm
+
+        dense, sparse = self.layer_spec(), self.layer_spec(self.hf_config.num_experts)
         layers = [sparse if is_sparse else dense for is_sparse in self.sparse_layers()]
-        return TransformerBlockSubmodules(layer_specs=layers, layer_norm=LayerNormImpl)
+        return TransformerBlockSubmodules(layer_specs=layers, layer_norm=RMSNorm)
 
     # ---- the name map -------------------------------------------------------------------------
     def param_maps(self) -> list[ParamMap]:
