@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from slime.backends import BackendUnavailable, backend_for_worker
+from slime.backends import BackendUnavailable, SystemView, backend_for_worker, get_backend_class
 from slime.backends.capability_check import check_against_capabilities, require_capabilities
 from slime.config import ConfigError, parse_config
 from slime.testing.ci_register import register_cpu_ci
@@ -17,6 +17,17 @@ BASE = ["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--rm-type", "math"]
 
 def config(extra: str = ""):
     return parse_config(BASE + extra.split())
+
+
+# A backend's default rollout engine is the first of its engines whose package is installed, so a check built on
+# this machine's packages would change with them (SGLang, installed --no-deps beside the CPU stack, makes it the
+# CUDA default here; without it the default is the embedded engine). Each backend sees its own hardware's stack.
+RUNTIME_MODULES = {"cuda": ("torch", "sglang"), "tpu": ("jax",), "cpu": ("torch",)}
+
+
+def on_its_stack(hardware: str):
+    modules = RUNTIME_MODULES[hardware]
+    return get_backend_class(hardware)(dataclasses.replace(SystemView.real(), has_module=lambda m: m in modules))
 
 
 @pytest.mark.parametrize(
@@ -63,7 +74,7 @@ def test_backend_for_worker_does_not_probe():
 
 
 def test_capability_check_refuses_impossible_runs_in_one_line():
-    tpu, cuda, cpu = (backend_for_worker(n) for n in ("tpu", "cuda", "cpu"))
+    tpu, cuda, cpu = (on_its_stack(n) for n in ("tpu", "cuda", "cpu"))
     colocate = config("--colocate")
     # two engines beside the trainer would split TPU chips between processes; one JAX engine lives in the
     # trainer's own process (EngineSpec.hosted_by_trainer), so nothing is split
