@@ -33,6 +33,18 @@ def is_expert_param(megatron_name: str) -> bool:
     return _LOCAL_EXPERT.match(megatron_name) is not None
 
 
+def sparse_layer_flags(
+    num_hidden_layers: int, num_experts: int, mlp_only_layers: list[int], decoder_sparse_step: int
+) -> list[bool]:
+    """HF Qwen3MoeDecoderLayer's rule, per layer: experts unless in `mlp_only_layers`, and only every
+    `decoder_sparse_step`-th layer ((i + 1) % step == 0). The trainer, the embedded engine and the routing
+    replay all read it from here."""
+    return [
+        i not in mlp_only_layers and num_experts > 0 and (i + 1) % decoder_sparse_step == 0
+        for i in range(num_hidden_layers)
+    ]
+
+
 @register_bridge("qwen3_moe")
 class Qwen3MoeBridge(Qwen3Bridge):
     has_experts = True
@@ -62,10 +74,7 @@ class Qwen3MoeBridge(Qwen3Bridge):
     def sparse_layers(self) -> list[bool]:
         """HF Qwen3MoeDecoderLayer's rule: which layers have experts."""
         cfg = self.hf_config
-        return [
-            i not in cfg.mlp_only_layers and cfg.num_experts > 0 and (i + 1) % cfg.decoder_sparse_step == 0
-            for i in range(cfg.num_hidden_layers)
-        ]
+        return sparse_layer_flags(cfg.num_hidden_layers, cfg.num_experts, cfg.mlp_only_layers, cfg.decoder_sparse_step)
 
     def transformer_config(self, **overrides):
         cfg = self.hf_config

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from slime.errors import ModelError
+from slime.models.moe import sparse_layer_flags
 from slime.rollout.engines.embedded.moe import SparseMlp
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "qwen3_moe")
@@ -121,15 +122,15 @@ class DecoderSpec:
 
 
 def _moe_fields(config: dict) -> dict:
-    """HF Qwen3MoeDecoderLayer's rule for sparse layers: not in mlp_only_layers, (i + 1) % decoder_sparse_step == 0."""
+    """Qwen3-MoE's fields; which layers are sparse is the trainer's rule (slime.models.moe.sparse_layer_flags)."""
     if config.get("model_type") != "qwen3_moe":
         return {}
     # hub checkpoints write num_experts; transformers >= 5 saves it as num_local_experts
     experts = int(config["num_experts"] if "num_experts" in config else config["num_local_experts"])
     step, dense = int(config.get("decoder_sparse_step", 1)), config.get("mlp_only_layers") or []
-    layers = int(config["num_hidden_layers"])
+    sparse = sparse_layer_flags(int(config["num_hidden_layers"]), experts, dense, step)
     return dict(
-        sparse_layers=tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(layers)),
+        sparse_layers=tuple(sparse),
         num_experts=experts,
         num_experts_per_tok=int(config["num_experts_per_tok"]),
         moe_intermediate_size=int(config["moe_intermediate_size"]),
