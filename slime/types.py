@@ -38,8 +38,8 @@ class Sample:
     group_index: int | None = None  # which prompt group (n samples share one prompt)
     index: int | None = None  # global sample index, unique within a run
     weight_version: int | None = None  # policy version that generated the response
-    # MoE: expert ids the engine routed each token to (all tokens but the last; per MoE layer, per top-k slot,
-    # flattened); the trainer replays them with --use-rollout-routing-replay
+    # MoE: expert ids the engine routed each token to (all tokens but the last; per layer of num_hidden_layers,
+    # 0 in dense ones; per top-k slot; flattened); the trainer replays them with --use-rollout-routing-replay
     routed_experts: list[int] | None = None
     advantage: float | None = None  # per-sample scalar (GRPO); per-token advantages live in the batch
 

@@ -154,7 +154,8 @@ class GenerateResult:
     text: str | None = None
     matched_stop: int | str | None = None  # the stop token id or stop string that ended a "stop" finish
     # MoE, when asked: expert ids of every token the model ran on (prompt + output but the last token), each
-    # MoE layer, each top-k slot, flattened in that order (SGLang's meta_info["routed_experts"], decoded)
+    # of the num_hidden_layers layers (0 in a dense one), each top-k slot, flattened in that order: SGLang's
+    # int32 [len(tokens) - 1, num_hidden_layers, top_k] (meta_info["routed_experts"], decoded)
     routed_experts: list[int] | None = None
 
 
@@ -253,6 +254,8 @@ class ServableEngine(RolloutEngine):
     vocab_size: int
     tokenizer: Tokenizer | None
     engine_name: str = "slime"  # reported by /get_server_info
+    # /get_server_info's enable_return_routed_experts (SGLang's flag): whether return_routed_experts is answered
+    returns_routed_experts: bool = False
 
     @abstractmethod
     def submit(self, request: GenerateRequest, callback: ResultCallback) -> None:

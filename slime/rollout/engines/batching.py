@@ -168,7 +168,8 @@ class ContinuousBatchingEngine(ServableEngine):
         """Make the prepared weights the serving ones; runs under `_model_lock`, between two steps."""
 
     def _routed_experts(self, seq: BatchedSequence) -> list[int] | None:
-        """GenerateResult.routed_experts of a finished sequence (MoE engines that record routes)."""
+        """GenerateResult.routed_experts of a finished sequence (MoE engines that record routes), in SGLang's
+        layout: int32 [len(tokens) - 1, num_hidden_layers, top_k] flattened, zeros in the dense layers."""
         return None
 
     # ---- submission ----------------------------------------------------------------------------------

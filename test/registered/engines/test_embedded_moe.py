@@ -72,9 +72,8 @@ def test_routed_experts_over_http_equal_in_process(checkpoint):
     from slime.rollout.engines.sglang.client import SGLangClient
 
     path, hf = checkpoint
-    layers = sum(
-        1 for i in range(hf.config.num_hidden_layers) if (i + 1) % hf.config.decoder_sparse_step == 0
-    )  # the variants' sparse layers (no mlp_only_layers here)
+    layers, top_k = hf.config.num_hidden_layers, hf.config.num_experts_per_tok
+    dense = [i for i in range(layers) if (i + 1) % hf.config.decoder_sparse_step]  # no mlp_only_layers here
     eng = EmbeddedEngine(path, max_batch_size=2, max_seq_len=64)
     handle = serve_http(eng)
     try:
@@ -84,7 +83,10 @@ def test_routed_experts_over_http_equal_in_process(checkpoint):
         remote = SGLangClient(handle.url, timeout_s=60).generate(requests)
         for prompt, a, b in zip(PROMPTS, local, remote):
             assert a.routed_experts == b.routed_experts
-            assert len(a.routed_experts) == (len(prompt) + 4 - 1) * layers * hf.config.num_experts_per_tok
+            # SGLang's layout: [tokens - 1, num_hidden_layers, top_k], zeros in the dense layers
+            routes = torch.tensor(a.routed_experts).view(len(prompt) + 4 - 1, layers, top_k)
+            assert not routes[:, dense].any() and routes.max() > 0
+        assert SGLangClient(handle.url).request("GET", "/get_server_info")["enable_return_routed_experts"] is True
         plain = eng.generate([GenerateRequest("p", PROMPTS[0], params)])[0]
         assert plain.routed_experts is None  # only when asked
     finally:

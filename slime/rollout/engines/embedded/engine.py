@@ -35,14 +35,14 @@ PREFILL_TOKEN_BUDGET = 16384
 
 @dataclass
 class _Routes:
-    tensor: torch.Tensor | None = None  # [rows, moe layers, k] of one forward
+    tensor: torch.Tensor | None = None  # [rows, num_hidden_layers, k] of one forward (dense layers: 0)
 
 
 @dataclass(eq=False)
 class _Sequence(BatchedSequence):
     generator: torch.Generator | None = None  # the request's own, when it has a seed and samples
     serial: int = -1  # unique per engine: identifies the sequence in caches (ids of dead objects get reused)
-    routed: list[torch.Tensor] = field(default_factory=list)  # [tokens, moe layers, k] per forward, when asked
+    routed: list[torch.Tensor] = field(default_factory=list)  # [tokens, all layers, k] per forward, when asked
 
     @property
     def uses_filter(self) -> bool:
@@ -99,6 +99,7 @@ class EmbeddedEngine(ContinuousBatchingEngine):
     """Serve an HF checkpoint (Qwen2, Qwen3, Llama) in this process on any torch device."""
 
     engine_name = "slime-embedded"
+    returns_routed_experts = True  # for MoE models; a dense model's answers carry none, as SGLang's
     rid_prefix = "embedded"
 
     def __init__(
@@ -209,8 +210,8 @@ class EmbeddedEngine(ContinuousBatchingEngine):
         return [sampled[s.serial][0] for s in admitted], [sampled[s.serial][1] for s in admitted]
 
     def _prefill_forward(self, group: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits at each prompt's last token [rows, V], and the routed experts [rows, width, moe layers, k]
-        when asked for."""
+        """Logits at each prompt's last token [rows, V], and the routed experts [rows, width, layers, k] when
+        asked for."""
         device = self.model.device
         width = max(len(s.prompt) for s in group)
         tokens = torch.zeros(len(group), width, dtype=torch.long)
@@ -253,8 +254,10 @@ class EmbeddedEngine(ContinuousBatchingEngine):
 
     @contextlib.contextmanager
     def _recording_routes(self, seqs: list[_Sequence]):
-        """Yields a holder whose tensor, after the forward, is the routed experts [rows, moe layers, k] (rows as
-        the forward laid them out) when a sequence asked for them and the model has MoE layers; else None."""
+        """Yields a holder whose tensor, after the forward, is the routed experts [rows, num_hidden_layers, k]
+        (rows as the forward laid them out) when a sequence asked for them and the model has MoE layers; else
+        None. SGLang's layout: a row for every layer, zeros in the dense ones (its capture buffer starts at zero
+        and only MoE layers write to it), so the trainer decodes both engines' routes the same way."""
         holder: _Routes = _Routes()
         if not any(s.request.return_routed_experts for s in seqs) or not self.model.spec.sparse_layers:
             yield holder
@@ -262,9 +265,17 @@ class EmbeddedEngine(ContinuousBatchingEngine):
         self.model.routed_experts = []
         try:
             yield holder
-            holder.tensor = torch.stack(self.model.routed_experts, dim=1).to(torch.int32).cpu()
+            holder.tensor = self._all_layers(self.model.routed_experts)
         finally:
             self.model.routed_experts = None
+
+    def _all_layers(self, moe_layer_routes: list[torch.Tensor]) -> torch.Tensor:
+        """Per MoE layer [rows, k] -> [rows, num_hidden_layers, k] int32, zeros in the dense layers."""
+        sparse = torch.tensor(self.model.spec.sparse_layers)
+        rows, k = moe_layer_routes[0].shape
+        out = torch.zeros(rows, len(sparse), k, dtype=torch.int32)
+        out[:, sparse] = torch.stack(moe_layer_routes, dim=1).to(torch.int32).cpu()
+        return out
 
     def _routed_experts(self, seq: _Sequence) -> list[int] | None:
         if not seq.request.return_routed_experts or not seq.routed:

@@ -184,6 +184,7 @@ class EmbeddedServer:
                 "weight_version": str(self.engine.weight_version),
                 "pid": os.getpid(),
                 "engine": self.engine.engine_name,
+                "enable_return_routed_experts": self.engine.returns_routed_experts,
             }
         )
 
@@ -378,6 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--dtype", type=_dtype, default="float32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--enable-return-routed-experts",
+        action="store_true",
+        help="SGLang's flag, accepted so the SGLang launcher's argv works; this server answers routes either way",
+    )
     args = parser.parse_args(argv)
     import torch
 
