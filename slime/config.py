@@ -163,8 +163,8 @@ class TrainConfig:
     )
     use_rollout_routing_replay: bool = opt(
         False,
-        "MoE: the trainer's routers reuse the experts the engine chose for every token (SGLang servers need "
-        "--sglang-enable-return-routed-experts)",
+        "MoE: the trainer's routers reuse the experts the engine chose for every token (slime starts SGLang "
+        "with --enable-return-routed-experts; tokens without routes count in routing_replay/missing_tokens)",
     )
     lr: float = opt(1e-6, "peak learning rate")
     min_lr: float = opt(0.0, "final learning rate")

@@ -31,7 +31,8 @@ class TrainBatch:
     ref_log_probs: list[Tensor] | None = None
     values: list[Tensor] | None = None
     sample_indices: list[int] = field(default_factory=list)
-    # MoE: per sample, the engine's expert ids (flat int32: tokens but the last x MoE layers x top-k), or None
+    # MoE: per sample, the engine's expert ids (flat int32: tokens but the last x num_hidden_layers x top-k, SGLang's
+    # layout; training.routing_replay.decode_routes keeps the MoE layers), or None
     routed_experts: list[Tensor | None] | None = None
 
     @staticmethod

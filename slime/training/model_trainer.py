@@ -81,7 +81,9 @@ class MegatronTrainer:
             from slime.training.routing_replay import RoutingReplay
 
             self._moe_stats = MoeStats(self.model)
-            self._routing = RoutingReplay(self.model.config.moe_router_topk, config.use_rollout_routing_replay)
+            self._routing = RoutingReplay(
+                self.model.config.moe_router_topk, config.use_rollout_routing_replay, self.bridge.sparse_layers()
+            )
         self._moe_micro_batches = 0
         self.optimizer, self.scheduler = self._build_optimizer()
         self.step = 0
@@ -210,14 +212,14 @@ class MegatronTrainer:
 
     # ---- forward helpers ----------------------------------------------------------------------
     def _forward(self, micro: MicroBatch) -> torch.Tensor:
-        """Model output [rows, seq, out] for this rank (vocab slice for the policy, 1 for the critic); MoE
-        micro-batches with the engine's routed experts replay (or record) them."""
+        """Model output [rows, seq, out] for this rank (vocab slice for the policy, 1 for the critic); a MoE
+        model's forwards replay (or record) the engine's routed experts and count the tokens without them."""
 
         def run():
             with self._autocast():
                 return self.model(micro.input_ids.to(self.device), micro.position_ids.to(self.device), None)
 
-        if self._routing is None or micro.routed_experts is None:
+        if self._routing is None:
             return run()
         return self._routing.forward(self.model, micro, run)
 

@@ -82,4 +82,6 @@ def test_rollout_routing_replay_through_the_loop(moe_files, tmp_path):
     assert [r["step"] for r in steps] == [0, 1]
     assert steps[0]["ci/logprob_abs_diff_mean"] < 1e-4 and steps[0]["ci/logprob_abs_diff_max"] < 1e-3
     assert "train/moe/routing_mismatch_tokens" not in steps[0]  # replayed: the trainer routes as the engine did
+    assert all(r["train/routing_replay/missing_tokens"] == 0 for r in steps)  # every token came with its routes
+    assert all(r["train/routing_replay/replayed_tokens"] > 0 for r in steps)
     assert all(math.isfinite(r["train/grad_norm"]) and r["train/grad_norm"] > 0 for r in steps)
