@@ -11,6 +11,7 @@ from slime.config import Config
 from slime.ray.cores import CoreBudget, plan_budget
 from slime.ray.engine_worker import EngineSpec
 from slime.rollout.engines.selection import engine_in_trainer_process, rollout_engine, sglang_jax_mode
+from slime.rollout.generate import routed_experts_wanted
 from slime.training.config import TrainerConfig
 from slime.training.experience import AdvantageSettings
 from slime.training.family import trainer_family
@@ -97,6 +98,7 @@ def engine_spec(config: Config, backend: Backend) -> EngineSpec:
         dtype=r.rollout_dtype,
         seed=config.data.rollout_seed,
         server_options=dict(config.sglang),
+        return_routed_experts=routed_experts_wanted(config),
         log_dir=str(Path(config.logging.output_dir) / "engines"),
         hosted_by_trainer=engine_in_trainer_process(config.cluster.colocate, family, kind, engines, in_process),
         sglang_jax_in_process=in_process,

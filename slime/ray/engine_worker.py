@@ -27,6 +27,7 @@ class EngineSpec:
     dtype: str = "float32"
     seed: int = 0
     server_options: dict[str, str] = field(default_factory=dict)  # --sglang-* pass-through
+    return_routed_experts: bool = False  # the rollout asks for routed experts (SGLang: a server flag)
     log_dir: str | None = None
     staging_dir: str | None = None  # sglang-jax: where updated checkpoints are written
     # sglang-jax: its offline Engine in the worker's (or, hosted, the trainer's) process, weights assigned into its
@@ -65,7 +66,11 @@ def start_engine(spec: EngineSpec, backend):
     if spec.kind == "sglang":
         from slime.rollout.engines.sglang.launcher import SGLangEngine, SGLangServerConfig
 
-        engine = SGLangEngine(SGLangServerConfig(spec.hf_checkpoint, dict(spec.server_options), log_dir=spec.log_dir))
+        server = SGLangServerConfig(
+            spec.hf_checkpoint, dict(spec.server_options), log_dir=spec.log_dir,
+            return_routed_experts=spec.return_routed_experts,
+        )  # fmt: skip
+        engine = SGLangEngine(server)
         return engine, engine.url, lambda: None
     if spec.kind == "sglang_jax" and spec.sglang_jax_in_process:
         from slime.rollout.engines.embedded.server import serve_http

@@ -24,12 +24,15 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from slime.errors import FlagError
 from slime.net import free_port
 from slime.rollout.engines.base import EngineError
 from slime.rollout.engines.sglang.client import SGLangClient
 
 # Options the launcher owns: they come from the engine's own fields, not the pass-through.
 RESERVED_SERVER_OPTIONS = ("model_path", "host", "port")
+# SGLang answers return_routed_experts only when started with this; /get_server_info reports it.
+ROUTED_EXPERTS_FLAG = "--enable-return-routed-experts"
 
 
 class ServerLaunchError(EngineError):
@@ -181,11 +184,14 @@ class SGLangServerConfig:
     env: Mapping[str, str] = field(default_factory=dict)  # e.g. the backend's visible-devices variable
     launch_module: str = "sglang.launch_server"  # tests point this at the embedded server
     python: str = sys.executable
+    return_routed_experts: bool = False  # the rollout asks for every token's experts (routing replay)
 
 
 def server_command(config: SGLangServerConfig, port: int, parser: argparse.ArgumentParser | None = None) -> list[str]:
     """The server's command line: interpreter, module, then the arguments SGLang's ServerArgs parser reads."""
     passthrough = server_argv(config.server_options, parser) if config.server_options else []
+    if config.return_routed_experts and ROUTED_EXPERTS_FLAG not in passthrough:
+        passthrough.append(ROUTED_EXPERTS_FLAG)
     return [
         config.python,
         "-m",
@@ -200,6 +206,17 @@ def server_command(config: SGLangServerConfig, port: int, parser: argparse.Argum
     ]
 
 
+def check_returns_routed_experts(server: SGLangClient) -> None:
+    """Refuse a server that would drop return_routed_experts (the trainer would replay nothing): SGLang
+    returns routes only when started with --enable-return-routed-experts, and /get_server_info says so."""
+    info = server.request("GET", "/get_server_info")
+    if not isinstance(info, dict) or info.get("enable_return_routed_experts") is not True:
+        raise FlagError(
+            f"--use-rollout-routing-replay: the SGLang server at {server.url} runs without "
+            f"{ROUTED_EXPERTS_FLAG} (its /get_server_info says so), so it returns no routed experts; start it with that flag"
+        )
+
+
 class SGLangEngine(SGLangClient):
     """Starts one SGLang server and is its client. Use as a context manager or call shutdown()."""
 
@@ -212,6 +229,8 @@ class SGLangEngine(SGLangClient):
         super().__init__(url, timeout_s=config.request_timeout_s)
         try:
             self.server.wait_ready(config.startup_timeout_s)
+            if config.return_routed_experts:
+                check_returns_routed_experts(self)
         except BaseException:
             self.server.stop()
             raise
