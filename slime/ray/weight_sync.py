@@ -20,6 +20,7 @@ buckets and applies them at the last one; SGLang applies buckets as they arrive)
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -34,7 +35,7 @@ from slime.backends.base import (
     WEIGHT_SYNC_OBJECT_STORE,
     Backend,
 )
-from slime.backends.process_groups import GroupError, broadcast, host_store, open_group
+from slime.backends.process_groups import GroupError, broadcast, close_group, host_store, open_group
 from slime.config import Config, ConfigError
 from slime.rollout.engines.base import EngineError
 from slime.rollout.engines.protocol import FLATTENED_BUCKET, flatten_bucket
@@ -43,6 +44,7 @@ from slime.rollout.engines.sglang.client import SGLangClient
 GROUP_NAME = "slime_weight_sync"
 # Transports the loop drives; in_process belongs to the in-process JAX engines, which wire their own.
 LOOP_TRANSPORTS = (WEIGHT_SYNC_OBJECT_STORE, WEIGHT_SYNC_BROADCAST, WEIGHT_SYNC_IPC)
+logger = logging.getLogger(__name__)
 
 
 class WeightSyncError(EngineError):
@@ -68,7 +70,7 @@ def resolve_weight_sync(config: Config, backend: Backend) -> str:
 
 
 def with_last(buckets: Iterable[list]) -> Iterator[tuple[list, bool]]:
-    """(bucket, is_last) pairs: the last bucket carries SGLang's flush_cache=true and publishes the version."""
+    """(bucket, is_last) pairs: the last bucket ends the update (the engine publishes the version)."""
     iterator = iter(buckets)
     current = next(iterator, None)
     while current is not None:
@@ -123,17 +125,38 @@ def drain(buckets: Iterable[list]) -> None:
         pass
 
 
-def _end_updates(clients: list[SGLangClient]) -> None:
+def _end_updates(clients: list[SGLangClient], version: int) -> list[str]:
+    """Flush (after a complete update) and continue every engine; returns the engines that could not continue.
+    A refused flush is reported here and is not an error (see SGLangClient.end_weight_update)."""
+    stuck = []
     for client in clients:
         try:
-            client.end_weight_update()
-        except EngineError:  # the engine is gone: the rollout manager restarts it with the newest weights
-            pass
+            if client.end_weight_update() is False:
+                logger.warning(
+                    "%s kept its prefix cache after weight version %d: requests were waiting, and they re-prefill "
+                    "over cache entries of the old weights",
+                    client.url,
+                    version,
+                )
+        except EngineError as e:
+            stuck.append(f"{client.url}: generation did not continue after the update: {e}")
+    return stuck
+
+
+def _finish_update(clients: list[SGLangClient], version: int, error: WeightSyncError | None) -> None:
+    """End the update on every engine; raise `error`, or a WeightSyncError if an engine was left paused."""
+    stuck = _end_updates(clients, version)
+    if error is not None:
+        raise WeightSyncError("; ".join([str(error), *stuck])) from None
+    if stuck:
+        raise WeightSyncError(f"weight update to version {version}: " + "; ".join(stuck))
 
 
 class BroadcastSender:
     """Trainer rank 0's side of the broadcast transport. The group is kept between updates and formed again
-    when the engines change (a restart gives a new URL) or after a failure."""
+    when the engines change (a restart gives a new URL) or after a failure. Before forming it, the previous one
+    is destroyed on every engine that may still hold it and here: SGLang refuses a second group of a name it
+    has, and torch refuses one in this process."""
 
     def __init__(self, dist_backend: str, address: str, timeout_s: float, group_name: str = GROUP_NAME):
         self.dist_backend, self.address, self.timeout_s, self.group_name = dist_backend, address, timeout_s, group_name
@@ -147,7 +170,7 @@ class BroadcastSender:
     def connect(self, urls: list[str]) -> None:
         if self.group is not None and urls == self.urls:
             return
-        self.group, self.urls = None, []
+        self.disconnect(urls)
         world = len(urls) + 1
         store, port = host_store(world, self.timeout_s)
         clients = self._clients(urls)
@@ -163,16 +186,34 @@ class BroadcastSender:
             except GroupError as e:
                 failed = [f"{c.url}: {f.exception()}" for c, f in zip(clients, joins) if f.exception() is not None]
                 raise WeightSyncError(f"{e}{'; ' + '; '.join(failed) if failed else ''}") from None
-            for client, join in zip(clients, joins):
-                if join.exception() is not None:
-                    raise WeightSyncError(f"{client.url}: joining weight group failed: {join.exception()}")
+            failed = [
+                f"{c.url}: joining weight group failed: {j.exception()}"
+                for c, j in zip(clients, joins)
+                if j.exception()
+            ]
+        if failed:
+            close_group(group)
+            raise WeightSyncError("; ".join(failed))
         self.group, self.urls = group, list(urls)
+
+    def disconnect(self, urls: list[str] = ()) -> None:
+        """Destroy the group on the engines that may hold it (the last group's and `urls`) and here. An engine
+        without it, or gone, is fine: there is nothing left to destroy."""
+        for client in self._clients(list(dict.fromkeys([*self.urls, *urls]))):
+            try:
+                client.destroy_weights_update_group(self.group_name)
+            except EngineError:
+                pass
+        if self.group is not None:
+            close_group(self.group)
+        self.group, self.urls = None, []
 
     def send(self, urls: list[str], buckets: Iterable[list], version: int) -> float:
         """Broadcast every bucket to every engine as weight `version`; returns seconds."""
         start = time.perf_counter()
         buckets = iter(buckets)
         clients = self._clients(urls)
+        error = None
         try:
             self.connect(urls)
             for client in clients:
@@ -181,13 +222,14 @@ class BroadcastSender:
                 for bucket, last in with_last(buckets):
                     self._send_bucket(pool, clients, bucket, version, last)
         except EngineError as e:  # WeightSyncError included
-            self.group, self.urls = None, []  # formed again at the next update
+            self.disconnect()  # formed again at the next update
             drain(buckets)
-            if isinstance(e, WeightSyncError):
-                raise
-            raise WeightSyncError(f"weight update to version {version} failed: {e}") from None
-        finally:
-            _end_updates(clients)
+            error = (
+                e
+                if isinstance(e, WeightSyncError)
+                else WeightSyncError(f"weight update to version {version} failed: {e}")
+            )
+        _finish_update(clients, version, error)
         return time.perf_counter() - start
 
     def _send_bucket(self, pool, clients: list[SGLangClient], bucket: list, version: int, last: bool) -> None:
@@ -219,6 +261,7 @@ def send_ipc(backend: Backend, url: str, buckets: Iterable[list], version: int, 
     start = time.perf_counter()
     buckets = iter(buckets)
     client = SGLangClient(url, timeout_s=timeout_s)
+    error = None
     try:
         client.begin_weight_update()
         for bucket, last in with_last(buckets):
@@ -227,7 +270,6 @@ def send_ipc(backend: Backend, url: str, buckets: Iterable[list], version: int, 
             client.update_weights_from_serialized([payload], version, finish=last, load_format=FLATTENED_BUCKET)
     except EngineError as e:
         drain(buckets)
-        raise WeightSyncError(f"weight update to version {version} failed at {url}: {e}") from None
-    finally:
-        _end_updates([client])
+        error = WeightSyncError(f"weight update to version {version} failed at {url}: {e}")
+    _finish_update([client], version, error)
     return time.perf_counter() - start

@@ -13,14 +13,14 @@ Weight updates from tensors are bucketed, inside a begin/end pair:
     engine.update_weights_from_tensors(bucket_2, version=7, finish=False)
     engine.update_weights_from_tensors(bucket_3, version=7, finish=True)   # publishes version 7
     engine.end_weight_update()                                             # generation continues
-begin/end are SGLang's pause_generation(mode="retract") and flush_cache + continue_generation: requests
-in flight are kept and re-prefilled with the new weights. (The embedded engine copies weights between
-decode steps anyway; for it begin/end are pause/resume.)
+begin/end are SGLang's pause_generation(mode="retract"), then /flush_cache (only after a complete update, and
+only as its own call: SGLang refuses a flush while requests wait) and continue_generation, which always
+follows a pause. Requests in flight are kept and re-prefilled with the new weights. (The embedded engine copies
+weights between decode steps anyway; for it begin/end are pause/resume.)
 Each bucket is validated when it arrives (unknown name, wrong shape -> WeightUpdateError naming the
 tensor and both shapes); a rejected bucket discards the whole pending update. `finish=True` ends the
 update and sets `weight_version`; engines that can (the embedded one) apply all buckets at once at that
-point, so a rejected update never leaves a half-updated model. The HTTP engines map `finish` to
-SGLang's `flush_cache` flag, and SGLang applies each bucket as it arrives.
+point, so a rejected update never leaves a half-updated model. SGLang applies each bucket as it arrives.
 """
 
 from __future__ import annotations
@@ -180,9 +180,11 @@ class RolloutEngine(ABC):
         """Stop forward passes before the buckets of an update arrive (see the module docstring)."""
         self.pause()
 
-    def end_weight_update(self) -> None:
-        """Resume generation after the final bucket."""
+    def end_weight_update(self) -> bool:
+        """Resume generation after the final bucket; returns whether caches built with the old weights were
+        dropped (engines without a prefix cache have none to keep)."""
         self.resume()
+        return True
 
     @abstractmethod
     def pause(self) -> None:

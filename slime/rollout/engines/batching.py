@@ -108,6 +108,7 @@ class ContinuousBatchingEngine(ServableEngine):
         self.max_seq_len = max_seq_len
         self._weight_version = 0
         self._pending_update: dict[str, Any] = {}
+        self._pending_version = 0
         self._update_lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._cond = threading.Condition()
@@ -343,6 +344,11 @@ class ContinuousBatchingEngine(ServableEngine):
             self._paused = False
             self._cond.notify_all()
 
+    @property
+    def paused(self) -> bool:
+        with self._cond:
+            return self._paused
+
     def abort(self, rid: str | None = None) -> None:
         finished = []
         with self._model_lock:
@@ -409,9 +415,18 @@ class ContinuousBatchingEngine(ServableEngine):
             for name, value in checked:
                 # Staged: the caller may reuse its buffers, and nothing is applied before `finish`.
                 self._pending_update[name] = self._staged_copy(value)
-            if finish:
-                staged, self._pending_update = list(self._pending_update.items()), {}
-                self._set_weights(staged, version)
+            self._pending_version = version
+        if finish:
+            self.commit_pending_update()
+
+    def commit_pending_update(self) -> bool:
+        """Apply the buckets staged so far as one update (their version); False when nothing was staged."""
+        with self._update_lock:
+            if not self._pending_update:
+                return False
+            staged, self._pending_update = list(self._pending_update.items()), {}
+            self._set_weights(staged, self._pending_version)
+            return True
 
     def _set_weights(self, named: list[tuple[str, Any]], version: int) -> None:
         """Install checked weights between two steps and set the version results report from now on."""

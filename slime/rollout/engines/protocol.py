@@ -7,7 +7,7 @@ request  {"input_ids": [..] | [[..], ..], "text": str | [str], "sampling_params"
 response {"text": str, "output_ids": [..], "meta_info": {"id", "finish_reason": {"type": "stop", "matched": 2}
           | {"type": "length", "length": 64} | {"type": "abort", "message": ..}, "prompt_tokens",
           "completion_tokens", "cached_tokens", "output_token_logprobs": [[logprob, token_id, null], ..],
-          "weight_version": "3", "routed_experts": base64 of int32 [len(tokens) - 1, moe layers, top-k]
+          "weight_version": "3", "routed_experts": base64 of int32 [len(tokens) - 1, num_hidden_layers, top_k] (zeros in dense layers)
           (only with "return_routed_experts": true, as SGLang returns it)}}   (a list of these for a batch request)
 """
 
@@ -266,25 +266,33 @@ def decode_routed_experts(payload: str) -> list[int]:
 
 # ---- tensors over HTTP (/update_weights_from_tensor) --------------------------------------------------
 def serialize_named_tensors(named_tensors: list[tuple[str, Any]]) -> str:
-    """SGLang's MultiprocessingSerializer format: base64 of a ForkingPickler pickle of [(name, tensor)].
+    """SGLang's MultiprocessingSerializer format for host tensors: base64 of a pickle of [(name, tensor)], each
+    tensor's bytes in the payload (any process can read them).
 
-    Host-memory tensors are pickled by value (their bytes travel in the payload, so any process can read
-    them); device tensors go through ForkingPickler, which sends an IPC handle to the same device memory
-    (the zero-copy path SGLang uses when trainer and server share a machine). SGLang reads both.
+    A tensor pickles with its whole storage, so a view into a larger buffer (a packed bucket's tensors) is copied
+    out first: the payload carries each tensor's own bytes once. Device tensors travel as memory handles through
+    the backend's serializer (`Backend.serialize_ipc_tensors`), never through this function.
     """
     import base64
     import io
     import pickle
-    from multiprocessing.reduction import ForkingPickler
 
-    import torch.multiprocessing  # noqa: F401  (registers torch's tensor reductions with ForkingPickler)
-
+    on_device = [name for name, t in named_tensors if t.device.type != "cpu"]
+    if on_device:
+        raise ProtocolError(
+            f"{on_device[0]} is a device tensor: send device memory with Backend.serialize_ipc_tensors, or host copies"
+        )
     buffer = io.BytesIO()
-    if all(t.device.type == "cpu" for _, t in named_tensors):
-        pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump([(n, t.contiguous()) for n, t in named_tensors])
-    else:
-        ForkingPickler(buffer, pickle.HIGHEST_PROTOCOL).dump(list(named_tensors))
+    pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump([(n, own_bytes(t)) for n, t in named_tensors])
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def own_bytes(tensor: Any) -> Any:
+    """`tensor`, or a compact copy of it when its storage holds more than its own elements."""
+    tensor = tensor.detach().contiguous()
+    if tensor.storage_offset() or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
 
 
 # SGLang's load_format for one flattened tensor per bucket: {"flattened_tensor": uint8 tensor, "metadata": [..]},

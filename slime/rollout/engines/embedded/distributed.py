@@ -7,10 +7,13 @@
 The trainer's rank 0 is rank 0 of the group and broadcasts each tensor of a bucket right after announcing the
 bucket; this engine is rank `rank_offset` (one device, so no tensor-parallel ranks of its own). The engine
 always takes part in every broadcast it was announced, then validates: a bad name or shape is a
-WeightUpdateError after the collective, so the trainer never waits for a receiver that gave up early. Buckets
-are staged by the engine and applied at `flush_cache=true` (the last bucket), so a failed update leaves the
-old weights serving. A collective that fails (timeout, trainer gone) breaks the group: it is dropped, and the
+WeightUpdateError after the collective, so the trainer never waits for a receiver that gave up early. While
+paused, buckets are staged and applied together when the update ends (`finishes_update`), so a failed update
+leaves the old weights serving. A collective that fails (timeout, trainer gone) breaks the group: it is dropped, and the
 next update must set it up again; the answer says so.
+
+The group is formed by slime.backends.process_groups, the way SGLang's own `init_custom_process_group` forms it,
+so the trainer meets this engine and a real SGLang server on the same rendezvous keys (one member per process).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import torch
 
-from slime.backends.process_groups import DEFAULT_GROUP_BACKEND, GroupError, broadcast, open_group
+from slime.backends.process_groups import DEFAULT_GROUP_BACKEND, GroupError, broadcast, close_group, open_group
 from slime.rollout.engines.base import EngineError, WeightUpdateError
 from slime.rollout.engines.protocol import ProtocolError
 
@@ -60,6 +63,14 @@ def parse_bucket(body: dict[str, Any]) -> list[tuple[str, torch.dtype, tuple[int
     return bucket
 
 
+def finishes_update(body: dict[str, Any], engine) -> bool:
+    """Whether a weight bucket (/update_weights_from_tensor or _distributed) ends its update. SGLang applies
+    every bucket as it arrives; this engine does too unless paused, where it stages buckets and applies them
+    together at /flush_cache (or a bucket's flush_cache=true), so an update that fails half-way never serves;
+    /continue_generation drops what is staged."""
+    return _field(body, "flush_cache", bool, True) or not engine.paused
+
+
 class WeightGroups:
     """Named weight groups this engine belongs to, and the receive side of a bucket."""
 
@@ -76,7 +87,10 @@ class WeightGroups:
         port, rank, world = (_field(body, key, int) for key in ("master_port", "rank_offset", "world_size"))
         if not 0 < rank < world:
             raise ProtocolError(f"rank_offset {rank} must be in [1, world_size {world}) (rank 0 is the trainer)")
-        self.destroy(name)  # a new group of the same name replaces the old one (e.g. after an engine restart)
+        with self._lock:
+            exists = name in self._groups
+        if exists:  # as SGLang: a group is destroyed (/destroy_weights_update_group) before it is formed again
+            raise EngineError(f"weight group {name!r} exists here already: destroy it before forming it again")
         try:
             group = open_group(backend, address, port, rank, world, name, self.timeout_s)
         except GroupError as e:
@@ -86,12 +100,15 @@ class WeightGroups:
 
     def destroy(self, name: str) -> bool:
         with self._lock:
-            return self._groups.pop(name, None) is not None
+            entry = self._groups.pop(name, None)
+        if entry is not None:
+            close_group(entry[0])
+        return entry is not None
 
     def receive(self, body: dict[str, Any], version: int) -> None:
         """Receive one announced bucket by broadcast from rank 0 and hand it to the engine (staged)."""
         name = _field(body, "group_name", str, DEFAULT_GROUP)
-        finish = _field(body, "flush_cache", bool, True)
+        finish = finishes_update(body, self.engine)
         if body.get("load_format") not in (None, "direct"):
             raise ProtocolError(f"load_format {body.get('load_format')!r} is not supported by this engine (use null)")
         bucket = parse_bucket(body)

@@ -34,7 +34,7 @@ from typing import Any
 from aiohttp import web
 
 from slime.rollout.engines.base import EngineError, GenerateRequest, GenerateResult, ServableEngine
-from slime.rollout.engines.embedded.distributed import DEFAULT_GROUP, DEFAULT_TIMEOUT_S, WeightGroups
+from slime.rollout.engines.embedded.distributed import DEFAULT_GROUP, DEFAULT_TIMEOUT_S, WeightGroups, finishes_update
 from slime.rollout.engines.protocol import (
     FLATTENED_BUCKET,
     ProtocolError,
@@ -192,6 +192,12 @@ class EmbeddedServer:
         return web.json_response({"weight_version": str(self.engine.weight_version)})
 
     async def flush_cache(self, request: web.Request) -> web.Response:
+        """Ends a weight update sent in buckets (it applies them), then answers as SGLang does: a flush is
+        refused with 400 while requests run or wait."""
+        await self._run_blocking(self.engine.commit_pending_update)
+        busy = self.engine.num_running() + self.engine.num_waiting()
+        if busy:
+            return _bad_request(f"Cache not flushed: {busy} request(s) are running or waiting")
         self.engine.flush_cache()
         return web.Response(text="Cache flushed.\n")
 
@@ -207,7 +213,7 @@ class EmbeddedServer:
             raise ProtocolError(
                 f"load_format {load_format!r} is not supported by this engine (use null or {FLATTENED_BUCKET})"
             )
-        finish = _require_bool(body, "flush_cache", True)
+        finish = finishes_update(body, self.engine)
         if _require_bool(body, "abort_all_requests", False):
             await self._run_blocking(self.engine.abort, None)
         version = _parse_version(body, self.engine.weight_version)
@@ -260,6 +266,7 @@ class EmbeddedServer:
         return web.json_response({"success": True})
 
     async def resume(self, request: web.Request) -> web.Response:
+        self.engine.discard_pending_update()  # buckets never ended by a flush: an update the sender gave up
         self.engine.resume()
         return web.json_response({"success": True})
 
@@ -380,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", type=_dtype, default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--weight-group-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds a weight-group collective may take",
+    )
+    parser.add_argument(
         "--enable-return-routed-experts",
         action="store_true",
         help="SGLang's flag, accepted so the SGLang launcher's argv works; this server answers routes either way",
@@ -393,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, EngineError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    handle = serve_http(engine, args.host, args.port)
+    handle = serve_http(engine, args.host, args.port, args.weight_group_timeout)
     print(f"{READY_PREFIX}{handle.url}", flush=True)
     try:
         threading.Event().wait()

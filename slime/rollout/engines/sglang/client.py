@@ -55,6 +55,7 @@ class SGLangClient(RolloutEngine):
         self.timeout_s = timeout_s
         self.max_concurrency = max_concurrency
         self.tp_size = tp_size
+        self._update_complete = False  # the last bucket of the update in progress was accepted
 
     # ---- plumbing ------------------------------------------------------------------------------------
     def request(
@@ -126,14 +127,15 @@ class SGLangClient(RolloutEngine):
         raise EngineError("SGLangClient.generate was called inside a running event loop; await async_generate instead")
 
     # ---- weights -------------------------------------------------------------------------------------
+    # Buckets never carry SGLang's flush_cache=true: SGLang asserts that flush succeeded, a flush fails while
+    # requests wait (the ones a "retract" pause re-queued), and the failed assert kills its scheduler. The cache
+    # is flushed by end_weight_update instead, where a refusal is an answer, not a crash.
     def update_weights_from_tensors(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, finish: bool = True
     ) -> None:
-        """One bucket -> POST /update_weights_from_tensor; `finish` travels as SGLang's flush_cache.
-
-        SGLang applies each bucket as it arrives (no staging), so a rejected later bucket leaves the earlier
-        ones applied; the trainer treats any WeightUpdateError as fatal for that step.
-        """
+        """One bucket of host tensors -> POST /update_weights_from_tensor (each tensor pickled with only its own
+        bytes). SGLang applies each bucket as it arrives, so a rejected later bucket leaves the earlier ones
+        applied; the trainer treats any WeightUpdateError as fatal for that update."""
         payload = serialize_named_tensors(list(named_tensors))
         self.update_weights_from_serialized([payload] * self.tp_size, version, finish)
 
@@ -147,10 +149,11 @@ class SGLangClient(RolloutEngine):
             {
                 "serialized_named_tensors": payloads,
                 "load_format": load_format,
-                "flush_cache": finish,
+                "flush_cache": False,
                 "weight_version": str(version),
             },
         )
+        self._update_complete = finish
 
     def update_weights_from_disk(self, path: str, version: int) -> None:
         self._post_update("/update_weights_from_disk", {"model_path": path, "weight_version": str(version)})
@@ -194,20 +197,49 @@ class SGLangClient(RolloutEngine):
                 "dtypes": [str(d).replace("torch.", "") for d in dtypes],
                 "shapes": [list(s) for s in shapes],
                 "group_name": group_name,
-                "flush_cache": finish,
+                "flush_cache": False,
                 "weight_version": str(version),
             },
         )
+        self._update_complete = finish
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> bool:
+        """Leave the broadcast group; False when the engine has no group of that name (SGLang's answer then)."""
+        try:
+            self._post_update("/destroy_weights_update_group", {"group_name": group_name})
+        except WeightUpdateError as e:
+            if "does not exist" in str(e):
+                return False
+            raise
+        return True
 
     def begin_weight_update(self) -> None:
-        """SGLang's protocol: pause with mode "retract" (running requests go back to the queue and free
-        their KV cache, so the cache can be flushed) before the buckets."""
+        """SGLang's pause with mode "retract": running requests go back to the waiting queue and free their KV
+        cache, so no decode step runs on half-updated weights; they re-prefill after the update."""
+        self._update_complete = False
         self.pause(mode="retract")
 
-    def end_weight_update(self) -> None:
-        """Drop the prefix cache built with the old weights, then continue (retracted requests re-prefill)."""
-        self.flush_cache()
-        self.resume()
+    def end_weight_update(self) -> bool | None:
+        """After a complete update, flush the prefix cache built with the old weights; then always continue.
+        Returns whether the cache was flushed (None after an incomplete update, which flushes nothing).
+
+        SGLang refuses a flush while requests wait (retracted by the pause, or arrived during it): those
+        re-prefill over prefix-cache entries of the old weights, and the caller reports it. A failed continue
+        raises: the engine would stay paused."""
+        try:
+            return self._flush_cache_if_idle() if self._update_complete else None
+        finally:
+            self._update_complete = False
+            self.resume()
+
+    def _flush_cache_if_idle(self) -> bool:
+        try:
+            self.flush_cache()
+        except EngineError as e:
+            if "HTTP 400" in str(e):  # SGLang's answer while requests run or wait
+                return False
+            raise
+        return True
 
     # ---- control -------------------------------------------------------------------------------------
     def pause(self, mode: str = "in_place") -> None:
