@@ -91,9 +91,9 @@ def needs_here(section: Section, on_gpu: bool) -> tuple[N.Need, ...]:
 def dry_run(wheels: Path | None) -> int:
     """Every section, what it needs and whether this machine (with --wheels: once DIR's wheels are installed) has
     it. Imports nothing heavy, runs nothing, always exits 0."""
-    source = f" (and the wheels in {wheels})" if wheels else ""
+    here = f"{sys.executable} (Python {sys.version.split()[0]})" + (f" with the wheels in {wheels}" if wheels else "")
     print(f"gpu_check --dry-run: {len(SECTIONS)} sections, about {sum(s.budget_s for s in SECTIONS)} s on one H100 "
-          f"(limit {TIME_LIMIT_S} s); needs checked on this machine{source}")  # fmt: skip
+          f"(limit {TIME_LIMIT_S} s); needs checked for {here}")  # fmt: skip
     would_run = 0
     for section in SECTIONS:
         found = [(need, need.check(wheels)) for need in section.needs]

@@ -21,7 +21,7 @@ SGLANG_IMPORT_MODULES = (
     "triton", "typing_extensions", "urllib3", "yarl",
 )  # fmt: skip
 _WHEEL_NAME = {"PIL": "pillow", "IPython": "ipython", "megatron.core": "megatron_core"}
-RAY_NOT_CARRIED = "Ray's wheel (ray 2.60, cp312: 79 MB) is over the 60 MiB a run may carry"
+RAY_NOT_CARRIED = "not carried: ray 2.60's cp312 wheel is 79 MB, over the 60 MiB a run may carry"
 
 
 @dataclass(frozen=True)
