@@ -42,6 +42,7 @@ from slime.rollout.engines.protocol import FLATTENED_BUCKET, flatten_bucket
 from slime.rollout.engines.sglang.client import SGLangClient
 
 GROUP_NAME = "slime_weight_sync"
+DESTROY_TIMEOUT_S = 10.0  # an engine that cannot answer /destroy_weights_update_group by then is gone or stuck
 # Transports the loop drives; in_process belongs to the in-process JAX engines, which wire their own.
 LOOP_TRANSPORTS = (WEIGHT_SYNC_OBJECT_STORE, WEIGHT_SYNC_BROADCAST, WEIGHT_SYNC_IPC)
 logger = logging.getLogger(__name__)
@@ -199,14 +200,21 @@ class BroadcastSender:
     def disconnect(self, urls: list[str] = ()) -> None:
         """Destroy the group on the engines that may hold it (the last group's and `urls`) and here. An engine
         without it, or gone, is fine: there is nothing left to destroy."""
-        for client in self._clients(list(dict.fromkeys([*self.urls, *urls]))):
-            try:
-                client.destroy_weights_update_group(self.group_name)
-            except EngineError:
-                pass
+        targets = list(dict.fromkeys([*self.urls, *urls]))
+        if targets:
+            with ThreadPoolExecutor(len(targets)) as pool:  # an engine stuck in a collective answers nothing
+                list(pool.map(self._destroy_on, targets))
         if self.group is not None:
             close_group(self.group)
         self.group, self.urls = None, []
+
+    def _destroy_on(self, url: str) -> None:
+        try:
+            SGLangClient(url, timeout_s=min(self.timeout_s, DESTROY_TIMEOUT_S)).destroy_weights_update_group(
+                self.group_name
+            )
+        except EngineError:
+            pass
 
     def send(self, urls: list[str], buckets: Iterable[list], version: int) -> float:
         """Broadcast every bucket to every engine as weight `version`; returns seconds."""
