@@ -92,10 +92,14 @@ def pip_installs(dockerfile_text: str) -> list[list[str]]:
     return installs
 
 
-def dockerfile_pin_problems(dockerfile_text: str, pins: dict[str, str], constraints_name: str) -> list[str]:
+def dockerfile_pin_problems(
+    dockerfile_text: str, pins: dict[str, str], constraints_name: str, from_commits: tuple[str, ...] = ()
+) -> list[str]:
     """Where a Dockerfile that installs with `pip -c <constraints>` (the TPU image) could disagree with the pinned
-    stack: the constraints file not copied in, an install without `-c`, a version written in the Dockerfile, or a
-    package the constraints do not pin. Empty when every version comes from the constraints."""
+    stack: the constraints file not copied in, an install without `-c`, a version written in the Dockerfile, a
+    package the constraints do not pin, or a `name @ url` requirement other than one of `from_commits` (packages
+    installed from their known-good commit, the backend's pinned sources). Empty when every version comes from
+    the constraints or those commits."""
     copied = re.search(rf"^COPY requirements/{re.escape(constraints_name)} (\S+)$", dockerfile_text, re.MULTILINE)
     if not copied:
         return [f"the Dockerfile does not COPY requirements/{constraints_name}"]
@@ -111,6 +115,12 @@ def dockerfile_pin_problems(dockerfile_text: str, pins: dict[str, str], constrai
         for word in args:
             if word.startswith("-") or word in values or word.startswith("/"):
                 continue  # options, their values, and the slime wheel (its [tpu] extra is pinned by -c too)
+            if " @ " in word:
+                if word not in from_commits:
+                    problems.append(
+                        f"pip install {word}: not a known-good commit ({', '.join(from_commits) or 'none'})"
+                    )
+                continue
             name = re.split(r"[\[=<>~! ]", word, maxsplit=1)[0]
             if word != name and not re.fullmatch(r"[A-Za-z0-9._-]+\[[A-Za-z0-9,_-]+\]", word):
                 problems.append(f"pip install {word}: the version belongs in {constraints_name}, not the Dockerfile")
@@ -171,6 +181,9 @@ def check_smoke_output(hardware: str, output: str, version: str | None = None) -
         problems.append(f"backend {hardware} reported unavailable: {backend and backend.get('reason')}")
     if version is not None and report.get("slime") != version:
         problems.append(f"image carries slime {report.get('slime')}, expected {version}")
+    for entry in report.get("pinned_sources", []):  # packages the image builds from their known-good commit
+        if entry.get("backend") == hardware and not entry.get("known_good"):
+            problems.append(f"image carries {entry.get('package')} {entry.get('version')}: {entry.get('summary')}")
     return problems
 
 

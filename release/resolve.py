@@ -79,9 +79,11 @@ STACKS = {
     "tpu": Stack(
         "tpu",
         "constraints-tpu.txt",
-        ("jax", "jaxlib", "libtpu", "flax", "optax", "sglang-jax", "torch"),
+        ("jax", "jaxlib", "libtpu", "flax", "optax", "transformers", "torch"),
         ("3.12",),
-        "tpu: torch is resolved from the registry here; the TPU install takes its CPU build from the PyTorch CPU index",
+        "tpu: torch is resolved from the registry here; the TPU install takes its CPU build from the PyTorch CPU index."
+        " sglang-jax is not in the extra (installed from its known-good commit, which the index cannot serve); its"
+        " requirements at that commit are checked against constraints-tpu.txt by test_install_agreement.py",
     ),
 }
 

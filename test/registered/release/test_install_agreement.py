@@ -16,6 +16,7 @@ from release.resolve import STACKS
 from slime import DISTRIBUTION
 from slime.backends import get_backend_class
 from slime.backends.base import EXTRA_MIN_PYTHON, install_command
+from slime.backends.tpu import SGLANG_JAX
 from slime.env_report import extras_status
 from slime.testing.ci_register import register_cpu_ci
 
@@ -142,19 +143,61 @@ def tpu_dockerfile() -> str:
     return (REPO / IMAGES["tpu"].dockerfile).read_text()
 
 
+TPU_FROM_COMMITS = (SGLANG_JAX.archive_requirement,)
+
+
 def test_the_tpu_image_takes_every_version_from_the_constraints_the_extra_follows():
     from release.images import dockerfile_pin_problems, pip_installs
 
-    assert dockerfile_pin_problems(tpu_dockerfile(), hardware_pins("tpu"), "constraints-tpu.txt") == []
+    problems = dockerfile_pin_problems(tpu_dockerfile(), hardware_pins("tpu"), "constraints-tpu.txt", TPU_FROM_COMMITS)
+    assert problems == []
     assert not re.findall(r"^ARG \w+_VERSION=", tpu_dockerfile().replace("ARG PYTHON_VERSION=", ""), re.MULTILINE)
     # what the image installs by name is what the [tpu] extra brings (the extra's own pins are checked above)
+    words = [word for args in pip_installs(tpu_dockerfile()) for word in args]
     named = {
         canonicalize_name(re.split(r"[\[=]", word)[0])
-        for args in pip_installs(tpu_dockerfile())
-        for word in args
-        if not word.startswith(("-", "/", "http"))
+        for word in words
+        if not word.startswith(("-", "/", "http")) and " @ " not in word
     }
     assert named <= set(extra_requirements("tpu", "3.12")), named - set(extra_requirements("tpu", "3.12"))
+    # and sglang-jax from its known-good commit, after slime (so the extra's pins are in place first)
+    assert words[-1] == SGLANG_JAX.archive_requirement, words[-1]
+
+
+def test_the_readme_adds_sglang_jax_at_the_known_good_commit_with_one_command():
+    readme = (REPO / "README.md").read_text()
+    assert SGLANG_JAX.install_command in readme
+    # no other sglang-jax commit or release is offered as the way to install it
+    offered = re.findall(r"sglang-jax==[^\s`'\"]+|git\+https://github\.com/sgl-project/sglang-jax[^\s`'\"]*", readme)
+    assert set(offered) == {SGLANG_JAX.git_requirement.split(" @ ", 1)[1]}, offered
+    assert "sglang-jax" not in hardware_pins("tpu")  # never from the index while no release of it works
+
+
+REQUIRES_AT_COMMIT = REPO / "test/registered/release/fixtures/sglang-jax" / f"requires-{SGLANG_JAX.commit}.txt"
+
+
+@pytest.mark.parametrize("constraints, jax_extra", [("tpu", "tpu"), ("tpu-cpu", "cpu")])
+def test_the_tpu_constraints_satisfy_sglang_jax_at_its_known_good_commit(constraints, jax_extra):
+    """The commit's own Requires-Dist (recorded from its wheel; re-record when the commit moves): every package it
+    constrains that our stack pins must be pinned inside its range, so adding it to the stack moves nothing."""
+    assert REQUIRES_AT_COMMIT.exists(), f"record {REQUIRES_AT_COMMIT.name} for the new commit"
+    pins = hardware_pins(constraints)
+    env = dict(default_environment(), python_version="3.12", python_full_version="3.12.0", extra=jax_extra)
+    checked = set()
+    for line in REQUIRES_AT_COMMIT.read_text().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        req = Requirement(line)
+        name = canonicalize_name(req.name)
+        if (req.marker is None or req.marker.evaluate(env)) and name in pins:
+            assert req.specifier.contains(pins[name]), f"sglang-jax@{SGLANG_JAX.short_commit}: {req}, pin {pins[name]}"
+            checked.add(name)
+    assert {"jax", "flax", "transformers", "numpy"} <= checked, checked
+
+
+def test_the_tpu_on_cpu_constraints_are_the_tpu_stack_without_libtpu():
+    tpu, tpu_on_cpu = hardware_pins("tpu"), hardware_pins("tpu-cpu")
+    assert tpu_on_cpu == {name: version for name, version in tpu.items() if name != "libtpu"}
 
 
 @pytest.mark.parametrize(
@@ -162,7 +205,11 @@ def test_the_tpu_image_takes_every_version_from_the_constraints_the_extra_follow
     [
         (('"jax[tpu]" flax', '"jax[tpu]==0.8.2" flax'), "jax[tpu]==0.8.2: the version belongs in constraints-tpu.txt"),
         (('-c /tmp/constraints-tpu.txt "jax[tpu]"', '"jax[tpu]"'), "not constrained by /tmp/constraints-tpu.txt"),
-        (("flax sglang-jax", "flax sglang-jax numpy"), "pip install numpy: constraints-tpu.txt pins no numpy"),
+        (
+            ('"jax[tpu]" flax', '"jax[tpu]" flax ml-dtypes'),
+            "pip install ml-dtypes: constraints-tpu.txt pins no ml-dtypes",
+        ),
+        ((SGLANG_JAX.commit, "0123456789abcdef0123456789abcdef01234567"), "not a known-good commit"),
         (("COPY requirements/constraints-tpu.txt", "COPY requirements/constraints-cpu.txt"), "does not COPY"),
     ],
 )
@@ -171,5 +218,6 @@ def test_a_tpu_dockerfile_that_disagrees_with_the_constraints_is_caught(edit, pr
 
     old, new = edit
     assert old in tpu_dockerfile()
-    problems = dockerfile_pin_problems(tpu_dockerfile().replace(old, new), hardware_pins("tpu"), "constraints-tpu.txt")
+    edited = tpu_dockerfile().replace(old, new)
+    problems = dockerfile_pin_problems(edited, hardware_pins("tpu"), "constraints-tpu.txt", TPU_FROM_COMMITS)
     assert any(problem in p for p in problems), problems

@@ -102,20 +102,32 @@ def test_a_transitive_conflict_is_reported_as_the_conflict_pip_names():
     )
 
 
+def test_the_recorded_tpu_resolution_is_the_stack_the_known_good_sglang_jax_needs():
+    resolved = parse_report(report("tpu-py3.12.json"))
+    assert judge(STACKS["tpu"], resolved, pins("tpu")) == []
+    assert (resolved["jax"].version, resolved["flax"].version) == ("0.10.2", "0.12.4")
+    assert "sglang-jax" not in resolved  # the extra leaves it to its known-good commit (README, image)
+
+
 def test_an_sdist_only_dependency_is_reported_as_such_not_as_unresolvable():
+    """Recorded when [tpu] still pinned sglang-jax 0.0.2 from the index, which pulls the sdist-only msgpack-python."""
+    before = report("tpu-py3.12-sglang-jax-0.0.2.json")
     outcome = Outcome("tpu", "3.12", "manylinux_2_35_x86_64", ok=False)
-    outcome = judged(outcome, STACKS["tpu"], report("tpu-py3.12.json"), pins("tpu"), {"msgpack-python"})
+    outcome = judged(outcome, STACKS["tpu"], before, {}, {"msgpack-python"})
     assert outcome.ok, outcome.reasons
     assert outcome.sdist_only == ["msgpack-python 0.5.6"]
     assert outcome.versions["jax"] == outcome.versions["jaxlib"] == "0.8.3"
     table = format_table([outcome])
     assert "(sdist-only: msgpack-python 0.5.6)" in table and table.splitlines()[1].endswith("OK")
+    # against today's pins that stack is refused, with the reason
+    reasons = judge(STACKS["tpu"], parse_report(before), pins("tpu"))
+    assert "jax resolved to 0.8.3, constraints-tpu.txt pins 0.10.2" in reasons
 
 
 def test_jaxlib_must_match_jax():
     resolved = parse_report(report("tpu-py3.12.json"))
-    resolved["jaxlib"] = type(resolved["jaxlib"])("0.8.1")
-    assert "jaxlib 0.8.1 does not match jax 0.8.3" in judge(STACKS["tpu"], resolved, {})
+    resolved["jaxlib"] = type(resolved["jaxlib"])("0.10.1")
+    assert "jaxlib 0.10.1 does not match jax 0.10.2" in judge(STACKS["tpu"], resolved, {})
 
 
 def test_no_wheel_message_names_the_requirement_and_sdist_versions_are_read_from_file_names():

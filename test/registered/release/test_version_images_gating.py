@@ -151,6 +151,20 @@ def test_smoke_check_accepts_usable_backend_and_rejects_others():
     assert smoke_run_command("rocm", "img")[-5:] == ["slime", "env", "--json", "--hardware", "rocm"]
 
 
+def test_smoke_check_refuses_an_image_whose_pinned_source_is_not_the_known_good_commit():
+    """The TPU image builds sglang-jax from its known-good commit; `slime env --json` in the image says whether the
+    installed one is that commit, and the smoke check fails the image when it is not."""
+    report = json.loads(env_report("tpu"))
+    report["backends"] = [{"name": "tpu", "available": True, "reason": ""}]
+    entry = {"backend": "tpu", "package": "sglang-jax", "version": "0.0.2", "known_good": False, "summary": "x"}
+    report["pinned_sources"] = [entry]
+    assert check_smoke_output("tpu", json.dumps(report), "0.2.0") == ["image carries sglang-jax 0.0.2: x"]
+    report["pinned_sources"] = [dict(entry, known_good=True)]
+    assert check_smoke_output("tpu", json.dumps(report), "0.2.0") == []
+    # another backend's pinned package is not this image's business
+    assert check_smoke_output("cuda", env_report("cuda"), "0.2.0") == []
+
+
 def test_policy_versions_are_exactly_what_compute_version_makes_for_release_and_nightly():
     state = GitState("v0.3.0", 2, "a" * 40, False)
     assert is_policy_version(compute_version(state, "nightly", "0.1.0", datetime.date(2026, 12, 2)))
