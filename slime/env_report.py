@@ -12,6 +12,7 @@ from packaging.requirements import Requirement
 
 from slime import DISTRIBUTION, __version__
 from slime.backends import BackendUnavailable, SystemView, backend_names, get_backend_class, select_backend
+from slime.backends.pinned_source import pinned_source_verdict
 
 # Distributions whose versions matter when reading a bug report.
 REPORTED_PACKAGES = (
@@ -84,6 +85,28 @@ def extras_status(
     return dict(sorted(status.items()))
 
 
+def pinned_sources_status(system: SystemView) -> list[dict[str, object]]:
+    """Each backend's packages that run from a known-good commit: what is installed, and whether it is that one."""
+    entries = []
+    for name in backend_names():
+        for source in get_backend_class(name).pinned_sources:
+            verdict = pinned_source_verdict(
+                source, system.dist_version(source.dist), system.dist_direct_url(source.dist)
+            )
+            entries.append(
+                {
+                    "backend": name,
+                    "package": source.dist,
+                    "version": verdict.version,
+                    "known_good_commit": source.commit,
+                    "known_good": verdict.known_good,
+                    "summary": verdict.summary,
+                    "install": source.install_command,
+                }
+            )
+    return entries
+
+
 def collect_report(hardware: str = "auto", system: SystemView | None = None) -> dict[str, object]:
     system = system or SystemView.real()
     backends = []
@@ -115,6 +138,7 @@ def collect_report(hardware: str = "auto", system: SystemView | None = None) -> 
         "selection_error": selection_error,
         "backends": backends,
         "packages": {name: system.dist_version(name) for name in REPORTED_PACKAGES},
+        "pinned_sources": pinned_sources_status(system),
         "extras": extras_status(system),
     }
 
@@ -138,8 +162,9 @@ def format_report(report: dict[str, object]) -> str:
             if b["available"]:
                 lines.append(f"        optional {opt['package']} absent{': ' + opt['note'] if opt['note'] else ''}")
     lines.append("packages:")
+    pinned = {entry["package"]: entry["summary"] for entry in report.get("pinned_sources", [])}
     for name, version in report["packages"].items():
-        lines.append(f"  {name:<14} {version or '-'}")
+        lines.append(f"  {name:<14} {version or '-'}" + (f"  {pinned[name]}" if name in pinned else ""))
     if report["extras"]:
         lines.append("extras:")
         for extra, entry in report["extras"].items():

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from slime import DISTRIBUTION
+from slime.backends.pinned_source import PinnedSource
 from slime.errors import UserError
 
 # auto-detection order: the most specific accelerator wins; cpu is always last and always available.
@@ -36,6 +37,8 @@ class SystemView:
     path_exists: Callable[[str], bool]
     list_dir: Callable[[str], list[str]]
     environ: dict[str, str]
+    # the text of pip's direct_url.json for a distribution installed from a URL (git, archive, folder), else None
+    dist_direct_url: Callable[[str], str | None] = lambda dist: None
 
     @staticmethod
     def real() -> SystemView:
@@ -45,6 +48,7 @@ class SystemView:
             path_exists=os.path.exists,
             list_dir=_list_dir,
             environ=dict(os.environ),
+            dist_direct_url=_dist_direct_url,
         )
 
 
@@ -77,6 +81,13 @@ def _has_module(name: str) -> bool:
 def _dist_version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _dist_direct_url(dist: str) -> str | None:
+    try:
+        return importlib.metadata.distribution(dist).read_text("direct_url.json")
     except importlib.metadata.PackageNotFoundError:
         return None
 
@@ -168,6 +179,8 @@ class Backend(ABC):
     capabilities: ClassVar[Capabilities]
     requirements: ClassVar[tuple[Requirement, ...]]
     optional: ClassVar[tuple[Requirement, ...]] = ()  # reported, but not needed to be available
+    # packages run from one known-good commit (no working release on the index); `slime env` checks the installed one
+    pinned_sources: ClassVar[tuple[PinnedSource, ...]] = ()
 
     def __init__(self, system: SystemView | None = None):
         self.system = system or SystemView.real()

@@ -1,6 +1,6 @@
 """Which rollout engine a run starts: `--rollout-engine`, or the hardware backend's default, i.e. the first of
-its `Capabilities.rollout_engines` whose package is installed (e.g. sglang-jax where installed, else the
-JAX engine). Checked before Ray starts, failing in one line."""
+its `Capabilities.rollout_engines` whose package is installed (a backend lists an engine it runs only when asked
+for, such as sglang-jax, after its built-in one). Checked before Ray starts, failing in one line."""
 
 from __future__ import annotations
 
@@ -34,10 +34,21 @@ def rollout_engine(config: Config, backend: Backend) -> str:
         raise ConfigError(
             f"--rollout-engine {engine}: the {backend.name} hardware backend runs {', '.join(offered)} engines"
         )
-    module, install = ENGINE_PACKAGES[engine]
+    module, _ = ENGINE_PACKAGES[engine]
     if not backend.system.has_module(module):
-        raise ConfigError(f"--rollout-engine {engine} needs the {module} package: {install}")
+        raise ConfigError(
+            f"--rollout-engine {engine} needs the {module} package: {engine_install_command(engine, backend)}"
+        )
     return engine
+
+
+def engine_install_command(engine: str, backend: Backend) -> str:
+    """How to install an engine's package: from the backend's known-good commit where it pins one (no working
+    release on the index), else ENGINE_PACKAGES' command."""
+    module, install = ENGINE_PACKAGES[engine]
+    dists = {r.dist for r in (*backend.requirements, *backend.optional) if r.module == module}
+    pinned = [source.install_command for source in backend.pinned_sources if source.dist in dists]
+    return pinned[0] if pinned else install
 
 
 # ---- sglang-jax: in this process, or a server restarted on every update ---------------------------------------

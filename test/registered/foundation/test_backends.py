@@ -110,12 +110,22 @@ def test_tpu_vm_with_jax_stack():
         modules=("jax", "libtpu", "flax", "optax", "sgl_jax"), dirs={"/dev": ["accel0", "accel1", "accel2", "accel3"]}
     )
     backend = select_backend("auto", system)
-    assert backend.name == "tpu" and default_rollout_engine(backend) == "sglang_jax"
-    # sglang-jax is optional: without it the built-in JAX engine is the default
+    # the built-in JAX engine is the default even with sglang-jax installed: no release of sglang-jax on the index
+    # serves RL, so it runs only when asked for (--rollout-engine sglang_jax)
+    assert backend.name == "tpu" and default_rollout_engine(backend) == "jax"
+    assert backend.describe()["rollout_engine"] == "jax"
+    # sglang-jax is optional, and its absence names the command that adds the known-good commit
     without_sglang_jax = fake_system(modules=("jax", "libtpu", "flax", "optax"), dirs={"/dev": ["accel0"]})
     backend = select_backend("auto", without_sglang_jax)
     assert backend.name == "tpu" and default_rollout_engine(backend) == "jax"
     assert [r.dist for r in backend.missing_optional()] == ["sglang-jax"]
+    assert "sglang-jax @ git+https://github.com/sgl-project/sglang-jax@" in backend.missing_optional()[0].note
+    # asking for it where it is missing names the same command, never the index's release
+    from slime.backends.tpu import SGLANG_JAX
+    from slime.rollout.engines.selection import engine_install_command
+
+    assert engine_install_command("sglang_jax", backend) == SGLANG_JAX.install_command
+    assert engine_install_command("jax", backend) == "pip install jax"
 
 
 def test_unknown_hardware_name():
