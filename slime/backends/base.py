@@ -261,6 +261,17 @@ class Backend(ABC):
             )
         return ids.index(assigned_ids[0])
 
+    def devices_given(self, assigned_ids: Sequence[str], environ: dict[str, str]) -> int:
+        """How many devices a process that a scheduler assigned `assigned_ids` may use: those its visible-devices
+        variable lists, or, when the variable is unset, all assigned (Ray unsets TPU_VISIBLE_CHIPS for an actor
+        that holds every chip its node detected). 0: nothing was assigned (a CPU worker)."""
+        if not assigned_ids or self.visible_devices_env is None:
+            return 0
+        visible = environ.get(self.visible_devices_env)
+        if visible is None:
+            return len(assigned_ids)
+        return len([v for v in visible.split(",") if v.strip()])
+
     def bind_devices(self, assigned_ids: Sequence[str]) -> int:
         """Restrict this (fresh, device-untouched) process to `assigned_ids`; returns and remembers its local
         device index. Call before the device stack initialises."""
@@ -295,11 +306,12 @@ class Backend(ABC):
         host cores its math may use (the run's core budget for its phase; None: the environment's default)."""
         return {}
 
-    def jax_devices(self) -> list:
-        """The devices a JAX trainer process lays its mesh over (its local ones)."""
+    def jax_devices(self, every_process: bool = False) -> list:
+        """The devices a JAX trainer process lays its mesh over: its local ones, or with `every_process` (several
+        processes joined through jax.distributed, one per host) those of all the processes."""
         import jax
 
-        return jax.local_devices()
+        return jax.devices() if every_process else jax.local_devices()
 
     def ray_cluster_options(self, devices_needed: int) -> dict[str, object]:
         """Extra `ray.init` arguments when slime starts a local Ray cluster that must hold `devices_needed`

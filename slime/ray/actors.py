@@ -18,15 +18,17 @@ def needs_critic(config: Config) -> bool:
     return config.algorithm.advantage_estimator == "ppo"
 
 
-def run_layout(config: Config) -> cluster.Layout:
-    """Which bundle each trainer rank, critic rank and engine of this run goes to."""
+def run_layout(config: Config, family: str = "megatron") -> cluster.Layout:
+    """Which bundle each trainer rank, critic rank and engine of this run goes to; the JAX `family` is one process
+    per trainer node holding all of that node's devices."""
     c = config.cluster
     actor_devices = c.actor_num_nodes * c.actor_num_gpus_per_node
     critic_devices = c.actor_num_nodes * c.critic_num_gpus_per_node if needs_critic(config) else 0
     rollout_devices = min(c.rollout_num_gpus, actor_devices) if c.colocate else c.rollout_num_gpus
     return cluster.plan_layout(
-        actor_devices, critic_devices, rollout_devices, c.rollout_num_gpus_per_engine, c.colocate, c.actor_num_nodes
-    )
+        actor_devices, critic_devices, rollout_devices, c.rollout_num_gpus_per_engine, c.colocate, c.actor_num_nodes,
+        whole_node_trainer=family == "jax",
+    )  # fmt: skip
 
 
 @dataclass
@@ -68,8 +70,8 @@ def start_actors(config: Config, backend: Backend, data=None, weight_sync: str =
 
     family = trainer_family(config, backend.name, backend.capabilities.trainer_families)  # before Ray starts
     spec = engine_spec(config, backend)  # refuses an engine the backend does not offer, before Ray starts
-    layout = run_layout(config)
-    started = cluster.connect(backend, layout.num_bundles, config.cluster.ray_address)
+    layout = run_layout(config, family)
+    started = cluster.connect(backend, layout.num_devices, config.cluster.ray_address)
     run = RunActors(None, None, None, None, started, weight_sync, spec.hosted_by_trainer)
     try:
         run.placement_group = cluster.create_placement_group(backend, layout)

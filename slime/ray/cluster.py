@@ -7,6 +7,10 @@ trainer. Each trainer node's bundles (--actor-num-gpus-per-node actor ranks; the
 placement group with STRICT_PACK, so adjacent ranks - a tensor-parallel group - never straddle two nodes; the
 engines' bundles are one PACK group. (A single PACK group for everything, as before, let Ray put three trainer
 ranks on one node and the fourth on another: a TP pair split across nodes.)
+
+A JAX trainer is one process per host that owns all of that host's trainer devices (JAX drives every local
+chip from one process; several hosts join through jax.distributed), so with `whole_node_trainer` each trainer
+node is a single bundle of --actor-num-gpus-per-node devices instead of one bundle per device.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Slot:
 
     bundle_index: int
     share: float
+    devices: int = 1  # devices of the bundle the worker takes (a whole-node JAX trainer: all of its node's)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,14 @@ class Layout:
     rollout: tuple[Slot, ...]  # one slot per engine (the engine's first device)
     devices_per_engine: int
     node_groups: tuple[tuple[int, ...], ...] = ()  # bundle indices that must share one node (a trainer node each)
+    bundle_devices: tuple[int, ...] = ()  # devices in each bundle (empty: one each)
+
+    def devices_in(self, bundle_index: int) -> int:
+        return self.bundle_devices[bundle_index] if self.bundle_devices else 1
+
+    @property
+    def num_devices(self) -> int:
+        return sum(self.bundle_devices) if self.bundle_devices else self.num_bundles
 
 
 def plan_layout(
@@ -53,28 +66,54 @@ def plan_layout(
     devices_per_engine: int,
     colocate: bool,
     actor_nodes: int = 1,
+    whole_node_trainer: bool = False,
 ) -> Layout:
-    """Pure bundle arithmetic, unit-tested: see the module docstring for the order."""
+    """Pure bundle arithmetic, unit-tested: see the module docstring for the order. `whole_node_trainer`: one
+    trainer process per node holding all that node's trainer devices in one bundle (the JAX family)."""
     nodes = _trainer_node_groups(actor_devices, critic_devices, actor_nodes)
     if rollout_devices % devices_per_engine:
         raise ClusterError(
             f"--rollout-num-gpus {rollout_devices} is not a multiple of --rollout-num-gpus-per-engine {devices_per_engine}"
+        )
+    if colocate and rollout_devices > actor_devices:
+        raise ClusterError(
+            f"--colocate puts the rollout engines on the trainer's devices: --rollout-num-gpus {rollout_devices} "
+            f"must be <= the trainer's {actor_devices}"
+        )
+    if whole_node_trainer:
+        return _whole_node_layout(
+            actor_devices, critic_devices, rollout_devices, devices_per_engine, colocate, actor_nodes
         )
     engines = rollout_devices // devices_per_engine
     share = COLOCATED_SHARE if colocate else 1.0
     actor = tuple(Slot(i, share) for i in range(actor_devices))
     critic = tuple(Slot(actor_devices + i, share) for i in range(critic_devices))
     if colocate:
-        if rollout_devices > actor_devices:
-            raise ClusterError(
-                f"--colocate puts the rollout engines on the trainer's devices: --rollout-num-gpus {rollout_devices} "
-                f"must be <= the trainer's {actor_devices}"
-            )
         rollout = tuple(Slot(e * devices_per_engine, share) for e in range(engines))
         return Layout(actor_devices + critic_devices, actor, critic, rollout, devices_per_engine, nodes)
     first = actor_devices + critic_devices
     rollout = tuple(Slot(first + e * devices_per_engine, 1.0) for e in range(engines))
     return Layout(first + rollout_devices, actor, critic, rollout, devices_per_engine, nodes)
+
+
+def _whole_node_layout(
+    actor_devices: int, critic_devices: int, rollout_devices: int, devices_per_engine: int, colocate: bool, nodes: int
+) -> Layout:
+    """Bundle n holds trainer node n's --actor-num-gpus-per-node devices; then one bundle per rollout device
+    (with --colocate the engines share the node bundle their first device falls in)."""
+    if critic_devices:
+        raise ClusterError("a whole-node trainer has no critic: drop --critic-num-gpus-per-node")
+    per_node = actor_devices // nodes
+    share = COLOCATED_SHARE if colocate else 1.0
+    actor = tuple(Slot(n, share, per_node) for n in range(nodes))
+    groups = tuple((n,) for n in range(nodes))
+    engines = rollout_devices // devices_per_engine
+    if colocate:
+        rollout = tuple(Slot(e * devices_per_engine // per_node, share) for e in range(engines))
+        return Layout(nodes, actor, (), rollout, devices_per_engine, groups, (per_node,) * nodes)
+    rollout = tuple(Slot(nodes + e * devices_per_engine, 1.0) for e in range(engines))
+    sizes = (per_node,) * nodes + (1,) * rollout_devices
+    return Layout(nodes + rollout_devices, actor, (), rollout, devices_per_engine, groups, sizes)
 
 
 def _trainer_node_groups(actor_devices: int, critic_devices: int, actor_nodes: int) -> tuple[tuple[int, ...], ...]:
@@ -152,7 +191,9 @@ def create_placement_group(backend: Backend, layout: Layout, timeout_s: float = 
     from ray.util.placement_group import placement_group
 
     resource = backend.ray_device_resource
-    bundle = {resource: 1} if resource == "CPU" else {resource: 1, "CPU": 1}
+    bundles = [_bundle(resource, layout.devices_in(i)) for i in range(layout.num_bundles)]
+    if layout.bundle_devices:  # a whole-node trainer
+        check_node_capacity(resource, max(layout.bundle_devices))
     in_node_groups = {i for group in layout.node_groups for i in group}
     rest = tuple(i for i in range(layout.num_bundles) if i not in in_node_groups)
     # Trainer nodes first, and only then the rest: reserved together, the engines' PACK group could take one
@@ -162,7 +203,7 @@ def create_placement_group(backend: Backend, layout: Layout, timeout_s: float = 
     groups: list = []
     deadline = time.monotonic() + timeout_s
     for phase in phases:
-        new = [placement_group([dict(bundle) for _ in g], strategy=strategy) for g, strategy in phase]
+        new = [placement_group([dict(bundles[i]) for i in g], strategy=strategy) for g, strategy in phase]
         members += phase
         groups += new
         ready, _ = ray.wait(
@@ -173,13 +214,31 @@ def create_placement_group(backend: Backend, layout: Layout, timeout_s: float = 
             available = ray.available_resources().get(resource, 0)
             per_node = max((len(g) for g in layout.node_groups), default=0)
             raise ClusterError(
-                f"the run needs {layout.num_bundles} bundles of {bundle} (actor + critic + rollout devices, {per_node} "
-                f"of them on each trainer node) but the cluster has {available:g} {resource} free; lower "
+                f"the run needs {layout.num_devices} {resource} in {layout.num_bundles} bundles (actor + critic + "
+                f"rollout devices, {per_node} bundles on each trainer node) but the cluster has {available:g} free; lower "
                 "--actor-num-gpus-per-node / --rollout-num-gpus or use --colocate"
             )
     where = {index: (gi, bi) for gi, (g, _) in enumerate(members) for bi, index in enumerate(g)}
     placement = Placement(tuple(groups), tuple(where[i] for i in range(layout.num_bundles)))
     return placement
+
+
+def _bundle(resource: str, devices: int) -> dict[str, float]:
+    """One placement-group bundle of `devices` devices (and a CPU for the process, on accelerators)."""
+    return {resource: devices} if resource == "CPU" else {resource: devices, "CPU": 1}
+
+
+def check_node_capacity(resource: str, devices: int) -> None:
+    """Refuse, before reserving anything, a bundle of `devices` that no node of the cluster could ever hold (a
+    placement group would wait for it until its timeout)."""
+    import ray
+
+    largest = max((n["Resources"].get(resource, 0) for n in ray.nodes() if n["Alive"]), default=0)
+    if devices > largest:
+        raise ClusterError(
+            f"--actor-num-gpus-per-node {devices}: the trainer's one process per node takes that many {resource}, "
+            f"but the largest node of the cluster has {largest:g}"
+        )
 
 
 def scheduling(placement: Placement | None, slot: Slot, backend: Backend) -> dict:
@@ -197,13 +256,15 @@ def scheduling(placement: Placement | None, slot: Slot, backend: Backend) -> dic
     strategy = PlacementGroupSchedulingStrategy(
         placement_group=placement.groups[group], placement_group_bundle_index=index
     )
+    quantity = slot.share * slot.devices
+    quantity = int(quantity) if quantity > 1 else quantity  # Ray takes quantities above one only whole
     if resource == "CPU":
-        return {"scheduling_strategy": strategy, "num_cpus": slot.share}
+        return {"scheduling_strategy": strategy, "num_cpus": quantity}
     options: dict = {"scheduling_strategy": strategy, "num_cpus": 0.1}
     if resource == "GPU":  # Ray takes GPUs only through num_gpus
-        options["num_gpus"] = slot.share
+        options["num_gpus"] = quantity
     else:
-        options["resources"] = {resource: slot.share}
+        options["resources"] = {resource: quantity}
     return options
 
 

@@ -230,6 +230,31 @@ def place_trainer_workers(
     ]
 
 
+def place_jax_trainer_workers(
+    role: str,
+    config: TrainerConfig,
+    backend: Backend,
+    placement_group,
+    slots: tuple[Slot, ...],
+    env: dict[str, str] | None = None,
+) -> list:
+    """One JaxTrainerWorker per slot: a whole trainer node's bundle (slime.ray.cluster, whole_node_trainer), all of
+    whose devices the process asks Ray for; process i of len(slots). `env`: extra variables for the processes."""
+    import ray
+
+    from slime.training.jax.worker import JaxTrainerWorker
+
+    threads = config.cores.threads("train") if config.cores is not None else None
+    workers = []
+    for process, slot in enumerate(slots):
+        options = scheduling(placement_group, slot, backend)
+        variables = {**ray_env(backend), **backend.jax_process_env(slot.devices, threads), **(env or {})}
+        options["runtime_env"] = {"env_vars": variables}
+        worker = ray.remote(JaxTrainerWorker).options(**options)
+        workers.append(worker.remote(role, config, backend.name, process, len(slots)))
+    return workers
+
+
 @dataclass(frozen=True)
 class RankInfo:
     rank: int
@@ -260,14 +285,8 @@ class TrainerGroup:
         # thread pool is fixed when its process starts
         self.borrows_idle_cores = family != "jax"
         if family == "jax":
-            # one process drives a mesh over all the slots' devices (data parallelism lives inside the mesh)
-            from slime.training.jax.worker import JaxTrainerWorker
-
-            options = scheduling(placement_group, slots[0], backend)
-            threads = config.cores.threads("train") if config.cores is not None else None
-            jax_env = backend.jax_process_env(len(slots), threads)
-            options["runtime_env"] = {"env_vars": {**ray_env(backend), **jax_env}}
-            self.workers = [ray.remote(JaxTrainerWorker).options(**options).remote(role, config, backend.name)]
+            # one process per node drives every device of it; one mesh over all (data parallelism inside the mesh)
+            self.workers = place_jax_trainer_workers(role, config, backend, placement_group, slots)
         else:
             self.workers = place_trainer_workers(role, config, backend, placement_group, slots)
         address, port = ray.get(self.workers[0].master_address.remote())

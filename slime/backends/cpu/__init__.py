@@ -74,10 +74,10 @@ class CpuBackend(Backend):
             flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
 
-    def jax_devices(self) -> list:
+    def jax_devices(self, every_process: bool = False) -> list:
         import jax
 
-        return jax.devices("cpu")
+        return jax.devices("cpu")  # every process's host devices (one process: its own)
 
     def bf16_is_native(self) -> bool:
         """AVX-512 BF16 or AMX: bfloat16 matmuls about 3x float32's speed at the quickstart's shapes (AMD EPYC

@@ -1,6 +1,7 @@
 """The JAX trainer as a Ray actor: the same methods as slime.ray.trainer_group.TrainerWorker, so TrainerGroup
-drives it unchanged. One such process holds the whole mesh, so it reports itself as the only rank (data
-parallel size 1 from the group's view; the mesh splits the batch)."""
+drives it unchanged. One such process per trainer node holds every device Ray gave that node; with several nodes
+the processes join through jax.distributed and lay one mesh over all their devices. Each reports itself as the
+only rank (data parallel size 1 from the group's view; the mesh splits the batch)."""
 
 from __future__ import annotations
 
@@ -12,24 +13,62 @@ from slime.training.config import TrainerConfig
 
 
 class JaxTrainerWorker(TrainerLifecycle):
-    def __init__(self, role: str, config: TrainerConfig, hardware: str):
+    def __init__(self, role: str, config: TrainerConfig, hardware: str, process: int = 0, processes: int = 1):
         from slime.backends import backend_for_worker
 
         if role != "actor":
             raise ValueError(f"the jax trainer family has no {role} trainer yet")
         self.config = config
         self.backend = backend_for_worker(hardware)  # selected (and probed) by the driver
+        self.process, self.processes = process, processes  # this node's process among the trainer's nodes
+        self.mesh_devices: list | None = None  # set by start_jax
         self.trainer = None
         self._sender = None  # weight sync "broadcast": the group to the engines, kept between updates
         self.engine = None  # a hosted rollout engine (host_engine), when the run places it here
 
+    def devices(self) -> dict:
+        """What Ray gave this process (slime.ray.cluster.device_report) and how many devices that is."""
+        from slime.ray.cluster import assigned_device_ids, device_report
+
+        given = self.backend.devices_given(assigned_device_ids(self.backend), dict(os.environ))
+        return {**device_report(self.backend), "given": given}
+
     def master_address(self) -> tuple[str, int]:
-        return "127.0.0.1", 0  # one process: no process group to rendezvous
+        if self.processes == 1:
+            return "127.0.0.1", 0  # one process: no process group to rendezvous
+        import ray
+
+        from slime.net import free_port
+
+        address = ray.util.get_node_ip_address()
+        return address, free_port(address)
+
+    def start_jax(self, master_addr: str, master_port: int) -> dict:
+        """Start JAX here (the nodes' processes join at the master address), check that it sees every device Ray
+        gave this process, and return the (data, fsdp, tensor) mesh shape the trainer lays over all nodes."""
+        import jax
+
+        from slime.training.jax.sharding import make_mesh
+
+        if self.processes > 1:
+            jax.distributed.initialize(f"{master_addr}:{master_port}", self.processes, self.process)
+        given, local = self.devices()["given"], jax.local_device_count()
+        if given and local != given:
+            variable = self.backend.visible_devices_env
+            raise RuntimeError(
+                f"Ray gave this trainer process {given} {self.backend.ray_device_resource} "
+                f"({variable}={os.environ.get(variable or '')}) but JAX sees {local} devices"
+            )
+        self.mesh_devices = self.backend.jax_devices(every_process=self.processes > 1)
+        mesh = make_mesh(self.mesh_devices, tensor=self.config.tensor_parallel_size)
+        return {"local": local, "global": len(self.mesh_devices), "mesh": dict(mesh.shape)}
 
     def init(self, master_addr: str, master_port: int) -> dict[str, int]:
         from slime.training.jax.trainer import JaxPolicyTrainer
 
-        self.trainer = JaxPolicyTrainer(self.config, self.backend.jax_devices())
+        if self.mesh_devices is None:
+            self.start_jax(master_addr, master_port)
+        self.trainer = JaxPolicyTrainer(self.config, self.mesh_devices)
         return {"rank": 0, "tp_rank": 0, "dp_rank": 0, "dp_size": 1, "pid": os.getpid()}
 
     def snapshot(self, name: str) -> None:
@@ -114,3 +153,7 @@ class JaxTrainerWorker(TrainerLifecycle):
     def shutdown(self) -> None:
         self.stop_engine()
         self.trainer = None
+        if self.processes > 1:
+            import jax
+
+            jax.distributed.shutdown()
