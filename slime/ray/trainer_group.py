@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from slime.backends import Backend
@@ -247,6 +247,8 @@ def place_jax_trainer_workers(
     threads = config.cores.threads("train") if config.cores is not None else None
     workers = []
     for process, slot in enumerate(slots):
+        if not backend.fractional_devices:  # colocated here, the engine lives in this process (capability_check)
+            slot = replace(slot, share=1.0)
         options = scheduling(placement_group, slot, backend)
         variables = {**ray_env(backend), **backend.jax_process_env(slot.devices, threads), **(env or {})}
         options["runtime_env"] = {"env_vars": variables}
