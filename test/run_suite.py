@@ -22,7 +22,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from slime.testing.partition import balance, lpt_partition  # noqa: E402
-from slime.testing.registry import Registration, RegistrationError, collect, select, suite_stage  # noqa: E402
+from slime.testing.registry import (  # noqa: E402
+    Registration,
+    RegistrationError,
+    collect,
+    select,
+    suite_stack,
+    suite_stage,
+)
 from slime.testing.runner import (  # noqa: E402
     FileResult,
     become_subreaper,
@@ -64,12 +71,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--durations-in", type=Path, help="partition by measured seconds from an earlier --durations-out")
     p.add_argument("--coverage-map", action="store_true", help="print the suite x hardware coverage map (Markdown)")
     p.add_argument(
+        "--stack-python",
+        action="append",
+        default=[],
+        metavar="STACK=PYTHON",
+        help="the interpreter of a stack's environment (tpu=.venv-tpu/bin/python) for suites named base-X-test-<stack>-stack-<hw>; "
+        "without it their files are reported skipped",
+    )
+    p.add_argument(
         "--isolate-network",
         choices=("auto", "on", "off"),
         default="auto",
         help="run each file in a private network namespace (root + unshare); auto = when possible",
     )
     args = p.parse_args(argv)
+    args.stack_python = dict(item.split("=", 1) for item in args.stack_python if "=" in item)
     args.suite = [s for value in args.suite for s in value.split(",") if s]
     args.stage = [s.upper() if s.lower() != "nightly" else "nightly" for v in args.stage for s in v.split(",") if s]
     if bad := [s for s in args.stage if s not in ("A", "B", "C", "nightly")]:
@@ -135,6 +151,20 @@ def child_env(isolate: bool) -> dict[str, str]:
     return env
 
 
+def stack_interpreter(stack_python: dict[str, str], suite: str) -> tuple[str | None, str | None]:
+    """(interpreter, None) for a suite's stack, or (None, why it is missing). The default stack is this one."""
+    stack = suite_stack(suite)
+    if stack == "default":
+        return None, None
+    python = stack_python.get(stack)
+    if python is None or not Path(python).exists():
+        return None, (
+            f"the {stack} stack's environment is not built here ({python or f'no --stack-python {stack}=...'}): "
+            f"it needs Python 3.12; `bash .ci/install` builds it where python3.12 is found"
+        )
+    return python, None
+
+
 def run_files(args, mine: list[Registration], weights: dict[str, float], base: Path, isolate: bool) -> list[FileResult]:
     """Run each file in turn, printing begin/end lines; stops at the first failure unless told otherwise."""
     env = child_env(isolate)
@@ -146,9 +176,11 @@ def run_files(args, mine: list[Registration], weights: dict[str, float], base: P
         # file) leaves /tmp/ray/ray_current_cluster, which makes ray.init(num_cpus=...) try to join that cluster.
         with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp", ignore_cleanup_errors=True) as ray_tmp:
             file_env = dict(env, RAY_TMPDIR=ray_tmp)
+            python, missing = stack_interpreter(args.stack_python, reg.suite)
             result = run_file(
-                reg, base, args.timeout_per_file, file_env, max_attempts=attempts, isolate_network=isolate
-            )
+                reg, base, args.timeout_per_file, file_env, max_attempts=attempts, isolate_network=isolate,
+                python=python, missing_stack=missing,
+            )  # fmt: skip
         results.append(result)
         detail = ""
         if result.status == "failed":

@@ -48,6 +48,18 @@ def suite_stage(suite: str) -> str:
     return match.group(1).upper()
 
 
+# A suite named base-<stage>-test-<stack>-stack-<hardware> runs in that stack's own environment, e.g.
+# base-c-test-tpu-stack-cpu: the TPU stack (Python 3.12, JAX, sglang-jax) on the CPU; the runner starts its files
+# with that environment's interpreter.
+STACK_PATTERN = re.compile(r"-test-([a-z0-9]+)-stack-[a-z0-9]+$")
+
+
+def suite_stack(suite: str) -> str:
+    """The software stack a suite's files run in: "default", or the name of a hardware stack ("tpu")."""
+    match = STACK_PATTERN.search(suite)
+    return match.group(1) if match else "default"
+
+
 def _literal(node: ast.expr, where: str, key: str) -> object:
     try:
         return ast.literal_eval(node)

@@ -98,9 +98,9 @@ def reap_orphans() -> None:
             return
 
 
-def build_command(path: Path, isolate_network: bool) -> list[str]:
+def build_command(path: Path, isolate_network: bool, python: str | None = None) -> list[str]:
     # -rs: the reason of each skip, so an all-skipped file can say why
-    pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rs", "-p", "no:cacheprovider", str(path)]
+    pytest_cmd = [python or sys.executable, "-m", "pytest", "-q", "-x", "-rs", "-p", "no:cacheprovider", str(path)]
     if not isolate_network:
         return pytest_cmd
     # A private network namespace: only loopback exists, so nothing the test starts (Ray, HTTP servers)
@@ -123,9 +123,9 @@ def network_isolation_available() -> bool:
 
 
 def run_once(
-    path: Path, timeout: float, env: dict[str, str], isolate_network: bool
+    path: Path, timeout: float, env: dict[str, str], isolate_network: bool, python: str | None = None
 ) -> tuple[int | None, bool, str, float]:
-    return run_command(build_command(path, isolate_network), timeout, env)
+    return run_command(build_command(path, isolate_network, python), timeout, env)
 
 
 def run_command(
@@ -163,16 +163,22 @@ def run_file(
     max_attempts: int = 1,
     isolate_network: bool = False,
     echo=print,
+    python: str | None = None,
+    missing_stack: str | None = None,
 ) -> FileResult:
+    """Run one registered file with `python` (default: this interpreter); `missing_stack` says why the stack
+    the file needs is absent here, and the file is then reported skipped with that reason."""
     if reg.disabled:
         return FileResult(reg, "skipped", 0.0, attempts=0, skip_reason=reg.disabled)
+    if missing_stack:
+        return FileResult(reg, "skipped", 0.0, attempts=0, skip_reason=missing_stack)
     path = root / reg.path
     total = 0.0
     kinds: list[str] = []
     attempt = 0
     while True:
         attempt += 1
-        returncode, timed_out, output, elapsed = run_once(path, timeout, env, isolate_network)
+        returncode, timed_out, output, elapsed = run_once(path, timeout, env, isolate_network, python)
         total += elapsed
         if returncode == 0 and (skip_reason := all_skipped_reason(output)) is not None:
             return FileResult(reg, "skipped", total, attempt, 0, False, None, output, skip_reason, kinds)
