@@ -13,9 +13,15 @@ from release.resolve import PYTORCH_CPU_INDEX
 from slime import DISTRIBUTION
 
 SETUP_PYTHON = "actions/setup-python@a26af69be951a213d495a4c3e4e4022e16d87065"  # v5.6.0
-# The Python of the hosted jobs' environments; one .ci/install makes on another Python needs it set up as well.
-PYTHON_VERSION = "3.11"
+# The Pythons the hosted jobs set up, the default (`python`) last: 3.11 for .venv, 3.12 for the TPU stack's
+# environment (.venv-tpu). An environment .ci/install makes on another Python needs it listed here.
+SETUP_PYTHON_VERSIONS = ("3.12", "3.11")
+PYTHON_VERSION = SETUP_PYTHON_VERSIONS[-1]
 CI_INSTALL = ".ci/install"
+# The environments .ci/install makes besides .venv, by stack: run_suite.py runs a *-stack suite's files with that
+# interpreter (and reports them skipped where it is absent, e.g. without Python 3.12).
+STACK_PYTHONS = {"tpu": ".venv-tpu/bin/python"}
+STACK_PYTHON_ARGS = " ".join(f"--stack-python {stack}={python}" for stack, python in STACK_PYTHONS.items())
 CI_RUN = ".ci/run"
 # Accelerator runners name their kind in a label (runner_for); each kind installs over its own stack.
 ACCELERATOR_LABELS = {"nvidia": "cuda", "amd": "rocm", "tpu": "tpu"}
@@ -33,7 +39,11 @@ def setup_slime(hw: str) -> list[dict]:
     which the hardware's constraints keep at the one tested stack."""
     if hw == "cpu":
         return [
-            {"name": "Set up Python", "uses": SETUP_PYTHON, "with": {"python-version": PYTHON_VERSION}},
+            {
+                "name": "Set up Python",
+                "uses": SETUP_PYTHON,
+                "with": {"python-version": "\n".join(SETUP_PYTHON_VERSIONS)},
+            },
             {
                 "name": f"Install what {CI_RUN} installs ({CI_INSTALL})",
                 # Where pip finds the CPU torch build, not what is installed: Linux torch from PyPI is the CUDA
@@ -106,8 +116,10 @@ def install_route_problems(workflow: dict) -> list[str]:
             problems.append(f"{name}: uses .venv but runs {CI_INSTALL} {len(ci_installs)} times (once, please)")
         if hw == "cpu" and ci_installs:
             python = [s for s in steps[: ci_installs[0]] if s.get("uses") == SETUP_PYTHON]
-            if not python or python[-1]["with"]["python-version"] != PYTHON_VERSION:
-                problems.append(f"{name}: runs {CI_INSTALL} without setting up Python {PYTHON_VERSION} first")
+            if not python or python[-1]["with"]["python-version"].split() != list(SETUP_PYTHON_VERSIONS):
+                problems.append(
+                    f"{name}: runs {CI_INSTALL} without setting up Python {', '.join(SETUP_PYTHON_VERSIONS)} first"
+                )
     return problems
 
 
@@ -130,10 +142,10 @@ def script_install_problems(ci_run: str, ci_install: str) -> list[str]:
     for line in install_lines:
         if "pip install" in line or "-m venv" in line:
             problems.append(f"{CI_INSTALL} installs Python packages other than through scripts/setup.sh: {line}")
-        for version in re.findall(r"python(3\.\d+)", line):
-            if version != PYTHON_VERSION:
+        for version in re.findall(r"(?:python|find_python\.sh )(3\.\d+)", line):
+            if version not in SETUP_PYTHON_VERSIONS:
                 problems.append(
                     f"{CI_INSTALL} uses Python {version}, which the generated CPU jobs do not set up "
-                    f"(setup_slime's setup-python step has {PYTHON_VERSION})"
+                    f"(setup_slime's setup-python step has {', '.join(SETUP_PYTHON_VERSIONS)})"
                 )
     return problems

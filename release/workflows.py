@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from release.ci_install import PYTHON_VERSION, SETUP_PYTHON, setup_slime
+from release.ci_install import PYTHON_VERSION, SETUP_PYTHON, STACK_PYTHON_ARGS, setup_slime
 from release.gating import ACCELERATORS, CI_LABEL, HARDWARE, STAGES, SuiteJob, plan_jobs
 from release.images import DEFAULT_REPOSITORY, IMAGES
 from release.resolve import PYTORCH_CPU_INDEX
@@ -75,6 +75,8 @@ def run_condition(job: SuiteJob, previous_wait: str | None) -> str:
 
 def test_job(job: SuiteJob, previous_wait: str | None, nightly: bool) -> dict:
     suite_args = f"--hw {job.hw} --suite {job.suite}" + (" --nightly" if nightly else "")
+    if job.hw == "cpu":
+        suite_args += f" {STACK_PYTHON_ARGS}"
     run_tests = (
         f'args=({suite_args} --auto-partition-id "$SHARD" --auto-partition-size {job.shards}\n'
         f'      --junit-xml "results/{job.job_id}-$SHARD.xml" --enable-retry)\n'

@@ -58,13 +58,18 @@ def extras_status(
     too_old: dict[str, list[str]] = {}
     active: dict[str, set[str]] = {}  # names that apply on this Python (a newer Python may pin them differently)
     base_env = base_env or default_environment()
+    includes: dict[str, set[str]] = {}  # an extra made of our own extras (a hardware's = its stack + its runtime)
+    # <hardware>-stack: a hardware's stack without its accelerator runtime (CI runs it on a CPU)
+    stack_extras = [f"{name}-stack" for name in backend_names()]
     for line in requires:
         req = Requirement(line)
         if req.marker is None or "extra" not in str(req.marker):
             continue
-        for extra in ("cpu", *backend_names(), "test", "release"):
+        for extra in ("cpu", *backend_names(), *stack_extras, "test", "release"):
             here = dict(base_env, extra=extra)
-            if req.marker.evaluate(here):
+            if req.name == DISTRIBUTION and req.marker.evaluate(here):
+                includes.setdefault(extra, set()).update(req.extras)
+            elif req.marker.evaluate(here):
                 active.setdefault(extra, set()).add(req.name)
                 entry = status.setdefault(extra, {"satisfied": True, "problems": []})
                 problem = _requirement_problem(req, system)
@@ -73,6 +78,13 @@ def extras_status(
             elif req.marker.evaluate(dict(here, **_NEWER_PYTHON)):
                 status.setdefault(extra, {"satisfied": True, "problems": []})
                 too_old.setdefault(extra, []).append(req.name)
+    for extra, inner in includes.items():
+        for name in inner:
+            active.setdefault(extra, set()).update(active.get(name, set()))
+            known = too_old.setdefault(extra, [])
+            known.extend(n for n in too_old.get(name, []) if n not in known)
+            entry = status.setdefault(extra, {"satisfied": True, "problems": []})
+            entry["problems"].extend(status.get(name, {}).get("problems", []))
     for extra, names in too_old.items():
         names = [n for n in names if n not in active.get(extra, set())]
         if names:
@@ -167,9 +179,10 @@ def format_report(report: dict[str, object]) -> str:
         lines.append(f"  {name:<14} {version or '-'}" + (f"  {pinned[name]}" if name in pinned else ""))
     if report["extras"]:
         lines.append("extras:")
+        width = max(8, *map(len, report["extras"]))
         for extra, entry in report["extras"].items():
             state = "satisfied" if entry["satisfied"] else "; ".join(entry["problems"])
-            lines.append(f"  {extra:<8} {state}")
+            lines.append(f"  {extra:<{width}} {state}")
     return "\n".join(lines)
 
 

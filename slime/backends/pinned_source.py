@@ -96,3 +96,45 @@ def pinned_source_verdict(source: PinnedSource, version: str | None, direct_url:
     built_from = f"commit {commit[:12]}" if commit else {"index release": "an index release"}.get(origin, f"a {origin}")
     summary = f"{built_from}, not the known-good commit {source.short_commit}: {source.install_command}"
     return SourceVerdict(source.dist, version, False, summary)
+
+
+def installed_verdict(source: PinnedSource) -> SourceVerdict:
+    """The verdict for this environment's copy of `source.dist` (metadata only, nothing imported)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(source.dist)
+    except metadata.PackageNotFoundError:
+        return pinned_source_verdict(source, None, None)
+    return pinned_source_verdict(source, dist.version, dist.read_text("direct_url.json"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m slime.backends.pinned_source --check DIST | --requirement DIST`, for the install scripts: whether
+    this environment has the known-good commit of DIST (exit 0, else 1 with the verdict), or DIST's git
+    requirement at that commit."""
+    import argparse
+    import sys
+
+    from slime.backends.base import backend_names, get_backend_class
+
+    parser = argparse.ArgumentParser(prog="python -m slime.backends.pinned_source")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--check", metavar="DIST")
+    action.add_argument("--requirement", metavar="DIST")
+    args = parser.parse_args(argv)
+    wanted = args.check or args.requirement
+    sources = {s.dist: s for name in backend_names() for s in get_backend_class(name).pinned_sources}
+    if wanted not in sources:
+        print(f"no backend pins a commit of {wanted} (pinned: {', '.join(sorted(sources)) or 'none'})", file=sys.stderr)
+        return 2
+    if args.requirement:
+        print(sources[wanted].git_requirement)
+        return 0
+    verdict = installed_verdict(sources[wanted])
+    print(f"{wanted}: {verdict.version or '-'}: {verdict.summary}")
+    return 0 if verdict.known_good else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

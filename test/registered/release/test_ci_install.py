@@ -128,8 +128,8 @@ def test_an_accelerator_job_installing_other_extras_or_the_ci_install_is_caught(
         (("install", "SLIME_EXTRAS=cpu,test,release bash scripts/setup.sh", ".venv/bin/pip install -e ."), "setup.sh"),
         (("install", "bash scripts/setup.sh", "bash scripts/setup.sh\n.venv/bin/pip install sglang"), "other than"),
         (
-            ("install", "bash scripts/setup.sh", "bash scripts/setup.sh\nPYTHON=python3.12 bash scripts/setup.sh"),
-            "3.12",
+            ("install", "bash scripts/setup.sh", "bash scripts/setup.sh\nPYTHON=python3.13 bash scripts/setup.sh"),
+            "3.13",
         ),
     ],
 )

@@ -33,7 +33,12 @@ def extra_requirements(extra: str, python: str) -> dict[str, Requirement]:
     found = {}
     for line in PROJECT["optional-dependencies"][extra]:
         req = Requirement(line)
-        if req.marker is None or req.marker.evaluate(env):
+        if req.marker is not None and not req.marker.evaluate(env):
+            continue
+        if canonicalize_name(req.name) == canonicalize_name(DISTRIBUTION):  # an extra made of our own extras
+            for inner in req.extras:
+                found.update(extra_requirements(inner, python))
+        else:
             found[canonicalize_name(req.name)] = req
     return found
 
