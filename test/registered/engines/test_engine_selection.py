@@ -25,11 +25,13 @@ def config(extra: str = ""):
 
 def test_defaults_follow_the_declared_order_and_what_is_installed():
     cpu = select_backend("cpu", system(CPU_STACK + ("jax",)))
-    assert cpu.capabilities.rollout_engines == ("embedded", "jax")
+    assert cpu.capabilities.rollout_engines == ("embedded", "jax", "sglang_jax")
     assert rollout_engine(config(), cpu) == "embedded"
     assert rollout_engine(config("--rollout-engine jax"), cpu) == "jax"
     tpu_dirs = {"/dev": ["accel0"]}
-    assert default_rollout_engine(select_backend("tpu", system(TPU_STACK + ("sgl_jax",), tpu_dirs))) == "sglang_jax"
+    assert (
+        default_rollout_engine(select_backend("tpu", system(TPU_STACK + ("sgl_jax",), tpu_dirs))) == "jax"
+    )  # sglang-jax runs when asked for (--rollout-engine sglang_jax)
     assert rollout_engine(config(), select_backend("tpu", system(TPU_STACK, tpu_dirs))) == "jax"
 
 
@@ -39,7 +41,7 @@ def test_defaults_follow_the_declared_order_and_what_is_installed():
         (
             CPU_STACK + ("jax",),
             "sglang",
-            "--rollout-engine sglang: the cpu hardware backend runs embedded, jax engines",
+            "--rollout-engine sglang: the cpu hardware backend runs embedded, jax, sglang_jax engines",
         ),
         (CPU_STACK, "jax", "--rollout-engine jax needs the jax package: pip install jax"),
     ],

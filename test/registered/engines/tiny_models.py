@@ -68,7 +68,7 @@ def build_model(
                    num_experts_per_tok=2, norm_topk_prob=True, head_dim=8)  # fmt: skip
         config, cls = Qwen3MoeConfig(**{**common, **moe, **overrides}), Qwen3MoeForCausalLM
     elif family == "qwen3":
-        config, cls = Qwen3Config(head_dim=16, **common), Qwen3ForCausalLM
+        config, cls = Qwen3Config(**{"head_dim": 16, **common}), Qwen3ForCausalLM
     elif family == "qwen2":
         config, cls = Qwen2Config(**common), Qwen2ForCausalLM
     elif family == "llama":

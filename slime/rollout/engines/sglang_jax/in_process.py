@@ -126,7 +126,10 @@ class SGLangJaxInProcessEngine(ServableEngine):
         try:
             from sgl_jax.srt.entrypoints.engine import Engine
         except ImportError:
-            raise EngineError("the in-process sglang-jax engine needs sglang-jax: pip install sglang-jax") from None
+            raise EngineError(
+                "the in-process sglang-jax engine needs sglang-jax at its known-good commit (`slime env` prints the "
+                "install command)"
+            ) from None
         from slime.rollout.engines.embedded.engine import _load_tokenizer
 
         hf_config = json.loads((Path(hf_checkpoint) / "config.json").read_text())
@@ -149,6 +152,7 @@ class SGLangJaxInProcessEngine(ServableEngine):
         self._cond = threading.Condition()
         self._waiting: deque[tuple[GenerateRequest, ResultCallback]] = deque()
         self._stopping = False
+        self._paused = False  # queued requests stay queued (and abortable) until resume
         self._rids = itertools.count()
         self._worker = threading.Thread(target=self._run, name="sglang-jax-in-process", daemon=True)
         self._worker.start()
@@ -177,7 +181,7 @@ class SGLangJaxInProcessEngine(ServableEngine):
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._stopping:
+                while (self._paused or not self._waiting) and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -232,11 +236,16 @@ class SGLangJaxInProcessEngine(ServableEngine):
 
     # ---- control ---------------------------------------------------------------------------------------
     def pause(self) -> None:
-        self._model_lock.acquire()
+        """No new batch starts; returns once the batch in flight (the offline Engine's blocking generate) ends."""
+        with self._cond:
+            self._paused = True
+        with self._model_lock:
+            pass
 
     def resume(self) -> None:
-        if self._model_lock.locked():
-            self._model_lock.release()
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
 
     def begin_weight_update(self) -> None:
         """Generation runs in whole batches under the model lock, so an update waits for the batch in flight."""
@@ -274,4 +283,16 @@ class SGLangJaxInProcessEngine(ServableEngine):
         self.abort()
         engine, self._engine = self._engine, None
         if engine is not None:
-            engine.shutdown()
+            close_single_process_engine(engine)
+
+
+def close_single_process_engine(engine) -> None:
+    """Close what a single-process sglang-jax Engine owns in this process. Not Engine.shutdown: that kills every
+    child process of its host (its cleanup for the multi-process mode), which in a trainer's or a Ray worker's
+    process takes down processes that are not the engine's. In single-process mode the engine is threads: its
+    scheduler and detokenizer loops (daemon threads with no stop, idle once nothing is sent) and the socket
+    this process sends to them on."""
+    socket = getattr(engine, "send_to_rpc", None)
+    if socket is not None:
+        socket.close()
+    engine.scheduler_info.pop("scheduler", None)
