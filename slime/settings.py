@@ -97,7 +97,7 @@ def engine_spec(config: Config, backend: Backend) -> EngineSpec:
         max_seq_len=context,
         dtype=r.rollout_dtype,
         seed=config.data.rollout_seed,
-        server_options=dict(config.sglang),
+        server_options={**backend.engine_server_defaults(kind), **dict(config.sglang)},
         return_routed_experts=routed_experts_wanted(config),
         log_dir=str(Path(config.logging.output_dir) / "engines"),
         hosted_by_trainer=engine_in_trainer_process(config.cluster.colocate, family, kind, engines, in_process),

@@ -300,6 +300,10 @@ class Backend(ABC):
         only backends that list "ipc" in their capabilities implement it."""
         raise NotImplementedError(f"the {self.name} backend has no device-memory handles (weight sync 'ipc')")
 
+    def engine_server_defaults(self, engine: str) -> dict[str, str]:
+        """Server options an engine needs on this hardware, under the user's --sglang-* options (which win)."""
+        return {}
+
     # ---- the JAX trainer family ----------------------------------------------------------------------
     def jax_process_env(self, devices: int, threads: int | None = None) -> dict[str, str]:
         """Environment a JAX process needs (set before jax is imported) to see `devices` devices; `threads`: the

@@ -64,10 +64,17 @@ def build_tokenizer(folder: Path):
 
 
 def build_model(
-    folder: Path, seed: int, hidden_size: int = 128, num_layers: int = 4, vocab_size: int = 16, experts: int = 0
+    folder: Path,
+    seed: int,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    vocab_size: int = 16,
+    experts: int = 0,
+    head_dim: int | None = None,
 ):
     """A tiny Qwen3 (about 1M parameters at the defaults) saved as safetensors beside the tokenizer; with
-    `experts`, a Qwen3-MoE of that many experts (top-2) in every layer."""
+    `experts`, a Qwen3-MoE of that many experts (top-2) in every layer. `head_dim` defaults to a quarter of the
+    hidden size (sglang-jax's kernels want a multiple of 128)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -83,7 +90,7 @@ def build_model(
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=hidden_size // 4,
+        head_dim=head_dim or hidden_size // 4,
         max_position_embeddings=64,
         tie_word_embeddings=True,
         rope_theta=10000.0,

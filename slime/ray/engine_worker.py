@@ -77,7 +77,7 @@ def start_engine(spec: EngineSpec, backend):
         from slime.rollout.engines.sglang_jax.engine import typed_server_options
         from slime.rollout.engines.sglang_jax.in_process import SGLangJaxInProcessEngine
 
-        options = typed_server_options(spec.server_options)
+        options = {"dtype": spec.dtype, **typed_server_options(spec.server_options)}
         engine = SGLangJaxInProcessEngine(
             spec.hf_checkpoint, spec.max_seq_len, max_batch_size=spec.max_batch_size, **options
         )

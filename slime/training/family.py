@@ -16,6 +16,10 @@ def trainer_family(config: Config, backend_name: str, families: tuple[str, ...])
         raise ConfigError(
             f"--train-backend {family}: the {backend_name} hardware backend runs {' or '.join(families)} trainers"
         )
+    if family == "megatron" and importlib.util.find_spec("megatron") is None:
+        raise ConfigError(
+            "--train-backend megatron needs megatron-core: pip install 'slime-rl[cpu]' (or this hardware's extra)"
+        )
     if family == "jax" and not all(importlib.util.find_spec(m) for m in ("jax", "optax")):
         raise ConfigError("--train-backend jax needs jax and optax: pip install jax optax")
     if family == "jax" and config.train.bf16:

@@ -30,7 +30,8 @@ class CpuBackend(Backend):
     ray_device_resource = "CPU"
     capabilities = Capabilities(
         trainer_families=("megatron", "jax"),
-        rollout_engines=("embedded", "jax"),
+        # sglang-jax on JAX's CPU backend: the TPU path's real engine, run here by --rollout-engine sglang_jax
+        rollout_engines=("embedded", "jax", "sglang_jax"),
         # object store first: packed buckets took 22-33 ms a step at 4.7M parameters in the loop, broadcast over
         # gloo 58-62 ms (benchmarks/bench_vs_trl.py); broadcast stays, the GPU backends' default, tested on gloo;
         # in process: the colocated JAX pair
@@ -40,10 +41,13 @@ class CpuBackend(Backend):
     )
     requirements = (
         Requirement("torch", "torch"),
-        Requirement("megatron.core", "megatron-core"),
         Requirement("transformers", "transformers"),
         Requirement("safetensors", "safetensors"),
         Requirement("ray", "ray"),
+    )
+    # the default trainer family's; a run of the JAX family needs none (the TPU stack's CI environment has none)
+    optional = (
+        Requirement("megatron.core", "megatron-core", note="for the megatron trainer (--train-backend megatron)"),
     )
 
     def detect_devices(self) -> tuple[int, str]:
@@ -73,6 +77,18 @@ class CpuBackend(Backend):
             # client fixes its pool when the process starts, so a budget above one gets the multi-threaded pool.
             flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+
+    def engine_server_defaults(self, engine: str) -> dict[str, str]:
+        if engine != "sglang_jax":
+            return {}
+        # sglang-jax's kernels are TPU kernels: on the host its "native" attention runs, without the precompile
+        # pass over every batch shape (minutes on a CPU), in a KV cache of a tenth of host memory
+        return {
+            "device": "cpu",
+            "attention_backend": "native",
+            "disable_precompile": "true",
+            "mem_fraction_static": "0.1",
+        }
 
     def jax_devices(self, every_process: bool = False) -> list:
         import jax

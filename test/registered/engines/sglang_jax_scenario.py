@@ -99,6 +99,7 @@ def main(out: str, model_a: str, model_b: str | None) -> None:
     report["a"] = generate(engine, "a")
     report["a"]["hf"], report["a"]["trainer"] = hf_greedy(model_a), trainer_log_probs(model_a, report["a"]["tokens"])
     report["control"] = pause_abort_continue(engine)
+    report["a_again"] = generate(engine, "r")  # in KV slots earlier requests used
     if model_b:
         from safetensors.torch import load_file
 

@@ -54,6 +54,7 @@ def test_qwen3_generates_like_transformers_and_swaps_weights_in_place(tmp_path):
     swapped = scenario(tmp_path, a, b)
     assert_agrees(swapped["a"], version=0)
     assert swapped["control"] == {"waited_while_paused": True, "aborted": "abort", "after_continue": "length"}
+    assert swapped["a_again"]["tokens"] == swapped["a"]["tokens"], "requests in reused KV slots generate otherwise"
     assert_agrees(swapped["b"], version=1)
     assert swapped["b"]["tokens"] != swapped["a"]["tokens"]
     assert swapped["child_alive_after_shutdown"], "the engine's shutdown killed another child of its host process"
@@ -64,9 +65,21 @@ def test_qwen3_generates_like_transformers_and_swaps_weights_in_place(tmp_path):
 
 def test_qwen2_with_biases_generates_like_transformers(tmp_path):
     a = tmp_path / "qwen2"
-    build_model("qwen2", str(a), seed=2, hidden_size=256, num_attention_heads=2, num_key_value_heads=1,
+    build_model("qwen2", str(a), seed=2, hidden_size=256, num_attention_heads=2, num_key_value_heads=2,
                 with_tokenizer=True)  # fmt: skip
     assert_agrees(scenario(tmp_path, a)["a"], version=0)
+
+
+def test_models_it_cannot_serve_are_refused_in_one_line_before_it_starts(tmp_path):
+    from slime.rollout.engines.base import EngineError
+    from slime.rollout.engines.sglang_jax.in_process import SGLangJaxInProcessEngine
+
+    build_model("qwen3", str(tmp_path / "small-heads"), seed=0)  # head_dim 16
+    build_model("qwen2", str(tmp_path / "one-kv"), hidden_size=256, num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(EngineError, match=r"head_dim to be a multiple of 128, this model has 16; --rollout-engine jax"):
+        SGLangJaxInProcessEngine(str(tmp_path / "small-heads"), context_length=64)
+    with pytest.raises(EngineError, match="Qwen2 fails on a single KV head"):
+        SGLangJaxInProcessEngine(str(tmp_path / "one-kv"), context_length=64)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from slime.quickstart import task
 
 
 def build_task(
-    root: Path, seed: int = 0, hidden_size: int = 32, num_layers: int = 2, experts: int = 0
+    root: Path, seed: int = 0, hidden_size: int = 32, num_layers: int = 2, experts: int = 0, head_dim: int | None = None
 ) -> dict[str, Path]:
     """The quickstart's "ab+c=" task (train / test / sft jsonl) and a tiny Qwen3 (-MoE with experts) at root/model."""
     split = task.problems(seed)
@@ -23,7 +23,9 @@ def build_task(
         "sft": task.write_jsonl(split["sft"], root / "sft.jsonl", with_response=True),
         "model": root / "model",
     }
-    task.build_model(files["model"], seed, hidden_size=hidden_size, num_layers=num_layers, experts=experts)
+    task.build_model(
+        files["model"], seed, hidden_size=hidden_size, num_layers=num_layers, experts=experts, head_dim=head_dim
+    )
     return files
 
 
