@@ -67,6 +67,20 @@ def run(files, out: Path, **overrides):
     return config, loop.train(config)
 
 
+def run_interrupted_and_resumed(files, tmp_path: Path, **common) -> tuple[Path, Path]:
+    """A 3-rollout run saving every step, and a copy of it resumed from its step-2 checkpoint: (full, resumed)
+    output folders, for the caller to compare (`common` needs num-rollout 3 and save-interval 1)."""
+    import shutil
+
+    full = tmp_path / "full"
+    run(files, full, save=tmp_path / "ckpt", **common)
+    resumed_root, part = tmp_path / "resumed_ckpt", tmp_path / "part"
+    shutil.copytree(tmp_path / "ckpt" / "step_00000002", resumed_root / "step_00000002")
+    shutil.copytree(full, part)
+    run(files, part, load=resumed_root, save=resumed_root, **common)
+    return full, part
+
+
 def rows(out: Path, phase: str = "rl") -> list[dict]:
     from slime.run_log import read_metrics
 

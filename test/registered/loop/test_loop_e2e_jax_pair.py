@@ -4,8 +4,6 @@ device; step-0 trainer log-probs equal the engine's and later steps serve the tr
 generates one step behind with the weights the trainer sent, and an engine killed mid-rollout is restarted with
 the newest weights, nothing lost or doubled."""
 
-import shutil
-
 import pytest
 
 from slime.testing.ci_register import register_cpu_ci
@@ -14,7 +12,7 @@ register_cpu_ci(est_time=200, suite="base-c-test-cpu")
 
 pytest.importorskip("optax", reason="the JAX pair needs jax, flax and optax (pip install 'slime[test]')")
 
-from loop_helpers import dumped, rows, run  # noqa: E402
+from loop_helpers import dumped, rows, run, run_interrupted_and_resumed  # noqa: E402
 
 JAX_PAIR = {"train-backend": "jax", "rollout-engine": "jax", "actor-num-gpus-per-node": 2, "micro-batch-size": 8}
 
@@ -53,12 +51,7 @@ def test_engine_killed_mid_rollout_is_restarted_with_the_newest_weights(files, t
 
 def test_resume_reproduces_the_uninterrupted_run(files, tmp_path):
     common = {"num-rollout": 3, "save-interval": 1, **JAX_PAIR}
-    full = tmp_path / "full"
-    run(files, full, save=tmp_path / "ckpt", **common)
-    resumed_root, part = tmp_path / "resumed_ckpt", tmp_path / "part"
-    shutil.copytree(tmp_path / "ckpt" / "step_00000002", resumed_root / "step_00000002")
-    shutil.copytree(full, part)
-    run(files, part, load=resumed_root, save=resumed_root, **common)
+    full, part = run_interrupted_and_resumed(files, tmp_path, **common)
     keys = ("rollout/reward_mean", "rollout/generated_tokens", "train/loss", "train/grad_norm", "weight_version")
     assert [r["step"] for r in rows(part)] == [0, 1, 2]
     assert {k: rows(full)[2][k] for k in keys} == {k: rows(part)[2][k] for k in keys}

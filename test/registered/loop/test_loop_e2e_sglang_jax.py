@@ -4,15 +4,13 @@ process and takes the trainer's parameters in place; step-0 trainer log-probs eq
 each later rollout is served by the weights of the step before. --async, not colocated, generates one step behind
 in its own engine worker; a resumed run reproduces the uninterrupted one."""
 
-import shutil
-
 import pytest
 
 from slime.testing.ci_register import register_cpu_ci
 
 register_cpu_ci(est_time=600, suite="base-c-test-tpu-stack-cpu")
 
-from loop_helpers import build_task, dumped, ray_cluster, rows, run  # noqa: E402
+from loop_helpers import build_task, dumped, ray_cluster, rows, run, run_interrupted_and_resumed  # noqa: E402
 
 # head_dim 128: sglang-jax's attention needs a multiple of 128; one trainer device keeps the JAX mesh small
 SGLANG_JAX_PAIR = {"train-backend": "jax", "rollout-engine": "sglang_jax", "micro-batch-size": 8}
@@ -46,12 +44,7 @@ def test_async_in_its_own_engine_worker_generates_one_step_behind(files, tmp_pat
 
 def test_resume_reproduces_the_uninterrupted_run(files, tmp_path):
     common = {"num-rollout": 3, "save-interval": 1, "colocate": True, **SGLANG_JAX_PAIR}
-    full = tmp_path / "full"
-    run(files, full, save=tmp_path / "ckpt", **common)
-    resumed_root, part = tmp_path / "resumed_ckpt", tmp_path / "part"
-    shutil.copytree(tmp_path / "ckpt" / "step_00000002", resumed_root / "step_00000002")
-    shutil.copytree(full, part)
-    run(files, part, load=resumed_root, save=resumed_root, **common)
+    full, part = run_interrupted_and_resumed(files, tmp_path, **common)
     keys = ("rollout/reward_mean", "rollout/generated_tokens", "train/loss", "train/grad_norm", "weight_version")
     assert [r["step"] for r in rows(part)] == [0, 1, 2]
     assert {k: rows(full)[2][k] for k in keys} == {k: rows(part)[2][k] for k in keys}
