@@ -287,16 +287,19 @@ def serve(side: SGLangSide, host: str = "127.0.0.1") -> ThreadingHTTPServer:
 
 def main() -> None:
     """Serve one SGLang side on a free port; print its URL, then serve until killed."""
+    import signal
     import tempfile
 
     import torch.distributed as dist
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the folder below is removed on terminate
+
     # SGLang's runner asserts a default group (its own tensor-parallel world): a world of one, here.
-    store = dist.FileStore(tempfile.mktemp(prefix="sglang_side_"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    server = serve(SGLangSide())
-    print(f"http://127.0.0.1:{server.server_address[1]}", flush=True)
-    server.serve_forever()
+    with tempfile.TemporaryDirectory(prefix="sglang_side_") as folder:
+        dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", 1), rank=0, world_size=1)
+        server = serve(SGLangSide())
+        print(f"http://127.0.0.1:{server.server_address[1]}", flush=True)
+        server.serve_forever()
 
 
 if __name__ == "__main__":

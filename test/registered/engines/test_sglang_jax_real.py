@@ -6,7 +6,7 @@ process (sglang_jax_scenario.py)."""
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=420, suite="base-c-test-tpu-stack-cpu")
+register_cpu_ci(est_time=150, suite="base-c-test-tpu-stack-cpu")
 
 import json  # noqa: E402
 import os  # noqa: E402

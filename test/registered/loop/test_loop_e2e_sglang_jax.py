@@ -8,7 +8,7 @@ import pytest
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=600, suite="base-c-test-tpu-stack-cpu")
+register_cpu_ci(est_time=180, suite="base-c-test-tpu-stack-cpu")
 
 from loop_helpers import build_task, dumped, ray_cluster, rows, run, run_interrupted_and_resumed  # noqa: E402
 
