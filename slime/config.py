@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from slime.config_lora import LoraConfig, check_lora
 from slime.errors import FlagError
 
 # A user mistake in flags; the message names the flag(s) and the numbers (the name predates slime.errors).
@@ -234,6 +235,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "lora": LoraConfig,
 }
 
 
@@ -246,6 +248,7 @@ class Config:
     train: TrainConfig
     checkpoint: CheckpointConfig
     logging: LoggingConfig
+    lora: LoraConfig
     megatron: dict[str, Any] = field(default_factory=dict)  # pass-through TransformerConfig/OptimizerConfig fields
     sglang: dict[str, str] = field(default_factory=dict)  # --sglang-* pass-through to SGLang's server args
 
@@ -420,6 +423,7 @@ def validate(config: Config) -> None:
     problems: list[str] = []
     for step in (_check_batches, _check_parallel, _check_algorithm, _check_inputs, _check_sft, _check_rollout):
         problems += step(config)
+    problems += check_lora(config)
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "; ".join(problems))
 
