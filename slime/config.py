@@ -20,19 +20,16 @@ from typing import Any
 
 from slime.config_lora import LoraConfig, check_lora
 from slime.errors import FlagError
+from slime.flag_ranges import FINITE, MEGATRON_RANGES, POS, Range, above, at_least, between, describe
 
 # A user mistake in flags; the message names the flag(s) and the numbers (the name predates slime.errors).
 ConfigError = FlagError
 
 
-def opt(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None, nargs: str | None = None):
-    meta = {"help": help}
-    if flag:
-        meta["flag"] = flag
-    if choices:
-        meta["choices"] = choices
-    if nargs:
-        meta["nargs"] = nargs
+def opt(default: Any, help: str, *, flag=None, choices=None, nargs=None, valid: Range | None = None):
+    """A flag: its default and help; `valid` is a numeric flag's range (every int and float flag declares one)."""
+    extra = {"flag": flag, "choices": choices, "nargs": nargs, "valid": valid}
+    meta = {"help": help, **{key: value for key, value in extra.items() if value}}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -40,11 +37,11 @@ def opt(default: Any, help: str, *, flag: str | None = None, choices: tuple | No
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    actor_num_nodes: int = opt(1, "nodes for the actor (trainer)")
-    actor_num_gpus_per_node: int = opt(1, "trainer processes per node (devices; CPU: processes)")
-    critic_num_gpus_per_node: int = opt(1, "critic processes per node (PPO)")
-    rollout_num_gpus: int = opt(1, "devices for rollout engines in total")
-    rollout_num_gpus_per_engine: int = opt(1, "devices per rollout engine (its tensor parallel size)")
+    actor_num_nodes: int = opt(1, "nodes for the actor (trainer)", valid=POS)
+    actor_num_gpus_per_node: int = opt(1, "trainer processes per node (devices; CPU: processes)", valid=POS)
+    critic_num_gpus_per_node: int = opt(1, "critic processes per node (PPO)", valid=POS)
+    rollout_num_gpus: int = opt(1, "devices for rollout engines in total", valid=POS)
+    rollout_num_gpus_per_engine: int = opt(1, "devices per rollout engine (its tensor parallel size)", valid=POS)
     colocate: bool = opt(False, "trainer and rollout share devices; each offloads while the other runs")
     hardware: str = opt("auto", "auto or a backend name from `slime env` (auto: the first available, in a fixed order)")
     ray_address: str | None = opt(None, "connect to an existing Ray cluster instead of starting one")
@@ -55,10 +52,14 @@ class ClusterConfig:
         choices=("auto", "object_store", "broadcast", "ipc", "in_process"),
     )
     cores_per_node: int | None = opt(
-        None, "cores the run's workers may use on each node (default: all the process may run on); slime.ray.cores"
+        None,
+        "cores the run's workers may use on each node (default: all the process may run on); slime.ray.cores",
+        valid=POS,
     )
     async_generation_cores: int | None = opt(
-        None, "with --async: cores of a node kept for generation, the rest train (default: a third, at least 1)"
+        None,
+        "with --async: cores of a node kept for generation, the rest train (default: a third, at least 1)",
+        valid=POS,
     )
 
 
@@ -69,28 +70,34 @@ class DataConfig:
     label_key: str | None = opt("label", "field holding the label passed to the reward")
     metadata_key: str | None = opt(None, "field holding per-sample metadata (a dict)")
     apply_chat_template: bool = opt(False, "render prompts with the tokenizer's own chat template")
-    rollout_max_prompt_len: int | None = opt(None, "drop prompts longer than this many tokens (counted, reported)")
+    rollout_max_prompt_len: int | None = opt(
+        None, "drop prompts longer than this many tokens (counted, reported)", valid=POS
+    )
     rollout_shuffle: bool = opt(False, "shuffle prompts each epoch (seeded by --rollout-seed and the epoch)")
-    rollout_seed: int = opt(42, "seed for data shuffling and sampling")
+    rollout_seed: int = opt(42, "seed for data shuffling and sampling", valid=at_least(0))
     skip_bad_rows: bool = opt(False, "count and skip malformed rows instead of failing on the first one")
     eval_prompt_data: list[str] = opt([], "NAME PATH [NAME PATH ...]: evaluation sets", nargs="+")
-    eval_interval: int | None = opt(None, "evaluate every N rollouts (and before the first and after the last)")
+    eval_interval: int | None = opt(
+        None, "evaluate every N rollouts (and before the first and after the last)", valid=POS
+    )
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    rollout_batch_size: int = opt(8, "prompts per rollout step")
-    n_samples_per_prompt: int = opt(8, "responses per prompt (the group size for GRPO)")
-    rollout_max_response_len: int = opt(64, "max new tokens per response")
-    rollout_temperature: float = opt(1.0, "sampling temperature")
-    rollout_top_p: float = opt(1.0, "nucleus sampling")
-    rollout_top_k: int = opt(-1, "top-k sampling (-1: off)")
+    rollout_batch_size: int = opt(8, "prompts per rollout step", valid=POS)
+    n_samples_per_prompt: int = opt(8, "responses per prompt (the group size for GRPO)", valid=POS)
+    rollout_max_response_len: int = opt(64, "max new tokens per response", valid=POS)
+    rollout_temperature: float = opt(1.0, "sampling temperature", valid=at_least(0))
+    rollout_top_p: float = opt(1.0, "nucleus sampling", valid=between(0, 1, low_open=True))
+    rollout_top_k: int = opt(-1, "top-k sampling", valid=Range(low=1, special=((-1, "off"),)))
     rollout_stop: list[str] = opt([], "stop strings", nargs="+")
-    rollout_stop_token_ids: list[int] = opt([], "stop token ids (beside EOS)", nargs="+")
-    rollout_concurrency: int = opt(64, "max requests in flight per engine")
-    rollout_engine_batch_size: int = opt(64, "in-process engines: sequences decoded together (KV-cache slots)")
+    rollout_stop_token_ids: list[int] = opt([], "stop token ids (beside EOS)", nargs="+", valid=at_least(0))
+    rollout_concurrency: int = opt(64, "max requests in flight per engine", valid=POS)
+    rollout_engine_batch_size: int = opt(
+        64, "in-process engines: sequences decoded together (KV-cache slots)", valid=POS
+    )
     rollout_max_context_len: int | None = opt(
-        None, "engine context (prompt + response) in tokens (default: the model's, at most 4096)"
+        None, "engine context (prompt + response) in tokens (default: the model's, at most 4096)", valid=POS
     )
     rollout_dtype: str = opt(
         "float32", "in-process engine dtype (embedded, jax)", choices=("float32", "bfloat16", "float16")
@@ -106,19 +113,25 @@ class RolloutConfig:
     rm_type: str | None = opt(None, "built-in reward: math | dapo | deepscaler | f1 | gpqa | remote_rm | arithmetic")
     custom_rm_path: str | None = opt(None, "module.function: async reward(args, sample) -> float (or group variant)")
     group_rm: bool = opt(False, "the custom reward takes a whole group: reward(args, samples) -> list[float]")
+    reward_errors: str = opt(
+        "fail",
+        "a reward that raises or is not a finite number: fail (end the run naming the reward function and the "
+        "sample), zero (score 0, counted), skip (drop the sample's group, counted)",
+        choices=("fail", "zero", "skip"),
+    )
     rm_url: str | None = opt(None, "remote reward model URL (rm_type=remote_rm)")
     reward_key: str | None = opt(None, "key of the reward dict to train on, when rewards are dicts")
     dynamic_sampling_filter_path: str | None = opt(None, "module.function(args, group) -> bool: keep the group?")
     over_sampling_batch_size: int | None = opt(
-        None, "prompts to draw per generation wave when filtering (>= rollout batch)"
+        None, "prompts to draw per generation wave when filtering (>= rollout batch)", valid=POS
     )
     rollout_function_path: str | None = opt(
         None, "module.function: async rollout(ctx, data_source, rollout_id) -> RolloutResult (replaces the default)"
     )
     partial_rollout: bool = opt(False, "abort stragglers once the batch is full and return them to the buffer")
-    n_samples_per_eval_prompt: int = opt(1, "responses per evaluation prompt")
-    eval_temperature: float = opt(0.0, "evaluation temperature (0 = greedy)")
-    eval_max_response_len: int | None = opt(None, "max new tokens for evaluation (default: rollout's)")
+    n_samples_per_eval_prompt: int = opt(1, "responses per evaluation prompt", valid=POS)
+    eval_temperature: float = opt(0.0, "evaluation temperature (0 = greedy)", valid=at_least(0))
+    eval_max_response_len: int | None = opt(None, "max new tokens for evaluation (default: rollout's)", valid=POS)
 
 
 @dataclass(frozen=True)
@@ -129,20 +142,20 @@ class AlgorithmConfig:
         choices=("grpo", "gspo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"),
     )
     disable_grpo_std_normalization: bool = opt(False, "Dr.GRPO: subtract the group mean, do not divide by the std")
-    eps_clip: float = opt(0.2, "PPO clip (lower, and upper unless --eps-clip-high)")
-    eps_clip_high: float | None = opt(None, "upper clip (clip-higher); default = --eps-clip")
-    eps_clip_c: float | None = opt(None, "dual-clip constant c > 1 for negative advantages")
+    eps_clip: float = opt(0.2, "PPO clip (lower, and upper unless --eps-clip-high)", valid=above(0))
+    eps_clip_high: float | None = opt(None, "upper clip (clip-higher); default = --eps-clip", valid=above(0))
+    eps_clip_c: float | None = opt(None, "dual-clip constant c for negative advantages", valid=above(1))
     use_kl_loss: bool = opt(False, "add KL(policy || reference) to the loss")
-    kl_loss_coef: float = opt(0.0, "weight of the KL loss")
+    kl_loss_coef: float = opt(0.0, "weight of the KL loss", valid=at_least(0))
     kl_loss_type: str = opt("low_var_kl", "KL estimator", choices=("k1", "k2", "k3", "low_var_kl"))
-    kl_coef: float = opt(0.0, "KL as reward shaping (per-token penalty) instead of a loss term")
-    entropy_coef: float = opt(0.0, "entropy bonus weight")
-    gamma: float = opt(1.0, "discount (PPO/GAE, REINFORCE++)")
-    lambd: float = opt(1.0, "GAE lambda")
-    value_clip: float = opt(0.2, "PPO value-loss clip")
+    kl_coef: float = opt(0.0, "KL as reward shaping (per-token penalty) instead of a loss term", valid=at_least(0))
+    entropy_coef: float = opt(0.0, "entropy bonus weight (negative: an entropy penalty)", valid=FINITE)
+    gamma: float = opt(1.0, "discount (PPO/GAE, REINFORCE++)", valid=between(0, 1))
+    lambd: float = opt(1.0, "GAE lambda", valid=between(0, 1))
+    value_clip: float = opt(0.2, "PPO value-loss clip", valid=above(0))
     normalize_advantages: bool = opt(False, "whiten advantages over the batch")
     use_tis: bool = opt(False, "truncated importance sampling against the rollout log-probs")
-    tis_clip: float = opt(2.0, "upper bound of the TIS weight")
+    tis_clip: float = opt(2.0, "upper bound of the TIS weight", valid=above(0))
     calculate_per_token_loss: bool = opt(
         False, "average the loss over all tokens (default: per-sample mean, then mean)"
     )
@@ -153,45 +166,49 @@ class AlgorithmConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    num_rollout: int = opt(10, "rollout steps to run")
-    global_batch_size: int = opt(64, "samples per optimizer step")
-    micro_batch_size: int = opt(1, "samples per micro-batch (ignored with --use-dynamic-batch-size)")
+    num_rollout: int = opt(10, "rollout steps to run", valid=POS)
+    global_batch_size: int = opt(64, "samples per optimizer step", valid=POS)
+    micro_batch_size: int = opt(1, "samples per micro-batch (ignored with --use-dynamic-batch-size)", valid=POS)
     use_dynamic_batch_size: bool = opt(False, "pack micro-batches by --max-tokens-per-gpu")
-    max_tokens_per_gpu: int | None = opt(None, "token budget per micro-batch")
-    tensor_model_parallel_size: int = opt(1, "tensor parallel size of the trainer")
+    max_tokens_per_gpu: int | None = opt(None, "token budget per micro-batch", valid=POS)
+    tensor_model_parallel_size: int = opt(1, "tensor parallel size of the trainer", valid=POS)
     make_vocab_size_divisible_by: int = opt(
-        1, "pad the trainer's vocabulary to a multiple of this times the TP size (as Megatron; never exported)"
+        1,
+        "pad the trainer's vocabulary to a multiple of this times the TP size (as Megatron; never exported)",
+        valid=POS,
     )
     use_rollout_routing_replay: bool = opt(
         False,
         "MoE: the trainer's routers reuse the experts the engine chose for every token (slime starts SGLang "
         "with --enable-return-routed-experts; tokens without routes count in routing_replay/missing_tokens)",
     )
-    lr: float = opt(1e-6, "peak learning rate")
-    min_lr: float = opt(0.0, "final learning rate")
-    lr_warmup_iters: int = opt(0, "warmup steps")
+    lr: float = opt(1e-6, "peak learning rate", valid=at_least(0))
+    min_lr: float = opt(0.0, "final learning rate", valid=at_least(0))
+    lr_warmup_iters: int = opt(0, "warmup steps", valid=at_least(0))
     lr_decay_style: str = opt("constant", "decay schedule", choices=("constant", "linear", "cosine"))
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    adam_beta1: float = opt(0.9, "Adam beta1")
-    adam_beta2: float = opt(0.999, "Adam beta2")
-    clip_grad: float = opt(1.0, "gradient-norm clip")
+    weight_decay: float = opt(0.0, "AdamW weight decay", valid=at_least(0))
+    adam_beta1: float = opt(0.9, "Adam beta1", valid=between(0, 1, high_open=True))
+    adam_beta2: float = opt(0.999, "Adam beta2", valid=between(0, 1, high_open=True))
+    clip_grad: float = opt(1.0, "gradient-norm clip (0: off)", valid=at_least(0))
     bf16: bool = opt(
         False,
         "Megatron trainer: forward and backward in bfloat16 (autocast), weights, gradients and optimizer state in "
         "float32; log-probs and the loss are computed from float32 logits",
     )
-    seed: int = opt(1234, "trainer seed")
+    seed: int = opt(1234, "trainer seed", valid=at_least(0))
     async_rollout: bool = opt(
         False, "generate step k+1 while training on step k (off-policy by one step)", flag="--async"
     )
-    sft_warmup_steps: int = opt(0, "supervised steps on --sft-data before RL")
+    sft_warmup_steps: int = opt(0, "supervised steps on --sft-data before RL", valid=at_least(0))
     sft_data: str | None = opt(None, "jsonl with prompt/response pairs for the SFT warm-up")
-    sft_lr: float | None = opt(None, "SFT learning rate (default --lr)")
-    sft_batch_size: int = opt(64, "samples per SFT step")
-    sft_stop_reward: float | None = opt(None, "end the SFT warm-up early once --sft-eval-set scores this mean reward")
+    sft_lr: float | None = opt(None, "SFT learning rate (default --lr)", valid=at_least(0))
+    sft_batch_size: int = opt(64, "samples per SFT step", valid=POS)
+    sft_stop_reward: float | None = opt(
+        None, "end the SFT warm-up early once --sft-eval-set scores this mean reward", valid=FINITE
+    )
     sft_eval_set: str | None = opt(None, "the --eval-prompt-data NAME checked every --sft-eval-interval SFT steps")
-    sft_eval_interval: int = opt(10, "SFT steps between checks of --sft-stop-reward")
-    weight_update_bucket_mb: int = opt(512, "size of the HF-named tensor buckets sent to the engines")
+    sft_eval_interval: int = opt(10, "SFT steps between checks of --sft-stop-reward", valid=POS)
+    weight_update_bucket_mb: int = opt(512, "size of the HF-named tensor buckets sent to the engines", valid=POS)
     train_backend: str | None = opt(
         None, "trainer family (default: the hardware backend's first, see `slime env`)", choices=("megatron", "jax")
     )
@@ -202,8 +219,8 @@ class CheckpointConfig:
     hf_checkpoint: str | None = opt(None, "HuggingFace checkpoint folder (config, safetensors, tokenizer)")
     load: str | None = opt(None, "resume from this checkpoint folder (the latest step in it)")
     save: str | None = opt(None, "write checkpoints here")
-    save_interval: int | None = opt(None, "save every N rollouts (and at the end)")
-    keep_last_n: int | None = opt(None, "keep only the newest N checkpoints")
+    save_interval: int | None = opt(None, "save every N rollouts (and at the end)", valid=POS)
+    keep_last_n: int | None = opt(None, "keep only the newest N checkpoints", valid=POS)
     save_hf: str | None = opt(None, "at the end, write an HF folder (transformers-loadable) here")
 
 
@@ -224,6 +241,7 @@ class LoggingConfig:
         0,
         "profile the first N RL steps: per-phase seconds and each worker's busy/idle time in "
         "<output-dir>/profile/phases.json, a torch profiler trace of trainer rank 0 beside it",
+        valid=at_least(0),
     )
 
 
@@ -296,7 +314,9 @@ def _add_section(parser: argparse.ArgumentParser, name: str, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         base, is_list = _base_type(hints[f.name])
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": argparse.SUPPRESS}
+        valid = f.metadata.get("valid")
+        text = f.metadata["help"] + (f" [valid: {valid}]" if valid is not None else "")
+        kwargs: dict[str, Any] = {"dest": f.name, "help": text, "default": argparse.SUPPRESS}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -419,20 +439,37 @@ def parse_config(argv: list[str]) -> Config:
 
 
 def validate(config: Config) -> None:
-    """Cross-field checks, each failing with the formula and the numbers; all problems in one message."""
-    problems: list[str] = []
-    for step in (_check_batches, _check_parallel, _check_algorithm, _check_inputs, _check_sft, _check_rollout):
-        problems += step(config)
-    problems += check_lora(config)
+    """Every numeric flag against its declared range first (one line: flag, value, range), then the cross-field
+    checks, each failing with the formula and the numbers; all problems of a kind in one message."""
+    problems = check_ranges(config)
+    if not problems:
+        for step in (_check_batches, _check_parallel, _check_algorithm, _check_inputs, _check_sft):
+            problems += step(config)
+        problems += check_lora(config)
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "; ".join(problems))
+
+
+def check_ranges(config: Config) -> list[str]:
+    """Every flag with a declared range (and the Megatron pass-through ones in MEGATRON_RANGES) inside it."""
+    problems = []
+    for name in SECTIONS:
+        section = getattr(config, name)
+        for f in fields(section):
+            valid, value = f.metadata.get("valid"), getattr(section, f.name)
+            if valid is not None and value is not None:
+                problems += [
+                    describe(_flag(f), item, valid) for item in (value if isinstance(value, list) else [value])
+                ]
+    for key, valid in MEGATRON_RANGES.items():
+        if key in config.megatron:
+            problems.append(describe("--" + key.replace("_", "-"), config.megatron[key], valid))
+    return [p for p in problems if p is not None]
 
 
 def _check_batches(config: Config) -> list[str]:
     r, t = config.rollout, config.train
     samples = r.rollout_batch_size * r.n_samples_per_prompt
-    if min(r.rollout_batch_size, r.n_samples_per_prompt, t.global_batch_size, t.num_rollout) < 1:
-        return ["--rollout-batch-size, --n-samples-per-prompt, --global-batch-size and --num-rollout must be >= 1"]
     problems = []
     if samples % t.global_batch_size:
         problems.append(
@@ -441,10 +478,6 @@ def _check_batches(config: Config) -> list[str]:
         )
     if t.use_dynamic_batch_size and not t.max_tokens_per_gpu:
         problems.append("--use-dynamic-batch-size needs --max-tokens-per-gpu")
-    if t.max_tokens_per_gpu is not None and t.max_tokens_per_gpu < 1:
-        problems.append(f"--max-tokens-per-gpu must be >= 1, got {t.max_tokens_per_gpu}")
-    if t.micro_batch_size < 1:
-        problems.append(f"--micro-batch-size must be >= 1, got {t.micro_batch_size}")
     if r.over_sampling_batch_size is not None and r.over_sampling_batch_size < r.rollout_batch_size:
         problems.append(
             f"--over-sampling-batch-size {r.over_sampling_batch_size} must be >= --rollout-batch-size "
@@ -455,10 +488,6 @@ def _check_batches(config: Config) -> list[str]:
 
 def _check_parallel(config: Config) -> list[str]:
     t, c = config.train, config.cluster
-    if t.tensor_model_parallel_size < 1:
-        return [f"--tensor-model-parallel-size must be >= 1, got {t.tensor_model_parallel_size}"]
-    if t.make_vocab_size_divisible_by < 1:
-        return [f"--make-vocab-size-divisible-by must be >= 1, got {t.make_vocab_size_divisible_by}"]
     problems = []
     world = c.actor_num_nodes * c.actor_num_gpus_per_node
     if world % t.tensor_model_parallel_size:
@@ -466,18 +495,14 @@ def _check_parallel(config: Config) -> list[str]:
             f"trainer processes --actor-num-nodes * --actor-num-gpus-per-node = {world} must be divisible by "
             f"--tensor-model-parallel-size {t.tensor_model_parallel_size}"
         )
-    elif t.global_batch_size >= 1:
+    else:
         dp = world // t.tensor_model_parallel_size
         ep = int(config.megatron.get("expert_model_parallel_size", 1))
         if dp % ep:
             problems.append(f"--expert-model-parallel-size {ep} must divide the data-parallel size {dp}")
         if t.global_batch_size % dp:
             problems.append(f"--global-batch-size {t.global_batch_size} must be divisible by data-parallel size {dp}")
-        elif (
-            not t.use_dynamic_batch_size
-            and t.micro_batch_size >= 1
-            and (t.global_batch_size // dp) % t.micro_batch_size
-        ):
+        elif not t.use_dynamic_batch_size and (t.global_batch_size // dp) % t.micro_batch_size:
             problems.append(
                 f"--global-batch-size / dp = {t.global_batch_size} / {dp} = {t.global_batch_size // dp} must be "
                 f"divisible by --micro-batch-size {t.micro_batch_size}"
@@ -487,11 +512,6 @@ def _check_parallel(config: Config) -> list[str]:
             f"--rollout-num-gpus {c.rollout_num_gpus} must be divisible by --rollout-num-gpus-per-engine "
             f"{c.rollout_num_gpus_per_engine}"
         )
-    for flag, value in (("--cores-per-node", c.cores_per_node), ("--async-generation-cores", c.async_generation_cores)):
-        if value is not None and value < 1:
-            problems.append(f"{flag} must be >= 1, got {value}")
-    if config.logging.profile < 0:
-        problems.append(f"--profile must be >= 0 (steps to profile), got {config.logging.profile}")
     if c.weight_sync == "ipc" and not c.colocate:
         problems.append("--weight-sync ipc hands device memory to an engine on the same device: it needs --colocate")
     if t.async_rollout and c.colocate:
@@ -506,8 +526,6 @@ def _check_algorithm(config: Config) -> list[str]:
     problems = []
     if a.advantage_estimator in ("grpo", "gspo") and r.n_samples_per_prompt < 2:
         problems.append(f"--advantage-estimator {a.advantage_estimator} needs --n-samples-per-prompt >= 2 (groups)")
-    if a.eps_clip_c is not None and a.eps_clip_c <= 1:
-        problems.append(f"--eps-clip-c must be > 1, got {a.eps_clip_c}")
     if a.use_kl_loss and a.kl_loss_coef <= 0:
         problems.append("--use-kl-loss needs --kl-loss-coef > 0")
     if a.kl_coef and a.advantage_estimator in ("grpo", "gspo", "reinforce_plus_plus_baseline"):
@@ -533,18 +551,6 @@ def _check_inputs(config: Config) -> list[str]:
         problems.append("--eval-prompt-data takes NAME PATH pairs")
     if d.eval_interval is not None and not d.eval_prompt_data:
         problems.append("--eval-interval needs --eval-prompt-data NAME PATH")
-    if d.eval_interval is not None and d.eval_interval < 1:
-        problems.append(f"--eval-interval must be >= 1, got {d.eval_interval}")
-    if d.rollout_max_prompt_len is not None and d.rollout_max_prompt_len < 1:
-        problems.append(f"--rollout-max-prompt-len must be >= 1, got {d.rollout_max_prompt_len}")
-    if k.keep_last_n is not None and k.keep_last_n < 1:
-        problems.append(f"--keep-last-n must be >= 1, got {k.keep_last_n}")
-    for flag, value in (
-        ("--save-interval", k.save_interval),
-        ("--rollout-max-context-len", config.rollout.rollout_max_context_len),
-    ):
-        if value is not None and value < 1:
-            problems.append(f"{flag} must be >= 1, got {value}")
     return problems
 
 
@@ -553,9 +559,7 @@ def _check_sft(config: Config) -> list[str]:
     problems = []
     if t.sft_warmup_steps and not t.sft_data:
         problems.append("--sft-warmup-steps needs --sft-data")
-    if t.sft_batch_size < 1:
-        problems.append(f"--sft-batch-size must be >= 1, got {t.sft_batch_size}")
-    elif t.sft_warmup_steps and config.data_parallel_size and t.sft_batch_size % config.data_parallel_size:
+    if t.sft_warmup_steps and config.data_parallel_size and t.sft_batch_size % config.data_parallel_size:
         problems.append(
             f"--sft-batch-size {t.sft_batch_size} must be divisible by data-parallel size {config.data_parallel_size}"
         )
@@ -563,28 +567,6 @@ def _check_sft(config: Config) -> list[str]:
         problems.append("--sft-stop-reward and --sft-eval-set go together")
     elif t.sft_eval_set is not None and t.sft_eval_set not in d.eval_prompt_data[0::2]:
         problems.append(f"--sft-eval-set {t.sft_eval_set!r} is not a NAME given to --eval-prompt-data")
-    if t.sft_eval_interval < 1:
-        problems.append(f"--sft-eval-interval must be >= 1, got {t.sft_eval_interval}")
-    return problems
-
-
-def _check_rollout(config: Config) -> list[str]:
-    r = config.rollout
-    problems = []
-    for flag, value in (
-        ("--rollout-engine-batch-size", r.rollout_engine_batch_size),
-        ("--rollout-max-response-len", r.rollout_max_response_len),
-        ("--rollout-concurrency", r.rollout_concurrency),
-        ("--n-samples-per-eval-prompt", r.n_samples_per_eval_prompt),
-    ):
-        if value < 1:
-            problems.append(f"{flag} must be >= 1, got {value}")
-    if r.rollout_temperature < 0:
-        problems.append(f"--rollout-temperature must be >= 0, got {r.rollout_temperature}")
-    if not 0 < r.rollout_top_p <= 1:
-        problems.append(f"--rollout-top-p must be in (0, 1], got {r.rollout_top_p}")
-    if r.rollout_top_k < -1:
-        problems.append(f"--rollout-top-k must be -1 (off) or >= 0, got {r.rollout_top_k}")
     return problems
 
 

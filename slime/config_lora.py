@@ -1,13 +1,16 @@
 """The LoRA section of the run config (`--lora-*`, `--save-lora`), one set of flags for every trainer family.
 
-Each field's valid range is declared beside it (metadata "range", the numbers `check_lora` enforces); the
-section is parsed like every other (slime.config.SECTIONS) and checked once at the top with the rest.
+Each numeric field's valid range is declared beside it (`valid`, a slime.flag_ranges.Range that the start-up check
+enforces and --help prints); the section is parsed like every other (slime.config.SECTIONS) and checked once at
+the top with the rest.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from slime.flag_ranges import Range, above, between
 
 if TYPE_CHECKING:
     from slime.config import Config
@@ -26,12 +29,16 @@ def _flag(default, help: str, **meta):
 
 @dataclass(frozen=True)
 class LoraConfig:
-    lora_rank: int = _flag(0, "LoRA rank (0: off, every weight trains); > 0 freezes the base weights", range=(0, None))
+    lora_rank: int = _flag(
+        0,
+        "LoRA rank (0: off, every weight trains); > 0 freezes the base weights",
+        valid=Range(1, special=((0, "off"),)),
+    )
     lora_alpha: float | None = _flag(
-        None, "LoRA alpha (default: the rank); the update is (alpha / rank) B A", range=(0, None), open_low=True
+        None, "LoRA alpha (default: the rank); the update is (alpha / rank) B A", valid=above(0)
     )
     lora_dropout: float | None = _flag(
-        None, "dropout on each adapter's input (default 0)", range=(0, 1), open_high=True
+        None, "dropout on each adapter's input (default 0)", valid=between(0, 1, high_open=True)
     )
     lora_target_modules: list[str] = _flag(
         [], "HF module names (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or all-linear (default)"
@@ -64,7 +71,7 @@ class LoraConfig:
 
 
 def check_lora(config: Config) -> list[str]:
-    """One line per problem: ranges, LoRA flags without a rank, unknown modules, a critic (it has no adapters)."""
+    """One line per problem (ranges are checked before, slime.config.check_ranges): LoRA flags without a rank, unknown modules, a critic (it has no adapters)."""
     lora = config.lora
     given = [
         flag
@@ -77,15 +84,9 @@ def check_lora(config: Config) -> list[str]:
         )
         if value is not None
     ]
-    if lora.lora_rank < 0:
-        return [f"--lora-rank must be >= 0 (0: off), got {lora.lora_rank}"]
     if lora.lora_rank == 0:
         return [f"{given[0]} needs --lora-rank > 0"] if given else []
     problems = []
-    if lora.lora_alpha is not None and lora.lora_alpha <= 0:
-        problems.append(f"--lora-alpha must be > 0, got {lora.lora_alpha}")
-    if lora.lora_dropout is not None and not 0 <= lora.lora_dropout < 1:
-        problems.append(f"--lora-dropout must be in [0, 1), got {lora.lora_dropout}")
     asked = lora.lora_target_modules
     unknown = [m for m in asked if m not in LORA_TARGETS] if asked != [ALL_LINEAR] else []
     if unknown:

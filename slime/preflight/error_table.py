@@ -36,6 +36,7 @@ MISTAKES: tuple[Mistake, ...] = (
         "batch sizes that do not divide",
         "--rollout-batch-size * --n-samples-per-prompt = 4 * 4 = 16 must be divisible by --global-batch-size 7",
     ),
+    Mistake("flag_range", "flag", "a number outside its flag's range (shown by --help)", "--lr must be >= 0, got -1"),
     Mistake(
         "flag_plugin",
         "flag",

@@ -98,6 +98,7 @@ CASES = {
     "flag_prefix": lambda d, m: ["--sft-stop", "0.3"],
     "flag_typo": lambda d, m: ["--rollout-batch-sise", "3"],
     "flag_batch": lambda d, m: ["--global-batch-size", "7"],
+    "flag_range": lambda d, m: ["--lr", "-1"],
     "flag_plugin": lambda d, m: ["--custom-rm-path", "no_such_module.reward"],
     "flag_plugin_signature": lambda d, m: ["--custom-rm-path", "json.dumps"],
     "flag_context": lambda d, m: ["--rollout-max-context-len", "100"],
@@ -155,7 +156,7 @@ CASES = {
     ],  # fmt: skip
     "package_wandb": lambda d, m: ["--use-wandb"],
 }
-THROUGH_TRAIN = ("flag_prefix", "model_no_tokenizer", "data_not_utf8", "data_context", "data_chat_role")
+THROUGH_TRAIN = ("flag_prefix", "flag_range", "model_no_tokenizer", "data_not_utf8", "data_context", "data_chat_role")
 
 
 def test_every_table_row_has_a_case_and_the_corpus_is_broad():
