@@ -21,6 +21,7 @@ from typing import Any
 from slime.config_lora import LoraConfig, check_lora
 from slime.errors import FlagError
 from slime.flag_ranges import FINITE, MEGATRON_RANGES, POS, Range, above, at_least, between, describe
+from slime.net import is_address
 
 # A user mistake in flags; the message names the flag(s) and the numbers (the name predates slime.errors).
 ConfigError = FlagError
@@ -45,6 +46,12 @@ class ClusterConfig:
     colocate: bool = opt(False, "trainer and rollout share devices; each offloads while the other runs")
     hardware: str = opt("auto", "auto or a backend name from `slime env` (auto: the first available, in a fixed order)")
     ray_address: str | None = opt(None, "connect to an existing Ray cluster instead of starting one")
+    bind_address: str = opt(
+        "auto",
+        "address slime's servers (engines, weight-group store, trainer rendezvous) bind and advertise: node (each "
+        "node's Ray address), 0.0.0.0 (every interface, advertising the node's), or an IP; auto = node when the "
+        "cluster spans hosts, else 127.0.0.1",
+    )
     weight_sync: str = opt(
         "auto",
         "trainer -> engine weight transport: object_store, broadcast (process group), ipc (device handles, "
@@ -512,6 +519,8 @@ def _check_parallel(config: Config) -> list[str]:
             f"--rollout-num-gpus {c.rollout_num_gpus} must be divisible by --rollout-num-gpus-per-engine "
             f"{c.rollout_num_gpus_per_engine}"
         )
+    if c.bind_address not in ("auto", "node") and not is_address(c.bind_address):
+        problems.append(f"--bind-address {c.bind_address!r} is not auto, node or an IPv4 address")
     if c.weight_sync == "ipc" and not c.colocate:
         problems.append("--weight-sync ipc hands device memory to an engine on the same device: it needs --colocate")
     if t.async_rollout and c.colocate:
