@@ -8,6 +8,7 @@ from pathlib import Path
 
 from slime.backends import Backend
 from slime.config import Config
+from slime.models.lora import LoraSpec
 from slime.ray.cores import CoreBudget, plan_budget
 from slime.ray.engine_worker import EngineSpec
 from slime.rollout.engines.selection import engine_in_trainer_process, rollout_engine, sglang_jax_mode
@@ -29,6 +30,7 @@ def trainer_config(config: Config, role: str) -> TrainerConfig:
         tensor_parallel_size=t.tensor_model_parallel_size,
         make_vocab_size_divisible_by=t.make_vocab_size_divisible_by,
         use_rollout_routing_replay=t.use_rollout_routing_replay,
+        lora=LoraSpec.from_config(config.lora, seed=t.seed),
         seed=t.seed + (1 if role == "critic" else 0),
         lr=t.lr,
         min_lr=t.min_lr,

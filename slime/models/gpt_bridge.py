@@ -435,10 +435,12 @@ class GPTBridge:
         model: torch.nn.Module,
         gather: Callable[[torch.Tensor], list[torch.Tensor]],
         gather_experts: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
+        params: dict[str, torch.Tensor] | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """HF-named full tensors; `gather` returns one tensor's shards from all TP ranks (collective);
-        `gather_experts` the same tensor from every expert-parallel rank (MoE families only)."""
-        params = dict(model.named_parameters())
+        `gather_experts` the same tensor from every expert-parallel rank (MoE families only); `params`: the
+        tensors to export by megatron name, in place of the model's own (LoRA's merged weights)."""
+        params = dict(model.named_parameters()) if params is None else params
         for pm in self.param_maps():
             yield from self.to_hf(pm, self._tp_shards(pm, params, gather))
 

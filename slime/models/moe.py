@@ -157,12 +157,13 @@ class Qwen3MoeBridge(Qwen3Bridge):
         model: torch.nn.Module,
         gather: Callable[[torch.Tensor], list[torch.Tensor]],
         gather_experts: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
+        params: dict[str, torch.Tensor] | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """As the dense export; each local expert's tensors are also gathered from every expert-parallel rank
         (rank r's local expert j is global expert r * local_experts + j)."""
         if self.ep_size > 1 and gather_experts is None:
             raise ValueError("export_hf: expert_model_parallel_size > 1 needs gather_experts")
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters()) if params is None else params
         for pm in self.param_maps():
             named = self.to_hf(pm, self._tp_shards(pm, params, gather))
             local = _LOCAL_EXPERT.match(pm.megatron_name)

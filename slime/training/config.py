@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from slime.errors import FlagError
+from slime.models.lora import LoraSpec
 from slime.training.losses import KL_KINDS, REDUCTIONS
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class TrainerConfig:
     rollout_temperature: float = 1.0
     value_clip: float = 0.2  # critic
     use_rollout_routing_replay: bool = False  # MoE: routers reuse the engine's experts (slime.training.routing_replay)
+    lora: LoraSpec | None = None  # --lora-rank > 0: adapters on a frozen base (slime.training.lora)
     # checkpoints
     keep_last_n: int | None = None
     # megatron-core TransformerConfig / OptimizerConfig fields passed through from the command line

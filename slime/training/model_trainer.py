@@ -72,6 +72,7 @@ class MegatronTrainer:
         self.model = self.bridge.build_model(**self._model_overrides())
         self.bridge.load_hf(self.model, config.hf_checkpoint)
         self._attach_head()
+        self.adapters = self._attach_lora()  # {} without LoRA
         self.model.to(self.device)
         self.between_layers: Callable[[], None] | None = None  # set per call (slime.ray.cores.CoreLease)
         self._call_between_layers()
@@ -92,6 +93,19 @@ class MegatronTrainer:
     # ---- construction -------------------------------------------------------------------------
     def _attach_head(self) -> None:
         """Hook for the critic, which replaces the LM head with a value head."""
+
+    def _attach_lora(self) -> dict:
+        """--lora-rank: base weights frozen, adapters on the targeted linears (slime.training.lora)."""
+        if self.config.lora is None:
+            return {}
+        from slime.training import lora
+
+        return lora.attach(self.model, self.bridge, self.config.lora, self.tp_group)
+
+    def _trained_params(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint or a snapshot holds: every parameter, or with LoRA the adapters alone (the frozen
+        base is the HF checkpoint, read again at start)."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad or not self.adapters}
 
     def _call_between_layers(self) -> None:
         """`between_layers`, while set, runs before each transformer layer's forward and its backward, on the
@@ -372,7 +386,7 @@ class MegatronTrainer:
         """Keep a host copy of the current weights under `name` (e.g. "ref", "old")."""
         if name == "actor":
             raise ValueError('"actor" names the live weights; choose another snapshot name')
-        self._snapshots[name] = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()}
+        self._snapshots[name] = {n: p.detach().to("cpu", copy=True) for n, p in self._trained_params().items()}
 
     def has_snapshot(self, name: str) -> bool:
         return name in self._snapshots
@@ -388,14 +402,15 @@ class MegatronTrainer:
                 f"no weight snapshot {name!r}; call snapshot({name!r}) first (have: {', '.join(self._snapshots) or 'none'})"
             )
         live = {}
-        for n, p in self.model.named_parameters():
-            live[n] = p.data
-            p.data = self._snapshots[name][n].to(p.device)
+        params = dict(self.model.named_parameters())
+        for n, saved in self._snapshots[name].items():
+            live[n] = params[n].data
+            params[n].data = saved.to(params[n].device)
         try:
             yield
         finally:
-            for n, p in self.model.named_parameters():
-                p.data = live[n]
+            for n, data in live.items():
+                params[n].data = data
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, step: int | None = None, extra: dict | None = None) -> Path:
@@ -411,7 +426,7 @@ class MegatronTrainer:
         if writes:
             torch.save(
                 {
-                    "model": {n: p.detach().clone() for n, p in self.model.named_parameters()},
+                    "model": {n: p.detach().clone() for n, p in self._trained_params().items()},
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "step": self.step,
@@ -484,7 +499,29 @@ class MegatronTrainer:
 
     def hf_named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full HF-named tensors; a collective: every TP (and expert-parallel) rank must iterate it to the end."""
-        yield from self.bridge.export_hf(self.model, self._gather_tp, self._gather_ep)
+        params = None
+        if self.adapters:  # LoRA: W + (alpha / r) B A, per rank from its own shards
+            from slime.training.lora import merged_params
+
+            params = merged_params(self.model, self.adapters)
+        yield from self.bridge.export_hf(self.model, self._gather_tp, self._gather_ep, params=params)
+
+    def hf_adapter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """LoRA: full PEFT-named A and B of every adapter (a collective over TP, like hf_named_tensors)."""
+        from slime.training.lora import export_adapters
+
+        yield from export_adapters(self.adapters, self._gather_tp, self.layout.tp_size)
+
+    def save_lora(self, directory: str | os.PathLike) -> Path:
+        """--save-lora: the adapters in PEFT's format (rank 0 writes; every rank gathers)."""
+        from slime.models.lora import write_peft
+
+        tensors = {name: t.cpu() for name, t in self.hf_adapter_tensors()}
+        target = Path(directory)
+        if self.layout.rank == 0:
+            write_peft(target, self.config.lora, tensors, self.config.hf_checkpoint)
+        torch.distributed.barrier()
+        return target
 
     def hf_weight_buckets(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """HF-named full tensors grouped into lists of at most bucket_bytes (a larger tensor goes alone)."""

@@ -1,0 +1,203 @@
+"""LoRA on the Megatron trainer (slime.training.lora), under plain gloo launches: B = 0 leaves the model equal to
+the base, only adapters train (no base gradients, no base optimizer state, base bit-identical after steps), the
+merged weight is W + (alpha / r) B A in closed form, TP=2 equals TP=1 (the fused-QKV Qwen3 and the GQA Qwen2 with
+biases), and a PEFT adapter written by --save-lora gives, in PEFT and in transformers, the trainer's log-probs."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slime.testing.ci_register import register_cpu_ci
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_trainer import local_batch, make_samples, trainer_config
+from tiny_hf import init_rank, make_tiny_model, run_ranks
+
+register_cpu_ci(est_time=60, suite="base-b-test-cpu")
+
+RANK, ALPHA = 4, 8.0
+
+
+def lora_spec(targets=None):
+    from slime.models.lora import LORA_TARGETS, LoraSpec
+
+    return LoraSpec(RANK, ALPHA, targets=targets or LORA_TARGETS, seed=5)
+
+
+def random_adapters(folder, targets=None, seed=0) -> dict[str, torch.Tensor]:
+    """Non-zero PEFT-named A and B for every adapted module of the model in `folder`."""
+    from slime.models import bridge_class_for, load_hf_config
+    from slime.models.lora import A_SUFFIX, B_SUFFIX, adapted_modules
+
+    hf_config = load_hf_config(folder)
+    shapes = bridge_class_for(hf_config)(hf_config).hf_shapes()
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for module in adapted_modules(lora_spec(targets), hf_config.num_hidden_layers):
+        rows, cols = shapes[module + ".weight"]
+        out[module + A_SUFFIX] = torch.randn(RANK, cols, generator=g) * 0.2
+        out[module + B_SUFFIX] = torch.randn(rows, RANK, generator=g) * 0.2
+    return out
+
+
+def hf_base(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def lora_run(rank, world, port, folder, tp, adapters, steps, targets):
+    """Log-probs of the base trainer and of LoRA before/after `steps` RL steps; adapters, merged weights."""
+    from slime.training import lora
+    from slime.training.actor import PolicyTrainer
+
+    backend, layout = init_rank(rank, world, port, tp)
+    batch = local_batch(layout)
+    base, _ = PolicyTrainer(trainer_config(folder, tp), backend).compute_log_probs(batch)
+    trainer = PolicyTrainer(trainer_config(folder, tp, lora=lora_spec(targets), lr_warmup_steps=0), backend)
+    zero_b, _ = trainer.compute_log_probs(batch)
+    if adapters is not None:
+        lora.load_adapters(trainer.adapters, adapters, layout.tp_size, layout.tp_rank)
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    start, _ = trainer.compute_log_probs(batch)
+    trainer.snapshot("ref")
+    for _ in range(steps):
+        batch.ref_log_probs, _ = trainer.compute_log_probs(batch, "ref")
+        trainer.train_step(batch)
+    trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    state_ids = {id(p) for p in trainer.optimizer.optimizer.state}
+    final, _ = trainer.compute_log_probs(batch)
+    return {
+        "base": base, "zero_b": zero_b, "start": start, "final": final, "indices": batch.sample_indices,
+        "trained": trained, "state_params": len(state_ids),
+        "state_is_adapters": state_ids == {id(p) for p in trainer.model.parameters() if p.requires_grad},
+        "base_grads": [n for n, p in trainer.model.named_parameters() if not p.requires_grad and p.grad is not None],
+        "frozen_equal": all(torch.equal(p, dict(trainer.model.named_parameters())[n]) for n, p in frozen.items()),
+        "adapters": dict(trainer.hf_adapter_tensors()), "merged": dict(trainer.hf_named_tensors()),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen3")
+    make_tiny_model("qwen3", folder, seed=11, tokenizer=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen3_tp1(qwen3):
+    return run_ranks(lora_run, 1, str(qwen3), 1, random_adapters(qwen3), 3, None)[0]
+
+
+def test_zero_b_equals_the_base_model_and_only_adapters_train(qwen3_tp1):
+    r = qwen3_tp1
+    assert all(torch.equal(a, b) for a, b in zip(r["base"], r["zero_b"]))
+    assert not any(torch.allclose(a, b, atol=1e-4) for a, b in zip(r["base"], r["start"]))
+    # 2 layers x (qkv: 3 targets, proj, fc1: 2, fc2) = 14 adapters, A and B each
+    assert len(r["trained"]) == 28 and all(".lora." in n for n in r["trained"])
+    assert r["state_params"] == 28 and r["state_is_adapters"]
+    assert r["base_grads"] == [] and r["frozen_equal"]
+    assert not any(torch.allclose(a, b, atol=1e-4) for a, b in zip(r["start"], r["final"]))
+
+
+def test_merged_weights_are_w_plus_scaled_b_a(qwen3, qwen3_tp1):
+    from slime.models.lora import A_SUFFIX, B_SUFFIX
+
+    base, r = hf_base(qwen3), qwen3_tp1
+    adapted = 0
+    for name, merged in r["merged"].items():
+        module = name.removesuffix(".weight")
+        if module + A_SUFFIX in r["adapters"]:
+            a, b = r["adapters"][module + A_SUFFIX], r["adapters"][module + B_SUFFIX]
+            torch.testing.assert_close(merged, base[name] + (ALPHA / RANK) * b @ a, atol=1e-6, rtol=0)
+            adapted += 1
+        else:
+            assert torch.equal(merged, base[name]), name
+    assert adapted == 14
+
+
+def test_tp2_equals_tp1_for_fused_qkv_and_gqa_with_biases(qwen3, qwen3_tp1, tmp_path):
+    qwen2 = tmp_path / "qwen2"
+    make_tiny_model("qwen2", qwen2, seed=3)
+    targets = ("q_proj", "v_proj", "down_proj", "up_proj")  # some pieces of each fused linear left out
+    cases = [(qwen3, None, qwen3_tp1), (qwen2, targets, None)]
+    for folder, chosen, tp1 in cases:
+        adapters = random_adapters(folder, chosen)
+        tp1 = tp1 or run_ranks(lora_run, 1, str(folder), 1, adapters, 3, chosen)[0]
+        tp2 = run_ranks(lora_run, 2, str(folder), 2, adapters, 3, chosen)[0]
+        for key in ("start", "final"):
+            for ours, theirs in zip(tp2[key], tp1[key]):
+                torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+        for name, tensor in tp1["adapters"].items():
+            torch.testing.assert_close(tp2["adapters"][name], tensor, atol=1e-5, rtol=0)
+        assert tp2["frozen_equal"] and tp2["base_grads"] == []
+
+
+def peft_run(rank, world, port, folder, adapters_dir, out_dir):
+    """Adapters read from a PEFT folder; log-probs before training, then after 2 steps with --save-lora."""
+    from slime.models.lora import read_peft
+    from slime.training import lora
+    from slime.training.actor import PolicyTrainer
+
+    backend, layout = init_rank(rank, world, port, 1)
+    spec, adapters = read_peft(adapters_dir)
+    trainer = PolicyTrainer(trainer_config(folder, 1, lora=spec, lr_warmup_steps=0, use_kl_loss=False), backend)
+    lora.load_adapters(trainer.adapters, adapters, 1, 0)
+    batch = local_batch(layout)
+    loaded, _ = trainer.compute_log_probs(batch)
+    for _ in range(2):
+        trainer.train_step(batch)
+    trainer.save_lora(out_dir)
+    trained, _ = trainer.compute_log_probs(batch)
+    return {"loaded": loaded, "trained": trained}
+
+
+def hf_log_probs(model) -> list[torch.Tensor]:
+    out = []
+    for sample in make_samples():
+        with torch.no_grad():
+            logits = model(torch.tensor([sample.tokens])).logits[0].float()
+        log_probs = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(sample.tokens[1:]).unsqueeze(1))[:, 0]
+        out.append(log_probs[-sample.response_length :])
+    return out
+
+
+def write_adapters(folder, target):
+    """A PEFT-format folder holding random_adapters (the layout PEFT's own save_pretrained writes)."""
+    from slime.models.lora import write_peft
+
+    write_peft(target, lora_spec(), random_adapters(folder, seed=7), folder)
+
+
+def test_save_lora_loads_in_transformers_and_peft_with_the_trainer_log_probs(qwen3, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from slime.models.lora import merge_hf, read_peft
+
+    write_adapters(qwen3, tmp_path / "given")
+    result = run_ranks(peft_run, 1, str(qwen3), str(tmp_path / "given"), str(tmp_path / "saved"))[0]
+    for name, expected in (("given", result["loaded"]), ("saved", result["trained"])):
+        spec, adapters = read_peft(tmp_path / name)
+        model = AutoModelForCausalLM.from_pretrained(str(qwen3), dtype=torch.float32).eval()
+        model.load_state_dict(merge_hf(model.state_dict(), adapters, spec.scaling))
+        for ours, theirs in zip(hf_log_probs(model), expected):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(result["loaded"], result["trained"]))
+    peft = pytest.importorskip("peft", reason="peft (the test extra) is not installed")
+    for name, expected in (("given", result["loaded"]), ("saved", result["trained"])):
+        base = AutoModelForCausalLM.from_pretrained(str(qwen3), dtype=torch.float32)
+        model = peft.PeftModel.from_pretrained(base, str(tmp_path / name)).eval()
+        for ours, theirs in zip(hf_log_probs(model), expected):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_moe_experts_are_refused_in_one_line():
+    from slime.errors import FlagError
+    from slime.models.lora import LoraSpec, check_targets
+
+    with pytest.raises(FlagError, match="experts, which take no adapters"):
+        check_targets(LoraSpec(4, 8.0), {"model_type": "qwen3_moe", "num_experts": 4})
+    check_targets(LoraSpec(4, 8.0, targets=("q_proj", "o_proj")), {"model_type": "qwen3_moe", "num_experts": 4})
