@@ -194,11 +194,15 @@ def finish_metrics(metrics: dict[str, float], completions: int, step_start: floa
 
 
 def export_hf(config: Config, run: RunActors) -> None:
-    if not config.checkpoint.save_hf:
+    """--save-hf (with LoRA: the merged model) and --save-lora (the adapter in PEFT's format)."""
+    if not (config.checkpoint.save_hf or config.lora.save_lora):
         return
     if config.cluster.colocate:
         run.actor.onload()  # the export gathers tensor-parallel shards on the devices
-    run.actor.save_hf(config.checkpoint.save_hf)
+    if config.checkpoint.save_hf:
+        run.actor.save_hf(config.checkpoint.save_hf)
+    if config.lora.save_lora:
+        run.actor.save_lora(config.lora.save_lora)
 
 
 def evaluate(config: Config, run: RunActors, log: RunLog, step: int) -> dict[str, float]:

@@ -11,6 +11,7 @@ import torch
 
 from slime import invariants
 from slime.config import Config
+from slime.models.lora import LoraSpec
 from slime.plugins import PluginError
 from slime.ray.actors import RunActors
 from slime.ray.cluster import ClusterError
@@ -272,4 +273,5 @@ def describe_start(config: Config, backend, start: int) -> str:
         f"{', colocated' if c.colocate else ''}{', async' if config.train.async_rollout else ''}; "
         f"rollouts {start}..{config.train.num_rollout - 1}; run folder {config.logging.output_dir}"
         + (f"\n{spec.restart_reason}" if spec.restart_reason else "")
+        + (f"\n{lora.describe()}" if (lora := LoraSpec.from_config(config.lora, engine_kind=spec.kind)) else "")
     )

@@ -21,8 +21,8 @@ from slime.training.family import trainer_family
 DEFAULT_MAX_CONTEXT = 4096
 
 
-def trainer_config(config: Config, role: str) -> TrainerConfig:
-    """The trainer's view of the run config."""
+def trainer_config(config: Config, role: str, engine_kind: str | None = None) -> TrainerConfig:
+    """The trainer's view of the run config (`engine_kind`: the run's engine, which decides how LoRA syncs)."""
     a, t = config.algorithm, config.train
     steps = config.train.num_rollout * config.train_steps_per_rollout
     return TrainerConfig(
@@ -30,7 +30,7 @@ def trainer_config(config: Config, role: str) -> TrainerConfig:
         tensor_parallel_size=t.tensor_model_parallel_size,
         make_vocab_size_divisible_by=t.make_vocab_size_divisible_by,
         use_rollout_routing_replay=t.use_rollout_routing_replay,
-        lora=LoraSpec.from_config(config.lora, seed=t.seed),
+        lora=LoraSpec.from_config(config.lora, seed=t.seed, engine_kind=engine_kind),
         seed=t.seed + (1 if role == "critic" else 0),
         lr=t.lr,
         min_lr=t.min_lr,
@@ -92,6 +92,7 @@ def engine_spec(config: Config, backend: Backend) -> EngineSpec:
         hf = json.loads((Path(config.checkpoint.hf_checkpoint) / "config.json").read_text())
         context = min(int(hf.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)), DEFAULT_MAX_CONTEXT)
     in_process, restart_reason = sglang_jax_mode() if kind == "sglang_jax" else (False, "")
+    LoraSpec.from_config(config.lora, engine_kind=kind)  # --lora-sync adapters with an engine that cannot: refused
     return EngineSpec(
         kind=kind,
         hf_checkpoint=config.checkpoint.hf_checkpoint,

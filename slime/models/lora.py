@@ -36,17 +36,43 @@ class LoraSpec:
     dropout: float = 0.0
     targets: tuple[str, ...] = LORA_TARGETS
     seed: int = 0  # A's initialisation (B starts at zero), independent of the parallel layout
+    sync: str = "merged"  # what weight sync sends: "merged" weights or the "adapters" alone (resolve_sync)
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
 
     @staticmethod
-    def from_config(lora, seed: int = 0) -> LoraSpec | None:
-        """The spec of a `slime.config_lora.LoraConfig`, or None when LoRA is off."""
+    def from_config(lora, seed: int = 0, engine_kind: str | None = None) -> LoraSpec | None:
+        """The spec of a `slime.config_lora.LoraConfig`, or None when LoRA is off; `engine_kind` decides the sync
+        mode (None: merged)."""
         if not lora.enabled:
             return None
-        return LoraSpec(lora.lora_rank, lora.alpha, float(lora.lora_dropout or 0.0), lora.targets, seed)
+        sync = resolve_sync(lora.lora_sync, engine_kind) if engine_kind else "merged"
+        return LoraSpec(lora.lora_rank, lora.alpha, float(lora.lora_dropout or 0.0), lora.targets, seed, sync)
+
+    def describe(self) -> str:
+        return (
+            f"LoRA rank {self.rank}, alpha {self.alpha:g} on {' '.join(self.targets)}, base frozen; weight sync "
+            f"{'sends the adapters alone' if self.sync == 'adapters' else 'sends merged weights W + (alpha/r) B A'}"
+        )
+
+
+# Engines that take an adapter update (A, B and the scaling) and apply W0 + s B A themselves.
+ENGINES_APPLYING_ADAPTERS = ("embedded",)
+SCALING_NAME = "lora.scaling"  # a one-element tensor sent with every adapter update
+
+
+def resolve_sync(requested: str, engine_kind: str) -> str:
+    """--lora-sync against what the engine can do: auto = adapters where the engine applies them, else merged."""
+    if requested == "adapters" and engine_kind not in ENGINES_APPLYING_ADAPTERS:
+        raise FlagError(
+            f"--lora-sync adapters: the {engine_kind} engine does not apply adapters here (those that do: "
+            f"{', '.join(ENGINES_APPLYING_ADAPTERS)}); use --lora-sync merged"
+        )
+    if requested == "auto":
+        return "adapters" if engine_kind in ENGINES_APPLYING_ADAPTERS else "merged"
+    return requested
 
 
 def module_name(layer: int, target: str) -> str:
@@ -146,4 +172,50 @@ def read_peft(folder: str | os.PathLike, seed: int = 0) -> tuple[LoraSpec, dict[
 
 
 def is_adapter_name(name: str) -> bool:
-    return name.endswith((A_SUFFIX, B_SUFFIX))
+    return name.endswith((A_SUFFIX, B_SUFFIX)) or name == SCALING_NAME
+
+
+def split_adapters(named: list[tuple[str, torch.Tensor]]) -> tuple[list, list]:
+    """(plain weights, adapter tensors) of a weight update."""
+    return [x for x in named if not is_adapter_name(x[0])], [x for x in named if is_adapter_name(x[0])]
+
+
+class AdapterMerger:
+    """An engine's side of an adapter-only update: it keeps the base weight of every module it has seen adapted
+    (a copy taken before the first update) and turns (A, B, scaling) into W0 + scaling B A for that module."""
+
+    def __init__(self):
+        self.base: dict[str, torch.Tensor] = {}
+
+    def check(self, adapters: list[tuple[str, torch.Tensor]], weights: dict[str, torch.Tensor]) -> list:
+        """Shape-check adapter tensors against the served weights; raises ValueError naming the first bad one."""
+        for name, tensor in adapters:
+            if name == SCALING_NAME:
+                continue
+            module = name.removesuffix(A_SUFFIX).removesuffix(B_SUFFIX)
+            weight = weights.get(module + ".weight")
+            if weight is None:
+                raise ValueError(f"adapter {name!r}: no weight {module}.weight in this model")
+            dim = 1 if name.endswith(A_SUFFIX) else 0
+            if tensor.dim() != 2 or tensor.shape[dim] != weight.shape[dim]:
+                raise ValueError(f"adapter {name!r} has shape {tuple(tensor.shape)}, the weight {tuple(weight.shape)}")
+        return adapters
+
+    def merged(self, adapters: list[tuple[str, torch.Tensor]], weights: dict[str, torch.Tensor]) -> list:
+        """[(weight name, W0 + s B A)] for every module with both factors in `adapters` (a complete update)."""
+        named = dict(adapters)
+        if not named:
+            return []
+        if SCALING_NAME not in named:
+            raise ValueError(f"an adapter update without {SCALING_NAME}")
+        scaling = float(named[SCALING_NAME].reshape(-1)[0])
+        out = []
+        for name, a in named.items():
+            if name.endswith(A_SUFFIX):
+                module = name.removesuffix(A_SUFFIX)
+                w = module + ".weight"
+                base = self.base.setdefault(w, weights[w].detach().clone())
+                out.append(
+                    (w, merged_weight(base, a.to(base.device), named[module + B_SUFFIX].to(base.device), scaling))
+                )
+        return out

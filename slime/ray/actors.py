@@ -82,7 +82,7 @@ def start_actors(config: Config, backend: Backend, data=None, weight_sync: str =
         )
         engines_ready = run.rollout.start.remote()  # engines load while the trainers build
         run.actor = TrainerGroup(
-            "actor", trainer_config(config, "actor"), backend, run.placement_group, layout.actor, family
+            "actor", trainer_config(config, "actor", spec.kind), backend, run.placement_group, layout.actor, family
         )
         if layout.critic:
             run.critic = TrainerGroup(

@@ -33,6 +33,9 @@ class TrainerLifecycle:
     def save_hf(self, folder: str) -> str:
         return str(self.trainer.save_hf(folder))
 
+    def save_lora(self, folder: str) -> str:
+        return str(self.trainer.save_lora(folder))
+
     def offload(self) -> None:
         self.trainer.offload()
 
@@ -383,6 +386,9 @@ class TrainerGroup:
 
     def save_hf(self, folder: str) -> str:
         return self._call("save_hf", folder)[0]
+
+    def save_lora(self, folder: str) -> str:
+        return self._call("save_lora", folder)[0]
 
     def offload(self) -> None:
         self._call("offload")

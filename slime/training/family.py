@@ -29,4 +29,20 @@ def trainer_family(config: Config, backend_name: str, families: tuple[str, ...])
             "--advantage-estimator ppo needs a critic, which the jax trainer does not have yet; "
             "use --train-backend megatron or another estimator"
         )
+    if config.lora.enabled:
+        _check_lora(config, family)
     return family
+
+
+def _check_lora(config: Config, family: str) -> None:
+    """LoRA against the model (a MoE's experts take no adapters) and the family."""
+    import json
+    from pathlib import Path
+
+    from slime.models.lora import LoraSpec, check_targets
+
+    hf_config = Path(config.checkpoint.hf_checkpoint or "") / "config.json"
+    if hf_config.is_file():
+        check_targets(LoraSpec.from_config(config.lora), json.loads(hf_config.read_text()))
+    if family == "jax" and config.lora.lora_dropout:
+        raise ConfigError("--lora-dropout: the jax trainer's adapters run without dropout (drop the flag)")

@@ -524,7 +524,14 @@ class MegatronTrainer:
         return target
 
     def hf_weight_buckets(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """HF-named full tensors grouped into lists of at most bucket_bytes (a larger tensor goes alone)."""
+        """HF-named full tensors grouped into lists of at most bucket_bytes (a larger tensor goes alone); with
+        LoRA synced as adapters, the PEFT-named A and B and the scaling (slime.models.lora.AdapterMerger)."""
+        if self.adapters and self.config.lora.sync == "adapters":
+            from slime.models.lora import SCALING_NAME
+
+            scaling = torch.tensor([self.config.lora.scaling], dtype=torch.float32)
+            yield from bucketed([*self.hf_adapter_tensors(), (SCALING_NAME, scaling)], bucket_bytes)
+            return
         yield from bucketed(self.hf_named_tensors(), bucket_bytes)
 
     def save_hf(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

@@ -201,3 +201,57 @@ def test_moe_experts_are_refused_in_one_line():
     with pytest.raises(FlagError, match="experts, which take no adapters"):
         check_targets(LoraSpec(4, 8.0), {"model_type": "qwen3_moe", "num_experts": 4})
     check_targets(LoraSpec(4, 8.0, targets=("q_proj", "o_proj")), {"model_type": "qwen3_moe", "num_experts": 4})
+
+
+def test_embedded_engine_applies_adapter_updates_onto_its_base(qwen3):
+    """Adapter-only sync: two updates in a row (the second replaces the first, not stacked), in two buckets."""
+    from slime.models.lora import SCALING_NAME, merge_hf
+    from slime.rollout.engines.base import WeightUpdateError
+    from slime.rollout.engines.embedded import EmbeddedEngine
+
+    engine = EmbeddedEngine(str(qwen3), max_batch_size=2, max_seq_len=32)
+    base = {n: t.clone() for n, t in engine.named_weights().items()}
+    scaling = torch.tensor([ALPHA / RANK])
+    for version, seed in ((1, 1), (2, 2)):
+        adapters = random_adapters(qwen3, seed=seed)
+        items = [*adapters.items(), (SCALING_NAME, scaling)]
+        engine.update_weights_from_tensors(items[:10], version=version, finish=False)
+        engine.update_weights_from_tensors(items[10:], version=version, finish=True)
+        expected = merge_hf(base, adapters, ALPHA / RANK)
+        for name, tensor in engine.named_weights().items():
+            torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0)
+    bad = next(n for n in adapters if n.endswith("lora_A.weight"))
+    with pytest.raises(WeightUpdateError, match="adapter"):
+        engine.update_weights_from_tensors([(bad, torch.zeros(RANK, 3)), (SCALING_NAME, scaling)], version=3)
+
+
+def bucket_run(rank, world, port, folder):
+    from dataclasses import replace
+
+    from slime.training.actor import PolicyTrainer
+
+    backend, _ = init_rank(rank, world, port, 1)
+    spec = replace(lora_spec(), sync="adapters")
+    sizes = {}
+    for name, lora in (("full", None), ("adapters", spec)):
+        trainer = PolicyTrainer(trainer_config(folder, 1, lora=lora), backend)
+        buckets = list(trainer.hf_weight_buckets(1 << 20))
+        sizes[name] = (
+            sum(t.numel() * t.element_size() for b in buckets for _, t in b),
+            [n for b in buckets for n, _ in b],
+        )
+    return sizes
+
+
+def test_adapter_sync_sends_the_adapters_and_the_scaling_alone(qwen3):
+    from slime.models.lora import SCALING_NAME, is_adapter_name
+
+    sizes = run_ranks(bucket_run, 1, str(qwen3))[0]
+    full_bytes, _ = sizes["full"]
+    adapter_bytes, names = sizes["adapters"]
+    assert SCALING_NAME in names and all(is_adapter_name(n) for n in names) and len(names) == 29
+    # rank 4 on a 64-wide, 2-layer model: (A + B) of 14 modules in float32, and the scaling
+    per_layer = sum(
+        RANK * (i + o) for i, o in ((64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64))
+    )
+    assert adapter_bytes == 4 * (2 * per_layer + 1) and adapter_bytes < 0.2 * full_bytes

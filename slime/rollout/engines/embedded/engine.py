@@ -10,6 +10,7 @@ routed-expert recording for MoE, and weight copies into the model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slime.models.lora import AdapterMerger, split_adapters
 from slime.rollout.engines.base import GenerateRequest, ResultCallback, WeightUpdateError
 from slime.rollout.engines.batching import BatchedSequence, ContinuousBatchingEngine
 from slime.rollout.engines.embedded.model import DecoderSpec, ServingModel
@@ -298,13 +300,28 @@ class EmbeddedEngine(ContinuousBatchingEngine):
         """No prefix cache to flush: each request prefills its own slot."""
 
     def _check_bucket(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-        return validate_named_tensors(self.model, list(named_tensors))
+        weights, adapters = split_adapters(list(named_tensors))
+        try:
+            adapters = self._adapters.check(adapters, self.model.hf_views)
+        except ValueError as e:
+            raise WeightUpdateError(f"weight update rejected: {e}") from None
+        return validate_named_tensors(self.model, weights) + adapters
 
     def _staged_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().to(self.model.device, self.model.dtype, copy=True)
 
     def _install_weights(self, prepared: list[tuple[str, torch.Tensor]]) -> None:
-        copy_into_model(self.model, prepared)
+        """Weights are copied in; a LoRA adapter update (--lora-sync adapters) becomes W0 + s B A here."""
+        weights, adapters = split_adapters(prepared)
+        try:
+            merged = self._adapters.merged(adapters, self.model.hf_views)
+        except ValueError as e:
+            raise WeightUpdateError(f"weight update rejected: {e}") from None
+        copy_into_model(self.model, weights + merged)
+
+    @functools.cached_property
+    def _adapters(self) -> AdapterMerger:
+        return AdapterMerger()
 
     def update_weights_from_disk(self, path: str, version: int) -> None:
         with self._update_lock:
