@@ -12,9 +12,11 @@ import torch
 from slime import invariants
 from slime.config import Config
 from slime.models.lora import LoraSpec
+from slime.plugin_failures import PluginFailure, describe_samples, naming_rollout, plugin_call, plugin_name
 from slime.plugins import PluginError
 from slime.ray.actors import RunActors
 from slime.ray.cluster import ClusterError
+from slime.rollout.reward_checks import checked_reward
 from slime.settings import advantage_settings, engine_spec
 from slime.training import checkpoint
 from slime.training.batch import TrainBatch
@@ -114,7 +116,8 @@ def fill_advantages(settings: AdvantageSettings, batch: TrainBatch, group_ids: l
     if advantage_fn is None:
         compute_advantages(settings, batch, group_ids)
         return
-    advantage_fn(settings, batch, group_ids)
+    with plugin_call(plugin_name("--custom-advantage-function-path", advantage_fn)):
+        advantage_fn(settings, batch, group_ids)
     name = getattr(advantage_fn, "__qualname__", repr(advantage_fn))
     for field in ("advantages", "returns"):
         values = getattr(batch, field, None)
@@ -129,6 +132,26 @@ def fill_advantages(settings: AdvantageSettings, batch: TrainBatch, group_ids: l
                 raise PluginError(
                     f"--custom-advantage-function-path {name}: batch.{field}[{i}] must have shape ({n},), got {shape}"
                 )
+            if not bool(torch.isfinite(value).all()):
+                problem = f"set batch.{field}[{i}] to {value.tolist()}: not all finite"
+                raise PluginFailure(plugin_name("--custom-advantage-function-path", advantage_fn), problem)
+
+
+def checked_rewards(config: Config, samples: list[Sample]) -> list[float]:
+    """The scalar rewards advantages are computed from; a value that is not finite never gets further. (The reward
+    functions' values are checked as they come, slime.rollout.reward_checks: this holds for --rollout-function-path
+    too, whose samples carry whatever rewards it set.)"""
+    key, rewards = config.rollout.reward_key, []
+    for sample in samples:
+        value, problem = checked_reward(sample.reward, key)
+        value = value[key] if isinstance(value, dict) else value
+        if problem is not None:
+            problem = f"set a sample's reward to {repr(sample.reward)[:40]}, not one finite number"
+            source = config.rollout.rollout_function_path
+            plugin = f"--rollout-function-path {source}" if source else "the rollout"
+            raise PluginFailure(plugin, problem, describe_samples([sample]))
+        rewards.append(value)
+    return rewards
 
 
 # ---- one RL training step -----------------------------------------------------------------------------
@@ -153,7 +176,8 @@ def train_on_rollout(
     the batch to the trainer once. `generating` (--async): the object ref of the next rollout, generating
     meanwhile; the trainer takes the engines' cores once it is done (slime.ray.cores.CoreLease)."""
     batch = TrainBatch.from_samples(samples, pad_token_id)
-    batch.rewards = [s.scalar_reward(config.rollout.reward_key) for s in samples]
+    with naming_rollout(f"rollout {step}"):
+        batch.rewards = checked_rewards(config, samples)
     settings = advantage_settings(config)
     metrics: dict[str, float] = {}
     check = config.logging.ci_test
@@ -170,7 +194,8 @@ def train_on_rollout(
             check_log_probs(config, metrics, batch, entropies, vocab_size, step, first_step)
     if run.critic is not None:
         batch.values = run.critic.compute_values(batch, generating)
-    fill_advantages(settings, batch, [s.group_index for s in samples], advantage_fn)
+    with naming_rollout(f"rollout {step}"):
+        fill_advantages(settings, batch, [s.group_index for s in samples], advantage_fn)
     actor_rows, critic_rows = [], []
     keep = check and not separate_old_pass  # then there is exactly one chunk: the step's log-probs are the old ones
     for chunk in batch.chunks(config.train.global_batch_size):

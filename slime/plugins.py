@@ -6,7 +6,9 @@ Contracts (each has a CPU contract test in test/registered/loop/test_plugins.py)
     filter     def keep(ctx, group: list[Sample]) -> bool          (dynamic sampling)
     rollout    async def rollout(ctx, data_source: DataSource, rollout_id: int) -> RolloutResult
     advantage  def advantages(settings, batch: TrainBatch, group_ids: list[int]) -> None (fills the batch)
-`ctx.config` is the run's frozen Config. A bad path fails at start-up naming the flag.
+`ctx.config` is the run's frozen Config. A bad path fails at start-up naming the flag. At run time, a plugin
+that raises (or a reward that is not one finite number) ends the run with its traceback and one line naming the
+plugin, the sample and the rollout (slime.plugin_failures); --reward-errors zero | skip absorbs reward failures.
 """
 
 from __future__ import annotations

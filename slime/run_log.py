@@ -16,6 +16,8 @@ METRICS_FILE = "metrics.jsonl"
 CONSOLE_KEYS = (
     ("rollout/reward_mean", "reward"),
     ("rollout/response_length_mean", "len"),
+    ("rollout/reward_errors_zeroed", "reward_errors_zeroed"),  # with --reward-errors zero / skip
+    ("rollout/reward_errors_skipped_groups", "reward_errors_skipped_groups"),
     ("train/pg_loss", "pg"),
     ("train/kl", "kl"),
     ("train/entropy", "ent"),

@@ -2,7 +2,9 @@
 
 `slime train --check` stops after the checks (exit 0). `slime train --help-errors` prints what each kind of
 mistake prints. A user mistake (`slime.errors.UserError`: a flag, a data file, the model folder, a missing
-package) ends with one line on stderr and exit code 2, also when a Ray worker raised it; a --ci-test
+package) ends with one line on stderr and exit code 2, also when a Ray worker raised it; a user's plugin that
+fails at run time (`slime.plugin_failures.PluginFailure`) with its own traceback, then one line naming it, the
+sample and the rollout, and exit code 1; a --ci-test
 invariant violation ends with exit code 3; anything else is a bug and keeps its traceback.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+EXIT_PLUGIN = 1
 EXIT_USAGE = 2
 EXIT_INVARIANT = 3
 CHECK_FLAG = "--check"
@@ -60,11 +63,16 @@ def _exit_code(raised: BaseException) -> int:
     """Exit code for what ended the run, with its one line printed; re-raises a bug (traceback kept)."""
     from slime.errors import one_line, unwrap, user_error_in
     from slime.invariants import InvariantViolation
+    from slime.plugin_failures import plugin_failure_in
 
     user_error = user_error_in(raised)
     if user_error is not None:
         print(f"error: {one_line(user_error)}", file=sys.stderr)
         return EXIT_USAGE
+    failure = plugin_failure_in(raised)
+    if failure is not None:  # the user's code: its traceback, then the line naming it
+        print(f"{failure.user_traceback}error: {failure.line()}", file=sys.stderr)
+        return EXIT_PLUGIN
     if isinstance(unwrap(raised), InvariantViolation):
         print(f"error: {one_line(unwrap(raised))}", file=sys.stderr)
         return EXIT_INVARIANT

@@ -169,6 +169,7 @@ class RolloutManager:
     async def generate(self, rollout_id: int) -> tuple[list[Sample], dict[str, float]]:
         import time
 
+        from slime.plugin_failures import naming_rollout, plugin_call, plugin_name
         from slime.rollout.rollout import generate_rollout
 
         r = self.config.rollout
@@ -178,15 +179,17 @@ class RolloutManager:
         # from here, so the in-flight prompts are generated again rather than skipped.
         self._data_before = {k: v for k, v in self._data_before.items() if k >= rollout_id - 1}
         self._data_before[rollout_id] = self.data.state_dict()
-        if self.plugins.rollout_fn is not None:
-            result = await self.plugins.rollout_fn(self.ctx, self.data, rollout_id)
-        else:
-            result = await generate_rollout(
-                self.ctx, self.data,
-                num_groups=r.rollout_batch_size, generate_fn=self.plugins.generate_fn, reward=reward,
-                filter_fn=self.plugins.filter_fn, over_sampling_groups=r.over_sampling_batch_size,
-                partial_rollout=r.partial_rollout, recover=self.recover,
-            )  # fmt: skip
+        with naming_rollout(f"rollout {rollout_id}"):  # a plugin's failure says which rollout it ended
+            if self.plugins.rollout_fn is not None:
+                with plugin_call(plugin_name("--rollout-function-path", self.plugins.rollout_fn)):
+                    result = await self.plugins.rollout_fn(self.ctx, self.data, rollout_id)
+            else:
+                result = await generate_rollout(
+                    self.ctx, self.data,
+                    num_groups=r.rollout_batch_size, generate_fn=self.plugins.generate_fn, reward=reward,
+                    filter_fn=self.plugins.filter_fn, over_sampling_groups=r.over_sampling_batch_size,
+                    partial_rollout=r.partial_rollout, recover=self.recover,
+                )  # fmt: skip
         result.metrics["rollout/engine_restarts"] = float(self.restarts - restarts_before)
         result.metrics["perf/rollout_time"] = time.perf_counter() - started
         result.metrics["perf/reward_time"] = reward.seconds

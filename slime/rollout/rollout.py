@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from slime.rollout import generate, rm_hub
+from slime.plugin_failures import PluginFailure, naming_rollout, plugin_call, plugin_name
+from slime.rollout import generate, reward_checks
 from slime.rollout.data import DataSource, reset_to_prompt
 from slime.rollout.engines.base import EngineUnavailable
 from slime.rollout.generate import RolloutContext, sampling_params_for
@@ -48,11 +49,8 @@ class RewardSpec:
     remote: Any = None
 
     async def score_group(self, ctx: RolloutContext, group: list[Sample]) -> None:
-        rewards = await rm_hub.score_samples(
-            group, rm_type=self.rm_type, custom_rm=self.custom_rm, group_rm=self.group_rm, args=ctx, remote=self.remote
-        )
-        for sample, reward in zip(group, rewards):
-            sample.reward = reward
+        """Each sample's reward, checked and under --reward-errors (slime.rollout.reward_checks)."""
+        await reward_checks.score_group(self, ctx, group)
 
 
 @dataclass
@@ -110,9 +108,18 @@ async def generate_one(
     recover: RecoverFn | None = None,
     max_retries: int = 3,
 ) -> Sample:
-    """Run the generate function on one sample, retried on engine failure."""
+    """Run the generate function on one sample, retried on engine failure; a custom one's failure is named."""
     params = seeded(params, ctx, sample)
-    await _with_retries(lambda: generate_fn(ctx, sample, params), [sample], stats, recover, max_retries)
+    plugin = plugin_name("--custom-generate-function-path", generate_fn)
+
+    async def attempt() -> None:
+        if generate_fn is generate.generate:  # slime's own: an error in it is not the user's
+            await generate_fn(ctx, sample, params)
+            return
+        with plugin_call(plugin, [sample], passthrough=(EngineUnavailable,)):
+            await generate_fn(ctx, sample, params)
+
+    await _with_retries(attempt, [sample], stats, recover, max_retries)
     return sample
 
 
@@ -156,6 +163,7 @@ class GroupCounts:
     filtered_out: int = 0  # rejected by the dynamic sampling filter
     discarded: int = 0  # surplus over-sampled groups, thrown away
     returned: int = 0  # cut off by a partial rollout, back in the data source with what they have
+    reward_skipped: int = 0  # dropped for a reward error (--reward-errors skip)
 
 
 async def generate_rollout(
@@ -188,8 +196,9 @@ async def generate_rollout(
     while len(kept) < num_groups:
         if barren_waves >= MAX_BARREN_WAVES:
             raise RuntimeError(
-                f"the dynamic sampling filter rejected every group of {barren_waves} generation waves in a row "
-                f"({counts.filtered_out} groups); check --dynamic-sampling-filter-path and the reward"
+                f"every group of {barren_waves} generation waves in a row was dropped ({counts.filtered_out} by the "
+                f"dynamic sampling filter, {counts.reward_skipped} for reward errors under --reward-errors skip); "
+                "check --dynamic-sampling-filter-path and the reward"
             )
         kept_before = len(kept)
         groups = data_source.get_groups(over_sampling_groups or (num_groups - len(kept)))
@@ -207,22 +216,32 @@ async def generate_rollout(
 async def collect_wave(ctx, group_runs, kept, num_groups, filter_fn, counts: GroupCounts) -> set[asyncio.Future]:
     """Keep finished groups that pass the filter until the batch is full; returns the groups still running."""
     pending = {asyncio.ensure_future(run) for run in group_runs}
+    started = set(pending)
     try:
         while pending and len(kept) < num_groups:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 group = task.result()
-                if len(kept) >= num_groups:
+                if reward_checks.reward_failed(group) and ctx.config.rollout.reward_errors == "skip":
+                    counts.reward_skipped += 1
+                elif len(kept) >= num_groups:
                     counts.discarded += 1
-                elif filter_fn is None or filter_fn(ctx, group):
+                elif keeps(ctx, filter_fn, group):
                     kept.append(group)
                 else:
                     counts.filtered_out += 1
     except BaseException:
-        for task in pending:
-            task.cancel()
+        for task in started:  # the rest stop; failures beside the one raised are seen (no "never retrieved")
+            task.exception() if task.done() and not task.cancelled() else task.cancel()
         raise
     return pending
+
+
+def keeps(ctx, filter_fn: FilterFn | None, group: list[Sample]) -> bool:
+    if filter_fn is None:
+        return True
+    with plugin_call(plugin_name("--dynamic-sampling-filter-path", filter_fn), group):
+        return filter_fn(ctx, group)
 
 
 async def stop_surplus(ctx, data_source: DataSource, pending, partial_rollout: bool, counts: GroupCounts) -> None:
@@ -254,6 +273,16 @@ def rollout_metrics(ctx, kept, stats: RolloutStats, counts: GroupCounts, elapsed
         "rollout/failed_samples": float(sum(s.status is SampleStatus.FAILED for s in samples)),
         "rollout/generated_tokens": float(stats.generated_tokens),
         "rollout/tokens_per_s": stats.generated_tokens / elapsed if elapsed > 0 else 0.0,
+    } | reward_error_metrics(ctx, "rollout", samples, counts.reward_skipped)
+
+
+def reward_error_metrics(ctx, prefix: str, samples: list[Sample], skipped_groups: int) -> dict[str, float]:
+    """With --reward-errors zero or skip: how many samples scored 0 and how many groups were dropped for it."""
+    if ctx.config.rollout.reward_errors == "fail":
+        return {}
+    return {
+        f"{prefix}/reward_errors_zeroed": float(reward_checks.zeroed(samples)),
+        f"{prefix}/reward_errors_skipped_groups": float(skipped_groups),
     }
 
 
@@ -271,12 +300,27 @@ async def evaluate(
     groups: dict[int, list[Sample]] = {}
     for s in samples:
         groups.setdefault(s.group_index, []).append(s)
-    await asyncio.gather(*(generate_samples(ctx, generate_fn, g, params, stats, recover) for g in groups.values()))
-    for group in groups.values():
-        await reward.score_group(ctx, group)
+    with naming_rollout(f"evaluation set {name}"):
+        await asyncio.gather(*(generate_samples(ctx, generate_fn, g, params, stats, recover) for g in groups.values()))
+        for group in groups.values():
+            await reward.score_group(ctx, group)
+    skip = ctx.config.rollout.reward_errors == "skip"
+    scored = [g for g in groups.values() if not (skip and reward_checks.reward_failed(g))]
+    samples = [s for g in scored for s in g]
+    skipped = len(groups) - len(scored)
+    if not samples:
+        first = next(
+            s.metadata[reward_checks.REWARD_ERROR]
+            for g in groups.values()
+            for s in g
+            if reward_checks.REWARD_ERROR in s.metadata
+        )
+        raise PluginFailure(
+            "--reward-errors skip", f"dropped every group (first: {first})", "", f"evaluation set {name}"
+        )
     rewards = [s.scalar_reward(ctx.config.rollout.reward_key) for s in samples]
     return {
         f"eval/{name}/reward_mean": sum(rewards) / len(rewards),
         f"eval/{name}/response_length_mean": sum(s.response_length for s in samples) / len(samples),
         f"eval/{name}/truncated_fraction": sum(s.status is SampleStatus.TRUNCATED for s in samples) / len(samples),
-    }
+    } | reward_error_metrics(ctx, f"eval/{name}", samples, skipped)

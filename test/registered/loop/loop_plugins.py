@@ -41,6 +41,21 @@ async def generate_killing_the_last_engine_in_rollout_1(ctx, sample: Sample, sam
     return await default_generate(ctx, sample, sampling_params)
 
 
+async def generate_losing_the_last_engine_host_once(ctx, sample: Sample, sampling_params: dict) -> Sample:
+    """The default generate, except that the first time sample KILL_AT_SAMPLE starts, every process of the last
+    engine's host is SIGKILLed (slime.testing.hosts: the host goes down) while the other samples are in flight."""
+    global _killed
+    if not _killed and sample.index == KILL_AT_SAMPLE:
+        _killed = True
+        from slime.testing.hosts import kill_host_of
+
+        session = await ctx.session()
+        async with session.get(ctx.urls[-1] + "/get_server_info") as response:
+            pid = (await response.json())["pid"]
+        kill_host_of(pid)
+    return await default_generate(ctx, sample, sampling_params)
+
+
 INJECTED = "+0="  # the "tool output" appended between the two turns: never trained on
 
 
@@ -77,3 +92,24 @@ def one_value_per_sample_advantage(settings, batch, group_ids) -> None:
     """A broken estimator: one advantage per sample instead of one per token."""
     batch.advantages = [torch.tensor([0.5]) for _ in batch.response_lengths]
     batch.returns = list(batch.advantages)
+
+
+def failing_reward(ctx, sample: Sample) -> float:
+    """A reward service that fails on sample 5 (the others score by parity)."""
+    if sample.index == 5:
+        raise ValueError("reward service returned 503")
+    return parity_reward(ctx, sample)
+
+
+def nan_or_failing_reward(ctx, sample: Sample) -> float:
+    """NaN for every sample whose index is a multiple of 5, an exception for index % 7 == 3, else parity."""
+    if sample.index % 7 == 3:
+        raise ConnectionError("reward service timed out")
+    return float("nan") if sample.index % 5 == 0 else parity_reward(ctx, sample)
+
+
+def failing_odd_groups_reward(ctx, sample: Sample) -> float:
+    """Parity, except that every sample of an odd group fails (a flaky service): --reward-errors skip drops them."""
+    if sample.group_index % 2 == 1:
+        raise TimeoutError("reward service timed out")
+    return parity_reward(ctx, sample)

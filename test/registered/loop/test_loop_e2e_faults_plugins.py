@@ -1,5 +1,8 @@
 """End to end on Ray: an engine process killed mid-rollout, a multi-turn custom generate function, custom
-rewards, and dynamic sampling with over-sampling and partial rollouts."""
+rewards, rewards that fail or are NaN under --reward-errors zero and skip, and dynamic sampling with
+over-sampling and partial rollouts."""
+
+import math
 
 from slime.testing.ci_register import register_cpu_ci
 
@@ -33,20 +36,33 @@ def test_engine_killed_mid_rollout_is_restarted_and_nothing_is_lost_or_doubled(f
     assert [{s["weight_version"] for s in b} for b in batches] == [{0}, {1}, {2}]
 
 
-def test_multi_turn_generate_masks_the_injected_tokens(files, tmp_path):
+def test_multi_turn_generate_masks_the_injected_tokens_and_nan_rewards_are_zeroed(files, tmp_path, capsys):
+    """Also: the reward is NaN for every fifth sample and raises for index % 7 == 3; with --reward-errors zero those
+    score 0, say why, are counted (metrics.jsonl and the console), and training sees only finite numbers."""
     out, dumps = tmp_path / "run", tmp_path / "dumps"
     run(
         files,
         out,
         **{
             "custom-generate-function-path": "loop_plugins.two_turn_generate",
+            "custom-rm-path": "loop_plugins.nan_or_failing_reward",
+            "reward-errors": "zero",
             "num-rollout": 2,
             "save-debug-rollout-data": dumps,
             "ci-test": True,
         },
     )
-    assert len(rows(out)) == 2
-    for batch in dumped(dumps):
+    steps = rows(out)
+    bad = [[i for i in range(16 * k, 16 * k + 16) if i % 5 == 0 or i % 7 == 3] for k in (0, 1)]
+    assert [len(b) for b in bad] == [5, 6]
+    assert [r["rollout/reward_errors_zeroed"] for r in steps] == [5.0, 6.0]
+    assert [r["rollout/reward_errors_skipped_groups"] for r in steps] == [0.0, 0.0]
+    assert all(math.isfinite(r[k]) for r in steps for k in r if k.startswith("train/"))
+    console = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[rl ")]
+    assert ["reward_errors_zeroed=5 " in console[0], "reward_errors_zeroed=6 " in console[1]] == [True, True]
+    for batch, zeroed in zip(dumped(dumps), bad):
+        assert sorted(s["index"] for s in batch if "reward_error" in s["metadata"]) == zeroed
+        assert all(s["reward"] == 0.0 for s in batch if s["index"] in zeroed)
         for s in batch:
             tool = s["metadata"]["tool_ids"]
             mask, response = s["loss_mask"], s["tokens"][-s["response_length"] :]
@@ -58,11 +74,14 @@ def test_multi_turn_generate_masks_the_injected_tokens(files, tmp_path):
 
 
 def test_dynamic_filter_with_over_sampling_keeps_only_groups_with_spread(files, tmp_path):
+    """Also: the reward fails for every sample of an odd group; --reward-errors skip drops those groups."""
     out, dumps = tmp_path / "run", tmp_path / "dumps"
     run(
         files,
         out,
         **{
+            "custom-rm-path": "loop_plugins.failing_odd_groups_reward",
+            "reward-errors": "skip",
             "dynamic-sampling-filter-path": "slime.rollout.filters.check_reward_nonzero_std",
             "over-sampling-batch-size": 6,
             "num-rollout": 2,
@@ -74,8 +93,11 @@ def test_dynamic_filter_with_over_sampling_keeps_only_groups_with_spread(files, 
         for s in batch:
             groups.setdefault(s["group_index"], []).append(s["reward"])
         assert len(groups) == 4 and all(max(r) > min(r) for r in groups.values())
+        assert all(g % 2 == 0 for g in groups) and all("reward_error" not in s["metadata"] for s in batch)
     steps = rows(out)
-    assert all(r["rollout/groups_filtered_out"] + r["rollout/groups_discarded"] >= 2 for r in steps)  # 6 drawn, 4 kept
+    dropped = [r["rollout/groups_filtered_out"] + r["rollout/groups_discarded"] for r in steps]
+    skipped = [r["rollout/reward_errors_skipped_groups"] for r in steps]
+    assert all(d + s >= 3 for d, s in zip(dropped, skipped)) and sum(skipped) >= 3  # 3 odd groups in every wave of 6
 
 
 def test_partial_rollout_returns_unfinished_groups_and_continues_them(files, tmp_path):
