@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,10 +97,11 @@ def check_targets(spec: LoraSpec, hf_config: dict) -> None:
         )
 
 
-def kaiming_a(shape: tuple[int, int], seed: int, index: int) -> torch.Tensor:
+def initial_a(module: str, shape: tuple[int, int], seed: int) -> torch.Tensor:
     """PEFT's default A: kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)); drawn on the full
-    shape from a generator of its own, so every parallel layout starts from the same adapters."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    shape from a generator seeded by the module's name, so every trainer family and parallel layout starts from
+    the same adapters."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(module.encode()))
     bound = 1.0 / math.sqrt(shape[1])
     return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).float()
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from slime.models.lora import A_SUFFIX, B_SUFFIX, LoraSpec, check_targets, kaiming_a, module_name
+from slime.models.lora import A_SUFFIX, B_SUFFIX, LoraSpec, check_targets, initial_a, module_name
 
 COLUMN, ROW = "column", "row"
 # megatron linear (under decoder.layers.<i>.) -> (kind, fused layout, HF targets in output order)
@@ -139,17 +139,13 @@ def _adapt(linear: nn.Module, kind: str, layout: str, targets: tuple, spec: Lora
 
 def _initialise(adapters: dict[str, LinearAdapters], bridge, spec: LoraSpec) -> None:
     """A from the full-shape draw (then this rank's slice), B zero: the model starts equal to the base model."""
-    full_in = bridge.hf_config.hidden_size
     with torch.no_grad():
-        for index, (_name, lin) in enumerate(sorted(adapters.items())):
-            for p, target in enumerate(lin.targets):
-                if lin.kind == COLUMN:
-                    lin.A[target].copy_(kaiming_a((spec.rank, full_in), spec.seed, 16 * index + p))
-                else:
-                    full = (spec.rank, lin.A[target].shape[1] * bridge.tp_size)
-                    lin.A[target].copy_(
-                        kaiming_a(full, spec.seed, 16 * index + p).chunk(bridge.tp_size, 1)[bridge.tp_rank]
-                    )
+        for name, lin in adapters.items():
+            for target, module in _hf_modules(name, lin):
+                local = lin.A[target]
+                full_in = local.shape[1] * (bridge.tp_size if lin.kind == ROW else 1)
+                a = initial_a(module, (spec.rank, full_in), spec.seed)
+                local.copy_(a if lin.kind == COLUMN else a.chunk(bridge.tp_size, 1)[bridge.tp_rank])
 
 
 def _hf_modules(name: str, lin: LinearAdapters) -> Iterator[tuple[str, str]]:

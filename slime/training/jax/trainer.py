@@ -22,11 +22,12 @@ import optax
 import torch
 
 from slime.models import jax_dense
+from slime.models.lora import SCALING_NAME, write_peft
 from slime.training import checkpoint
 from slime.training.batch import TrainBatch
 from slime.training.buckets import bucketed
 from slime.training.config import TrainerConfig
-from slime.training.jax import sharding, step
+from slime.training.jax import lora, sharding, step
 from slime.training.jax.state import load_state, save_state
 
 LOG_PROB_CHUNK = 4096  # vocabulary columns per step of the log-prob kernel
@@ -41,13 +42,39 @@ class JaxPolicyTrainer:
         self.dp = sharding.data_parallel_size(self.mesh)
         self.spec, shapes = jax_dense.spec_from_hf(config.hf_checkpoint, vocab_multiple=self.mesh.shape["tensor"])
         host_params, self.hf_dtypes = jax_dense.load_hf_params(config.hf_checkpoint, self.spec, shapes)
-        self.param_shardings = sharding.param_shardings(host_params, self.mesh)
+        self.lora = config.lora  # LoRA: `params` are the adapters, `frozen` the base (slime.training.jax.lora)
+        host_params, host_frozen = self._split_lora(host_params, shapes)
+        self.frozen_shardings = sharding.param_shardings(host_frozen, self.mesh)
+        self.frozen = jax.device_put(host_frozen, self.frozen_shardings)
+        if self.lora is None:
+            self.param_shardings = sharding.param_shardings(host_params, self.mesh)
+        else:
+            self.param_shardings = lora.adapter_shardings(host_params, shapes, self.mesh)
         self.params = jax.device_put(host_params, self.param_shardings)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self.rng = jax.random.key_data(jax.random.key(config.seed))  # no dropout today; kept for checkpoints
         self._snapshots: dict[str, dict[str, np.ndarray]] = {}
         self._host = None  # (params, optimizer state) in host memory while offloaded
         self.reset_optimizer()
+
+    def _split_lora(self, host_params: dict, shapes: dict) -> tuple[dict, dict]:
+        """(trainable, frozen): every parameter and nothing, or with LoRA fresh adapters and the base."""
+        if self.lora is None:
+            return host_params, {}
+        return lora.initial_adapters(self.lora, shapes, self.spec.num_layers), host_params
+
+    def model_params(self) -> dict:
+        """The live parameters the model runs with, HF-named (LoRA: the adapters merged into the base)."""
+        return self._full_params(self.params)
+
+    def _full_params(self, trainable: dict) -> dict:
+        """The model's parameters for `trainable` (LoRA: W + s B A merged on the mesh)."""
+        if self.lora is None:
+            return trainable
+        merge = _program(
+            ("merge", self.spec, self.mesh, self.lora), lambda: jax.jit(partial(lora.full_params, spec=self.lora))
+        )
+        return merge(trainable, self.frozen)
 
     # ---- optimizer ----------------------------------------------------------------------------------
     def _optimizer(self) -> optax.GradientTransformation:
@@ -114,13 +141,17 @@ class JaxPolicyTrainer:
         if kind == "log_probs":
             temperature = self.config.rollout_temperature
             fn = partial(step.response_log_probs, self.spec, temperature=temperature, chunk_size=LOG_PROB_CHUNK)
-            return _program((kind, self.spec, self.mesh, temperature), lambda: jax.jit(fn))
-        loss = step.rl_loss if kind == "rl" else step.sft_loss
-        grad_fn = jax.value_and_grad(partial(loss, spec=self.spec, s=settings), has_aux=True)
-        return _program(
-            (kind, self.spec, self.mesh, settings),
-            lambda: jax.jit(grad_fn, out_shardings=(None, self.param_shardings)),
-        )
+            key = (kind, self.spec, self.mesh, temperature, self.lora)
+            program = _program(key, lambda: jax.jit(lora.with_frozen(fn, self.lora)))
+        else:
+            loss = step.rl_loss if kind == "rl" else step.sft_loss
+            fn = lora.with_frozen(partial(loss, spec=self.spec, s=settings), self.lora)
+            grad_fn = jax.value_and_grad(fn, has_aux=True)  # in the trainable parameters only
+            program = _program(
+                (kind, self.spec, self.mesh, settings, self.lora),
+                lambda: jax.jit(grad_fn, out_shardings=(None, self.param_shardings)),
+            )
+        return lambda params, *args: program(params, self.frozen, *args)
 
     # ---- the calls the loop makes -------------------------------------------------------------------
     def compute_log_probs(self, batch: TrainBatch, weights: str = "actor") -> tuple[list, list]:
@@ -201,26 +232,41 @@ class JaxPolicyTrainer:
 
     # ---- colocation: parameters and moments to host memory and back ----------------------------------
     def offload(self) -> None:
-        self._host = (jax.device_get(self.params), jax.device_get(self.opt_state))
-        self.params = self.opt_state = None
+        self._host = (jax.device_get(self.params), jax.device_get(self.opt_state), jax.device_get(self.frozen))
+        self.params = self.opt_state = self.frozen = None
 
     def onload(self) -> None:
-        host_params, host_state = self._host
+        host_params, host_state, host_frozen = self._host
         self.params = jax.device_put(host_params, self.param_shardings)
         self.opt_state = jax.device_put(host_state, self.opt_shardings)
+        self.frozen = jax.device_put(host_frozen, self.frozen_shardings)
         self._host = None
 
     # ---- weights out --------------------------------------------------------------------------------
     def hf_named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, value in jax_dense.hf_tensors(self.params, self.spec).items():
+        for name, value in jax_dense.hf_tensors(self._full_params(self.params), self.spec).items():
             yield name, torch.from_numpy(np.array(value))  # a writable copy: torch refuses read-only memory
 
+    def hf_adapter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """LoRA: the PEFT-named A and B of every adapter."""
+        for name, value in jax_dense.hf_tensors(self.params, self.spec).items():
+            yield name, torch.from_numpy(np.array(value))
+
     def hf_weight_buckets(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Merged HF weights, or with LoRA synced as adapters their A, B and the scaling (as the Megatron trainer)."""
+        if self.lora is not None and self.lora.sync == "adapters":
+            scaling = torch.tensor([self.lora.scaling], dtype=torch.float32)
+            yield from bucketed([*self.hf_adapter_tensors(), (SCALING_NAME, scaling)], bucket_bytes)
+            return
         yield from bucketed(self.hf_named_tensors(), bucket_bytes)
 
     def save_hf(self, directory: str | os.PathLike) -> Path:
-        tensors = jax_dense.hf_tensors(self.params, self.spec, self.hf_dtypes)
+        tensors = jax_dense.hf_tensors(self._full_params(self.params), self.spec, self.hf_dtypes)
         return jax_dense.save_hf_folder(Path(directory), tensors, self.config.hf_checkpoint)
+
+    def save_lora(self, directory: str | os.PathLike) -> Path:
+        """--save-lora: the adapters in PEFT's format."""
+        return write_peft(directory, self.lora, dict(self.hf_adapter_tensors()), self.config.hf_checkpoint)
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, step: int | None = None, extra: dict | None = None) -> Path:

@@ -135,7 +135,7 @@ class JaxTrainerWorker(TrainerLifecycle):
         import time
 
         start = time.perf_counter()
-        self.engine.update_weights_in_place(self.trainer.params, version)
+        self.engine.update_weights_in_place(self.trainer.model_params(), version)  # LoRA: merged
         return time.perf_counter() - start
 
     def release_memory(self, tags: list[str] | None = None) -> None:

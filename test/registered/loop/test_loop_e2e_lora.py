@@ -5,11 +5,12 @@ adapters alone, --save-lora (PEFT format) and --save-hf (merged) agreeing in clo
 
 import math
 
+import pytest
 import torch
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=100, suite="base-c-test-cpu")
+register_cpu_ci(est_time=110, suite="base-c-test-cpu")
 
 from loop_helpers import rows, run, run_interrupted_and_resumed  # noqa: E402
 
@@ -52,3 +53,19 @@ def test_merged_sync_keeps_engine_and_trainer_together(files, tmp_path):
     assert [r["step"] for r in steps] == [0, 1]
     assert steps[0]["ci/logprob_abs_diff_mean"] < 1e-4
     assert all(r["train/grad_norm"] > 0 for r in steps)
+
+
+def test_jax_trainer_with_adapter_sync_resumes_exactly(files, tmp_path):
+    pytest.importorskip("optax", reason="the JAX trainer needs jax and optax (pip install 'slime[test]')")
+    from slime.models.lora import read_peft
+
+    jax = {"train-backend": "jax", "actor-num-gpus-per-node": 2, "micro-batch-size": 8}
+    common = {**LORA, **jax, "num-rollout": 3, "save-interval": 1, "save-lora": tmp_path / "adapter"}
+    full, part = run_interrupted_and_resumed(files, tmp_path, **common)
+    keys = ("rollout/reward_mean", "rollout/generated_tokens", "train/loss", "train/grad_norm", "weight_version")
+    assert {k: rows(full)[2][k] for k in keys} == {k: rows(part)[2][k] for k in keys}
+    for out in (full, part):
+        first = [r for r in rows(out) if "ci/logprob_abs_diff_mean" in r][-1]
+        assert first["ci/logprob_abs_diff_mean"] < 1e-4, first
+    spec, adapters = read_peft(tmp_path / "adapter")
+    assert spec.rank == 4 and len(adapters) == 28

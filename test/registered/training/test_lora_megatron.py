@@ -155,9 +155,10 @@ def peft_run(rank, world, port, folder, adapters_dir, out_dir):
     return {"loaded": loaded, "trained": trained}
 
 
-def hf_log_probs(model) -> list[torch.Tensor]:
+def hf_log_probs(model, samples=None) -> list[torch.Tensor]:
+    """transformers' log-probs of each sample's response tokens (default: test_trainer's samples)."""
     out = []
-    for sample in make_samples():
+    for sample in samples or make_samples():
         with torch.no_grad():
             logits = model(torch.tensor([sample.tokens])).logits[0].float()
         log_probs = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(sample.tokens[1:]).unsqueeze(1))[:, 0]
