@@ -52,7 +52,8 @@ class LinearAdapters(nn.Module):
         return [t for t, _, adapted in self.pieces if adapted]
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the linear's output added by the adapters, [..., local out]."""
+        """This rank's share of the linear's output added by the adapters, [..., local out]: one matmul into the
+        fused layout (fused_b), so no activation-sized piece is cut, zero-filled or interleaved."""
         from megatron.core.tensor_parallel.mappings import (
             copy_to_tensor_model_parallel_region,
             reduce_from_tensor_model_parallel_region,
@@ -65,23 +66,26 @@ class LinearAdapters(nn.Module):
             low = copy_to_tensor_model_parallel_region(low, group=group)
         else:
             low = reduce_from_tensor_model_parallel_region(low, group=group)
-        parts, lows = [], iter(low.split(self.ctx["spec"].rank, dim=-1))
+        return low @ self.fused_b().to(x.dtype).t()
+
+    def fused_b(self) -> torch.Tensor:
+        """s * B of every piece in the fused output layout, [local out, r * adapted pieces]: piece p's B in its own
+        rows and its own r columns, zero elsewhere (a small weight-sized tensor, rebuilt per forward)."""
+        rank, width = self.ctx["spec"].rank, self.ctx["spec"].rank * len(self.targets)
+        parts, column = [], 0
         for target, rows, adapted in self.pieces:
             if adapted:
-                parts.append(next(lows) @ self.B[target].to(x.dtype).t())
+                b = self.B[target]
+                parts.append(torch.nn.functional.pad(b, (column, width - column - rank)))
+                column += rank
             else:
-                parts.append(x.new_zeros(*x.shape[:-1], rows))
-        return self.scaling * self.combine(parts, -1)
+                parts.append(self.B[self.targets[0]].new_zeros(rows, width))
+        return self.scaling * self.combine(parts, 0)
 
     def weight_delta(self) -> torch.Tensor:
         """s * B A on this rank's shard of the base weight, in its layout."""
-        parts = []
-        for target, rows, adapted in self.pieces:
-            if adapted:
-                parts.append(self.B[target].detach() @ self.A[target].detach())
-            else:
-                parts.append(torch.zeros(rows, self.A[self.targets[0]].shape[1], device=self.B[self.targets[0]].device))
-        return self.scaling * self.combine(parts, 0)
+        a = torch.cat([self.A[t].detach() for t in self.targets])
+        return self.fused_b().detach() @ a
 
     def combine(self, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
         """The pieces' outputs in the fused linear's output layout along `dim`."""
