@@ -75,12 +75,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="trainer and engine share one device, steps in turn: the one-device GPU nightly",
     )
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="SFT of the whole model, then GRPO with LoRA adapters on it (--lora-rank, --lora-lr; slime.quickstart.lora)",
+    )
+    p.add_argument("--lora-rank", type=int, default=16, help="with --lora: the adapters' rank (alpha = 2 x rank)")
+    p.add_argument("--lora-lr", type=float, default=2e-3, help="with --lora: the GRPO learning rate of the adapters")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more `slime train` flags after --")
     return p.parse_args(argv)
 
 
-def train_flags(args: argparse.Namespace, folder: Path, files: dict[str, Path], bf16: bool = False) -> list[str]:
-    """`slime train` flags for the quickstart; `bf16`: train in bfloat16 autocast (`native_bf16`)."""
+def train_flags(
+    args: argparse.Namespace, folder: Path, files: dict[str, Path], bf16: bool = False, overrides: dict | None = None
+) -> list[str]:
+    """`slime train` flags for the quickstart; `bf16`: train in bfloat16 autocast (`native_bf16`); `overrides`:
+    flags set (None: a flag without a value) or, as False, left out."""
     n = args.rollout_batch_size * args.n_samples_per_prompt
     flags = {
         "--hf-checkpoint": folder / "model",
@@ -121,8 +131,11 @@ def train_flags(args: argparse.Namespace, folder: Path, files: dict[str, Path], 
         flags["--sglang-enable-memory-saver"] = None  # engines that release memory while the trainer runs
     if args.moe:  # megatron's own flag splits the experts over the two trainer processes
         flags.update({"--actor-num-gpus-per-node": 2, "--expert-model-parallel-size": 2, "--micro-batch-size": n // 2})
+    flags.update(overrides or {})
     argv: list[str] = []
     for flag, value in flags.items():
+        if value is False:
+            continue
         argv.append(flag)
         if isinstance(value, list):
             argv += [str(v) for v in value]
@@ -196,8 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(train_flags(args, folder, files))  # fail here, before Ray starts, on a bad extra flag
     # --moe keeps float32: bfloat16 through the experts' all-to-all has not been measured
     flags = train_flags(args, folder, files, bf16=not (args.fp32 or args.moe) and native_bf16(config))
-    print("slime train " + " ".join(flags), file=sys.stderr)
-    code = train_main(flags)
+    if args.lora:
+        from slime.quickstart import lora
+
+        bf16 = not (args.fp32 or args.moe) and native_bf16(config)
+        code = lora.run(args, folder, files, bf16, train_flags, train_main)
+    else:
+        print("slime train " + " ".join(flags), file=sys.stderr)
+        code = train_main(flags)
     if code != 0:
         return code
     metrics = read_metrics(folder / "run")
