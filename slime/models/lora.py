@@ -163,8 +163,16 @@ def read_peft(folder: str | os.PathLike, seed: int = 0) -> tuple[LoraSpec, dict[
 
     folder = Path(folder)
     cfg = json.loads((folder / PEFT_CONFIG).read_text())
-    if cfg.get("use_rslora") or cfg.get("use_dora") or cfg.get("peft_type", "LORA") != "LORA":
-        raise FlagError(f"{folder / PEFT_CONFIG}: only plain LoRA adapters are read (no rslora, DoRA or other types)")
+    special = ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save")
+    if (
+        any(cfg.get(key) for key in special)
+        or cfg.get("peft_type", "LORA") != "LORA"
+        or cfg.get("bias", "none") != "none"
+    ):
+        raise FlagError(
+            f"{folder / PEFT_CONFIG}: only plain LoRA adapters are read (one rank and alpha for every module, "
+            "no bias, rslora, DoRA, per-layer selection or saved modules)"
+        )
     targets = cfg["target_modules"]
     targets = LORA_TARGETS if targets == ALL_LINEAR else tuple(t for t in LORA_TARGETS if t in targets)
     spec = LoraSpec(int(cfg["r"]), float(cfg["lora_alpha"]), float(cfg.get("lora_dropout", 0.0)), targets, seed)

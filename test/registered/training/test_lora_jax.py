@@ -175,3 +175,30 @@ def test_four_device_mesh_equals_one_device(model, tmp_path):
 
 if __name__ == "__main__":
     _child(sys.argv[1], sys.argv[2])
+
+
+def test_an_adapter_peft_built_gives_the_jax_trainer_peft_log_probs(tmp_path):
+    peft = pytest.importorskip("peft", reason="peft (the test extra) is not installed")
+    import jax
+
+    from slime.config_lora import LORA_TARGETS
+    from slime.models.lora import read_peft
+    from slime.types import Sample
+
+    hf = make_tiny_model("qwen2", tmp_path / "model", seed=4)
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(LORA_TARGETS), init_lora_weights=False)
+    wrapped = peft.get_peft_model(hf, config)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)
+    wrapped.save_pretrained(str(tmp_path / "adapter"))
+    _, adapters = read_peft(tmp_path / "adapter")
+    trainer = _jax_trainer(tmp_path / "model")
+    trainer.params = jax.device_put({n: t.numpy() for n, t in adapters.items()}, trainer.param_shardings)
+    batch = _batch()
+    samples = [
+        Sample(tokens=[int(t) for t in row], response_length=n) for row, n in zip(batch.tokens, batch.response_lengths)
+    ]
+    for mine, theirs in zip(trainer.compute_log_probs(batch)[0], hf_log_probs(wrapped.eval(), samples)):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)

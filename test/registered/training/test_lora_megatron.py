@@ -256,3 +256,36 @@ def test_adapter_sync_sends_the_adapters_and_the_scaling_alone(qwen3):
         RANK * (i + o) for i, o in ((64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64))
     )
     assert adapter_bytes == 4 * (2 * per_layer + 1) and adapter_bytes < 0.2 * full_bytes
+
+
+def peft_log_probs_run(rank, world, port, folder, adapters_dir):
+    """The Megatron trainer's log-probs with the adapters of a folder PEFT itself wrote."""
+    from slime.models.lora import read_peft
+    from slime.training import lora
+    from slime.training.actor import PolicyTrainer
+
+    backend, layout = init_rank(rank, world, port, 1)
+    spec, adapters = read_peft(adapters_dir)
+    trainer = PolicyTrainer(trainer_config(folder, 1, lora=spec), backend)
+    lora.load_adapters(trainer.adapters, adapters, 1, 0)
+    return trainer.compute_log_probs(local_batch(layout))[0]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])  # q/k norms and tied embeddings; GQA with qkv biases
+def test_an_adapter_peft_built_gives_the_trainer_peft_log_probs(family, tmp_path):
+    peft = pytest.importorskip("peft", reason="peft (the test extra) is not installed")
+    from slime.config_lora import LORA_TARGETS
+
+    model = make_tiny_model(family, tmp_path / "model", seed=4)
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(LORA_TARGETS), init_lora_weights=False)
+    wrapped = peft.get_peft_model(model, config)
+    with torch.no_grad():  # both factors non-zero, B large enough to move the log-probs
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)
+    wrapped.save_pretrained(str(tmp_path / "adapter"))
+    wrapped.eval()
+    expected = hf_log_probs(wrapped)
+    ours = run_ranks(peft_log_probs_run, 1, str(tmp_path / "model"), str(tmp_path / "adapter"))[0]
+    for mine, theirs in zip(ours, expected):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
