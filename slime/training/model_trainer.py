@@ -442,6 +442,7 @@ class MegatronTrainer:
             "dp_size": self.layout.dp_size,
             "ep_size": self.layout.ep_size,
             "hf_checkpoint": str(self.config.hf_checkpoint),
+            "lora_rank": self.config.lora.rank if self.config.lora else 0,  # the model file holds adapters alone
         }
         return checkpoint.finish_save(
             root, tmp, step, meta, self.config.keep_last_n, is_rank0, torch.distributed.barrier
@@ -461,6 +462,9 @@ class MegatronTrainer:
             raise ValueError(
                 f"{folder}: saved with expert_model_parallel_size={meta.get('ep_size', 1)}, running with {self.layout.ep_size}"
             )
+        lora_rank = self.config.lora.rank if self.config.lora else 0
+        if meta.get("lora_rank", 0) != lora_rank:
+            raise ValueError(f"{folder}: saved with --lora-rank {meta.get('lora_rank', 0)}, running with {lora_rank}")
         state = torch.load(folder / self._model_file(), weights_only=False)
         params = dict(self.model.named_parameters())
         with torch.no_grad():

@@ -4,6 +4,7 @@ merged weight is W + (alpha / r) B A in closed form, TP=2 equals TP=1 (the fused
 biases), and a PEFT adapter written by --save-lora gives, in PEFT and in transformers, the trainer's log-probs."""
 
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,8 @@ def lora_run(rank, world, port, folder, tp, adapters, steps, targets):
 
     backend, layout = init_rank(rank, world, port, tp)
     batch = local_batch(layout)
-    base, _ = PolicyTrainer(trainer_config(folder, tp), backend).compute_log_probs(batch)
+    plain = PolicyTrainer(trainer_config(folder, tp), backend)
+    base, _ = plain.compute_log_probs(batch)
     trainer = PolicyTrainer(trainer_config(folder, tp, lora=lora_spec(targets), lr_warmup_steps=0), backend)
     zero_b, _ = trainer.compute_log_probs(batch)
     if adapters is not None:
@@ -70,7 +72,16 @@ def lora_run(rank, world, port, folder, tp, adapters, steps, targets):
     trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     state_ids = {id(p) for p in trainer.optimizer.optimizer.state}
     final, _ = trainer.compute_log_probs(batch)
+    refused = None
+    if world == 1:  # one folder per process: a one-rank checkpoint
+        with tempfile.TemporaryDirectory() as ckpt:
+            trainer.save(ckpt)
+            try:
+                plain.load(ckpt)  # a LoRA checkpoint holds adapters alone: a plain trainer cannot resume from it
+            except ValueError as e:
+                refused = str(e)
     return {
+        "refused": refused,
         "base": base, "zero_b": zero_b, "start": start, "final": final, "indices": batch.sample_indices,
         "trained": trained, "state_params": len(state_ids),
         "state_is_adapters": state_ids == {id(p) for p in trainer.model.parameters() if p.requires_grad},
@@ -100,6 +111,7 @@ def test_zero_b_equals_the_base_model_and_only_adapters_train(qwen3_tp1):
     assert len(r["trained"]) == 28 and all(".lora." in n for n in r["trained"])
     assert r["state_params"] == 28 and r["state_is_adapters"]
     assert r["base_grads"] == [] and r["frozen_equal"]
+    assert r["refused"].endswith("saved with --lora-rank 4, running with 0")
     assert not any(torch.allclose(a, b, atol=1e-4) for a, b in zip(r["start"], r["final"]))
 
 
