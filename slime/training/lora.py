@@ -88,7 +88,7 @@ class LinearAdapters(nn.Module):
         return self.fused_b().detach() @ a
 
     def combine(self, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
-        """The pieces' outputs in the fused linear's output layout along `dim`."""
+        """The pieces' rows in the fused linear's output layout along `dim` (qkv: interleaved per local KV group)."""
         if self.layout != "qkv":
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
         groups = self.ctx["local_groups"]
