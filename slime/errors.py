@@ -41,6 +41,15 @@ class MissingPackage(UserError):
     """An optional package the run needs is not installed; the message says what to install."""
 
 
+class RunFault(RuntimeError):
+    """Not a mistake of the user's and not a bug: the run lost something it cannot go on without (a trainer's
+    host). Its message is one line that names what was lost and where to resume from; the CLI exits 4."""
+
+
+class TrainerLost(RunFault):
+    """A trainer rank's process is gone (its host went down, or it was killed)."""
+
+
 _MAX_WRAPPERS = 8
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from slime.backends import Backend
 from slime.config import Config
+from slime.errors import TrainerLost
 from slime.loop_steps import (
     describe_start,
     dump_rollout,
@@ -63,12 +64,14 @@ def train(config: Config, backend: Backend | None = None, checked: CheckedRun | 
     """Run `config`; `checked` is its start-up check (`slime.preflight.check_run`), done here when not given."""
     inputs = prepare(config, backend, checked)
     run = start_actors(config, inputs.backend, inputs.checked.data, inputs.weight_sync)
+    summary = None
     try:
         start, version = load_checkpoint(config, run) if config.checkpoint.load else (0, 0)
         log = RunLog(config, start)
         log.message(describe_start(config, inputs.backend, start) + inputs.checked.data_counts())
-        for note in inputs.checked.notes:
-            log.message(note)
+        for note in [*inputs.checked.notes, run.describe_hosts()]:
+            if note:
+                log.message(note)
         summary = RunSummary(config.logging.output_dir, start)
         begin(config, run, inputs, log, summary, start, version)
         profile = StepProfile(config, run, plan_budget(config, run_layout(config), run.critic is not None).describe())
@@ -97,8 +100,30 @@ def train(config: Config, backend: Backend | None = None, checked: CheckedRun | 
         export_hf(config, run)
         log.close()
         return summary
+    except Exception as error:
+        raise_if_trainer_lost(config, run, summary.checkpoint if summary else None, error)
+        raise
     finally:
         run.shutdown()
+
+
+def raise_if_trainer_lost(config: Config, run: RunActors, checkpoint: str | None, error: Exception) -> None:
+    """After a failed call: when a trainer rank's process is gone (its host lost), one line naming it and the
+    checkpoint to resume from, instead of whichever error reached the driver first."""
+    import ray
+
+    if not isinstance(error, ray.exceptions.RayError):
+        return
+    lost = run.lost_trainer_ranks()
+    if not lost:
+        return
+    if checkpoint:
+        resume = f"last checkpoint {checkpoint}: resume with --load {config.checkpoint.save}"
+    elif config.checkpoint.load:
+        resume = f"no checkpoint saved since this run started from --load {config.checkpoint.load}: resume from it"
+    else:
+        resume = "no checkpoint was saved (--save, --save-interval)"
+    raise TrainerLost(f"{', '.join(lost)} is gone (host down or process killed); {resume}") from error
 
 
 def prepare(config: Config, backend: Backend | None, checked: CheckedRun | None) -> RunInputs:

@@ -5,7 +5,8 @@ mistake prints. A user mistake (`slime.errors.UserError`: a flag, a data file, t
 package) ends with one line on stderr and exit code 2, also when a Ray worker raised it; a user's plugin that
 fails at run time (`slime.plugin_failures.PluginFailure`) with its own traceback, then one line naming it, the
 sample and the rollout, and exit code 1; a --ci-test
-invariant violation ends with exit code 3; anything else is a bug and keeps its traceback.
+invariant violation ends with exit code 3; a run fault (`slime.errors.RunFault`: a trainer's host lost) with exit code 4
+and the checkpoint to resume from; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 EXIT_PLUGIN = 1
 EXIT_USAGE = 2
 EXIT_INVARIANT = 3
+EXIT_FAULT = 4
 CHECK_FLAG = "--check"
 HELP_ERRORS_FLAG = "--help-errors"
 
@@ -61,7 +63,7 @@ def _run(argv: list[str], check_only: bool) -> int:
 
 def _exit_code(raised: BaseException) -> int:
     """Exit code for what ended the run, with its one line printed; re-raises a bug (traceback kept)."""
-    from slime.errors import one_line, unwrap, user_error_in
+    from slime.errors import RunFault, one_line, unwrap, user_error_in
     from slime.invariants import InvariantViolation
     from slime.plugin_failures import plugin_failure_in
 
@@ -76,6 +78,9 @@ def _exit_code(raised: BaseException) -> int:
     if isinstance(unwrap(raised), InvariantViolation):
         print(f"error: {one_line(unwrap(raised))}", file=sys.stderr)
         return EXIT_INVARIANT
+    if isinstance(raised, RunFault):
+        print(f"error: {one_line(raised)}", file=sys.stderr)
+        return EXIT_FAULT
     if isinstance(raised, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130

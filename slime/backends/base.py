@@ -322,6 +322,11 @@ class Backend(ABC):
         placement-group bundles (Ray detects accelerators itself; the CPU backend overrides this)."""
         return {}
 
+    def network_env(self, interface: str) -> dict[str, str]:
+        """Environment that makes this hardware's collective libraries use network `interface` (a run spanning
+        hosts: the interface of the node's address). gloo serves every backend's host-side groups."""
+        return {"GLOO_SOCKET_IFNAME": interface}
+
     def ray_actor_env(self) -> dict[str, str]:
         """Environment for every Ray worker slime starts on this backend."""
         return {"OMP_NUM_THREADS": self.system.environ.get("OMP_NUM_THREADS", "1")}

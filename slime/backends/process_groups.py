@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import datetime
 
+from slime.net import LOOPBACK, listening_socket
+
 # The collective libraries a weight group may use, by the `backend` string of SGLang's request.
 GROUP_BACKENDS = ("gloo", "nccl")
 DEFAULT_GROUP_BACKEND = "nccl"  # what SGLang's InitWeightsUpdateGroupReqInput assumes when `backend` is absent
@@ -29,17 +31,23 @@ def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def host_store(world_size: int, timeout_s: float):
-    """Rank 0's rendezvous store on a port the system picks (no race for a "free" port); returns (store, port).
-    It does not wait here for the other ranks: they are told the port first, then everyone opens the group."""
+def host_store(world_size: int, timeout_s: float, host: str = LOOPBACK):
+    """Rank 0's rendezvous store, listening on `host` only, on a port the system picks (no race for a "free"
+    port); returns (store, port). torch's store would listen on every interface by itself, so it is handed a
+    socket already bound. It does not wait here for the other ranks: they are told the port first, then everyone
+    opens the group."""
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        store = dist.TCPStore("0.0.0.0", 0, world_size, True, timeout=timeout, wait_for_workers=False)
-    except RuntimeError as e:
-        raise GroupError(f"weight group store did not start: {_first_line(e)}") from None
-    return store, store.port
+        sock = listening_socket(host)
+        port = sock.getsockname()[1]
+        store = dist.TCPStore(
+            host, port, world_size, True, timeout=timeout, wait_for_workers=False, master_listen_fd=sock.detach()
+        )
+    except (RuntimeError, OSError) as e:
+        raise GroupError(f"weight group store did not start on {host}: {_first_line(e)}") from None
+    return store, port
 
 
 def open_group(

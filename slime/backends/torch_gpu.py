@@ -15,6 +15,10 @@ class TorchGpuBackend(Backend):
         super().setup_process(local_rank)
         torch.cuda.set_device(local_rank)
 
+    def network_env(self, interface: str) -> dict[str, str]:
+        # NCCL (and RCCL, which reads the same variable) picks its own interface otherwise
+        return {**super().network_env(interface), "NCCL_SOCKET_IFNAME": interface}
+
     def synchronize(self) -> None:
         import torch
 

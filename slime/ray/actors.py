@@ -3,7 +3,8 @@ critic (PPO), and the rollout manager with its engines."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 from slime.backends import Backend
@@ -31,6 +32,10 @@ def run_layout(config: Config, family: str = "megatron") -> cluster.Layout:
     )  # fmt: skip
 
 
+# How long a trainer rank may take to answer "are you there" after a failed call before it counts as alive but busy.
+LIVENESS_TIMEOUT_S = 60.0
+
+
 @dataclass
 class RunActors:
     actor: TrainerGroup
@@ -40,6 +45,36 @@ class RunActors:
     started_ray: bool
     weight_sync: str = "object_store"  # the transport resolved before start (slime.ray.weight_sync)
     engine_in_trainer: bool = False  # EngineSpec.hosted_by_trainer: weights go over in process, not as buckets
+    engine_hosts: tuple[str, ...] = ()  # the address of each engine's node, at start
+    bind_address: str = ""  # --bind-address as resolved for the run (cluster.run_bind_address)
+
+    def describe_hosts(self) -> str | None:
+        """Which host runs what, when the run spans hosts (None on one host)."""
+        trainer = sorted({r.node for g in (self.actor, self.critic) if g is not None for r in g.ranks})
+        if len(set(trainer) | set(self.engine_hosts)) < 2:
+            return None
+        return (
+            f"hosts: trainer {', '.join(trainer)}; engines {', '.join(self.engine_hosts)}; "
+            f"servers bind {self.bind_address} (--bind-address)"
+        )
+
+    def lost_trainer_ranks(self, timeout_s: float = LIVENESS_TIMEOUT_S) -> list[str]:
+        """The trainer ranks whose process is gone, as "actor rank 1 on host 198.18.0.11" (a rank that is only busy
+        is not lost). Asked after a trainer call failed: Ray declares a lost host's actors dead within its health
+        check's bound, well inside `timeout_s`."""
+        import ray
+
+        ranks = [(g, w, i) for g in (self.actor, self.critic) if g is not None for w, i in zip(g.workers, g.ranks)]
+        probes = {w.__ray_ready__.remote(): (g, i) for g, w, i in ranks}
+        lost, deadline = [], time.monotonic() + timeout_s
+        for probe, (group, info) in probes.items():
+            try:
+                ray.get(probe, timeout=max(0.1, deadline - time.monotonic()))
+            except ray.exceptions.RayActorError:
+                lost.append(f"{group.role} rank {info.rank} on host {info.node or '?'}")
+            except ray.exceptions.GetTimeoutError:
+                continue  # busy (or stuck in a collective with the lost rank): not itself gone
+        return lost
 
     def shutdown(self) -> None:
         """Stop whatever was started (also after a failed start), then Ray itself if this run started it."""
@@ -74,27 +109,28 @@ def start_actors(config: Config, backend: Backend, data=None, weight_sync: str =
     started = cluster.connect(backend, layout.num_devices, config.cluster.ray_address)
     run = RunActors(None, None, None, None, started, weight_sync, spec.hosted_by_trainer)
     try:
+        run.bind_address = bind = cluster.run_bind_address(config.cluster.bind_address)  # needs the cluster's hosts
+        spec = replace(spec, bind_address=bind)
         run.placement_group = cluster.create_placement_group(backend, layout)
         run.rollout = (
             ray.remote(RolloutManager)
-            .options(num_cpus=0, max_concurrency=64)
+            .options(num_cpus=0, max_concurrency=64, **cluster.on_this_node())
             .remote(config, backend.name, run.placement_group, layout.rollout, spec, data)
         )
         engines_ready = run.rollout.start.remote()  # engines load while the trainers build
-        run.actor = TrainerGroup(
-            "actor", trainer_config(config, "actor", spec.kind), backend, run.placement_group, layout.actor, family
-        )
+        actor_config = replace(trainer_config(config, "actor", spec.kind), bind_address=bind)
+        run.actor = TrainerGroup("actor", actor_config, backend, run.placement_group, layout.actor, family)
         if layout.critic:
-            run.critic = TrainerGroup(
-                "critic", trainer_config(config, "critic"), backend, run.placement_group, layout.critic
-            )
-        ray.get(engines_ready)
+            critic_config = replace(trainer_config(config, "critic"), bind_address=bind)
+            run.critic = TrainerGroup("critic", critic_config, backend, run.placement_group, layout.critic)
+        engines = ray.get(engines_ready)
         if spec.hosted_by_trainer:
             host = run.actor.workers[0]
             ray.get(host.host_engine.remote(spec))
-            ray.get(run.rollout.adopt_engine.remote(host))
+            engines = ray.get(run.rollout.adopt_engine.remote(host))
         elif weight_sync != "object_store":  # the trainer sends to the engines itself; restarts fetch from it
             ray.get(run.rollout.set_weight_source.remote(run.actor.workers, config.train.weight_update_bucket_mb << 20))
+        run.engine_hosts = tuple(e["node"] for e in engines)
     except BaseException:
         run.shutdown()
         raise

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from slime.backends import Backend
 from slime.errors import UserError
+from slime.net import ANY, LOOPBACK, NODE
 
 # Fraction of a device each side takes when colocated: both fit in one bundle together.
 COLOCATED_SHARE = 0.4
@@ -182,6 +183,37 @@ def connect(backend: Backend, devices_needed: int, address: str | None = None, l
         **backend.ray_cluster_options(devices_needed),
     )
     return True
+
+
+def cluster_hosts() -> list[str]:
+    """The addresses of the cluster's live nodes (one per host: nodes sharing a host share its address)."""
+    import ray
+
+    return sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
+
+
+def run_bind_address(setting: str) -> str:
+    """The one place --bind-address is decided, on the driver once Ray is up: `auto` is the node's own address
+    when the cluster spans hosts (a server on another host must be reachable) and loopback when it does not
+    (nothing listens beyond the machine). Every worker gets the result (`node`, 0.0.0.0 or an IP)."""
+    hosts = cluster_hosts()
+    if setting == "auto":
+        return NODE if len(hosts) > 1 else LOOPBACK
+    if setting not in (NODE, ANY) and len(hosts) > 1:
+        raise ClusterError(
+            f"--bind-address {setting}: the cluster spans hosts {', '.join(hosts)} and no address is every host's; "
+            "use node or 0.0.0.0"
+        )
+    return setting
+
+
+def on_this_node() -> dict:
+    """`.options(...)` that keeps an actor on the driver's node (the rollout manager: it is the run's control
+    side, like the driver, and must not go down with an engine or trainer host)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
 def create_placement_group(backend: Backend, layout: Layout, timeout_s: float = 120.0) -> Placement:

@@ -38,11 +38,17 @@ class EngineSpec:
     # jax or in-process sglang-jax engine, --colocate with the JAX trainer: the engine runs inside the trainer's
     # process (one engine) and takes the trainer's parameters device to device instead of HF-named buckets
     hosted_by_trainer: bool = False
+    # --bind-address as the driver resolved it (slime.ray.cluster.run_bind_address): node, 0.0.0.0 or an IP
+    bind_address: str = "127.0.0.1"
     cores: CoreBudget | None = None  # threads while generating (slime.ray.cores); None: the process's default
 
 
 def start_engine(spec: EngineSpec, backend):
-    """(engine, url, stop) for the spec's engine kind on this process's device."""
+    """(engine, url, stop) for the spec's engine kind on this process's device, its server bound and advertised
+    as --bind-address says."""
+    from slime.net import worker_addresses
+
+    host, advertise = worker_addresses(spec.bind_address)
     if spec.kind == "embedded":
         import torch
 
@@ -53,7 +59,7 @@ def start_engine(spec: EngineSpec, backend):
             spec.hf_checkpoint, backend.torch_device(), spec.max_batch_size, spec.max_seq_len,
             getattr(torch, spec.dtype), spec.seed,
         )  # fmt: skip
-        server = serve_http(engine, "127.0.0.1", 0)
+        server = serve_http(engine, host, 0, advertise=advertise)
         return engine, server.url, server.stop
     if spec.kind == "jax":
         from slime.rollout.engines.embedded.server import serve_http
@@ -61,13 +67,13 @@ def start_engine(spec: EngineSpec, backend):
 
         device = backend.jax_devices()[0]
         engine = JaxEngine(spec.hf_checkpoint, spec.max_batch_size, spec.max_seq_len, spec.dtype, spec.seed, device)
-        server = serve_http(engine, "127.0.0.1", 0)
+        server = serve_http(engine, host, 0, advertise=advertise)
         return engine, server.url, server.stop
     if spec.kind == "sglang":
         from slime.rollout.engines.sglang.launcher import SGLangEngine, SGLangServerConfig
 
         server = SGLangServerConfig(
-            spec.hf_checkpoint, dict(spec.server_options), log_dir=spec.log_dir,
+            spec.hf_checkpoint, dict(spec.server_options), host=host, advertise=advertise, log_dir=spec.log_dir,
             return_routed_experts=spec.return_routed_experts,
         )  # fmt: skip
         engine = SGLangEngine(server)
@@ -81,14 +87,16 @@ def start_engine(spec: EngineSpec, backend):
         engine = SGLangJaxInProcessEngine(
             spec.hf_checkpoint, spec.max_seq_len, max_batch_size=spec.max_batch_size, **options
         )
-        server = serve_http(engine, "127.0.0.1", 0)
+        server = serve_http(engine, host, 0, advertise=advertise)
         return engine, server.url, server.stop
     if spec.kind == "sglang_jax":
         from slime.rollout.engines.sglang_jax.engine import SGLangJaxEngine, SGLangJaxServerConfig
 
         staging = spec.staging_dir or os.path.join(spec.log_dir or ".", "sglang_jax_weights")
         engine = SGLangJaxEngine(
-            SGLangJaxServerConfig(spec.hf_checkpoint, staging, dict(spec.server_options), log_dir=spec.log_dir)
+            SGLangJaxServerConfig(
+                spec.hf_checkpoint, staging, dict(spec.server_options), host, advertise, log_dir=spec.log_dir
+            )
         )
         return engine, engine.url, lambda: None
     raise ValueError(f"unknown rollout engine kind {spec.kind!r}")
@@ -112,11 +120,13 @@ class EngineWorker:
 
     def __init__(self, spec: EngineSpec, hardware: str):
         from slime.backends import backend_for_worker
+        from slime.net import bind_worker_network
         from slime.ray.cluster import bind_worker_devices
 
         self.spec = spec
         self.backend = backend_for_worker(hardware)  # the driver selected it; a worker does not probe again
         bind_worker_devices(self.backend)  # before the engine touches the device stack
+        bind_worker_network(self.backend, spec.bind_address)  # before its weight group forms
 
     def devices(self) -> dict:
         from slime.ray.cluster import device_report
@@ -132,7 +142,10 @@ class EngineWorker:
         return self.info()
 
     def info(self) -> dict:
-        return {"url": self.url, "pid": os.getpid(), "weight_version": self.engine.weight_version}
+        import ray
+
+        node = {"node_id": ray.get_runtime_context().get_node_id(), "node": ray.util.get_node_ip_address()}
+        return {"url": self.url, "pid": os.getpid(), "weight_version": self.engine.weight_version, **node}
 
     def health(self) -> bool:
         return self.engine.health()

@@ -4,7 +4,8 @@ filters, evaluation, and engine fault tolerance.
 Engines live in their own actors (EngineWorker) and are reached over SGLang's HTTP API for generation.
 When a request finds its engine gone, `recover()` restarts every dead engine in its old placement slot,
 loads the newest weights into it, and the failed requests are retried from where their sample stood: nothing
-is lost, nothing counted twice. The newest weights: with weight sync "object_store" the buckets of the last
+is lost, nothing counted twice. An engine whose host is gone (or whose replacement cannot start) is dropped and
+the run goes on with the others, counted in `rollout/engines_lost`. The newest weights: with weight sync "object_store" the buckets of the last
 update stay referenced here; with "broadcast" / "ipc" (sent by the trainer straight to the engines) the
 trainer publishes them to the object store once more, for the restarted engine only.
 """
@@ -24,6 +25,8 @@ from slime.types import Sample
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 30.0
+# A replacement engine that has not started by then (its bundle's node gone and no room elsewhere) is given up.
+RESTART_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -32,6 +35,8 @@ class _Engine:
     url: str
     pid: int
     hosted: bool = False  # lives in the trainer's process (EngineSpec.hosted_by_trainer): never killed from here
+    node_id: str = ""  # the Ray node it runs on: when that node is gone, so is the engine's slot
+    node: str = ""  # that node's address, for messages
 
 
 class RolloutManager:
@@ -47,6 +52,7 @@ class RolloutManager:
         self.spec = spec
         self.engines: list[_Engine] = []
         self.restarts = 0
+        self.lost = 0  # engines given up (their host gone): the run goes on with the others
         self._weights: tuple[list, int] = ([], 0)  # last update's bucket refs and version, for restarted engines
         self._weight_source: tuple[list, int] | None = None  # (trainer workers, bucket bytes): transports without refs
         self._recover_lock = asyncio.Lock()
@@ -92,7 +98,7 @@ class RolloutManager:
     async def adopt_engine(self, actor) -> list[dict]:
         """Use the engine the trainer's actor hosts (after its host_engine) as this run's only engine."""
         info = await actor.info.remote()
-        self.engines = [_Engine(actor, info["url"], info["pid"], hosted=True)]
+        self.engines = [_Engine(actor, info["url"], info["pid"], True, info.get("node_id", ""), info.get("node", ""))]
         self.ctx.set_urls([e.url for e in self.engines])
         return self.engine_info()
 
@@ -104,10 +110,10 @@ class RolloutManager:
             env = {**ray_env(self.backend), **self.backend.jax_process_env(1, threads)}
         actor = place_engine_worker(self.spec, self.backend, self.placement_group, slot, env)
         info = await actor.start.remote()
-        return _Engine(actor, info["url"], info["pid"])
+        return _Engine(actor, info["url"], info["pid"], node_id=info.get("node_id", ""), node=info.get("node", ""))
 
     def engine_info(self) -> list[dict]:
-        return [{"url": e.url, "pid": e.pid} for e in self.engines]
+        return [{"url": e.url, "pid": e.pid, "node": e.node} for e in self.engines]
 
     async def _alive(self, engine: _Engine) -> bool:
         try:
@@ -116,23 +122,57 @@ class RolloutManager:
             return False
 
     async def recover(self) -> None:
-        """Restart every engine that no longer answers; concurrent callers share one restart."""
+        """Restart every engine that no longer answers, in its old slot; an engine whose host is gone is dropped
+        and the run goes on with the others (its slot's devices went with the host). Concurrent callers share
+        one recovery."""
         async with self._recover_lock:
             alive = await asyncio.gather(*(self._alive(e) for e in self.engines))
-            for i, ok in enumerate(alive):
+            kept: list[tuple[_Engine, Slot]] = []
+            for engine, slot, ok in zip(self.engines, self.slots, alive):
                 if ok:
+                    kept.append((engine, slot))
                     continue
-                if self.engines[i].hosted:
+                if engine.hosted:
                     raise RuntimeError("the rollout engine in the trainer's process is gone (so is the trainer)")
-                logger.warning("rollout engine %d (pid %d) is gone; restarting it", i, self.engines[i].pid)
-                await self._stop(self.engines[i], timeout_s=10)  # a hung worker may still own a server process
-                engine = await self._start_engine(self.slots[i])
+                replacement = await self._replace(engine, slot, len(self.engines) - 1)
+                if replacement is not None:
+                    kept.append((replacement, slot))
+            if not kept:
+                raise EnginesLost(f"every rollout engine is gone ({len(self.engines)} lost with their hosts)")
+            self.engines, self.slots = [e for e, _ in kept], tuple(s for _, s in kept)
+            self.ctx.set_urls([e.url for e in self.engines])
+
+    async def _replace(self, engine: _Engine, slot: Slot, others: int) -> _Engine | None:
+        """A new engine in `slot` with the newest weights, or None when the engine's host is gone or no new one
+        starts within RESTART_TIMEOUT_S (counted in `lost`)."""
+        import ray
+
+        await self._stop(engine, timeout_s=10)  # a hung worker may still own a server process
+        failure = "its host is down"
+        if not engine.node_id or _node_alive(engine.node_id):
+            logger.warning("rollout engine at %s (pid %d) is gone; restarting it", engine.url, engine.pid)
+            try:
+                new = await asyncio.wait_for(self._start_engine(slot), RESTART_TIMEOUT_S)
+            except (TimeoutError, ray.exceptions.RayError) as e:
+                # Ray may declare the host dead only now (its health check): say so rather than the symptom
+                alive = not engine.node_id or _node_alive(engine.node_id)
+                failure = (
+                    f"no replacement started ({type(e).__name__}, within {RESTART_TIMEOUT_S:.0f} s)"
+                    if alive
+                    else failure
+                )
+            else:
                 refs, version = await self._newest_weights()
                 if refs:
-                    await engine.actor.update_weights.remote(refs, version)
-                self.engines[i] = engine
+                    await new.actor.update_weights.remote(refs, version)
                 self.restarts += 1
-            self.ctx.set_urls([e.url for e in self.engines])
+                return new
+        logger.warning(
+            "rollout engine at %s is lost: %s (host %s); going on with the other %d", engine.url, failure,
+            engine.node or "?", others,
+        )  # fmt: skip
+        self.lost += 1
+        return None
 
     async def _newest_weights(self) -> tuple[list, int]:
         refs, version = self._weights
@@ -173,7 +213,7 @@ class RolloutManager:
         from slime.rollout.rollout import generate_rollout
 
         r = self.config.rollout
-        restarts_before, started = self.restarts, time.perf_counter()
+        restarts_before, lost_before, started = self.restarts, self.lost, time.perf_counter()
         reward = TimedReward(self.plugins.reward)
         # Where the data stood before this rollout: a checkpoint taken while it is in flight (--async) resumes
         # from here, so the in-flight prompts are generated again rather than skipped.
@@ -191,6 +231,7 @@ class RolloutManager:
                     partial_rollout=r.partial_rollout, recover=self.recover,
                 )  # fmt: skip
         result.metrics["rollout/engine_restarts"] = float(self.restarts - restarts_before)
+        result.metrics["rollout/engines_lost"] = float(self.lost - lost_before)
         result.metrics["perf/rollout_time"] = time.perf_counter() - started
         result.metrics["perf/reward_time"] = reward.seconds
         return result.samples, result.metrics
@@ -252,6 +293,16 @@ def _load_prompts(config: Config, path: str, n: int, tokenizer, shuffle: bool | 
         shuffle=d.rollout_shuffle if shuffle is None else shuffle, seed=d.rollout_seed, skip_bad_rows=d.skip_bad_rows,
         log=logger.warning, prepared=prepared,
     )  # fmt: skip
+
+
+def _node_alive(node_id: str) -> bool:
+    import ray
+
+    return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+
+
+class EnginesLost(RuntimeError):
+    """No rollout engine is left to generate with."""
 
 
 class TimedReward:

@@ -14,7 +14,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from slime.backends import Backend
-from slime.ray.cluster import Slot, bind_worker_devices, device_report, get_all, ray_env, scheduling
+from slime.net import bind_worker_network, worker_addresses
+from slime.ray.cluster import (
+    Slot,
+    bind_worker_devices,
+    device_report,
+    get_all,
+    ray_env,
+    scheduling,
+)
 from slime.training.batch import TrainBatch
 from slime.training.config import TrainerConfig
 
@@ -58,7 +66,9 @@ class TrainerWorker(TrainerLifecycle):
         self.role, self.config, self.rank, self.world_size = role, config, rank, world_size
         self.backend = backend_for_worker(hardware)  # the driver selected it; a worker does not probe again
         bind_worker_devices(self.backend)  # before anything touches the device stack
+        bind_worker_network(self.backend, config.bind_address)  # before any process group forms
         self.trainer: Any = None
+        self._listener: Any = None  # rank 0: the bound socket of the job's rendezvous store (master_address)
         self._sender: Any = None  # weight sync "broadcast": the group to the engines, kept between updates
         self.busy_s: dict[str, float] = {}  # --profile: seconds spent per method
         self._traced = 0  # --profile: train steps traced so far
@@ -93,21 +103,24 @@ class TrainerWorker(TrainerLifecycle):
         return device_report(self.backend)
 
     def master_address(self) -> tuple[str, int]:
-        import ray
+        """Rank 0: where the job's rendezvous store will listen (bound now, so the port cannot be taken)."""
+        from slime.net import listening_socket
 
-        from slime.net import free_port
-
-        return ray.util.get_node_ip_address(), free_port()
+        bind, advertised = worker_addresses(self.config.bind_address)
+        self._listener = listening_socket(bind)
+        return advertised, self._listener.getsockname()[1]
 
     def init(self, master_addr: str, master_port: int) -> dict[str, int]:
         from slime.training.actor import PolicyTrainer
         from slime.training.critic import CriticTrainer
         from slime.training.distributed import init_distributed
 
+        listen_fd = self._listener.detach() if self._listener is not None else None  # the store owns it now
+        self._listener = None
         layout = init_distributed(
             self.backend, self.rank, self.world_size, master_addr, master_port,
             local_rank=self.backend.device_index, tensor_parallel_size=self.config.tensor_parallel_size,
-            expert_parallel_size=self.config.expert_parallel_size, seed=self.config.seed,
+            expert_parallel_size=self.config.expert_parallel_size, seed=self.config.seed, listen_fd=listen_fd,
         )  # fmt: skip
         self.trainer = (PolicyTrainer if self.role == "actor" else CriticTrainer)(self.config, self.backend)
         return {
@@ -116,6 +129,7 @@ class TrainerWorker(TrainerLifecycle):
             "dp_rank": layout.dp_rank,
             "dp_size": layout.dp_size,
             "pid": os.getpid(),
+            "node": worker_addresses("node")[1],
         }
 
     # ---- per-step work ------------------------------------------------------------------------------
@@ -196,10 +210,8 @@ class TrainerWorker(TrainerLifecycle):
                 drain(buckets)
                 return 0.0
             if self._sender is None or self._sender.timeout_s != timeout_s:
-                import ray
-
-                address = ray.util.get_node_ip_address()
-                self._sender = BroadcastSender(self.backend.dist_backend, address, timeout_s)
+                bind, address = worker_addresses(self.config.bind_address)
+                self._sender = BroadcastSender(self.backend.dist_backend, address, timeout_s, bind=bind)
             return self._sender.send(urls, buckets, version)
 
     def ipc_weights(self, urls: list[str], version: int, bucket_bytes: int, timeout_s: float) -> float:
@@ -267,6 +279,7 @@ class RankInfo:
     dp_rank: int
     dp_size: int
     pid: int
+    node: str = ""  # the address of the node the rank runs on
 
 
 class TrainerGroup:

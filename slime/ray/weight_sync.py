@@ -159,8 +159,12 @@ class BroadcastSender:
     is destroyed on every engine that may still hold it and here: SGLang refuses a second group of a name it
     has, and torch refuses one in this process."""
 
-    def __init__(self, dist_backend: str, address: str, timeout_s: float, group_name: str = GROUP_NAME):
+    def __init__(
+        self, dist_backend: str, address: str, timeout_s: float, group_name: str = GROUP_NAME, bind: str | None = None
+    ):
+        """`address`: where the engines reach this side's store; `bind`: where it listens (default: `address`)."""
         self.dist_backend, self.address, self.timeout_s, self.group_name = dist_backend, address, timeout_s, group_name
+        self.bind = bind or address
         self.group = None
         self.urls: list[str] = []
 
@@ -173,7 +177,7 @@ class BroadcastSender:
             return
         self.disconnect(urls)
         world = len(urls) + 1
-        store, port = host_store(world, self.timeout_s)
+        store, port = host_store(world, self.timeout_s, self.bind)
         clients = self._clients(urls)
         with ThreadPoolExecutor(len(clients)) as pool:
             joins = [

@@ -59,6 +59,8 @@ class TrainerConfig:
     # megatron-core TransformerConfig / OptimizerConfig fields passed through from the command line
     megatron_overrides: tuple[tuple[str, object], ...] = ()
     cores: CoreBudget | None = None  # threads per phase (slime.ray.cores); None: the process's default
+    # --bind-address as the driver resolved it (node, 0.0.0.0 or an IP): the rendezvous and weight-group stores
+    bind_address: str = "127.0.0.1"
     profile_steps: int = 0  # --profile: trace the first N train steps with the torch profiler (rank 0)
     profile_dir: str | None = None
 

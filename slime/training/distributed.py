@@ -35,9 +35,12 @@ def init_distributed(
     local_rank: int | None = None,
     timeout_s: float = 600.0,
     seed: int = 1234,
+    listen_fd: int | None = None,
 ) -> ParallelLayout:
     """Join the job's process group and build megatron's TP/DP (and expert-parallel) groups (TP ranks are
-    adjacent; the expert-parallel group is carved out of the data-parallel ranks, as megatron does)."""
+    adjacent; the expert-parallel group is carved out of the data-parallel ranks, as megatron does). `listen_fd`
+    (rank 0): a socket bound to the master address, for the rendezvous store to listen on (it would listen on
+    every interface otherwise)."""
     from megatron.core import parallel_state
 
     if world_size % tensor_parallel_size:
@@ -52,12 +55,12 @@ def init_distributed(
     backend.setup_process(backend.device_index if local_rank is None else local_rank)
     backend.prepare_megatron()
     if not torch.distributed.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = torch.distributed.TCPStore(
+            master_addr, master_port, world_size, rank == 0, timeout=timeout, master_listen_fd=listen_fd
+        )
         torch.distributed.init_process_group(
-            backend=backend.dist_backend,
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            backend=backend.dist_backend, store=store, rank=rank, world_size=world_size, timeout=timeout
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(

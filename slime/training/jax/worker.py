@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+from slime.net import NODE, bind_worker_network, worker_addresses
 from slime.ray.trainer_group import TrainerLifecycle
 from slime.training.batch import TrainBatch
 from slime.training.config import TrainerConfig
@@ -20,6 +21,7 @@ class JaxTrainerWorker(TrainerLifecycle):
             raise ValueError(f"the jax trainer family has no {role} trainer yet")
         self.config = config
         self.backend = backend_for_worker(hardware)  # selected (and probed) by the driver
+        bind_worker_network(self.backend, config.bind_address)  # before the weight group forms
         self.process, self.processes = process, processes  # this node's process among the trainer's nodes
         self.mesh_devices: list | None = None  # set by start_jax
         self.trainer = None
@@ -36,12 +38,10 @@ class JaxTrainerWorker(TrainerLifecycle):
     def master_address(self) -> tuple[str, int]:
         if self.processes == 1:
             return "127.0.0.1", 0  # one process: no process group to rendezvous
-        import ray
-
         from slime.net import free_port
 
-        address = ray.util.get_node_ip_address()
-        return address, free_port(address)
+        bind, address = worker_addresses(self.config.bind_address)
+        return address, free_port(bind)  # the coordinator binds it itself (jax.distributed takes no socket)
 
     def start_jax(self, master_addr: str, master_port: int) -> dict:
         """Start JAX here (the nodes' processes join at the master address), check that it sees every device Ray
@@ -69,7 +69,8 @@ class JaxTrainerWorker(TrainerLifecycle):
         if self.mesh_devices is None:
             self.start_jax(master_addr, master_port)
         self.trainer = JaxPolicyTrainer(self.config, self.mesh_devices)
-        return {"rank": 0, "tp_rank": 0, "dp_rank": 0, "dp_size": 1, "pid": os.getpid()}
+        node = worker_addresses(NODE)[1]
+        return {"rank": 0, "tp_rank": 0, "dp_rank": 0, "dp_size": 1, "pid": os.getpid(), "node": node}
 
     def snapshot(self, name: str) -> None:
         self.trainer.snapshot(name)
@@ -101,12 +102,11 @@ class JaxTrainerWorker(TrainerLifecycle):
     def broadcast_weights(self, urls: list[str], version: int, bucket_bytes: int, timeout_s: float) -> float:
         """Weight sync "broadcast" (slime.ray.weight_sync): the buckets go to the engines at `urls` through one
         host-side process group (the trainer's tensors are host copies already). Returns seconds."""
-        import ray
-
         from slime.ray.weight_sync import BroadcastSender
 
         if self._sender is None or self._sender.timeout_s != timeout_s:
-            self._sender = BroadcastSender(self.backend.dist_backend, ray.util.get_node_ip_address(), timeout_s)
+            bind, address = worker_addresses(self.config.bind_address)
+            self._sender = BroadcastSender(self.backend.dist_backend, address, timeout_s, bind=bind)
         return self._sender.send(urls, self.trainer.hf_weight_buckets(bucket_bytes), version)
 
     def ipc_weights(self, urls: list[str], version: int, bucket_bytes: int, timeout_s: float) -> float:

@@ -4,7 +4,7 @@ report what they see; nothing heavier runs. Shared by the single-node and two-no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from slime import settings
 from slime.backends import Backend
@@ -51,15 +51,13 @@ def place(config: Config, backend: Backend) -> Placed:
     layout = actors.run_layout(config)
     group = cluster.create_placement_group(backend, layout, timeout_s=60)
     workers: dict[str, list] = {"actor": [], "critic": [], "engine": []}
+    bind = cluster.run_bind_address(config.cluster.bind_address)  # as start_actors resolves it
     try:
-        workers["actor"] = place_trainer_workers(
-            "actor", settings.trainer_config(config, "actor"), backend, group, layout.actor
-        )
-        if layout.critic:
-            workers["critic"] = place_trainer_workers(
-                "critic", settings.trainer_config(config, "critic"), backend, group, layout.critic
-            )
-        spec = settings.engine_spec(config, backend)
+        for role, slots in (("actor", layout.actor), ("critic", layout.critic)):
+            if slots:
+                trainer = replace(settings.trainer_config(config, role), bind_address=bind)
+                workers[role] = place_trainer_workers(role, trainer, backend, group, slots)
+        spec = replace(settings.engine_spec(config, backend), bind_address=bind)
         workers["engine"] = [place_engine_worker(spec, backend, group, slot) for slot in layout.rollout]
         reports = {role: ray.get([w.devices.remote() for w in ws], timeout=120) for role, ws in workers.items()}
         master = tuple(ray.get(workers["actor"][0].master_address.remote(), timeout=60))

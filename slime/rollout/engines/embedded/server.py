@@ -321,10 +321,15 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve_http(
-    engine: ServableEngine, host: str = "127.0.0.1", port: int = 0, weight_group_timeout_s: float = DEFAULT_TIMEOUT_S
+    engine: ServableEngine,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    weight_group_timeout_s: float = DEFAULT_TIMEOUT_S,
+    advertise: str | None = None,
 ) -> ServerHandle:
     """Serve `engine` on a background thread; port 0 picks a free port. Returns once it accepts requests.
-    `weight_group_timeout_s` bounds every collective of a distributed weight update."""
+    `weight_group_timeout_s` bounds every collective of a distributed weight update. The handle's URL names
+    `advertise` (default: `host`; a server bound to 0.0.0.0 is reached at its node's address)."""
     sock = _bind(host, port)
     bound_port = sock.getsockname()[1]
     loop = asyncio.new_event_loop()
@@ -350,7 +355,7 @@ def serve_http(
     started.wait()
     if failure:
         raise failure[0]
-    return ServerHandle(f"http://{host}:{bound_port}", bound_port, loop, thread, runner)
+    return ServerHandle(f"http://{advertise or host}:{bound_port}", bound_port, loop, thread, runner)
 
 
 def _dtype(name: str):

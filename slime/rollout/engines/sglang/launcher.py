@@ -176,7 +176,8 @@ def start_process(
 class SGLangServerConfig:
     model_path: str
     server_options: Mapping[str, str] = field(default_factory=dict)  # Config.sglang pass-through
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # the address the server binds
+    advertise: str | None = None  # the address in its URL (default: host; a server on 0.0.0.0: its node's)
     port: int = 0  # 0 = a free port
     startup_timeout_s: float = 900.0
     request_timeout_s: float = 600.0
@@ -223,7 +224,7 @@ class SGLangEngine(SGLangClient):
     def __init__(self, config: SGLangServerConfig, parser: argparse.ArgumentParser | None = None):
         self.config = config
         port = config.port or free_port(config.host)
-        url = f"http://{config.host}:{port}"
+        url = f"http://{config.advertise or config.host}:{port}"
         command = server_command(config, port, parser)
         self.server = start_process(command, url, config.log_dir, f"sglang-{port}", config.env)
         super().__init__(url, timeout_s=config.request_timeout_s)

@@ -111,7 +111,8 @@ class SGLangJaxServerConfig:
     model_path: str
     staging_dir: str  # where updated checkpoints are written (needs room for two model copies)
     server_options: Mapping[str, str] = field(default_factory=dict)
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # the address the server binds
+    advertise: str | None = None  # the address in its URL (default: host)
     port: int = 0
     startup_timeout_s: float = 1800.0
     request_timeout_s: float = 600.0
@@ -134,7 +135,7 @@ class SGLangJaxEngine(SGLangClient):
         self._staged: dict[str, torch.Tensor] = {}
         self._version = 0
         self._written: list[str] = []
-        super().__init__(f"http://{config.host}:{self.port}", timeout_s=config.request_timeout_s)
+        super().__init__(f"http://{config.advertise or config.host}:{self.port}", timeout_s=config.request_timeout_s)
         self.server: ServerProcess = self._launch(config.model_path)
 
     def _launch(self, model_path: str) -> ServerProcess:
