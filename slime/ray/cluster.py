@@ -192,11 +192,12 @@ def cluster_hosts() -> list[str]:
     return sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
 
 
-def run_bind_address(setting: str) -> str:
+def run_bind_address(setting: str, hosts: list[str] | None = None) -> str:
     """The one place --bind-address is decided, on the driver once Ray is up: `auto` is the node's own address
     when the cluster spans hosts (a server on another host must be reachable) and loopback when it does not
-    (nothing listens beyond the machine). Every worker gets the result (`node`, 0.0.0.0 or an IP)."""
-    hosts = cluster_hosts()
+    (nothing listens beyond the machine). Every worker gets the result (`node`, 0.0.0.0 or an IP). `hosts`: the
+    cluster's node addresses (default: asked of Ray)."""
+    hosts = cluster_hosts() if hosts is None else hosts
     if setting == "auto":
         return NODE if len(hosts) > 1 else LOOPBACK
     if setting not in (NODE, ANY) and len(hosts) > 1:
@@ -247,12 +248,20 @@ def create_placement_group(backend: Backend, layout: Layout, timeout_s: float = 
             per_node = max((len(g) for g in layout.node_groups), default=0)
             raise ClusterError(
                 f"the run needs {layout.num_devices} {resource} in {layout.num_bundles} bundles (actor + critic + "
-                f"rollout devices, {per_node} bundles on each trainer node) but the cluster has {available:g} free; lower "
-                "--actor-num-gpus-per-node / --rollout-num-gpus or use --colocate"
+                f"rollout devices, {per_node} bundles on each trainer node) but the cluster has {available:g} free "
+                f"({node_capacity(resource)}); lower --actor-num-gpus-per-node / --rollout-num-gpus or use --colocate"
             )
     where = {index: (gi, bi) for gi, (g, _) in enumerate(members) for bi, index in enumerate(g)}
     placement = Placement(tuple(groups), tuple(where[i] for i in range(layout.num_bundles)))
     return placement
+
+
+def node_capacity(resource: str) -> str:
+    """Each live node's address and how much of `resource` it has, for messages: "198.18.0.11 has 1 GPU, ..."."""
+    import ray
+
+    nodes = sorted((n["NodeManagerAddress"], n["Resources"].get(resource, 0)) for n in ray.nodes() if n["Alive"])
+    return ", ".join(f"{address} has {count:g} {resource}" for address, count in nodes)
 
 
 def _bundle(resource: str, devices: int) -> dict[str, float]:
@@ -269,7 +278,7 @@ def check_node_capacity(resource: str, devices: int) -> None:
     if devices > largest:
         raise ClusterError(
             f"--actor-num-gpus-per-node {devices}: the trainer's one process per node takes that many {resource}, "
-            f"but the largest node of the cluster has {largest:g}"
+            f"but the largest node of the cluster has {largest:g} ({node_capacity(resource)})"
         )
 
 
