@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = read_metrics(folder / "run")
     key = f"eval/{EVAL_NAME}/reward_mean"
     accuracy = [(m["step"], m[key]) for m in metrics if m.get("phase") == "eval" and key in m]
-    sft_steps = 1 + max((m["step"] for m in metrics if m.get("phase") == "sft"), default=-1)
+    warm_up = read_metrics(folder / "sft_run") if args.lora else metrics  # --lora: the warm-up is its own run
+    sft_steps = 1 + max((m["step"] for m in warm_up if m.get("phase") == "sft"), default=-1)
     before = accuracy[0][1]
     last_three = [a for _, a in accuracy[-3:]]
     after = sum(last_three) / len(last_three)

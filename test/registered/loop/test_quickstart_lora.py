@@ -32,4 +32,5 @@ def test_quickstart_lora_runs_end_to_end(tmp_path, monkeypatch):
     expected = merge_hf(load_file(str(tmp_path / "sft_model" / "model.safetensors")), adapters, spec.scaling)
     for name, tensor in load_file(str(tmp_path / "merged" / "model.safetensors")).items():
         torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0)
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["heldout_accuracy_after_rl"] >= 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["sft_steps"] == len(warm_up) and summary["heldout_accuracy_after_rl"] >= 0
