@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from slime.config_async import check_fully_async
 from slime.config_lora import LoraConfig, check_lora
 from slime.errors import FlagError
 from slime.flag_ranges import FINITE, MEGATRON_RANGES, POS, Range, above, at_least, between, describe
@@ -205,6 +206,16 @@ class TrainConfig:
     seed: int = opt(1234, "trainer seed", valid=at_least(0))
     async_rollout: bool = opt(
         False, "generate step k+1 while training on step k (off-policy by one step)", flag="--async"
+    )
+    fully_async: bool = opt(
+        False,
+        "engines generate without pause into a buffer; each step trains on the first finished groups fresh enough "
+        "(--max-staleness) and the new weights reach the engines between two decode steps (TIS on by default)",
+    )
+    max_staleness: int = opt(
+        1,
+        "--fully-async: a group whose first token is more than this many weight versions old is generated again",
+        valid=at_least(0),
     )
     sft_warmup_steps: int = opt(0, "supervised steps on --sft-data before RL", valid=at_least(0))
     sft_data: str | None = opt(None, "jsonl with prompt/response pairs for the SFT warm-up")
@@ -527,7 +538,7 @@ def _check_parallel(config: Config) -> list[str]:
         problems.append(
             "--async overlaps generation with training on separate devices; --colocate shares them: use one"
         )
-    return problems
+    return problems + check_fully_async(config)
 
 
 def _check_algorithm(config: Config) -> list[str]:

@@ -37,7 +37,10 @@ class Sample:
     metadata: dict[str, Any] = field(default_factory=dict)
     group_index: int | None = None  # which prompt group (n samples share one prompt)
     index: int | None = None  # global sample index, unique within a run
-    weight_version: int | None = None  # policy version that generated the response
+    weight_version: int | None = None  # policy version that generated the response (at its last token)
+    # the policy version each response token was sampled under (fully async: a weight update may land between
+    # two tokens of one response); injected tokens take the version of the turn before them
+    token_versions: list[int] | None = None
     # MoE: expert ids the engine routed each token to (all tokens but the last; per layer of num_hidden_layers,
     # 0 in dense ones; per top-k slot; flattened); the trainer replays them with --use-rollout-routing-replay
     routed_experts: list[int] | None = None
@@ -55,8 +58,15 @@ class Sample:
     def response_tokens(self) -> list[int]:
         return self.tokens[self.prompt_length :]
 
-    def append_response(self, token_ids: list[int], log_probs: list[float] | None, trainable: bool) -> None:
-        """Append generated (trainable) or injected (non-trainable, e.g. tool output) tokens."""
+    def append_response(
+        self, token_ids: list[int], log_probs: list[float] | None, trainable: bool, versions: list[int] | None = None
+    ) -> None:
+        """Append generated (trainable) or injected (non-trainable, e.g. tool output) tokens; `versions`: the
+        weight version of each (default: that of the last token so far)."""
+        if self.token_versions is None:
+            self.token_versions = []
+        last = self.token_versions[-1] if self.token_versions else (self.weight_version or 0)
+        self.token_versions.extend(versions if versions is not None else [last] * len(token_ids))
         self.tokens.extend(token_ids)
         self.response_length += len(token_ids)
         if self.loss_mask is None:
@@ -65,6 +75,11 @@ class Sample:
         if self.rollout_log_probs is None:
             self.rollout_log_probs = []
         self.rollout_log_probs.extend(log_probs if log_probs is not None else [0.0] * len(token_ids))
+
+    @property
+    def first_version(self) -> int | None:
+        """The weight version its first response token was sampled under (staleness is counted from it)."""
+        return self.token_versions[0] if self.token_versions else self.weight_version
 
     def scalar_reward(self, key: str | None = None) -> float:
         if isinstance(self.reward, dict):

@@ -249,6 +249,7 @@ def reset_to_prompt(sample: Sample) -> None:
     sample.reward = None
     sample.status = SampleStatus.PENDING
     sample.weight_version = None
+    sample.token_versions = None
 
 
 def sample_to_dict(sample: Sample) -> dict[str, Any]:

@@ -36,6 +36,7 @@ class RolloutContext:
     urls: list[str]
     request_timeout: float = 600.0
     return_routed_experts: bool = False  # MoE: ask the engines for every token's experts (routing replay)
+    weight_version: int = 0  # the newest version sent to the engines (what a request sent now starts under)
     _session: Any = None
     _round_robin: Any = None
     _semaphore: asyncio.Semaphore | None = None
@@ -120,10 +121,10 @@ def _request(sample: Sample, sampling_params: dict[str, Any]) -> tuple[str, list
     return f"s{sample.index}-{sample.response_length}", sample.tokens, dict(sampling_params, max_new_tokens=budget)
 
 
-def _take_output(ctx: RolloutContext, sample: Sample, body: dict[str, Any]) -> Sample:
+def _take_output(ctx: RolloutContext, sample: Sample, body: dict[str, Any], submitted_version: int) -> Sample:
     result = parse_generate_response(body, f"s{sample.index}")
     log_probs = result.output_log_probs if result.output_log_probs is not None else [0.0] * len(result.output_ids)
-    sample.append_response(result.output_ids, log_probs, trainable=True)
+    sample.append_response(result.output_ids, log_probs, trainable=True, versions=_versions(result, submitted_version))
     # Decoded here rather than taken from the engine's "text": SGLang trims stop strings from its text and
     # the embedded engine does not, while the tokens (what is trained on) are the same on every engine.
     sample.response = ctx.tokenizer.decode(sample.response_tokens, skip_special_tokens=True)
@@ -132,6 +133,15 @@ def _take_output(ctx: RolloutContext, sample: Sample, body: dict[str, Any]) -> S
     if result.routed_experts is not None:  # covers the whole sequence so far (earlier turns included)
         sample.routed_experts = result.routed_experts
     return sample
+
+
+def _versions(result, submitted_version: int) -> list[int]:
+    """Each output token's weight version: the engine's own record, or (engines that report only the version at
+    the finish) the version current when the request was sent for the first token and the finish's for the rest."""
+    if result.output_weight_versions is not None:
+        return result.output_weight_versions
+    count = len(result.output_ids)
+    return ([submitted_version] + [result.weight_version] * (count - 1))[:count]
 
 
 def routed_experts_wanted(config) -> bool:
@@ -156,10 +166,11 @@ async def generate(ctx: RolloutContext, sample: Sample, sampling_params: dict[st
     if request is None:
         return sample
     rid, input_ids, params = request
+    submitted = ctx.weight_version
     body = await ctx.post_generate(
         {"rid": rid, "input_ids": input_ids, "sampling_params": params, "return_logprob": True} | _routing_field(ctx)
     )
-    return _take_output(ctx, sample, body)
+    return _take_output(ctx, sample, body, submitted)
 
 
 async def generate_batch(
@@ -177,9 +188,10 @@ async def generate_batch(
         "sampling_params": [r[2] for _, r in todo],
         "return_logprob": True,
     } | _routing_field(ctx)
+    submitted = ctx.weight_version
     bodies = await ctx.post_generate(payload)
     if not isinstance(bodies, list) or len(bodies) != len(todo):
         raise ValueError(f"batched /generate returned {type(bodies).__name__} for {len(todo)} requests")
     for (sample, _), body in zip(todo, bodies):
-        _take_output(ctx, sample, body)
+        _take_output(ctx, sample, body, submitted)
     return samples

@@ -157,6 +157,9 @@ class GenerateResult:
     # of the num_hidden_layers layers (0 in a dense one), each top-k slot, flattened in that order: SGLang's
     # int32 [len(tokens) - 1, num_hidden_layers, top_k] (meta_info["routed_experts"], decoded)
     routed_experts: list[int] | None = None
+    # the weight version each output token was sampled under (an update between two decode steps changes it
+    # mid-request); None from engines that report only the version at the finish (SGLang's weight_version)
+    output_weight_versions: list[int] | None = None
 
 
 class RolloutEngine(ABC):

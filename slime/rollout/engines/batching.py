@@ -65,6 +65,7 @@ class BatchedSequence:
     matched_stop: int | str | None = None
     output_ids: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # the weight version each output token was sampled under
 
     @property
     def params(self) -> SamplingParams:
@@ -271,6 +272,7 @@ class ContinuousBatchingEngine(ServableEngine):
         for seq, token, log_prob in zip(seqs, ids, log_probs):
             seq.output_ids.append(token)
             seq.log_probs.append(log_prob)
+            seq.versions.append(self._weight_version)  # steps run under _model_lock: weights are this version
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 finished.append((seq, self._release(seq, reason)))
@@ -307,10 +309,20 @@ class ContinuousBatchingEngine(ServableEngine):
             prompt_tokens=len(seq.prompt),
             matched=seq.matched_stop,
             routed=self._routed_experts(seq),
+            versions=seq.versions,
         )
 
     def _result(
-        self, request, output_ids, log_probs, reason, error=None, prompt_tokens=0, matched=None, routed=None
+        self,
+        request,
+        output_ids,
+        log_probs,
+        reason,
+        error=None,
+        prompt_tokens=0,
+        matched=None,
+        routed=None,
+        versions=(),
     ) -> GenerateResult:
         return GenerateResult(
             rid=request.rid,
@@ -323,6 +335,7 @@ class ContinuousBatchingEngine(ServableEngine):
             text=self.tokenizer.decode(output_ids, skip_special_tokens=True) if self.tokenizer is not None else None,
             matched_stop=matched,
             routed_experts=routed,
+            output_weight_versions=list(versions),
         )
 
     def _fail_all(self, message: str) -> Finished:

@@ -55,6 +55,10 @@ _NEUTRAL = {
 _TEXT_ONLY = ("skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
 
 
+# meta_info key of the per-token weight versions (the in-process engines send it; SGLang does not)
+TOKEN_VERSIONS_FIELD = "output_token_weight_versions"
+
+
 def parse_sampling_params(raw: Any, where: str = "sampling_params") -> SamplingParams:
     if raw is None:
         raw = {}
@@ -205,6 +209,8 @@ def generate_response_json(result: GenerateResult) -> dict[str, Any]:
         meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(result.output_log_probs, result.output_ids)]
     if result.routed_experts is not None:
         meta["routed_experts"] = encode_routed_experts(result.routed_experts)
+    if result.output_weight_versions:  # slime's own field (SGLang reports only the version at the finish)
+        meta[TOKEN_VERSIONS_FIELD] = list(result.output_weight_versions)
     return {"text": result.text or "", "output_ids": list(result.output_ids), "meta_info": meta}
 
 
@@ -249,7 +255,15 @@ def parse_generate_response(payload: Any, rid: str) -> GenerateResult:
         text=payload.get("text"),
         matched_stop=reason.get("matched") if isinstance(reason, dict) else None,
         routed_experts=decode_routed_experts(meta["routed_experts"]) if meta.get("routed_experts") else None,
+        output_weight_versions=_token_versions(meta, len(output_ids)),
     )
+
+
+def _token_versions(meta: dict, count: int) -> list[int] | None:
+    versions = meta.get(TOKEN_VERSIONS_FIELD)
+    if not isinstance(versions, list) or len(versions) != count:
+        return None
+    return [int(v) for v in versions]
 
 
 def encode_routed_experts(expert_ids: list[int]) -> str:
