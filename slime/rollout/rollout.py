@@ -152,6 +152,8 @@ def truncate_to(sample: Sample, response_length: int) -> None:
         del sample.tokens[-drop:]
         del sample.loss_mask[-drop:]
         del sample.rollout_log_probs[-drop:]
+        if sample.token_versions:
+            del sample.token_versions[-drop:]
         sample.response_length = response_length
     sample.status = SampleStatus.PENDING
 

@@ -108,6 +108,7 @@ class ContinuousBatchingEngine(ServableEngine):
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self._weight_version = 0
+        self._refill_pending = False  # a weight update landed under running requests (_refill)
         self._pending_update: dict[str, Any] = {}
         self._pending_version = 0
         self._update_lock = threading.Lock()
@@ -140,6 +141,16 @@ class ContinuousBatchingEngine(ServableEngine):
     @abstractmethod
     def _decode(self, running: list[BatchedSequence]) -> tuple[list[int], list[float]]:
         """Feed each running sequence's last token at `next_position` and sample its next one, in order."""
+
+    # An engine whose cache can be rebuilt sets this: after a weight update that lands while requests run, their
+    # cache is computed again under the new weights (_refill) before the next decode step, so every token sampled
+    # after the update comes from the new weights alone (SGLang's retract-and-continue). Otherwise the tokens
+    # after the update attend over cache entries of the old weights (SGLang's in_place).
+    refills_after_update = False
+
+    def _refill(self, running: list[BatchedSequence]) -> None:
+        """Recompute the running sequences' cache under the current weights (prompt and every output token but
+        the last, which the next decode step feeds)."""
 
     def _after_failed_step(self) -> None:
         """Repair what a failed step left broken (under `_model_lock`); the running sequences then fail."""
@@ -262,6 +273,9 @@ class ContinuousBatchingEngine(ServableEngine):
                 seq.slot = heapq.heappop(self._free_slots)
                 self._slots[seq.slot] = seq
                 admitted.append(seq)
+        if self._refill_pending:
+            self._refill_pending = False
+            self._refill([s for s in self._slots if s is not None and s not in admitted])
         if admitted:
             self._append(admitted, *self._prefill(admitted), finished)
         running = [s for s in self._slots if s is not None and (self.decodes_after_prefill or s not in admitted)]
@@ -447,6 +461,7 @@ class ContinuousBatchingEngine(ServableEngine):
         with self._model_lock:
             self._install_weights(prepared)
             self._weight_version = int(version)
+            self._refill_pending = self.refills_after_update and self.num_running() > 0
 
     def discard_pending_update(self) -> None:
         """Drop the buckets staged so far (an update that cannot finish); the serving weights are untouched."""

@@ -63,11 +63,12 @@ def _distinct_prompts(seqs: list[_Sequence]) -> tuple[list[_Sequence], dict[int,
     return sorted(first.values(), key=lambda s: len(s.prompt)), members
 
 
-def _prefill_batches(seqs: list[_Sequence]) -> list[list[_Sequence]]:
-    """Consecutive runs of `seqs` (sorted by prompt length) whose padded size fits PREFILL_TOKEN_BUDGET."""
+def _prefill_batches(seqs: list[_Sequence], key=lambda s: len(s.prompt)) -> list[list[_Sequence]]:
+    """Consecutive runs of `seqs` (sorted by `key`, the tokens each prefills) whose padded size fits
+    PREFILL_TOKEN_BUDGET."""
     batches: list[list[_Sequence]] = []
     for seq in seqs:  # sorted ascending, so the newest prompt is the batch's longest
-        if batches and len(seq.prompt) * (len(batches[-1]) + 1) <= PREFILL_TOKEN_BUDGET:
+        if batches and key(seq) * (len(batches[-1]) + 1) <= PREFILL_TOKEN_BUDGET:
             batches[-1].append(seq)
         else:
             batches.append([seq])
@@ -210,6 +211,21 @@ class EmbeddedEngine(ContinuousBatchingEngine):
             ids, log_probs = self._sample(logits[torch.tensor(row_logits, device=logits.device)], rows)
             sampled.update((s.serial, (token, lp)) for s, token, lp in zip(rows, ids, log_probs))
         return [sampled[s.serial][0] for s in admitted], [sampled[s.serial][1] for s in admitted]
+
+    refills_after_update = True
+
+    def _refill(self, running: list[_Sequence]) -> None:
+        """See ContinuousBatchingEngine._refill: each sequence's cache again from position 0, in batches within
+        the prefill token budget."""
+        device = self.model.device
+        for batch in _prefill_batches(sorted(running, key=lambda s: s.next_position), key=lambda s: s.next_position):
+            seen = [s.prompt + s.output_ids[:-1] for s in batch]
+            width = max(len(t) for t in seen)
+            tokens = torch.zeros(len(batch), width, dtype=torch.long)
+            for i, t in enumerate(seen):
+                tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+            lengths = torch.tensor([len(t) for t in seen], device=device)
+            self.model.prefill(tokens.to(device), lengths, torch.tensor([s.slot for s in batch], device=device))
 
     def _prefill_forward(self, group: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits at each prompt's last token [rows, V], and the routed experts [rows, width, layers, k] when
