@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_trainer import local_batch, make_samples, trainer_config
 from tiny_hf import init_rank, make_tiny_model, run_ranks
 
-register_cpu_ci(est_time=60, suite="base-b-test-cpu")
+register_cpu_ci(est_time=100, suite="base-b-test-cpu")
 
 RANK, ALPHA = 4, 8.0
 
