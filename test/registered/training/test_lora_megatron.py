@@ -301,3 +301,25 @@ def test_an_adapter_peft_built_gives_the_trainer_peft_log_probs(family, tmp_path
     ours = run_ranks(peft_log_probs_run, 1, str(tmp_path / "model"), str(tmp_path / "adapter"))[0]
     for mine, theirs in zip(ours, expected):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+
+
+def moe_attention_run(rank, world, port, folder):
+    from slime.training.actor import PolicyTrainer
+
+    backend, layout = init_rank(rank, world, port, 1)
+    batch = local_batch(layout)
+    base = PolicyTrainer(trainer_config(folder, 1), backend).compute_log_probs(batch)[0]
+    trainer = PolicyTrainer(trainer_config(folder, 1, lora=lora_spec(("q_proj", "v_proj", "o_proj"))), backend)
+    start = trainer.compute_log_probs(batch)[0]
+    trainer.snapshot("ref")
+    batch.ref_log_probs, _ = trainer.compute_log_probs(batch, "ref")
+    norms = [trainer.train_step(batch)["grad_norm"] for _ in range(2)]
+    trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    return all(torch.equal(a, b) for a, b in zip(base, start)), norms, trained
+
+
+def test_moe_attention_adapters_train_with_the_experts_frozen(tmp_path):
+    make_tiny_model("qwen3_moe", tmp_path / "moe", seed=2)
+    starts_at_base, norms, trained = run_ranks(moe_attention_run, 1, str(tmp_path / "moe"))[0]
+    assert starts_at_base and norms[-1] > 0
+    assert len(trained) == 12 and not any("mlp" in n for n in trained)  # 2 layers x (q, v: A and B; o: A and B)
