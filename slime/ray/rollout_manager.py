@@ -58,6 +58,7 @@ class RolloutManager:
         self._recover_lock = asyncio.Lock()
         self._data_before: dict[int, dict] = {}
         self._prepared = data  # slime.preflight.PreparedData: the data files as the start-up check read them
+        self.stream = None  # --fully-async: the GroupStream once started
 
     async def start(self) -> list[dict]:
         """Load the prompt sets and plugins, start the engines. (Here, not in __init__, so that a bad dataset or
@@ -192,10 +193,12 @@ class RolloutManager:
     def weights_pushed(self, version: int) -> None:
         """The trainer sent `version` to every engine itself (no refs kept here)."""
         self._weights = ([], version)
+        self.ctx.weight_version = version
 
     async def update_weights(self, bucket_refs: list, version: int) -> float:
         """Push weight buckets to every engine; returns the slowest engine's seconds."""
         self._weights = (list(bucket_refs), version)
+        self.ctx.weight_version = version
         seconds = await asyncio.gather(*(e.actor.update_weights.remote(bucket_refs, version) for e in self.engines))
         return max(seconds)
 
@@ -236,6 +239,39 @@ class RolloutManager:
         result.metrics["perf/reward_time"] = reward.seconds
         return result.samples, result.metrics
 
+    # ---- fully async (slime.rollout.stream) -----------------------------------------------------------
+    def start_stream(self) -> None:
+        """--fully-async: from now on the engines generate without pause."""
+        from slime.rollout.generate import sampling_params_for
+        from slime.rollout.rollout import generate_samples
+        from slime.rollout.stream import GroupStream
+        from slime.types import SampleStatus
+
+        params, reward = sampling_params_for(self.config), TimedReward(self.plugins.reward)
+
+        async def run_group(group):
+            todo = [s for s in group if s.status is SampleStatus.PENDING]
+            await generate_samples(self.ctx, self.plugins.generate_fn, todo, params, self.stream.stats, self.recover)
+            await reward.score_group(self.ctx, group)
+            return group
+
+        t = self.config.train
+        self.stream = GroupStream(
+            self.ctx, self.data, run_group, self.config.rollout.rollout_batch_size, t.max_staleness,
+            self.plugins.filter_fn,
+        )  # fmt: skip
+        self.stream_reward = reward
+        self.stream.start()
+
+    async def take(self, rollout_id: int) -> tuple[list[Sample], dict[str, float]]:
+        """--fully-async: the next batch of finished groups fresh enough for the weights now being trained."""
+        restarts_before, lost_before = self.restarts, self.lost
+        groups, metrics = await self.stream.take(self.ctx.weight_version)
+        metrics["rollout/engine_restarts"] = float(self.restarts - restarts_before)
+        metrics["rollout/engines_lost"] = float(self.lost - lost_before)
+        metrics["perf/reward_time"], self.stream_reward.seconds = self.stream_reward.seconds, 0.0
+        return [s for g in groups for s in g], metrics
+
     async def evaluate(self, names: list[str] | None = None) -> dict[str, float]:
         """Evaluate every eval set (or just `names`)."""
         from slime.rollout.rollout import evaluate
@@ -253,6 +289,8 @@ class RolloutManager:
     # ---- checkpoint ---------------------------------------------------------------------------------
     def state_dict(self, next_rollout_id: int | None = None) -> dict:
         """The data position for a checkpoint whose next rollout is `next_rollout_id` (see generate)."""
+        if self.stream is not None:  # every group drawn but not trained is generated again after a resume
+            return {"data": self.stream.state_dict()}
         data = self._data_before.get(next_rollout_id) if next_rollout_id is not None else None
         return {"data": data if data is not None else self.data.state_dict()}
 
@@ -260,6 +298,8 @@ class RolloutManager:
         self.data.load_state_dict(state["data"])
 
     async def shutdown(self) -> None:
+        if self.stream is not None:
+            await self.stream.close()
         if self.engines:
             await self.ctx.close()
         for engine in self.engines:
