@@ -81,7 +81,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="SFT of the whole model, then GRPO with LoRA adapters on it (--lora-rank, --lora-lr; slime.quickstart.lora)",
     )
     p.add_argument("--lora-rank", type=int, default=16, help="with --lora: the adapters' rank (alpha = 2 x rank)")
-    p.add_argument("--lora-lr", type=float, default=2e-3, help="with --lora: the GRPO learning rate of the adapters")
+    p.add_argument("--lora-lr", type=float, default=1e-3, help="with --lora: the GRPO learning rate of the adapters")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more `slime train` flags after --")
     return p.parse_args(argv)
 
