@@ -61,12 +61,23 @@ class LinearAdapters(nn.Module):
 
         group = self.ctx["tp_group"]
         a = torch.cat([self.A[t] for t in self.targets])
-        low = self.dropout(x) @ a.to(x.dtype).t()  # [..., r * adapted pieces]
+        low = self._dropped(x) @ a.to(x.dtype).t()  # [..., r * adapted pieces]
         if self.kind == COLUMN:
             low = copy_to_tensor_model_parallel_region(low, group=group)
         else:
             low = reduce_from_tensor_model_parallel_region(low, group=group)
         return low @ self.fused_b().to(x.dtype).t()
+
+    def _dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """--lora-dropout on the adapter's input: a replicated input (column-parallel) draws the same mask on every
+        TP rank from the shared generator; a split one (row-parallel) draws from megatron's per-rank stream, so
+        the ranks' slices get independent masks, as one unsplit input would."""
+        if self.kind == COLUMN or not (self.training and isinstance(self.dropout, nn.Dropout)):
+            return self.dropout(x)
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        with get_cuda_rng_tracker().fork():
+            return self.dropout(x)
 
     def fused_b(self) -> torch.Tensor:
         """s * B of every piece in the fused output layout, [local out, r * adapted pieces]: piece p's B in its own

@@ -323,3 +323,32 @@ def test_moe_attention_adapters_train_with_the_experts_frozen(tmp_path):
     starts_at_base, norms, trained = run_ranks(moe_attention_run, 1, str(tmp_path / "moe"))[0]
     assert starts_at_base and norms[-1] > 0
     assert len(trained) == 12 and not any("mlp" in n for n in trained)  # 2 layers x (q, v: A and B; o: A and B)
+
+
+def dropout_run(rank, world, port, folder):
+    from slime.training.actor import PolicyTrainer
+    from slime.training.lora import COLUMN
+
+    backend, layout = init_rank(rank, world, port, world)
+    batch = local_batch(layout)
+    spec = lora_spec()
+    trainer = PolicyTrainer(trainer_config(folder, world, lora=type(spec)(RANK, ALPHA, 0.3, spec.targets, 5)), backend)
+    trainer.snapshot("ref")
+    batch.ref_log_probs, _ = trainer.compute_log_probs(batch, "ref")
+    first, _ = trainer.compute_log_probs(batch)
+    again, _ = trainer.compute_log_probs(batch)
+    for _ in range(2):
+        trainer.train_step(batch)
+    replicated = {}  # column-parallel A and row-parallel B: the same tensor on every TP rank
+    for name, lin in trainer.adapters.items():
+        for target in lin.targets:
+            factor = lin.A[target] if lin.kind == COLUMN else lin.B[target]
+            replicated[f"{name}.{target}"] = factor.detach().clone()
+    return all(torch.equal(a, b) for a, b in zip(first, again)), replicated
+
+
+def test_dropout_keeps_replicated_factors_equal_across_tensor_parallel_ranks(qwen3):
+    (eval_same, rank0), (_, rank1) = run_ranks(dropout_run, 2, str(qwen3))
+    assert eval_same  # log-probs are computed without dropout
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in rank0.items() if "linear_proj" in k)
