@@ -13,7 +13,7 @@
    per step = median of perf/step_time after --warmup steps.
 The ratio printed is slime / plain (<= 1: slime is at least as fast), against the plain loop's fastest thread
 count of --plain-threads (default: 1 and every core; on a loaded machine two threads per process measured
-slower than one). slime uses its core budget (slime.ray.cores). The load average is recorded before and after,
+slower than one). slime uses its core budget (slime.cores). The load average is recorded before and after,
 since other processes on the machine change every figure.
 
 One difference is the plain loop's own: it skips the update for groups whose rewards are all equal (zero

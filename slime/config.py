@@ -61,7 +61,7 @@ class ClusterConfig:
     )
     cores_per_node: int | None = opt(
         None,
-        "cores the run's workers may use on each node (default: all the process may run on); slime.ray.cores",
+        "cores the run's workers may use on each node (default: all the process may run on); slime.cores",
         valid=POS,
     )
     async_generation_cores: int | None = opt(

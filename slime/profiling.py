@@ -13,21 +13,32 @@ trained; "rollout_wait" is how long the driver waited for it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-
-from slime.config import Config
 
 PROFILE_FILE = "phases.json"
 
 
+@dataclass(frozen=True)
+class ProfileSettings:
+    """What --profile records and where (built from the run config by slime.settings.profile_settings)."""
+
+    steps: int  # --profile: the first N RL steps (0: none)
+    folder: Path  # <output-dir>/profile
+    async_rollout: bool = False  # --async: generation at step k ran while step k-1 trained
+    cores: dict[str, int] | None = None  # the run's core budget (slime.cores.CoreBudget.describe)
+
+
 class StepProfile:
-    def __init__(self, config: Config, run, cores: dict[str, int]):
-        self.steps = config.logging.profile
+    """`run`: the started workers (slime.ray.actors.RunActors), whose trainer ranks report their busy seconds."""
+
+    def __init__(self, settings: ProfileSettings, run):
+        self.steps = settings.steps
         self.run = run
-        self.path = Path(config.logging.output_dir) / "profile" / PROFILE_FILE
+        self.path = settings.folder / PROFILE_FILE
         self.rows: list[dict] = []
-        self.cores = cores
-        self.async_rollout = config.train.async_rollout
+        self.cores = settings.cores
+        self.async_rollout = settings.async_rollout
         if self.steps:
             self._trainer_busy()  # forget the start-up (SFT warm-up, first weights): steps only
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slime.config import Config, ConfigError
+from slime.errors import MissingPackage
 
 METRICS_FILE = "metrics.jsonl"
 # What the console line shows, in order, when present.
@@ -35,9 +36,22 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@dataclass(frozen=True)
+class LogSettings:
+    """Where a run's metrics go (built from the run config by slime.settings.log_settings)."""
+
+    output_dir: str  # the run folder: metrics.jsonl, tensorboard/
+    num_rollout: int = 0  # the progress bar's length
+    progress: bool = True  # a progress bar when stderr is a terminal
+    use_tensorboard: bool = False
+    use_wandb: bool = False
+    wandb_project: str | None = None
+    run_config: dict = field(default_factory=dict)  # the flags, as wandb records them with the run
+
+
 class RunLog:
-    def __init__(self, config: Config, start_step: int = 0):
-        lg = config.logging
+    def __init__(self, settings: LogSettings, start_step: int = 0):
+        lg = settings
         self.folder = Path(lg.output_dir)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / METRICS_FILE
@@ -48,23 +62,23 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ConfigError("--use-tensorboard needs the tensorboard package: pip install tensorboard") from None
+                raise MissingPackage(
+                    "--use-tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
             self._tensorboard = SummaryWriter(str(self.folder / "tensorboard"))
         self._wandb = None
         if lg.use_wandb:
             try:
                 import wandb
             except ImportError:
-                raise ConfigError("--use-wandb needs the wandb package: pip install wandb") from None
-            self._wandb = wandb.init(project=lg.wandb_project or "slime", config=config.to_dict(), dir=str(self.folder))
+                raise MissingPackage("--use-wandb needs the wandb package: pip install wandb") from None
+            self._wandb = wandb.init(project=lg.wandb_project or "slime", config=lg.run_config, dir=str(self.folder))
             self._wandb_defined: set[str] = set()
         self._bar = None
         if lg.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(
-                total=config.train.num_rollout, initial=start_step, desc="rollout", unit="step", dynamic_ncols=True
-            )
+            self._bar = tqdm(total=lg.num_rollout, initial=start_step, desc="rollout", unit="step", dynamic_ncols=True)
 
     def _keep_rows_before(self, step: int) -> None:
         """A resumed run re-logs from its checkpoint step: drop what was logged after the checkpoint (rollout rows

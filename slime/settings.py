@@ -1,5 +1,7 @@
-"""The run config's one mapping onto the settings of each part it starts: the trainer ranks, the rollout
-engines and the advantage step. A flag that changes how one of them behaves is read here and nowhere else."""
+"""The run config's one mapping onto the settings of each part it starts: the placement, the cores, the trainer
+ranks and their family, the rollout engines, the advantage step, the hardware check, the run's log and profile.
+A flag that changes how one of them behaves is read here and nowhere else; each part's settings type lives with
+the part, and the parts never see the whole `Config`."""
 
 from __future__ import annotations
 
@@ -7,15 +9,21 @@ import json
 from pathlib import Path
 
 from slime.backends import Backend
+from slime.backends.capability_check import RunNeeds
 from slime.config import Config
+from slime.cores import CoreBudget
+from slime.errors import FlagError
 from slime.models.lora import LoraSpec
-from slime.ray.cores import CoreBudget, plan_budget
+from slime.profiling import ProfileSettings
+from slime.ray import cluster
 from slime.ray.engine_worker import EngineSpec
+from slime.ray.weight_sync import resolve_weight_sync
 from slime.rollout.engines.selection import engine_in_trainer_process, rollout_engine, sglang_jax_mode
 from slime.rollout.generate import routed_experts_wanted
+from slime.run_log import LogSettings
 from slime.training.config import TrainerConfig
 from slime.training.experience import AdvantageSettings
-from slime.training.family import trainer_family
+from slime.training.family import FamilyRequest, trainer_family
 
 # Reading the model's context length needs only its config.json.
 DEFAULT_MAX_CONTEXT = 4096
@@ -52,7 +60,7 @@ def trainer_config(config: Config, role: str, engine_kind: str | None = None) ->
         kl_loss_coef=a.kl_loss_coef,
         kl_loss_type=a.kl_loss_type,
         entropy_coef=a.entropy_coef,
-        use_tis=a.use_tis,
+        use_tis=a.use_tis or config.train.fully_async,  # --fully-async: tokens of older versions are reweighted
         tis_clip=a.tis_clip,
         loss_reduction="token" if a.calculate_per_token_loss else "sample",
         rollout_temperature=config.rollout.rollout_temperature,
@@ -66,16 +74,110 @@ def trainer_config(config: Config, role: str, engine_kind: str | None = None) ->
 
 
 def core_budget(config: Config) -> CoreBudget:
-    """Threads per worker per phase, from the run's placement (slime.ray.cores)."""
-    from slime.ray.actors import needs_critic, run_layout  # actors imports this module
+    """Threads per worker per phase, from the run's placement (slime.cores)."""
+    c, layout = config.cluster, run_layout(config)
+    return CoreBudget(
+        train_procs=c.actor_num_gpus_per_node + (c.critic_num_gpus_per_node if needs_critic(config) else 0),
+        engine_procs=max(1, len(layout.rollout) * layout.devices_per_engine),
+        overlapped=config.train.async_rollout,
+        cores_per_node=c.cores_per_node,
+        async_generation_cores=c.async_generation_cores,
+    )
 
-    return plan_budget(config, run_layout(config), needs_critic(config))
+
+def needs_critic(config: Config) -> bool:
+    return config.algorithm.advantage_estimator == "ppo"
+
+
+def run_layout(config: Config, family: str = "megatron") -> cluster.Layout:
+    """Which bundle each trainer rank, critic rank and engine of this run goes to; the JAX `family` is one process
+    per trainer node holding all of that node's devices."""
+    c = config.cluster
+    actor_devices = c.actor_num_nodes * c.actor_num_gpus_per_node
+    critic_devices = c.actor_num_nodes * c.critic_num_gpus_per_node if needs_critic(config) else 0
+    rollout_devices = min(c.rollout_num_gpus, actor_devices) if c.colocate else c.rollout_num_gpus
+    return cluster.plan_layout(
+        actor_devices, critic_devices, rollout_devices, c.rollout_num_gpus_per_engine, c.colocate, c.actor_num_nodes,
+        whole_node_trainer=family == "jax",
+    )  # fmt: skip
+
+
+def family_request(config: Config) -> FamilyRequest:
+    """What the run asks of its trainer family (slime.training.family)."""
+    return FamilyRequest(
+        train_backend=config.train.train_backend,
+        bf16=config.train.bf16,
+        critic=needs_critic(config),
+        lora=LoraSpec.from_config(config.lora),
+        hf_checkpoint=config.checkpoint.hf_checkpoint,
+    )
+
+
+def chosen_trainer_family(config: Config, backend: Backend) -> str:
+    """--train-backend or the backend's default family, refused in one line when the backend cannot run it."""
+    return trainer_family(family_request(config), backend.name, backend.capabilities.trainer_families)
+
+
+def chosen_rollout_engine(config: Config, backend: Backend) -> str:
+    """--rollout-engine or the backend's default (slime.rollout.engines.selection), refused in one line when the
+    backend does not offer it or its package is missing."""
+    return rollout_engine(config.rollout.rollout_engine, backend)
+
+
+def chosen_weight_sync(config: Config, backend: Backend) -> str:
+    """The transport trainer -> engines (slime.ray.weight_sync), refused in one line when the backend lacks it."""
+    return resolve_weight_sync(config.cluster.weight_sync, config.cluster.colocate, backend)
+
+
+# How --sglang-enable-memory-saver says no.
+FALSE_WORDS = ("false", "0", "no")
+
+
+def run_needs(config: Config, backend: Backend) -> RunNeeds:
+    """What the run asks of the hardware (slime.backends.capability_check); an engine the backend refuses fails
+    here, in one line."""
+    engine = chosen_rollout_engine(config, backend)
+    try:
+        in_trainer = engine_hosted_by_trainer(config, backend)
+    except FlagError:  # a trainer family the backend refuses: its own check says so
+        in_trainer = False
+    return RunNeeds(
+        rollout_engine=engine,
+        colocate=config.cluster.colocate,
+        engine_in_trainer=in_trainer,
+        sglang_memory_saver=config.sglang.get("enable_memory_saver", "false").lower() not in FALSE_WORDS,
+        moe_dispatcher=config.megatron.get("moe_token_dispatcher_type"),
+    )
+
+
+def log_settings(config: Config) -> LogSettings:
+    """Where the run's metrics go (slime.run_log)."""
+    lg = config.logging
+    return LogSettings(
+        output_dir=lg.output_dir,
+        num_rollout=config.train.num_rollout,
+        progress=lg.progress,
+        use_tensorboard=lg.use_tensorboard,
+        use_wandb=lg.use_wandb,
+        wandb_project=lg.wandb_project,
+        run_config=config.to_dict() if lg.use_wandb else {},
+    )
+
+
+def profile_settings(config: Config) -> ProfileSettings:
+    """What --profile records and where (slime.profiling)."""
+    return ProfileSettings(
+        steps=config.logging.profile,
+        folder=Path(config.logging.output_dir) / "profile",
+        async_rollout=config.train.async_rollout,
+        cores=core_budget(config).describe(),
+    )
 
 
 def engine_hosted_by_trainer(config: Config, backend: Backend) -> bool:
     """Whether the run's engine will live in the trainer's actor (EngineSpec.hosted_by_trainer)."""
-    kind = rollout_engine(config, backend)
-    family = trainer_family(config, backend.name, backend.capabilities.trainer_families)
+    kind = chosen_rollout_engine(config, backend)
+    family = chosen_trainer_family(config, backend)
     engines = config.cluster.rollout_num_gpus // config.cluster.rollout_num_gpus_per_engine
     in_process = sglang_jax_mode()[0] if kind == "sglang_jax" else False
     return engine_in_trainer_process(config.cluster.colocate, family, kind, engines, in_process)
@@ -84,8 +186,8 @@ def engine_hosted_by_trainer(config: Config, backend: Backend) -> bool:
 def engine_spec(config: Config, backend: Backend) -> EngineSpec:
     """What every rollout engine of the run is started with (the engine kind: slime.rollout.engines.selection)."""
     r = config.rollout
-    kind = rollout_engine(config, backend)
-    family = trainer_family(config, backend.name, backend.capabilities.trainer_families)
+    kind = chosen_rollout_engine(config, backend)
+    family = chosen_trainer_family(config, backend)
     engines = config.cluster.rollout_num_gpus // config.cluster.rollout_num_gpus_per_engine
     context = r.rollout_max_context_len
     if context is None:

@@ -122,32 +122,6 @@ def hf_tensors(params: dict, spec: DenseSpec, dtypes: dict | None = None) -> dic
     return out
 
 
-def save_hf_folder(target: Path, tensors: dict[str, np.ndarray], hf_checkpoint: str | os.PathLike) -> Path:
-    """An HF folder (config, safetensors weights, tokenizer side files) written atomically next to `target`."""
-    import shutil
-
-    from safetensors.numpy import save_file
-
-    from slime.training.checkpoint import TMP_PREFIX
-    from slime.training.model_trainer import HF_SIDE_FILES
-
-    source = Path(hf_checkpoint)
-    tmp = target.parent / f"{TMP_PREFIX}{target.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    load_hf_config(source).save_pretrained(tmp)
-    save_file(
-        {n: np.ascontiguousarray(t) for n, t in tensors.items()}, str(tmp / "model.safetensors"), {"format": "pt"}
-    )
-    for side in HF_SIDE_FILES:
-        if (source / side).is_file():
-            shutil.copy2(source / side, tmp / side)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-    return target
-
-
 # ---- the forward ---------------------------------------------------------------------------------------
 def _rms_norm(x, weight, eps):
     x32 = x.astype(jnp.float32)

@@ -143,16 +143,15 @@ def check_run(config: Config, backend=None) -> CheckedRun:
     """Every check that needs no cluster; raises a UserError (one line) on the first problem."""
     from slime.backends import select_backend
     from slime.backends.capability_check import require_capabilities
-    from slime.rollout.engines.selection import rollout_engine
-    from slime.training.family import trainer_family
+    from slime.settings import chosen_rollout_engine, chosen_trainer_family, run_needs
 
     check_packages(config)
     check_run_paths(config)
     check_plugins(config)
     backend = backend or select_backend(config.cluster.hardware)
-    require_capabilities(config, backend)  # an impossible combination for this hardware
-    trainer_family(config, backend.name, backend.capabilities.trainer_families)  # --train-backend
-    engine = rollout_engine(config, backend)  # --rollout-engine, or the backend's installed default
+    require_capabilities(run_needs(config, backend), backend)  # an impossible combination for this hardware
+    chosen_trainer_family(config, backend)  # --train-backend
+    engine = chosen_rollout_engine(config, backend)  # --rollout-engine, or the backend's installed default
     engine_notes = check_engine_options(config, engine)
     model = check_model(config, engine)
     if config.train.sft_warmup_steps and not model.eos_ids:

@@ -149,11 +149,11 @@ def native_bf16(config) -> bool:
     bfloat16 matmuls natively (False when no backend is usable: `slime train` then says why in one line)."""
     from slime.backends import select_backend
     from slime.errors import UserError
-    from slime.training.family import trainer_family
+    from slime.settings import chosen_trainer_family
 
     try:
         backend = select_backend(config.cluster.hardware)
-        family = trainer_family(config, backend.name, backend.capabilities.trainer_families)
+        family = chosen_trainer_family(config, backend)
     except UserError:
         return False
     return family == "megatron" and backend.bf16_is_native()

@@ -11,26 +11,7 @@ from slime.backends import Backend
 from slime.config import Config
 from slime.ray import cluster
 from slime.ray.trainer_group import TrainerGroup
-from slime.settings import engine_spec, trainer_config
-from slime.training.family import trainer_family
-
-
-def needs_critic(config: Config) -> bool:
-    return config.algorithm.advantage_estimator == "ppo"
-
-
-def run_layout(config: Config, family: str = "megatron") -> cluster.Layout:
-    """Which bundle each trainer rank, critic rank and engine of this run goes to; the JAX `family` is one process
-    per trainer node holding all of that node's devices."""
-    c = config.cluster
-    actor_devices = c.actor_num_nodes * c.actor_num_gpus_per_node
-    critic_devices = c.actor_num_nodes * c.critic_num_gpus_per_node if needs_critic(config) else 0
-    rollout_devices = min(c.rollout_num_gpus, actor_devices) if c.colocate else c.rollout_num_gpus
-    return cluster.plan_layout(
-        actor_devices, critic_devices, rollout_devices, c.rollout_num_gpus_per_engine, c.colocate, c.actor_num_nodes,
-        whole_node_trainer=family == "jax",
-    )  # fmt: skip
-
+from slime.settings import chosen_trainer_family, engine_spec, run_layout, trainer_config
 
 # How long a trainer rank may take to answer "are you there" after a failed call before it counts as alive but busy.
 LIVENESS_TIMEOUT_S = 60.0
@@ -103,7 +84,7 @@ def start_actors(config: Config, backend: Backend, data=None, weight_sync: str =
 
     from slime.ray.rollout_manager import RolloutManager
 
-    family = trainer_family(config, backend.name, backend.capabilities.trainer_families)  # before Ray starts
+    family = chosen_trainer_family(config, backend)  # before Ray starts
     spec = engine_spec(config, backend)  # refuses an engine the backend does not offer, before Ray starts
     layout = run_layout(config, family)
     started = cluster.connect(backend, layout.num_devices, config.cluster.ray_address)

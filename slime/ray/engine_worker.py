@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from slime.ray.cores import CoreBudget
+    from slime.cores import CoreBudget
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class EngineSpec:
     hosted_by_trainer: bool = False
     # --bind-address as the driver resolved it (slime.ray.cluster.run_bind_address): node, 0.0.0.0 or an IP
     bind_address: str = "127.0.0.1"
-    cores: CoreBudget | None = None  # threads while generating (slime.ray.cores); None: the process's default
+    cores: CoreBudget | None = None  # threads while generating (slime.cores); None: the process's default
 
 
 def start_engine(spec: EngineSpec, backend):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,30 +26,7 @@ from slime.ray.cluster import (
 )
 from slime.training.batch import TrainBatch
 from slime.training.config import TrainerConfig
-
-
-class TrainerLifecycle:
-    """What every trainer worker (Megatron rank, JAX process) forwards unchanged to its trainer (`self.trainer`)."""
-
-    trainer: Any
-
-    def save(self, root: str, step: int, extra: dict | None) -> str:
-        return str(self.trainer.save(root, step=step, extra=extra))
-
-    def load(self, root: str) -> int:
-        return self.trainer.load(root)
-
-    def save_hf(self, folder: str) -> str:
-        return str(self.trainer.save_hf(folder))
-
-    def save_lora(self, folder: str) -> str:
-        return str(self.trainer.save_lora(folder))
-
-    def offload(self) -> None:
-        self.trainer.offload()
-
-    def onload(self) -> None:
-        self.trainer.onload()
+from slime.training.lifecycle import TrainerLifecycle
 
 
 class TrainerWorker(TrainerLifecycle):
@@ -75,10 +53,10 @@ class TrainerWorker(TrainerLifecycle):
 
     @contextmanager
     def _working(self, what: str, generating: list | None = None):
-        """The trainer's share of the cores (slime.ray.cores) for one call, and the call's seconds counted.
+        """The trainer's share of the cores (slime.cores) for one call, and the call's seconds counted.
         `generating` (--async): [the object ref of the rollout generating meanwhile]; once it is done the call
         goes on with the engines' cores too (CoreLease, polled between layers)."""
-        from slime.ray.cores import CoreLease, finished
+        from slime.cores import CoreLease
 
         start = time.perf_counter()
         cores = self.config.cores
@@ -230,6 +208,17 @@ class TrainerWorker(TrainerLifecycle):
         destroy_distributed()
 
 
+def finished(ref) -> Callable[[], bool]:
+    """Whether the task behind the object ref `ref` has finished (its value is not fetched)."""
+
+    def check() -> bool:
+        import ray
+
+        return bool(ray.wait([ref], timeout=0, fetch_local=False)[0])
+
+    return check
+
+
 def place_trainer_workers(
     role: str, config: TrainerConfig, backend: Backend, placement_group, slots: tuple[Slot, ...]
 ) -> list:
@@ -257,7 +246,7 @@ def place_jax_trainer_workers(
     whose devices the process asks Ray for; process i of len(slots). `env`: extra variables for the processes."""
     import ray
 
-    from slime.training.jax.worker import JaxTrainerWorker
+    from slime.ray.jax_trainer_worker import JaxTrainerWorker
 
     threads = config.cores.threads("train") if config.cores is not None else None
     workers = []

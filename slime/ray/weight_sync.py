@@ -36,7 +36,7 @@ from slime.backends.base import (
     Backend,
 )
 from slime.backends.process_groups import GroupError, broadcast, close_group, host_store, open_group
-from slime.config import Config, ConfigError
+from slime.errors import FlagError
 from slime.rollout.engines.base import EngineError
 from slime.rollout.engines.protocol import FLATTENED_BUCKET, flatten_bucket
 from slime.rollout.engines.sglang.client import SGLangClient
@@ -52,21 +52,19 @@ class WeightSyncError(EngineError):
     """A weight update that did not complete; the message names the transport, the engine and the version."""
 
 
-def resolve_weight_sync(config: Config, backend: Backend) -> str:
-    """The run's transport: --weight-sync if given (it must be one the backend offers), else ipc when colocated
-    and offered, else the backend's first. Called before Ray starts; a refusal is one line."""
+def resolve_weight_sync(asked: str, colocate: bool, backend: Backend) -> str:
+    """The run's transport: `asked` (--weight-sync) unless "auto" (it must be one the backend offers), else ipc
+    when `colocate` (--colocate) and offered, else the backend's first. Called before Ray starts (through
+    slime.settings.chosen_weight_sync); a refusal is one line."""
     offered = backend.capabilities.weight_sync
-    asked = config.cluster.weight_sync
     if asked == "auto":
-        if config.cluster.colocate and WEIGHT_SYNC_IPC in offered:
+        if colocate and WEIGHT_SYNC_IPC in offered:
             return WEIGHT_SYNC_IPC
         return offered[0]
     if asked not in offered:
-        raise ConfigError(f"--weight-sync {asked}: the {backend.name} backend offers {', '.join(offered)}")
+        raise FlagError(f"--weight-sync {asked}: the {backend.name} backend offers {', '.join(offered)}")
     if asked == WEIGHT_SYNC_IN_PROCESS or asked not in LOOP_TRANSPORTS:
-        raise ConfigError(
-            f"--weight-sync {asked} is for in-process engines; this loop runs engines in their own actors"
-        )
+        raise FlagError(f"--weight-sync {asked} is for in-process engines; this loop runs engines in their own actors")
     return asked
 
 

@@ -24,6 +24,18 @@ import torch
 
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp_"
+# Files of the source model folder an HF export carries along (tokenizer, chat template, generation defaults).
+HF_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def step_dir_name(step: int) -> str:
@@ -111,3 +123,32 @@ def finish_save(root: Path, tmp: Path, step: int, meta: dict, keep_last_n: int |
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def write_hf_folder(target: Path, tensors: dict, hf_checkpoint: str | os.PathLike, hf_config=None) -> Path:
+    """A folder transformers loads: `hf_config` (default: the source folder's), `tensors` (HF name -> torch tensor,
+    or numpy array, all of one kind) as model.safetensors, and the source folder's HF_SIDE_FILES. Written into a
+    temp folder beside `target`, then renamed over it (atomic on one filesystem)."""
+    source, target = Path(hf_checkpoint), Path(target)
+    if hf_config is None:
+        from slime.models import load_hf_config
+
+        hf_config = load_hf_config(source)
+    tmp = target.parent / f"{TMP_PREFIX}{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    hf_config.save_pretrained(tmp)
+    if all(isinstance(t, np.ndarray) for t in tensors.values()):
+        from safetensors.numpy import save_file
+
+        tensors = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
+    else:
+        from safetensors.torch import save_file
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for side in HF_SIDE_FILES:
+        if (source / side).is_file():
+            shutil.copy2(source / side, tmp / side)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target

@@ -10,7 +10,7 @@ from slime.models.lora import LoraSpec
 from slime.training.losses import KL_KINDS, REDUCTIONS
 
 if TYPE_CHECKING:
-    from slime.ray.cores import CoreBudget
+    from slime.cores import CoreBudget
 
 ADVANTAGE_ESTIMATORS = ("grpo", "gspo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
@@ -58,7 +58,7 @@ class TrainerConfig:
     keep_last_n: int | None = None
     # megatron-core TransformerConfig / OptimizerConfig fields passed through from the command line
     megatron_overrides: tuple[tuple[str, object], ...] = ()
-    cores: CoreBudget | None = None  # threads per phase (slime.ray.cores); None: the process's default
+    cores: CoreBudget | None = None  # threads per phase (slime.cores); None: the process's default
     # --bind-address as the driver resolved it (node, 0.0.0.0 or an IP): the rendezvous and weight-group stores
     bind_address: str = "127.0.0.1"
     profile_steps: int = 0  # --profile: trace the first N train steps with the torch profiler (rank 0)

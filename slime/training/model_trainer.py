@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,18 +24,6 @@ from slime.training.batch import MicroBatch, TrainBatch
 from slime.training.buckets import bucketed
 from slime.training.config import TrainerConfig
 from slime.training.distributed import current_layout
-
-HF_SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 
 def _is_per_head_norm(param_name: str) -> bool:
@@ -74,7 +61,7 @@ class MegatronTrainer:
         self._attach_head()
         self.adapters = self._attach_lora()  # {} without LoRA
         self.model.to(self.device)
-        self.between_layers: Callable[[], None] | None = None  # set per call (slime.ray.cores.CoreLease)
+        self.between_layers: Callable[[], None] | None = None  # set per call (slime.cores.CoreLease)
         self._call_between_layers()
         self._moe_stats = self._routing = None
         if self.bridge.has_experts:
@@ -540,22 +527,9 @@ class MegatronTrainer:
 
     def save_hf(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write a folder transformers loads: config, safetensors weights, tokenizer files (atomic rename)."""
-        from safetensors.torch import save_file
-
         target = Path(directory)
         tensors = {name: t.to(dtype or t.dtype).contiguous().cpu() for name, t in self.hf_named_tensors()}
         if self.layout.rank == 0:
-            tmp = target.parent / f"{checkpoint.TMP_PREFIX}{target.name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self.hf_config.save_pretrained(tmp)
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            source = Path(self.config.hf_checkpoint)
-            for side in HF_SIDE_FILES:
-                if (source / side).is_file():
-                    shutil.copy2(source / side, tmp / side)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+            checkpoint.write_hf_folder(target, tensors, self.config.hf_checkpoint, self.hf_config)
         torch.distributed.barrier()
         return target

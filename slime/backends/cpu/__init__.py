@@ -63,7 +63,7 @@ class CpuBackend(Backend):
         super().setup_process(local_rank)
         # The default for work outside a phase (helpers, data, rewards): one intra-op thread, since several
         # workers share few cores and oversubscription measured 2-10x slower on a 2-core box. Trainer and engine
-        # phases take their share of the node from the run's core budget (slime.ray.cores) instead.
+        # phases take their share of the node from the run's core budget (slime.cores) instead.
         threads = int(self.system.environ.get("OMP_NUM_THREADS", "1"))
         torch.set_num_threads(max(1, threads))
 

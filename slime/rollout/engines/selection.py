@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from slime.backends.base import Backend
-from slime.config import Config, ConfigError
+from slime.errors import FlagError
 
 # The module each engine imports, and how to install it.
 ENGINE_PACKAGES: dict[str, tuple[str, str]] = {
@@ -25,18 +25,18 @@ def default_rollout_engine(backend: Backend) -> str:
     return (installed or list(engines))[0]
 
 
-def rollout_engine(config: Config, backend: Backend) -> str:
-    """--rollout-engine or the backend's default; an engine the backend does not offer, or one whose package is
-    missing, is refused here."""
-    engine = config.rollout.rollout_engine or default_rollout_engine(backend)
+def rollout_engine(requested: str | None, backend: Backend) -> str:
+    """`requested` (--rollout-engine) or, when None, the backend's default; an engine the backend does not offer,
+    or one whose package is missing, is refused here."""
+    engine = requested or default_rollout_engine(backend)
     offered = backend.capabilities.rollout_engines
     if engine not in offered:
-        raise ConfigError(
+        raise FlagError(
             f"--rollout-engine {engine}: the {backend.name} hardware backend runs {', '.join(offered)} engines"
         )
     module, _ = ENGINE_PACKAGES[engine]
     if not backend.system.has_module(module):
-        raise ConfigError(
+        raise FlagError(
             f"--rollout-engine {engine} needs the {module} package: {engine_install_command(engine, backend)}"
         )
     return engine

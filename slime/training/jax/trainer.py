@@ -262,7 +262,7 @@ class JaxPolicyTrainer:
 
     def save_hf(self, directory: str | os.PathLike) -> Path:
         tensors = jax_dense.hf_tensors(self._full_params(self.params), self.spec, self.hf_dtypes)
-        return jax_dense.save_hf_folder(Path(directory), tensors, self.config.hf_checkpoint)
+        return checkpoint.write_hf_folder(Path(directory), tensors, self.config.hf_checkpoint)
 
     def save_lora(self, directory: str | os.PathLike) -> Path:
         """--save-lora: the adapters in PEFT's format."""

@@ -6,7 +6,8 @@ import pytest
 from slime.backends import select_backend
 from slime.backends.base import SystemView
 from slime.config import ConfigError, parse_config
-from slime.rollout.engines.selection import default_rollout_engine, rollout_engine
+from slime.rollout.engines.selection import default_rollout_engine
+from slime.settings import chosen_rollout_engine
 from slime.testing.ci_register import register_cpu_ci
 
 register_cpu_ci(est_time=5, suite="base-a-test-cpu")
@@ -26,13 +27,13 @@ def config(extra: str = ""):
 def test_defaults_follow_the_declared_order_and_what_is_installed():
     cpu = select_backend("cpu", system(CPU_STACK + ("jax",)))
     assert cpu.capabilities.rollout_engines == ("embedded", "jax", "sglang_jax")
-    assert rollout_engine(config(), cpu) == "embedded"
-    assert rollout_engine(config("--rollout-engine jax"), cpu) == "jax"
+    assert chosen_rollout_engine(config(), cpu) == "embedded"
+    assert chosen_rollout_engine(config("--rollout-engine jax"), cpu) == "jax"
     tpu_dirs = {"/dev": ["accel0"]}
     assert (
         default_rollout_engine(select_backend("tpu", system(TPU_STACK + ("sgl_jax",), tpu_dirs))) == "jax"
     )  # sglang-jax runs when asked for (--rollout-engine sglang_jax)
-    assert rollout_engine(config(), select_backend("tpu", system(TPU_STACK, tpu_dirs))) == "jax"
+    assert chosen_rollout_engine(config(), select_backend("tpu", system(TPU_STACK, tpu_dirs))) == "jax"
 
 
 @pytest.mark.parametrize(
@@ -48,7 +49,7 @@ def test_defaults_follow_the_declared_order_and_what_is_installed():
 )
 def test_refusals_are_one_line(modules, flag, message):
     with pytest.raises(ConfigError) as error:
-        rollout_engine(config(f"--rollout-engine {flag}"), select_backend("cpu", system(modules)))
+        chosen_rollout_engine(config(f"--rollout-engine {flag}"), select_backend("cpu", system(modules)))
     assert str(error.value) == message
 
 
@@ -123,7 +124,7 @@ def test_the_tpu_accuracy_nightly_flags_pass_the_start_up_check_with_the_engine_
     from slime.backends import backend_for_worker
     from slime.backends.capability_check import check_against_capabilities
     from slime.quickstart.run import parse_args, train_flags
-    from slime.settings import engine_hosted_by_trainer
+    from slime.settings import engine_hosted_by_trainer, run_needs
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
@@ -131,5 +132,5 @@ def test_the_tpu_accuracy_nightly_flags_pass_the_start_up_check_with_the_engine_
     args = parse_args(["--colocate", "--", "--train-backend", "jax", "--rollout-engine", "jax"])
     run = parse_config(train_flags(args, tmp_path, files))
     tpu = backend_for_worker("tpu")
-    assert check_against_capabilities(run, tpu) == []
+    assert check_against_capabilities(run_needs(run, tpu), tpu) == []
     assert engine_hosted_by_trainer(run, tpu)

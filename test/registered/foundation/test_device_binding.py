@@ -8,6 +8,7 @@ import pytest
 from slime.backends import BackendUnavailable, SystemView, backend_for_worker, get_backend_class
 from slime.backends.capability_check import check_against_capabilities, require_capabilities
 from slime.config import ConfigError, parse_config
+from slime.settings import run_needs
 from slime.testing.ci_register import register_cpu_ci
 
 register_cpu_ci(est_time=10, suite="base-a-test-cpu")
@@ -17,6 +18,11 @@ BASE = ["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--rm-type", "math"]
 
 def config(extra: str = ""):
     return parse_config(BASE + extra.split())
+
+
+def problems_of(run, backend) -> list[str]:
+    """The capability check's lines for a run config on `backend` (its needs as slime.settings reads them)."""
+    return check_against_capabilities(run_needs(run, backend), backend)
 
 
 # A backend's default rollout engine is the first of its engines whose package is installed, so a check built on
@@ -79,22 +85,22 @@ def test_capability_check_refuses_impossible_runs_in_one_line():
     # two engines beside the trainer would split TPU chips between processes; one JAX engine lives in the
     # trainer's own process (EngineSpec.hosted_by_trainer), so nothing is split
     split = config("--colocate --rollout-num-gpus 2 --actor-num-gpus-per-node 2")
-    problems = check_against_capabilities(split, tpu)
+    problems = problems_of(split, tpu)
     assert any("scheduled only whole" in p for p in problems) and any("memory_saver" in p for p in problems)
-    assert check_against_capabilities(config("--colocate --rollout-engine jax"), tpu) == []
-    assert check_against_capabilities(colocate, cpu) == []  # host memory: nothing to release
-    assert check_against_capabilities(colocate, cuda) == [
+    assert problems_of(config("--colocate --rollout-engine jax"), tpu) == []
+    assert problems_of(colocate, cpu) == []  # host memory: nothing to release
+    assert problems_of(colocate, cuda) == [
         "--colocate with SGLang engines needs --sglang-enable-memory-saver (else the engine keeps its memory)"
     ]
-    assert check_against_capabilities(config("--colocate --sglang-enable-memory-saver"), cuda) == []
+    assert problems_of(config("--colocate --sglang-enable-memory-saver"), cuda) == []
     # megatron's moe_token_dispatcher_type is not a pass-through flag yet (a Literal field); the MoE issue adds one
     moe = dataclasses.replace(config(), megatron={"moe_token_dispatcher_type": "flex"})
-    assert check_against_capabilities(moe, cuda) == []
-    assert check_against_capabilities(moe, cpu) == [
+    assert problems_of(moe, cuda) == []
+    assert problems_of(moe, cpu) == [
         "--moe-token-dispatcher-type flex is not available on --hardware cpu (use one of: alltoall)"
     ]
     with pytest.raises(ConfigError) as error:
-        require_capabilities(split, tpu)
+        require_capabilities(run_needs(split, tpu), tpu)
     assert "\n" not in str(error.value)
 
 

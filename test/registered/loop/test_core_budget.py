@@ -1,4 +1,4 @@
-"""slime.ray.cores: threads per worker per phase follow from the placement; the phase sets them on the working
+"""slime.cores: threads per worker per phase follow from the placement; the phase sets them on the working
 thread and gives them back; a thread started after `apply` takes the budget (the embedded engine's worker)."""
 
 import threading
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slime.config import parse_config
-from slime.ray.cores import CoreBudget, plan_budget
+from slime.cores import CoreBudget
 from slime.testing.ci_register import register_cpu_ci
 
 register_cpu_ci(est_time=5, suite="base-a-test-cpu")
@@ -69,15 +69,15 @@ def test_phase_sets_and_restores_and_new_threads_inherit():
 
 
 def test_plan_from_the_config_and_layout():
-    from slime.ray.actors import needs_critic, run_layout
+    from slime.settings import core_budget
 
     base = ["--hf-checkpoint", "m", "--prompt-data", "d.jsonl", "--rm-type", "math", "--cores-per-node", "12"]
     sync = parse_config(base + ["--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "3"])
-    plan = plan_budget(sync, run_layout(sync), needs_critic(sync))
+    plan = core_budget(sync)
     assert (plan.train_procs, plan.engine_procs, plan.overlapped) == (2, 3, False)
     assert split(plan, plan.cores_per_node) == (6, 4)
     ppo = parse_config(base + ["--advantage-estimator", "ppo", "--async", "--async-generation-cores", "4"])
-    plan = plan_budget(ppo, run_layout(ppo), needs_critic(ppo))
+    plan = core_budget(ppo)
     assert (plan.train_procs, plan.overlapped) == (2, True)  # the critic trains beside the actor
     assert split(plan, plan.cores_per_node) == (4, 4)
 

@@ -158,6 +158,7 @@ def test_should_runs_every_interval_and_at_the_end():
 
 def test_metrics_file_is_rewound_on_resume(tmp_path):
     from slime.run_log import RunLog, read_metrics
+    from slime.settings import log_settings
 
     config = parse_config(
         [
@@ -172,18 +173,18 @@ def test_metrics_file_is_rewound_on_resume(tmp_path):
             "--no-progress",
         ]
     )
-    log = RunLog(config)
+    log = RunLog(log_settings(config))
     log.log(0, {"train/loss": 1.0}, phase="sft")
     for step in range(4):
         log.log(step, {"rollout/reward_mean": step / 10})
     log.log(2, {"eval/x/reward_mean": 0.5}, phase="eval")
     log.log(4, {"eval/x/reward_mean": 0.7}, phase="eval")
     log.close()
-    RunLog(config, start_step=2).close()
+    RunLog(log_settings(config), start_step=2).close()
     kept = [(r["phase"], r["step"]) for r in read_metrics(tmp_path)]
     assert kept == [("sft", 0), ("rl", 0), ("rl", 1), ("eval", 2)]
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])["rollout/reward_mean"] == 0.0
-    RunLog(config).close()  # a fresh run into the same folder does not inherit the old run's rows
+    RunLog(log_settings(config)).close()  # a fresh run into the same folder does not inherit the old run's rows
     assert read_metrics(tmp_path) == []
 
 
@@ -203,6 +204,7 @@ class RecordingWandb:
 
 def test_wandb_plots_each_phase_against_its_own_step(tmp_path):
     from slime.run_log import RunLog
+    from slime.settings import log_settings
 
     config = parse_config(
         [
@@ -217,7 +219,7 @@ def test_wandb_plots_each_phase_against_its_own_step(tmp_path):
             "--no-progress",
         ]
     )
-    log = RunLog(config)
+    log = RunLog(log_settings(config))
     log._wandb, log._wandb_defined = RecordingWandb(), set()
     for step in range(3):
         log.log(step, {"train/loss": 1.0}, phase="sft")

@@ -9,13 +9,14 @@ import pytest  # noqa: E402
 
 from slime.backends import get_backend_class  # noqa: E402
 from slime.config import ConfigError, parse_config  # noqa: E402
-from slime.ray.weight_sync import PackedBucket, resolve_weight_sync, with_last  # noqa: E402
+from slime.ray.weight_sync import PackedBucket, with_last  # noqa: E402
+from slime.settings import chosen_weight_sync  # noqa: E402
 
 BASE = ["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--rm-type", "math"]
 
 
 def choose(hardware: str, *flags: str) -> str:
-    return resolve_weight_sync(parse_config([*BASE, *flags]), get_backend_class(hardware)())
+    return chosen_weight_sync(parse_config([*BASE, *flags]), get_backend_class(hardware)())
 
 
 @pytest.mark.parametrize(

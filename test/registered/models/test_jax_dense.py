@@ -64,10 +64,12 @@ def test_padded_vocab_changes_nothing(tiny):
 def test_export_is_bit_exact(tiny, tmp_path):
     from safetensors.numpy import load_file
 
+    from slime.training.checkpoint import write_hf_folder
+
     folder, _ = tiny
     spec, shapes = jax_dense.spec_from_hf(folder, vocab_multiple=4)
     params, dtypes = jax_dense.load_hf_params(folder, spec, shapes)
-    out = jax_dense.save_hf_folder(tmp_path / "export", jax_dense.hf_tensors(params, spec, dtypes), folder)
+    out = write_hf_folder(tmp_path / "export", jax_dense.hf_tensors(params, spec, dtypes), folder)
     original, exported = load_file(str(folder / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert sorted(original) == sorted(exported)
     for name, value in original.items():

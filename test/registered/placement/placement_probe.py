@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from slime import settings
 from slime.backends import Backend
 from slime.config import Config, parse_config
-from slime.ray import actors, cluster
+from slime.ray import cluster
 from slime.ray.engine_worker import place_engine_worker
 from slime.ray.trainer_group import place_trainer_workers
 
@@ -48,7 +48,7 @@ def place(config: Config, backend: Backend) -> Placed:
     """Create the run's placement group and workers, collect their device reports, then remove them all."""
     import ray
 
-    layout = actors.run_layout(config)
+    layout = settings.run_layout(config)
     group = cluster.create_placement_group(backend, layout, timeout_s=60)
     workers: dict[str, list] = {"actor": [], "critic": [], "engine": []}
     bind = cluster.run_bind_address(config.cluster.bind_address)  # as start_actors resolves it

@@ -8,9 +8,10 @@ import os
 import pytest
 from placement_probe import CASES, case_config, check_devices, place
 
+from slime import settings
 from slime.backends import backend_for_worker
 from slime.backends.capability_check import check_against_capabilities
-from slime.ray import actors, cluster
+from slime.ray import cluster
 from slime.testing.ci_register import register_cpu_ci
 
 register_cpu_ci(est_time=120, suite="base-b-test-cpu")
@@ -37,13 +38,13 @@ def test_each_worker_sees_its_own_device(ray_cluster, hardware, case):
     config = case_config(CASES[case])
     if config.cluster.colocate and not backend.fractional_devices:
         pytest.skip("refused before Ray starts: test_colocate_refused_where_devices_are_whole")
-    if actors.needs_critic(config) and "megatron" not in backend.capabilities.trainer_families:
+    if settings.needs_critic(config) and "megatron" not in backend.capabilities.trainer_families:
         pytest.skip("refused before Ray starts: PPO needs a critic, which the JAX trainer family lacks")
     placed = place(config, backend)
     # rocm: Ray, not detecting AMD GPUs here, sets only CUDA_VISIBLE_DEVICES, so HIP_VISIBLE_DEVICES (checked as the
     # backend's variable) equal to the assigned id proves the worker's own mapping
     check_devices(placed, backend)
-    layout = actors.run_layout(config)
+    layout = settings.run_layout(config)
     assert [len(placed.reports.get(r, [])) for r in ("actor", "critic", "engine")] == [
         len(layout.actor), len(layout.critic), len(layout.rollout),
     ]  # fmt: skip
@@ -58,9 +59,9 @@ def test_colocate_refused_where_devices_are_whole(ray_cluster):
 
     backend = backend_for_worker("tpu")
     config = case_config(CASES["colocate_dp2"])
-    problems = check_against_capabilities(config, backend)
+    problems = check_against_capabilities(settings.run_needs(config, backend), backend)
     assert any("--colocate" in p and "whole" in p for p in problems), problems
-    layout = actors.run_layout(config)
+    layout = settings.run_layout(config)
     with pytest.raises(cluster.ClusterError, match="whole units"):
         cluster.scheduling(None, layout.actor[0], backend)
 

@@ -11,8 +11,9 @@ import socket
 import pytest
 from placement_probe import case_config
 
+from slime import settings
 from slime.backends import backend_for_worker
-from slime.ray import actors, cluster
+from slime.ray import cluster
 from slime.ray.trainer_group import place_jax_trainer_workers
 from slime.settings import trainer_config
 from slime.testing.ci_register import register_cpu_ci
@@ -34,11 +35,11 @@ def jax_config(flags: str):
 
 # ---- pure: the layout and the count of devices given ------------------------------------------------------------
 def test_layout_one_bundle_per_trainer_node():
-    layout = actors.run_layout(jax_config("--actor-num-nodes 2 --actor-num-gpus-per-node 4"), "jax")
+    layout = settings.run_layout(jax_config("--actor-num-nodes 2 --actor-num-gpus-per-node 4"), "jax")
     assert [(s.bundle_index, s.devices) for s in layout.actor] == [(0, 4), (1, 4)]
     assert layout.bundle_devices == (4, 4, 1) and layout.num_devices == 9
     assert layout.node_groups == ((0,), (1,)) and layout.rollout == (cluster.Slot(2, 1.0),)
-    megatron = actors.run_layout(jax_config("--actor-num-nodes 2 --actor-num-gpus-per-node 4"))
+    megatron = settings.run_layout(jax_config("--actor-num-nodes 2 --actor-num-gpus-per-node 4"))
     assert len(megatron.actor) == 8 and megatron.bundle_devices == ()  # one rank per device, as before
 
 
@@ -143,7 +144,7 @@ def test_a_mesh_smaller_than_the_chips_is_refused(two_nodes):
 def test_more_chips_per_host_than_a_host_has(two_nodes):
     """8 chips per host on 4-chip hosts (8 in the cluster): refused at once, before any reservation or actor."""
     backend = backend_for_worker("tpu")
-    layout = actors.run_layout(jax_config("--actor-num-gpus-per-node 8"), "jax")
+    layout = settings.run_layout(jax_config("--actor-num-gpus-per-node 8"), "jax")
     with pytest.raises(
         cluster.ClusterError, match=r"^--actor-num-gpus-per-node 8: .* largest node .* has 4 \(.*127.0.0.1 has 4 .*\)$"
     ):

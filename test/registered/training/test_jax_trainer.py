@@ -121,15 +121,19 @@ def test_unknown_snapshot_and_wrong_checkpoint_are_one_line(model, tmp_path):
 def test_train_backend_selection():
     from slime.backends import get_backend_class
     from slime.config import ConfigError, parse_config
+    from slime.settings import family_request
     from slime.training.family import trainer_family
 
     flags = ["--hf-checkpoint", "m", "--prompt-data", "p", "--rm-type", "math"]
     assert get_backend_class("cpu").capabilities.trainer_families == ("megatron", "jax")
     assert get_backend_class("tpu").capabilities.trainer_families == ("jax",)
-    assert trainer_family(parse_config(flags), "cpu", ("megatron", "jax")) == "megatron"
-    assert trainer_family(parse_config([*flags, "--train-backend", "jax"]), "cpu", ("megatron", "jax")) == "jax"
-    assert trainer_family(parse_config(flags), "tpu", ("jax",)) == "jax"
+    assert trainer_family(family_request(parse_config(flags)), "cpu", ("megatron", "jax")) == "megatron"
+    assert (
+        trainer_family(family_request(parse_config([*flags, "--train-backend", "jax"])), "cpu", ("megatron", "jax"))
+        == "jax"
+    )
+    assert trainer_family(family_request(parse_config(flags)), "tpu", ("jax",)) == "jax"
     with pytest.raises(ConfigError, match="--train-backend megatron: the tpu hardware backend runs jax trainers"):
-        trainer_family(parse_config([*flags, "--train-backend", "megatron"]), "tpu", ("jax",))
+        trainer_family(family_request(parse_config([*flags, "--train-backend", "megatron"])), "tpu", ("jax",))
     with pytest.raises(ConfigError, match="--bf16 is the megatron trainer's"):
-        trainer_family(parse_config([*flags, "--bf16"]), "tpu", ("jax",))
+        trainer_family(family_request(parse_config([*flags, "--bf16"])), "tpu", ("jax",))

@@ -253,7 +253,7 @@ def lease_run(rank, world, port, folder):
     second poll: the thread count each poll saw, on which thread, and the count after the phase."""
     import threading
 
-    from slime.ray.cores import CoreBudget, CoreLease
+    from slime.cores import CoreBudget, CoreLease
     from slime.training.actor import PolicyTrainer
 
     backend, layout = init_rank(rank, world, port, 1)
@@ -286,7 +286,7 @@ def lease_run(rank, world, port, folder):
 
 
 def test_async_trainer_takes_the_engines_cores_between_layers_once_the_rollout_is_done(model_dir):
-    """--async (slime.ray.cores.CoreLease): the trainer polls before every layer's forward and its backward,
+    """--async (slime.cores.CoreLease): the trainer polls before every layer's forward and its backward,
     on the working thread (a CPU backward runs on the caller's thread, where torch's thread count applies);
     from the poll that sees the rollout done it computes with every core, and the phase gives the count back."""
     import os

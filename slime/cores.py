@@ -111,27 +111,3 @@ class CoreLease:
 
             self.done = None
             torch.set_num_threads(self.threads)
-
-
-def finished(ref) -> Callable[[], bool]:
-    """Whether the task behind the object ref `ref` has finished (its value is not fetched)."""
-
-    def check() -> bool:
-        import ray
-
-        return bool(ray.wait([ref], timeout=0, fetch_local=False)[0])
-
-    return check
-
-
-def plan_budget(config, layout, critic: bool) -> CoreBudget:
-    """The run's budget from its config and placement (`slime.ray.actors.run_layout`)."""
-    c = config.cluster
-    train_procs = c.actor_num_gpus_per_node + (c.critic_num_gpus_per_node if critic else 0)
-    return CoreBudget(
-        train_procs=train_procs,
-        engine_procs=max(1, len(layout.rollout) * layout.devices_per_engine),
-        overlapped=config.train.async_rollout,
-        cores_per_node=c.cores_per_node,
-        async_generation_cores=c.async_generation_cores,
-    )

@@ -1,16 +1,18 @@
-"""The JAX trainer as a Ray actor: the same methods as slime.ray.trainer_group.TrainerWorker, so TrainerGroup
-drives it unchanged. One such process per trainer node holds every device Ray gave that node; with several nodes
-the processes join through jax.distributed and lay one mesh over all their devices. Each reports itself as the
-only rank (data parallel size 1 from the group's view; the mesh splits the batch)."""
+"""The JAX trainer as a Ray actor: the same methods as slime.ray.trainer_group.TrainerWorker (what both forward to
+their trainer: slime.training.lifecycle), so TrainerGroup drives it unchanged. One such process per trainer node
+holds every device Ray gave that node; with several nodes the processes join through jax.distributed and lay one
+mesh over all their devices. Each reports itself as the only rank (data parallel size 1 from the group's view; the
+mesh splits the batch)."""
 
 from __future__ import annotations
 
 import os
 
 from slime.net import NODE, bind_worker_network, worker_addresses
-from slime.ray.trainer_group import TrainerLifecycle
+from slime.ray.cluster import assigned_device_ids, device_report
 from slime.training.batch import TrainBatch
 from slime.training.config import TrainerConfig
+from slime.training.lifecycle import TrainerLifecycle
 
 
 class JaxTrainerWorker(TrainerLifecycle):
@@ -30,8 +32,6 @@ class JaxTrainerWorker(TrainerLifecycle):
 
     def devices(self) -> dict:
         """What Ray gave this process (slime.ray.cluster.device_report) and how many devices that is."""
-        from slime.ray.cluster import assigned_device_ids, device_report
-
         given = self.backend.devices_given(assigned_device_ids(self.backend), dict(os.environ))
         return {**device_report(self.backend), "given": given}
 
