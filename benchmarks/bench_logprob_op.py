@@ -72,7 +72,7 @@ def measure(fn, logits, tokens, mode, temperature, repeats, device, backend):
     return min(times), peak
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=151_936)
@@ -84,11 +84,11 @@ def main() -> int:
     parser.add_argument("--hardware", default="auto")
     parser.add_argument("--with-trainer-formula", action="store_true", help="also time slime.training.log_probs")
     parser.add_argument("--json-out", default="benchmarks/results/logprob_op.json")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    backend = select_backend(args.hardware)
-    backend.setup_process(0)
-    device = backend.torch_device(0)
+
+def implementations(args: argparse.Namespace, device: str) -> dict:
+    """name -> fn(logits, tokens, temperature): naive, the chunked reference, and what else this run compares."""
     chunk_kwargs = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
     reference = get_op("logprobs_and_entropy", impl="torch")
     impls = {
@@ -103,40 +103,46 @@ def main() -> int:
     if device != "cpu":
         triton_op = get_op("logprobs_and_entropy", impl="triton")
         impls["triton"] = lambda x, t, temp: triton_op(x, t, temp)
+    return impls
 
+
+def compare(impls: dict, logits, tokens, mode: str, args: argparse.Namespace, device: str, backend) -> dict:
+    """One row of results: each implementation's time and peak memory, and each against the naive one."""
+    row = {}
+    for name, fn in impls.items():
+        seconds, peak = measure(fn, logits, tokens, mode, args.temperature, args.repeats, device, backend)
+        # the backward must return an N x V gradient; what an implementation adds beyond it is its cost
+        grad_bytes = logits.numel() * logits.element_size() if mode == "fwd+bwd" else 0
+        row[name] = {
+            "seconds": round(seconds, 4),
+            "peak_extra_mib": round(peak / 2**20, 1),
+            "peak_beyond_output_grad_mib": round((peak - grad_bytes) / 2**20, 1),
+        }
+    naive = row["naive"]
+    for name, entry in row.items():
+        if name != "naive":
+            entry["memory_vs_naive"] = round(entry["peak_extra_mib"] / naive["peak_extra_mib"], 4)
+            entry["memory_beyond_grad_vs_naive"] = round(
+                entry["peak_beyond_output_grad_mib"] / naive["peak_beyond_output_grad_mib"], 4
+            )
+            entry["time_vs_naive"] = round(entry["seconds"] / naive["seconds"], 3)
+    return row
+
+
+def main() -> int:
+    args = parse_args()
+    backend = select_backend(args.hardware)
+    backend.setup_process(0)
+    device = backend.torch_device(0)
+    impls = implementations(args, device)
     results = []
     for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
-        logits, tokens = make_inputs(args.rows, args.vocab, dtype, device)
+        logits, tokens = make_inputs(args.rows, args.vocab, getattr(torch, dtype_name), device)
         for mode in args.modes.split(","):
-            row = {"dtype": dtype_name, "mode": mode}
-            for name, fn in impls.items():
-                seconds, peak = measure(fn, logits, tokens, mode, args.temperature, args.repeats, device, backend)
-                # the backward must return an N x V gradient; what an implementation adds beyond it is its cost
-                grad_bytes = logits.numel() * logits.element_size() if mode == "fwd+bwd" else 0
-                row[name] = {
-                    "seconds": round(seconds, 4),
-                    "peak_extra_mib": round(peak / 2**20, 1),
-                    "peak_beyond_output_grad_mib": round((peak - grad_bytes) / 2**20, 1),
-                }
-            naive = row["naive"]
-            for name in impls:
-                if name != "naive":
-                    entry = row[name]
-                    entry["memory_vs_naive"] = round(entry["peak_extra_mib"] / naive["peak_extra_mib"], 4)
-                    entry["memory_beyond_grad_vs_naive"] = round(
-                        entry["peak_beyond_output_grad_mib"] / naive["peak_beyond_output_grad_mib"], 4
-                    )
-                    entry["time_vs_naive"] = round(entry["seconds"] / naive["seconds"], 3)
-            results.append(row)
-            print(
-                f"{dtype_name:9} {mode:8} "
-                + "  ".join(
-                    f"{n}: {r['seconds']:.3f}s {r['peak_extra_mib']:.0f} MiB"
-                    for n, r in row.items()
-                    if isinstance(r, dict)
-                )
-            )
+            row = compare(impls, logits, tokens, mode, args, device, backend)
+            results.append({"dtype": dtype_name, "mode": mode, **row})
+            shown = "  ".join(f"{n}: {r['seconds']:.3f}s {r['peak_extra_mib']:.0f} MiB" for n, r in row.items())
+            print(f"{dtype_name:9} {mode:8} {shown}")
         del logits, tokens
 
     report = {

@@ -59,17 +59,53 @@ def object_store_sync(trainer, engine, bucket_mb: int):
     return run
 
 
-def main() -> int:
+def push_sync(trainer, engine, bucket_mb: int):
+    """The trainer's HF-named buckets into the engine inside one begin/end update (weight sync minus transport)."""
+
+    def run(version: int) -> None:
+        engine.begin_weight_update()
+        buckets = list(trainer.hf_weight_buckets(bucket_mb << 20))
+        for i, bucket in enumerate(buckets):
+            engine.update_weights_from_tensors(bucket, version, finish=i == len(buckets) - 1)
+        engine.end_weight_update()
+
+    return run
+
+
+def plain_copy(sources: list[torch.Tensor]):
+    """The same bytes copied into preallocated tensors of the same shapes: the floor any sync pays."""
+    targets = [torch.empty_like(t) for t in sources]
+
+    def run(_: int) -> None:
+        for dst, src in zip(targets, sources):
+            dst.copy_(src)
+
+    return run
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """The median of `repeats` timed calls fn(1..repeats) after one warm-up call fn(0)."""
+    fn(0)
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn(i + 1)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="30M", choices=list(SIZES))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bucket-mb", type=int, default=512)
     p.add_argument("--out", default="bench_weight_sync.json")
     p.add_argument("--object-store", action="store_true", help="also time the object-store transport (starts Ray)")
-    args = p.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    return p.parse_args()
 
+
+def measure(args: argparse.Namespace, folder: Path) -> dict:
+    """Every timing of the module docstring, on a trainer and an engine built from the checkpoint in `folder`."""
     from slime.backends import select_backend
     from slime.net import free_port
     from slime.rollout.engines.embedded.engine import EmbeddedEngine
@@ -77,53 +113,34 @@ def main() -> int:
     from slime.training.config import TrainerConfig
     from slime.training.distributed import destroy_distributed, init_distributed
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        params = build_checkpoint(args.size, folder)
-        backend = select_backend("cpu")
-        init_distributed(backend, 0, 1, "127.0.0.1", free_port())
-        trainer = PolicyTrainer(TrainerConfig(hf_checkpoint=str(folder)), backend)
-        engine = EmbeddedEngine(str(folder), max_batch_size=4, max_seq_len=64)
-        named = list(trainer.hf_named_tensors())
-        sources = [t.clone() for _, t in named]
-        targets = [torch.empty_like(t) for t in sources]
-        nbytes = sum(t.numel() * t.element_size() for t in sources)
+    backend = select_backend("cpu")
+    init_distributed(backend, 0, 1, "127.0.0.1", free_port())
+    trainer = PolicyTrainer(TrainerConfig(hf_checkpoint=str(folder)), backend)
+    engine = EmbeddedEngine(str(folder), max_batch_size=4, max_seq_len=64)
+    sources = [t.clone() for _, t in trainer.hf_named_tensors()]
+    times = {"bytes": sum(t.numel() * t.element_size() for t in sources)}
+    times["push_s"] = median_seconds(push_sync(trainer, engine, args.bucket_mb), args.repeats)
+    times["plain_copy_s"] = median_seconds(plain_copy(sources), args.repeats)
+    times["repack_s"] = median_seconds(lambda _: engine.model.pack_for_decode(), args.repeats)
+    assert engine.weight_version == args.repeats
+    times["broadcast_s"] = median_seconds(broadcast_sync(trainer, engine, args.bucket_mb), args.repeats)
+    assert engine.weight_version == args.repeats
+    times["object_store_s"] = None
+    if args.object_store:
+        import ray
 
-        def push(version: int) -> None:
-            engine.begin_weight_update()
-            buckets = list(trainer.hf_weight_buckets(args.bucket_mb << 20))
-            for i, bucket in enumerate(buckets):
-                engine.update_weights_from_tensors(bucket, version, finish=i == len(buckets) - 1)
-            engine.end_weight_update()
+        ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+        times["object_store_s"] = median_seconds(object_store_sync(trainer, engine, args.bucket_mb), args.repeats)
+        ray.shutdown()
+    engine.shutdown()
+    destroy_distributed()
+    return times
 
-        def plain(_: int) -> None:
-            for dst, src in zip(targets, sources):
-                dst.copy_(src)
 
-        def timed(fn) -> list[float]:
-            fn(0)
-            times = []
-            for i in range(args.repeats):
-                start = time.perf_counter()
-                fn(i + 1)
-                times.append(time.perf_counter() - start)
-            return times
-
-        push_s, plain_s = statistics.median(timed(push)), statistics.median(timed(plain))
-        repack_s = statistics.median(timed(lambda _: engine.model.pack_for_decode()))
-        assert engine.weight_version == args.repeats
-        broadcast_s = statistics.median(timed(broadcast_sync(trainer, engine, args.bucket_mb)))
-        assert engine.weight_version == args.repeats
-        object_store_s = None
-        if args.object_store:
-            import ray
-
-            ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
-            object_store_s = statistics.median(timed(object_store_sync(trainer, engine, args.bucket_mb)))
-            ray.shutdown()
-        engine.shutdown()
-        destroy_distributed()
-
+def report(args: argparse.Namespace, params: int, times: dict) -> dict:
+    """The JSON result, and the lines printed."""
+    push_s, plain_s, repack_s = times["push_s"], times["plain_copy_s"], times["repack_s"]
+    broadcast_s, object_store_s, nbytes = times["broadcast_s"], times["object_store_s"], times["bytes"]
     result = {
         "benchmark": "weight_sync",
         "model": args.size,
@@ -140,7 +157,6 @@ def main() -> int:
         "object_store_s": object_store_s,
         "threads": torch.get_num_threads(),
     }
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"broadcast (gloo, HTTP-announced buckets) {broadcast_s * 1000:.1f} ms, {broadcast_s / push_s:.2f}x the push")
     if object_store_s is not None:
         print(
@@ -150,6 +166,18 @@ def main() -> int:
         f"weight sync {args.size} ({params / 1e6:.1f}M params, {nbytes / 2**20:.0f} MiB): push {push_s * 1000:.1f} ms, "
         f"plain copy {plain_s * 1000:.1f} ms, ratio {push_s / plain_s:.2f}x (goal <= 2x); deferred repack {repack_s * 1000:.1f} ms"
     )
+    return result
+
+
+def main() -> int:
+    args = parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        params = build_checkpoint(args.size, Path(tmp))
+        times = measure(args, Path(tmp))
+    result = report(args, params, times)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
