@@ -15,7 +15,7 @@ import torch
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=100, suite="base-b-test-cpu")
+register_cpu_ci(est_time=60, suite="base-b-test-cpu")
 
 pytest.importorskip("optax", reason="the JAX trainer needs jax and optax (pip install 'slime[test]')")
 HERE = Path(__file__).resolve().parent
