@@ -18,7 +18,7 @@ from loop_helpers import base_flags, build_task, dumped
 from slime.testing.ci_register import register_cpu_ci
 from slime.testing.hosts import HostsUnavailable, NodeResources, TestHosts, check_can_make_hosts, start_ray
 
-register_cpu_ci(est_time=420, suite="base-d-test-cpu")
+register_cpu_ci(est_time=240, suite="base-c-test-cpu")
 
 HERE = Path(__file__).parent
 NODES = [NodeResources(0), NodeResources(1), NodeResources(1), NodeResources(1)]  # head, then one device each
