@@ -174,7 +174,7 @@ def train_on_rollout(
     the ratio is exactly 1, so the trainer uses its own detached log-probs, and --ci-test checks those very
     values, returned by the step itself (they are computed before the update). So a GRPO step without KL sends
     the batch to the trainer once. `generating` (--async): the object ref of the next rollout, generating
-    meanwhile; the trainer takes the engines' cores once it is done (slime.ray.cores.CoreLease)."""
+    meanwhile; the trainer takes the engines' cores once it is done (slime.cores.CoreLease)."""
     batch = TrainBatch.from_samples(samples, pad_token_id)
     with naming_rollout(f"rollout {step}"):
         batch.rewards = checked_rewards(config, samples)

@@ -79,7 +79,7 @@ def core_budget(config: Config) -> CoreBudget:
     return CoreBudget(
         train_procs=c.actor_num_gpus_per_node + (c.critic_num_gpus_per_node if needs_critic(config) else 0),
         engine_procs=max(1, len(layout.rollout) * layout.devices_per_engine),
-        overlapped=config.train.async_rollout,
+        overlapped=config.train.async_rollout or config.train.fully_async,  # generation runs beside training
         cores_per_node=c.cores_per_node,
         async_generation_cores=c.async_generation_cores,
     )
@@ -169,7 +169,7 @@ def profile_settings(config: Config) -> ProfileSettings:
     return ProfileSettings(
         steps=config.logging.profile,
         folder=Path(config.logging.output_dir) / "profile",
-        async_rollout=config.train.async_rollout,
+        async_rollout=config.train.async_rollout or config.train.fully_async,
         cores=core_budget(config).describe(),
     )
 
@@ -194,6 +194,11 @@ def engine_spec(config: Config, backend: Backend) -> EngineSpec:
         hf = json.loads((Path(config.checkpoint.hf_checkpoint) / "config.json").read_text())
         context = min(int(hf.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)), DEFAULT_MAX_CONTEXT)
     in_process, restart_reason = sglang_jax_mode() if kind == "sglang_jax" else (False, "")
+    if config.train.fully_async and restart_reason:
+        raise FlagError(
+            "--fully-async changes the weights under running requests, but this sglang-jax takes an update only by "
+            f"restarting its server (which ends them): {restart_reason}"
+        )
     LoraSpec.from_config(config.lora, engine_kind=kind)  # --lora-sync adapters with an engine that cannot: refused
     return EngineSpec(
         kind=kind,
