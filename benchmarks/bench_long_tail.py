@@ -67,6 +67,8 @@ def warm_up(args, root: Path) -> tuple[argparse.Namespace, dict, Path]:
         "val": task.write_jsonl(split["val"], root / "data" / "val.jsonl"),
     }
     task.build_model(root / "model", args.seed, hidden_size=qs.hidden_size, num_layers=qs.num_layers)
+    config_path = root / "model" / "config.json"  # room for the long responses (rotary positions: no new weights)
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "max_position_embeddings": 256}))
     overrides = {"--num-rollout": 1, "--save-hf": root / "sft_model", "--output-dir": root / "sft_run"}
     slime_train(quickstart.train_flags(qs, root, files, overrides=overrides))
     return qs, files, root / "sft_model"

@@ -193,12 +193,12 @@ class RolloutManager:
     def weights_pushed(self, version: int) -> None:
         """The trainer sent `version` to every engine itself (no refs kept here)."""
         self._weights = ([], version)
-        self.ctx.weight_version = version
+        self._new_version(version)
 
     async def update_weights(self, bucket_refs: list, version: int) -> float:
         """Push weight buckets to every engine; returns the slowest engine's seconds."""
         self._weights = (list(bucket_refs), version)
-        self.ctx.weight_version = version
+        self._new_version(version)
         seconds = await asyncio.gather(*(e.actor.update_weights.remote(bucket_refs, version) for e in self.engines))
         return max(seconds)
 
@@ -240,6 +240,11 @@ class RolloutManager:
         return result.samples, result.metrics
 
     # ---- fully async (slime.rollout.stream) -----------------------------------------------------------
+    def _new_version(self, version: int) -> None:
+        self.ctx.weight_version = version  # what requests sent from now on start under
+        if self.stream is not None:
+            self.stream.weights_changed()
+
     def start_stream(self) -> None:
         """--fully-async: from now on the engines generate without pause."""
         from slime.rollout.generate import sampling_params_for

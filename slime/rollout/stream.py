@@ -8,9 +8,10 @@ generating, between two decode steps, and every token keeps the version it was s
 
 Staleness: a group is as old as the first token of its oldest sample. One whose first token is more than
 `max_staleness` versions older than the weights being trained is not trained on: it goes back to the data source
-from its prompt and is generated again (counted in `rollout/groups_regenerated_stale`), so no prompt is lost. At
-most (max_staleness + 1) batches are generating or waiting at once: with more in flight, more of them would go
-stale before the trainer got to them.
+from its prompt and is generated again (counted in `rollout/groups_regenerated_stale`), so no prompt is lost.
+A new group starts only while the groups started so far number at most (versions since the start + max_staleness
++ 1) batches: taken in the order they finish, groups are then trained within max_staleness versions of their
+start, and none is generated only to go stale (once the engines are that far ahead, they wait for the trainer).
 
 Checkpoints (`state_dict`): the data position after every group drawn so far, with every group drawn but not yet
 trained put back as a fresh prompt first in line: a resumed run generates those again and trains nothing twice.
@@ -42,7 +43,8 @@ class GroupStream:
     ):
         self.ctx, self.data, self.run_group, self.filter_fn = ctx, data, run_group, filter_fn
         self.batch_groups, self.max_staleness = batch_groups, max_staleness
-        self.capacity = batch_groups * (max_staleness + 1)
+        self.start_version = ctx.weight_version
+        self.started = 0  # groups started (sent back stale ones not counted: they start again)
         self.running: dict[asyncio.Task, list[Sample]] = {}
         self.ready: list[list[Sample]] = []
         self.stats, self.counts = RolloutStats(), GroupCounts()
@@ -52,7 +54,7 @@ class GroupStream:
         self._changed = asyncio.Event()
         self._error: BaseException | None = None
         self._task: asyncio.Task | None = None
-        self._started = time.monotonic()
+        self._window_start = time.monotonic()
 
     def start(self) -> None:
         if self._task is None:
@@ -69,9 +71,10 @@ class GroupStream:
     async def _fill(self) -> None:
         try:
             while True:
-                while len(self.running) + len(self.ready) < self.capacity:
+                while self.started < self._allowed():
                     group = self.data.get_groups(1)[0]
                     self.running[asyncio.ensure_future(self.run_group(group))] = group
+                    self.started += 1
                 self._count_idle()
                 waits = [*self.running, asyncio.ensure_future(self._changed.wait())]
                 done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -86,16 +89,27 @@ class GroupStream:
             self._error = error
             self._changed.set()
 
+    def _allowed(self) -> int:
+        """Groups that may have started by now (see the module docstring)."""
+        versions = self.ctx.weight_version - self.start_version
+        return (versions + self.max_staleness + 1) * self.batch_groups
+
+    def weights_changed(self) -> None:
+        """A new version reached the engines: more groups may start."""
+        self._changed.set()
+
     def _finished(self, task: asyncio.Task) -> None:
         group = self.running.pop(task)
         group = task.result()  # raises the group's failure
         if reward_checks.reward_failed(group) and self.ctx.config.rollout.reward_errors == "skip":
             self.counts.reward_skipped += 1
+            self.started -= 1  # dropped: another may start in its place
         elif keeps(self.ctx, self.filter_fn, group):
             self.ready.append(group)
             self._changed.set()
         else:
             self.counts.filtered_out += 1
+            self.started -= 1
 
     def _count_idle(self) -> None:
         now = time.monotonic()
@@ -124,9 +138,10 @@ class GroupStream:
             self.ready = [g for g in self.ready if g not in stale]
             self.data.add_back(stale)  # from the prompt, served before new prompts
             self.regenerated += len(stale)
+            self.started -= len(stale)
 
     def _metrics(self, batch: list[list[Sample]], version: int) -> dict[str, float]:
-        elapsed = time.monotonic() - self._started
+        elapsed = time.monotonic() - self._window_start
         metrics = rollout_metrics(self.ctx, batch, self.stats, self.counts, elapsed)
         staleness = [group_staleness([s], version) for g in batch for s in g]
         tokens = [v for g in batch for s in g for v in (s.token_versions or [])]
@@ -140,7 +155,7 @@ class GroupStream:
             "perf/engine_idle_time": self.idle_s,
         }
         self.stats, self.counts, self.regenerated, self.idle_s = RolloutStats(), GroupCounts(), 0, 0.0
-        self._started = time.monotonic()
+        self._window_start = time.monotonic()
         return metrics
 
     def state_dict(self) -> dict:

@@ -4,7 +4,6 @@ after the update is sampled from the new weights alone (its log-prob equals the 
 teacher-forced), every token before it from the old ones."""
 
 import threading
-import time
 
 import pytest
 import torch
@@ -37,19 +36,28 @@ def teacher_forced_log_probs(hf, prompt: list[int], output: list[int]) -> torch.
 
 
 def generate_across_a_swap(path: str, new_weights: dict, temperature: float):
+    """Generate one request; once it has SWAP_AFTER tokens the engine stops scheduling (as a pause does; set from
+    inside the step, so the test is not at the mercy of thread timing), the update goes in, generation resumes."""
     engine = EmbeddedEngine(path, max_batch_size=2, max_seq_len=128, seed=0)
     params = SamplingParams(temperature=temperature, max_new_tokens=NEW_TOKENS, ignore_eos=True, seed=3)
-    results = []
+    reached, results, append = threading.Event(), [], engine._append
+
+    def append_then_pause(seqs, ids, log_probs, finished):
+        append(seqs, ids, log_probs, finished)
+        if any(len(s.output_ids) == SWAP_AFTER for s in seqs):
+            with engine._cond:
+                engine._paused = True
+            reached.set()
+
+    engine._append = append_then_pause
     try:
         thread = threading.Thread(
             target=lambda: results.extend(engine.generate([GenerateRequest("r", PROMPT, params)]))
         )
         thread.start()
-        deadline = time.monotonic() + 60
-        while not any(s is not None and len(s.output_ids) >= SWAP_AFTER for s in engine._slots):
-            assert time.monotonic() < deadline and thread.is_alive(), "the request never got going"
-            time.sleep(0.0005)
-        engine.update_weights_from_tensors(list(new_weights.items()), version=1)
+        assert reached.wait(timeout=60), "the request never got going"
+        engine.update_weights_from_tensors(list(new_weights.items()), version=1)  # between two steps
+        engine.resume()
         thread.join(timeout=120)
     finally:
         engine.shutdown()
@@ -63,7 +71,7 @@ def test_tokens_after_an_in_flight_update_come_from_the_new_weights(models, temp
     assert result.finish_reason == "length" and len(result.output_ids) == NEW_TOKENS  # not aborted
     versions = result.output_weight_versions
     swap = versions.index(1)
-    assert SWAP_AFTER <= swap < NEW_TOKENS, versions  # the update landed mid-request
+    assert swap == SWAP_AFTER, versions  # the update landed mid-request, right where it was sent
     assert versions == [0] * swap + [1] * (NEW_TOKENS - swap)  # changes once, exactly at the update
     engine_lp = torch.tensor(result.output_log_probs, dtype=torch.float64)
     old = teacher_forced_log_probs(hf_a, PROMPT, result.output_ids)
