@@ -190,6 +190,8 @@ def train_phase(config: Config, run: RunActors, inputs: RunInputs, samples, step
     if config.cluster.colocate:
         ray.get(run.rollout.release_memory.remote())
         run.actor.onload()
+    if config.train.fully_async:  # the engines' cores are the trainer's while they wait for new weights
+        generating = run.rollout.stream_idle.remote()
     metrics = train_on_rollout(
         config, run, samples, inputs.pad_token_id, step, first, inputs.vocab_size, inputs.advantage_fn, generating
     )

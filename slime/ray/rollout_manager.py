@@ -268,6 +268,10 @@ class RolloutManager:
         self.stream_reward = reward
         self.stream.start()
 
+    async def stream_idle(self) -> None:
+        """Returns once the stream has nothing generating (ahead of the trainer by max_staleness versions)."""
+        await self.stream.idle()
+
     async def take(self, rollout_id: int) -> tuple[list[Sample], dict[str, float]]:
         """--fully-async: the next batch of finished groups fresh enough for the weights now being trained."""
         restarts_before, lost_before = self.restarts, self.lost

@@ -52,6 +52,7 @@ class GroupStream:
         self.idle_s = 0.0  # seconds with nothing generating since the last take
         self._idle_since: float | None = None
         self._changed = asyncio.Event()
+        self._idle = asyncio.Event()
         self._error: BaseException | None = None
         self._task: asyncio.Task | None = None
         self._window_start = time.monotonic()
@@ -116,6 +117,14 @@ class GroupStream:
         if self._idle_since is not None:
             self.idle_s += now - self._idle_since
         self._idle_since = now if not self.running else None
+        if self.running:
+            self._idle.clear()
+        else:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        """Wait until nothing is generating (the engines are as far ahead as the staleness bound allows)."""
+        await self._idle.wait()
 
     async def take(self, version: int) -> tuple[list[list[Sample]], dict[str, float]]:
         """The first `batch_groups` finished groups fresh enough for training `version`, in group order."""

@@ -6,7 +6,7 @@ import shutil
 
 from slime.testing.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=75, suite="base-c-test-cpu")
+register_cpu_ci(est_time=45, suite="base-c-test-cpu")
 
 from loop_helpers import dumped, rows, run  # noqa: E402
 
