@@ -12,6 +12,8 @@ its traceback. Each subtype says what the user has to look at:
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 
 class UserError(ValueError):
     """A mistake in what the user gave slime; its message is one line that says what to change."""
@@ -51,6 +53,7 @@ class TrainerLost(RunFault):
 
 
 _MAX_WRAPPERS = 8
+E = TypeVar("E", bound=BaseException)
 
 
 def unwrap(error: BaseException) -> BaseException:
@@ -65,18 +68,22 @@ def unwrap(error: BaseException) -> BaseException:
     return error
 
 
-def user_error_in(error: BaseException) -> UserError | None:
-    """The UserError behind `error`: itself, what a Ray wrapper carries (its message is Ray's, so the original
+def error_in(error: BaseException, kind: type[E]) -> E | None:
+    """The `kind` error behind `error`: itself, what a Ray wrapper carries (its message is Ray's, so the original
     is taken, never the wrapper), or what an explicit `raise ... from` chained to it."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         inner = unwrap(current)
-        if isinstance(inner, UserError):
+        if isinstance(inner, kind):
             return inner
         current = inner.__cause__
     return None
+
+
+def user_error_in(error: BaseException) -> UserError | None:
+    return error_in(error, UserError)
 
 
 def one_line(error: BaseException) -> str:

@@ -117,14 +117,6 @@ def naming_rollout(rollout: str) -> Iterator[None]:
 
 def plugin_failure_in(error: BaseException) -> PluginFailure | None:
     """The PluginFailure behind `error`: itself or what a Ray wrapper (or a `raise ... from`) carries."""
-    from slime.errors import unwrap
+    from slime.errors import error_in
 
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        inner = unwrap(current)
-        if isinstance(inner, PluginFailure):
-            return inner
-        current = inner.__cause__
-    return None
+    return error_in(error, PluginFailure)
